@@ -1,0 +1,57 @@
+"""kerastune_flow: train from scratch, train fully, or transfer and fine-tune, with Keras 3."""
+
+import os as _os
+
+__version__ = "0.1.0"
+
+_os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+# Hide TensorFlow's C++ INFO lines (CPU features, oneDNN) unless the user chose a level.
+_os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+try:
+    import tensorflow as _tf  # noqa: F401
+except ImportError:
+    raise ImportError(
+        "kerastune_flow needs TensorFlow, which is an extra so you can choose the build: "
+        "pip install 'kerastune_flow[cpu]' (or [gpu] for CUDA, [tpu] on a TPU VM; Colab already has it)."
+    ) from None
+import keras as _keras
+
+if _keras.backend.backend() != "tensorflow":
+    raise ImportError(
+        "kerastune_flow runs on Keras' TensorFlow backend, but KERAS_BACKEND is "
+        f"{_keras.backend.backend()!r}: set KERAS_BACKEND=tensorflow before importing keras."
+    )
+
+from kerastune_flow.callbacks import standard_callbacks  # noqa: E402
+from kerastune_flow.config import Config, DataConfig, ModelConfig, TrainConfig, make_config  # noqa: E402
+from kerastune_flow.data import load_data, prepare  # noqa: E402
+from kerastune_flow.errors import KerastuneFlowError  # noqa: E402
+from kerastune_flow.models import (  # noqa: E402
+    build_cifar10_cnn,
+    build_scratch_mlp,
+    build_vgg16_feature_extractor,
+    build_vgg16_finetune,
+)
+from kerastune_flow.strategy import get_strategy, global_batch_size  # noqa: E402
+from kerastune_flow.train import evaluate_saved, predict_images, train_and_evaluate  # noqa: E402
+
+__all__ = [
+    "Config",
+    "DataConfig",
+    "KerastuneFlowError",
+    "ModelConfig",
+    "TrainConfig",
+    "build_cifar10_cnn",
+    "build_scratch_mlp",
+    "build_vgg16_feature_extractor",
+    "build_vgg16_finetune",
+    "evaluate_saved",
+    "get_strategy",
+    "global_batch_size",
+    "load_data",
+    "make_config",
+    "predict_images",
+    "prepare",
+    "standard_callbacks",
+    "train_and_evaluate",
+]

@@ -1,0 +1,329 @@
+"""The standard callback set of a run directory, and the atomic writers it relies on.
+
+    callbacks = standard_callbacks(run_dir)
+    model.fit(train, validation_data=val, epochs=10, callbacks=callbacks)
+
+writes, in `run_dir`:
+    history.csv, history.jsonl   one row / one JSON object per epoch: metrics, lr, wall time
+    model.keras                  the best model so far (by `monitor`), replaced atomically
+    tensorboard/                 TensorBoard event files
+    backup/                      BackupAndRestore state, so the same command resumes after a crash
+Every file is replaced atomically (written beside, then renamed), so a kill at any moment leaves
+the previous complete version, never a truncated one.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+
+from kerastune_flow.errors import TrainingDivergedError
+
+log = logging.getLogger(__name__)
+
+BEST_MODEL = "model.keras"
+HISTORY_CSV = "history.csv"
+HISTORY_JSONL = "history.jsonl"
+BACKUP_DIR = "backup"
+TENSORBOARD_DIR = "tensorboard"
+
+
+# --------------------------------------------------------------------------- atomic writes
+
+
+def _atomic_target(path: str | os.PathLike) -> tuple[Path, str]:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
+    os.close(fd)
+    return path, tmp
+
+
+def _commit(tmp: str, path: Path) -> None:
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Writes text so that readers see the old file or the new one, never a partial one."""
+    path, tmp = _atomic_target(path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+        _commit(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def atomic_write_json(path: str | os.PathLike, data: Any) -> None:
+    """`atomic_write_text` of indented JSON."""
+    atomic_write_text(path, json.dumps(to_jsonable(data), indent=2, sort_keys=True) + "\n")
+
+
+def atomic_save_model(model: keras.Model, path: str | os.PathLike) -> None:
+    """`model.save` to a temporary `.keras` file, then rename over `path`."""
+    path, tmp = _atomic_target(path)
+    try:
+        model.save(tmp)
+        _commit(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def to_jsonable(value: Any) -> Any:
+    """Converts numpy scalars and arrays, tuples and paths into plain JSON values."""
+    if isinstance(value, dict):
+        return {str(k): to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return None if math.isnan(value) else value
+    return value
+
+
+def current_learning_rate(model: keras.Model) -> float | None:
+    """The optimizer's learning rate now (schedules evaluated at the current step)."""
+    optimizer = getattr(model, "optimizer", None)
+    if optimizer is None:
+        return None
+    lr = optimizer.learning_rate
+    if callable(lr):
+        lr = lr(optimizer.iterations)
+    return float(keras.ops.convert_to_numpy(lr))
+
+
+# --------------------------------------------------------------------------- callbacks
+
+
+class HistoryLogger(keras.callbacks.Callback):
+    """Appends one row per epoch to history.csv and one JSON object to history.jsonl.
+
+    Each record holds the epoch, every metric, the learning rate, the epoch's wall time and the
+    time since the run started, plus `stage` when given (the staged fine-tune logs two stages
+    into one continuous history). On the first epoch of a `fit` it drops records of that epoch
+    and later ones, so a run resumed by BackupAndRestore does not log an epoch twice.
+
+    Args:
+        run_dir: where the two files live.
+        stage: a label written into every record (e.g. "head", "finetune"), or None.
+        csv_log: write history.csv.
+        jsonl_log: write history.jsonl.
+    """
+
+    def __init__(self, run_dir: str | os.PathLike, *, stage: str | None = None, csv_log=True, jsonl_log=True):
+        super().__init__()
+        self.run_dir = Path(run_dir)
+        self.stage = stage
+        self.csv_log = csv_log
+        self.jsonl_log = jsonl_log
+        self._epoch_start = 0.0
+        self._first_epoch_seen = False
+
+    @property
+    def jsonl_path(self) -> Path:
+        return self.run_dir / HISTORY_JSONL
+
+    @property
+    def csv_path(self) -> Path:
+        return self.run_dir / HISTORY_CSV
+
+    def on_train_begin(self, logs=None):
+        self._first_epoch_seen = False
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if not self._first_epoch_seen:
+            self._first_epoch_seen = True
+            self._truncate(epoch)
+        self._epoch_start = time.time()
+
+    def on_epoch_end(self, epoch, logs=None):
+        record: dict[str, Any] = {"epoch": epoch}
+        if self.stage is not None:
+            record["stage"] = self.stage
+        record.update({k: float(v) for k, v in (logs or {}).items()})
+        lr = current_learning_rate(self.model)
+        if lr is not None:
+            record.setdefault("learning_rate", lr)
+        record["epoch_seconds"] = round(time.time() - self._epoch_start, 4)
+        record["wall_time"] = round(time.time(), 3)
+        records = read_history(self.run_dir) + [record]
+        self._write(records)
+
+    def _truncate(self, epoch: int) -> None:
+        records = read_history(self.run_dir)
+        kept = [r for r in records if r["epoch"] < epoch]
+        if len(kept) != len(records):
+            log.info("Dropping %d logged epoch(s) >= %d that a resume repeats", len(records) - len(kept), epoch)
+            self._write(kept)
+
+    def _write(self, records: list[dict[str, Any]]) -> None:
+        if self.jsonl_log:
+            atomic_write_text(self.jsonl_path, "".join(json.dumps(to_jsonable(r)) + "\n" for r in records))
+        if self.csv_log:
+            atomic_write_text(self.csv_path, records_to_csv(records))
+
+
+def read_history(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """Reads history.jsonl (one dict per epoch), or [] when there is none yet."""
+    path = Path(run_dir) / HISTORY_JSONL
+    if not path.exists():
+        return []
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def records_to_csv(records: list[dict[str, Any]]) -> str:
+    """CSV text with the union of keys as header, in first-seen order."""
+    columns: list[str] = []
+    for record in records:
+        columns.extend(k for k in record if k not in columns)
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(records)
+    return out.getvalue()
+
+
+class BestModelCheckpoint(keras.callbacks.Callback):
+    """Saves the model to `filepath` whenever `monitor` improves, atomically.
+
+    Unlike `keras.callbacks.ModelCheckpoint`, the file is written beside and renamed, so a kill
+    during the save leaves the previous best model intact.
+
+    Args:
+        filepath: the `.keras` file.
+        monitor: a log key such as "val_loss" or "val_accuracy".
+        mode: "min", "max", or "auto" (max for accuracy-like keys).
+        best: the best value already reached (when continuing a run), or None.
+    """
+
+    def __init__(self, filepath: str | os.PathLike, *, monitor: str = "val_loss", mode: str = "auto", best=None):
+        super().__init__()
+        self.filepath = Path(filepath)
+        self.monitor = monitor
+        if mode == "auto":
+            mode = "max" if ("acc" in monitor or "auc" in monitor) else "min"
+        self.mode = mode
+        self.best = best
+        self.best_epoch: int | None = None
+
+    def _improved(self, value: float) -> bool:
+        if self.best is None:
+            return True
+        return value < self.best if self.mode == "min" else value > self.best
+
+    def on_epoch_end(self, epoch, logs=None):
+        value = (logs or {}).get(self.monitor)
+        if value is None:
+            log.warning("BestModelCheckpoint: %r is not among the logs %s", self.monitor, sorted(logs or {}))
+            return
+        value = float(value)
+        if math.isfinite(value) and self._improved(value):
+            self.best, self.best_epoch = value, epoch
+            atomic_save_model(self.model, self.filepath)
+
+
+class NaNGuard(keras.callbacks.Callback):
+    """Stops at the first NaN or infinite loss with a TrainingDivergedError naming where.
+
+    It raises instead of setting `stop_training`, so no later callback runs on bad weights: the
+    best model and the last backup stay those of the last good epoch (Keras'
+    `TerminateOnNaN(raise_error=True)` does the same, with a bare RuntimeError).
+    """
+
+    def __init__(self):
+        super().__init__()
+        self._epoch = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(float(loss)):
+            raise TrainingDivergedError(
+                f"The loss became {float(loss)} at epoch {self._epoch + 1}, batch {batch + 1}; the last good "
+                "model and backup are kept in the run directory; lower --learning-rate or add --l2. "
+                f"Received: loss={float(loss)}"
+            )
+
+
+def standard_callbacks(
+    run_dir: str | os.PathLike,
+    *,
+    stage: str | None = None,
+    monitor: str = "val_loss",
+    csv_log: bool = True,
+    jsonl_log: bool = True,
+    tensorboard: bool = True,
+    early_stopping: bool = True,
+    patience: int = 3,
+    checkpoint: bool = True,
+    backup: bool = True,
+    terminate_on_nan: bool = True,
+    best: float | None = None,
+) -> list[keras.callbacks.Callback]:
+    """The callbacks of a run directory; each can be switched off.
+
+    Order matters: BackupAndRestore comes last, so that an epoch is marked done in the backup
+    only after its log records and best model are written.
+
+    Args:
+        run_dir: the run directory (created if missing).
+        stage: a label for the loggers and a sub-folder for the backup (staged fine-tune).
+        monitor: the metric that early stopping and the best-model checkpoint watch.
+        csv_log: history.csv.
+        jsonl_log: history.jsonl.
+        tensorboard: TensorBoard event files under tensorboard/.
+        early_stopping: stop after `patience` epochs without improvement and restore the best
+            weights.
+        patience: epochs without improvement before stopping.
+        checkpoint: model.keras, the best model so far.
+        backup: BackupAndRestore under backup/, so the same command resumes after a crash.
+        terminate_on_nan: stop on a NaN or infinite loss.
+        best: best monitored value reached by an earlier stage, so the checkpoint keeps it.
+
+    Returns:
+        A list of callbacks for `model.fit`.
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    callbacks: list[keras.callbacks.Callback] = []
+    if terminate_on_nan:
+        callbacks.append(NaNGuard())
+    if csv_log or jsonl_log:
+        callbacks.append(HistoryLogger(run_dir, stage=stage, csv_log=csv_log, jsonl_log=jsonl_log))
+    if checkpoint:
+        callbacks.append(BestModelCheckpoint(run_dir / BEST_MODEL, monitor=monitor, best=best))
+    if early_stopping:
+        callbacks.append(
+            keras.callbacks.EarlyStopping(monitor=monitor, patience=patience, restore_best_weights=True)
+        )
+    if tensorboard:
+        callbacks.append(
+            keras.callbacks.TensorBoard(str(run_dir / TENSORBOARD_DIR), write_graph=False, profile_batch=0)
+        )
+    if backup:
+        backup_dir = run_dir / BACKUP_DIR / (stage or "fit")
+        callbacks.append(keras.callbacks.BackupAndRestore(str(backup_dir), double_checkpoint=True))
+    return callbacks

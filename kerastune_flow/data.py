@@ -1,0 +1,499 @@
+"""Data: tfds data sets and image folders in, `tf.data` pipelines out.
+
+`load_data` returns unbatched splits of (image, label) with float32 images in 0..255 and int32
+labels; each model does its own scaling, so a saved model takes raw pixels. `prepare` adds the
+pipeline tail: cache, shuffle, batch at the global batch size, augmentation, labels in the form
+the head expects, prefetch.
+
+An image folder is either `train/` and `test/` sub-folders with one folder per class each (the
+validation set is then taken from train), or class folders directly (validation and test are then
+taken per class, seeded, so every class appears in every split).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import random
+from pathlib import Path
+from typing import Callable, Sequence
+
+import keras
+import tensorflow as tf
+
+from kerastune_flow.errors import DataError
+
+log = logging.getLogger(__name__)
+
+TFDS_NAMES = ("mnist", "cifar10")
+IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".png")
+LABEL_MODES = ("int", "binary", "categorical")
+_GRAY_MODES = ("1", "L", "LA", "I", "I;16", "F")
+_DEFAULT_CACHE_BUDGET = 2 * 1024**3
+
+
+@dataclasses.dataclass
+class DataSplits:
+    """Unbatched train/validation/test data sets and what is known about them.
+
+    Attributes:
+        train: (image float32 HxWxC in 0..255, label int32) examples.
+        validation: same structure, never shuffled.
+        test: same structure, never shuffled.
+        class_names: label index -> name.
+        image_shape: (height, width, channels) of every image.
+        sizes: number of examples per split name.
+        source: the tfds name or the folder it came from.
+    """
+
+    train: tf.data.Dataset
+    validation: tf.data.Dataset
+    test: tf.data.Dataset
+    class_names: list[str]
+    image_shape: tuple[int, int, int]
+    sizes: dict[str, int]
+    source: str
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+def is_tfds_name(source: str) -> bool:
+    """True when `source` names a supported tfds data set rather than a folder."""
+    return source in TFDS_NAMES and not os.path.isdir(source)
+
+
+def load_data(
+    source: str,
+    *,
+    image_size: tuple[int, int] | None = None,
+    channels: int | None = None,
+    validation_fraction: float = 0.1,
+    test_fraction: float = 0.1,
+    data_dir: str | None = None,
+    manual_dir: str | None = None,
+    max_examples: int | None = None,
+    seed: int = 0,
+) -> DataSplits:
+    """Loads a tfds data set by name or an image folder by path.
+
+    Args:
+        source: "mnist", "cifar10", or a path to an image folder.
+        image_size: (height, width) to resize to; None keeps a tfds set's native size, and
+            a folder's images are then resized to 32x32.
+        channels: 1 or 3 to convert to; None keeps the data's own (a folder of grayscale
+            images gives 1).
+        validation_fraction: share of the training data held out for validation.
+        test_fraction: share held out for test when the source has no test split.
+        data_dir: tfds data directory (default ~/tensorflow_datasets).
+        manual_dir: folder with the original archives, so tfds prepares without a download.
+        max_examples: keep at most this many examples of each split (smoke runs).
+        seed: seeds the split of a folder without train/ and test/.
+
+    Returns:
+        DataSplits.
+
+    Raises:
+        DataError: a folder that is missing, empty, has one class, or a tfds set that
+            cannot be prepared.
+    """
+    if is_tfds_name(source):
+        splits = load_tfds(
+            source,
+            image_size=image_size,
+            channels=channels,
+            validation_fraction=validation_fraction,
+            data_dir=data_dir,
+            manual_dir=manual_dir,
+        )
+    else:
+        splits = load_image_folder(
+            source,
+            image_size=image_size or (32, 32),
+            channels=channels,
+            validation_fraction=validation_fraction,
+            test_fraction=test_fraction,
+            seed=seed,
+        )
+    if max_examples:
+        for name in ("train", "validation", "test"):
+            setattr(splits, name, getattr(splits, name).take(max_examples))
+            splits.sizes[name] = min(splits.sizes[name], max_examples)
+    return splits
+
+
+# --------------------------------------------------------------------------- tfds
+
+
+def load_tfds(
+    name: str,
+    *,
+    image_size: tuple[int, int] | None = None,
+    channels: int | None = None,
+    validation_fraction: float = 0.1,
+    data_dir: str | None = None,
+    manual_dir: str | None = None,
+) -> DataSplits:
+    """Loads mnist or cifar10 through `tfds.load`, as_supervised, with a validation split.
+
+    The validation set is the last `validation_fraction` of the official train split, so it
+    never overlaps the official test split.
+    """
+    import tensorflow_datasets as tfds  # heavy import, only when a tfds set is asked for
+
+    builder = tfds.builder(name, data_dir=data_dir)
+    download_config = tfds.download.DownloadConfig(manual_dir=manual_dir) if manual_dir else None
+    try:
+        builder.download_and_prepare(download_config=download_config)
+    except Exception as error:  # tfds raises many types: network, checksum, missing file
+        hint = (
+            f"check that {manual_dir} holds the original archives"
+            if manual_dir
+            else "there is no network: pass --manual-dir with the original archives"
+        )
+        raise DataError(
+            f"tfds could not prepare {name!r} into {builder.data_dir}; {hint}. "
+            f"Received: {type(error).__name__}: {str(error).splitlines()[0][:200]}"
+        ) from None
+    info = builder.info
+    n_train = info.splits["train"].num_examples
+    n_val = int(round(n_train * validation_fraction))
+    split_names = [f"train[:{n_train - n_val}]", f"train[{n_train - n_val}:]", "test"]
+    if n_val == 0:
+        split_names[1] = "train[:0]"
+    datasets = builder.as_dataset(split=split_names, as_supervised=True, shuffle_files=False)
+    native = tuple(info.features["image"].shape)
+    out_channels = channels or native[-1]
+    size = tuple(image_size) if image_size else tuple(native[:2])
+    convert = _converter(native[-1], out_channels, size, resize=size != tuple(native[:2]))
+    train, val, test = (ds.map(convert, num_parallel_calls=tf.data.AUTOTUNE) for ds in datasets)
+    return DataSplits(
+        train=train,
+        validation=val,
+        test=test,
+        class_names=list(info.features["label"].names),
+        image_shape=(*size, out_channels),
+        sizes={
+            "train": n_train - n_val,
+            "validation": n_val,
+            "test": info.splits["test"].num_examples,
+        },
+        source=name,
+    )
+
+
+def _converter(in_channels: int, out_channels: int, size, *, resize: bool) -> Callable:
+    def convert(image, label):
+        image = tf.cast(image, tf.float32)
+        if in_channels == 1 and out_channels == 3:
+            image = tf.image.grayscale_to_rgb(image)
+        elif in_channels == 3 and out_channels == 1:
+            image = tf.image.rgb_to_grayscale(image)
+        if resize:
+            image = tf.image.resize(image, size)
+        return image, tf.cast(label, tf.int32)
+
+    return convert
+
+
+# --------------------------------------------------------------------------- image folders
+
+
+def _class_dirs(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _image_files(folder: Path) -> list[str]:
+    return sorted(
+        str(p) for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+    )
+
+
+def index_image_folder(root: str | os.PathLike) -> tuple[dict[str, list[tuple[str, int]]], list[str]]:
+    """Lists the images of a folder by split without reading them.
+
+    Args:
+        root: a folder with `train/` and `test/` class folders, or class folders directly.
+
+    Returns:
+        ({"train": [(path, label)], "test": [...]} or {"all": [...]}, class_names).
+
+    Raises:
+        DataError: naming the folder and what it should contain.
+    """
+    root = Path(root)
+    if not root.exists():
+        raise DataError(
+            f"Data folder {root} does not exist; pass --data with mnist, cifar10 or a folder with one "
+            f"sub-folder per class. Received: data={root}"
+        )
+    if not root.is_dir():
+        raise DataError(f"--data must be a folder of class folders, not a file. Received: data={root}")
+    layout = {"train": root / "train", "test": root / "test"}
+    if all(p.is_dir() for p in layout.values()):
+        class_names = [p.name for p in _class_dirs(layout["train"])]
+        test_names = [p.name for p in _class_dirs(layout["test"])]
+        if set(test_names) - set(class_names):
+            raise DataError(
+                f"{layout['test']} has classes that {layout['train']} lacks; both need the same class "
+                f"folders. Received: extra={sorted(set(test_names) - set(class_names))}"
+            )
+        parts = {name: folder for name, folder in layout.items()}
+    else:
+        class_names = [p.name for p in _class_dirs(root)]
+        parts = {"all": root}
+    if len(class_names) < 2:
+        raise DataError(
+            f"{root} needs at least two class folders (one sub-folder of images per class). "
+            f"Received: classes={class_names}"
+        )
+    indexed = {}
+    for split, folder in parts.items():
+        items = []
+        for label, name in enumerate(class_names):
+            class_dir = folder / name
+            if class_dir.is_dir():
+                items.extend((path, label) for path in _image_files(class_dir))
+        indexed[split] = items
+    for split, items in indexed.items():
+        if not items:
+            raise DataError(
+                f"No images ({', '.join(IMAGE_EXTENSIONS)}) found under {parts[split]}; put the images "
+                f"in one folder per class. Received: data={root}"
+            )
+    return indexed, class_names
+
+
+def _stratified_split(
+    items: Sequence[tuple[str, int]], fractions: Sequence[float], seed: int
+) -> list[list[tuple[str, int]]]:
+    """Splits per class so that every class lands in every split; the rest goes first."""
+    rng = random.Random(seed)
+    by_class: dict[int, list[tuple[str, int]]] = {}
+    for item in items:
+        by_class.setdefault(item[1], []).append(item)
+    out: list[list[tuple[str, int]]] = [[] for _ in range(len(fractions) + 1)]
+    for label in sorted(by_class):
+        members = by_class[label]
+        rng.shuffle(members)
+        start = 0
+        held = []
+        for fraction in fractions:
+            n = int(round(len(members) * fraction))
+            if fraction > 0 and n == 0 and len(members) > len(fractions):
+                n = 1
+            held.append(members[start : start + n])
+            start += n
+        out[0].extend(members[start:])
+        for i, part in enumerate(held):
+            out[i + 1].extend(part)
+    for part in out:
+        rng.shuffle(part)  # mix classes so that a take(n) still sees all of them
+    return out
+
+
+def detect_channels(paths: Sequence[str], sample: int = 32) -> int:
+    """Returns 1 when every sampled image is grayscale, else 3."""
+    from PIL import Image  # Pillow comes with matplotlib
+
+    step = max(1, len(paths) // sample)
+    for path in list(paths)[::step][:sample]:
+        try:
+            with Image.open(path) as image:
+                if image.mode not in _GRAY_MODES:
+                    return 3
+        except OSError:
+            continue  # unreadable files are reported by the decoder with their name
+    return 1
+
+
+def load_image_folder(
+    root: str | os.PathLike,
+    *,
+    image_size: tuple[int, int] = (32, 32),
+    channels: int | None = None,
+    validation_fraction: float = 0.1,
+    test_fraction: float = 0.1,
+    seed: int = 0,
+) -> DataSplits:
+    """Loads an image folder into train/validation/test splits.
+
+    Images are decoded and resized the way `keras.utils.image_dataset_from_directory` does
+    (bilinear, float32 0..255); the file list is indexed here so that the three-way split is
+    stratified, seeded and fixed in membership across epochs.
+    """
+    indexed, class_names = index_image_folder(root)
+    if "all" in indexed:
+        train, val, test = _stratified_split(indexed["all"], [validation_fraction, test_fraction], seed)
+    else:
+        train, val = _stratified_split(indexed["train"], [validation_fraction], seed)
+        test = indexed["test"]
+    channels = channels or detect_channels([p for p, _ in train])
+    size = tuple(image_size)
+
+    def decode(path, label):
+        raw = tf.io.read_file(path)
+        image = tf.io.decode_image(raw, channels=channels, expand_animations=False)
+        image = tf.image.resize(image, size)
+        image.set_shape((*size, channels))
+        return image, label
+
+    def to_dataset(items):
+        paths = [p for p, _ in items]
+        labels = [label for _, label in items]
+        ds = tf.data.Dataset.from_tensor_slices(
+            (tf.constant(paths, tf.string), tf.constant(labels, tf.int32))
+        )
+        return ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE)
+
+    return DataSplits(
+        train=to_dataset(train),
+        validation=to_dataset(val),
+        test=to_dataset(test),
+        class_names=class_names,
+        image_shape=(*size, channels),
+        sizes={"train": len(train), "validation": len(val), "test": len(test)},
+        source=str(root),
+    )
+
+
+def load_images(paths: Sequence[str], *, image_size: tuple[int, int], channels: int) -> tf.Tensor:
+    """Reads image files into one float32 batch (N, H, W, C) in 0..255, for prediction.
+
+    Raises:
+        DataError: naming the first file that is missing or cannot be decoded.
+    """
+    images = []
+    for path in paths:
+        try:
+            raw = tf.io.read_file(path)
+            image = tf.io.decode_image(raw, channels=channels, expand_animations=False)
+        except (tf.errors.NotFoundError, tf.errors.InvalidArgumentError) as error:
+            raise DataError(
+                f"Cannot read image {path}: it is missing or not a JPEG/PNG/GIF/BMP file. "
+                f"Received: {type(error).__name__}"
+            ) from None
+        images.append(tf.image.resize(image, image_size))
+    return tf.stack(images)
+
+
+def expand_image_arguments(items: Sequence[str]) -> list[str]:
+    """Turns files and folders (searched recursively for images) into a sorted file list."""
+    paths: list[str] = []
+    for item in items:
+        p = Path(item)
+        if p.is_dir():
+            paths.extend(_image_files(p))
+        elif p.exists():
+            paths.append(str(p))
+        else:
+            raise DataError(f"Image or folder {p} does not exist. Received: {item}")
+    if not paths:
+        raise DataError(f"No images ({', '.join(IMAGE_EXTENSIONS)}) found in {', '.join(items)}.")
+    return paths
+
+
+# --------------------------------------------------------------------------- pipeline tail
+
+
+def make_augmenter(names: Sequence[str], image_shape: tuple[int, int, int], seed: int = 0):
+    """Returns a Keras Sequential of random preprocessing layers, or None for no augmentation.
+
+    Args:
+        names: any of "flip", "rotation", "zoom", "crop" (pad by 1/8, then random crop back).
+        image_shape: (height, width, channels) of the images.
+        seed: seeds every layer.
+    """
+    if not names:
+        return None
+    height, width = image_shape[:2]
+    layers = []
+    if "crop" in names:
+        pad_h, pad_w = max(1, height // 8), max(1, width // 8)
+        layers += [
+            keras.layers.ZeroPadding2D((pad_h, pad_w)),
+            keras.layers.RandomCrop(height, width, seed=seed),
+        ]
+    if "flip" in names:
+        layers.append(keras.layers.RandomFlip("horizontal", seed=seed))
+    if "rotation" in names:
+        layers.append(keras.layers.RandomRotation(0.1, seed=seed))
+    if "zoom" in names:
+        layers.append(keras.layers.RandomZoom(0.1, seed=seed))
+    return keras.Sequential(layers, name="augmentation")
+
+
+def _memory_budget() -> int:
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 4
+    except (ValueError, OSError, AttributeError):
+        return _DEFAULT_CACHE_BUDGET
+
+
+def should_cache(num_examples: int, image_shape: Sequence[int], policy: str = "auto") -> bool:
+    """Caching policy: "memory" always, "none" never, "auto" when the decoded split fits in a
+    quarter of the machine's memory."""
+    if policy != "auto":
+        return policy == "memory"
+    size = num_examples * 4
+    for dim in image_shape:
+        size *= dim
+    return size <= _memory_budget()
+
+
+def encode_labels(label_mode: str, num_classes: int) -> Callable:
+    """Returns a batch map that turns int labels into what the head's loss expects."""
+    if label_mode not in LABEL_MODES:
+        raise ValueError(f"label_mode must be one of {LABEL_MODES}. Received: label_mode={label_mode}")
+
+    def encode(images, labels):
+        if label_mode == "binary":
+            labels = tf.cast(tf.expand_dims(labels, -1), tf.float32)
+        elif label_mode == "categorical":
+            labels = tf.one_hot(labels, num_classes)
+        return images, labels
+
+    return encode
+
+
+def prepare(
+    ds: tf.data.Dataset,
+    *,
+    batch_size: int,
+    label_mode: str = "int",
+    num_classes: int = 10,
+    training: bool = False,
+    cache: bool = True,
+    augmenter: Callable | None = None,
+    shuffle_buffer: int = 10_000,
+    drop_remainder: bool = False,
+    seed: int = 0,
+) -> tf.data.Dataset:
+    """The pipeline tail: cache, shuffle (training only), batch, augment, encode labels, prefetch.
+
+    Args:
+        ds: unbatched (image, int label) examples.
+        batch_size: the global batch size (per replica x replicas).
+        label_mode: "int", "binary" or "categorical", as the head's loss needs.
+        num_classes: for one-hot labels.
+        training: shuffle every epoch and apply the augmenter.
+        cache: keep decoded examples in memory after the first epoch.
+        augmenter: a callable (e.g. `make_augmenter`) applied to training batches.
+        shuffle_buffer: examples in the shuffle buffer.
+        drop_remainder: static batch shapes, as TPUs need.
+        seed: shuffle seed.
+
+    Returns:
+        A batched, prefetched data set of (images, labels).
+    """
+    if cache:
+        ds = ds.cache()
+    if training:
+        ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+    ds = ds.batch(batch_size, drop_remainder=drop_remainder, num_parallel_calls=tf.data.AUTOTUNE)
+    if training and augmenter is not None:
+        ds = ds.map(lambda x, y: (augmenter(x, training=True), y), num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.map(encode_labels(label_mode, num_classes), num_parallel_calls=tf.data.AUTOTUNE)
+    return ds.prefetch(tf.data.AUTOTUNE)

@@ -1,0 +1,261 @@
+"""Command line: `python -m kerastune_flow.run {list,train,evaluate,predict} ...`.
+
+The only module that parses arguments or prints. A user error ends with one sentence on stderr
+and exit code 2; Ctrl-C ends with exit code 130 and a resumable run directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+
+
+EXAMPLES = """\
+examples:
+  # the demo: a CNN on the digits that ship in data/ (about a minute on 2 CPU cores)
+  python -m kerastune_flow.run train cifar10_cnn --data data/digits --epochs 5 --run-dir runs/demo
+
+  # the reference examples (tfds downloads; --manual-dir uses local archives instead)
+  python -m kerastune_flow.run train scratch_mlp --data mnist
+  python -m kerastune_flow.run train cifar10_cnn --data cifar10
+
+  # transfer learning on your own image folder (one sub-folder per class)
+  python -m kerastune_flow.run train vgg16_features --data ~/cats_vs_dogs --image-size 150
+  python -m kerastune_flow.run train vgg16_finetune --data ~/cats_vs_dogs --head-epochs 5 --epochs 10
+
+  # afterwards
+  python -m kerastune_flow.run evaluate runs/demo --data data/digits
+  python -m kerastune_flow.run predict runs/demo data/digits/7 --top-k 3
+
+Every run directory holds config.json, history.csv/.jsonl, model.keras, results.json and
+curves.png; `tensorboard --logdir RUN_DIR/tensorboard` shows the curves live. Run the same
+train command again after a crash or Ctrl-C and it resumes at the last finished epoch.
+"""
+
+
+def _image_size(text: str) -> tuple[int, int]:
+    try:
+        parts = [int(p) for p in text.lower().replace(",", "x").split("x")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected N or HxW, such as 32 or 150x150, not {text!r}") from None
+    if len(parts) == 1:
+        parts *= 2
+    if len(parts) != 2 or min(parts) < 1:
+        raise argparse.ArgumentTypeError(f"expected N or HxW with positive sizes, not {text!r}")
+    return (parts[0], parts[1])
+
+
+def _augment(text: str) -> tuple[str, ...]:
+    return tuple(p.strip() for p in text.split(",") if p.strip())
+
+
+def _weights(text: str) -> str:
+    return text.lower() if text.lower() in ("none", "imagenet") else text
+
+
+def _bool(text: str) -> str:
+    if text.lower() not in ("auto", "true", "false"):
+        raise argparse.ArgumentTypeError(f"expected auto, true or false, not {text!r}")
+    return text.lower()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argparse parser of every sub-command (flags map one to one onto config fields)."""
+    from kerastune_flow.config import (
+        AUGMENTATIONS,
+        CACHE_POLICIES,
+        INITIALIZER_NAMES,
+        OPTIMIZER_NAMES,
+        PRESETS,
+        RECIPES,
+        STRATEGY_NAMES,
+    )
+
+    parser = argparse.ArgumentParser(
+        prog="python -m kerastune_flow.run",
+        description="Train from scratch, train fully, or transfer and fine-tune with Keras 3.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    sub.add_parser("list", help="list the recipes and what each trains")
+
+    recipes = "\n".join(f"  {name:<16}{text}" for name, text in RECIPES.items())
+    train = sub.add_parser(
+        "train",
+        help="train a recipe and write a run directory",
+        description=f"Train a recipe, evaluate it on the test split, and write a run directory.\n\nrecipes:\n{recipes}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Flags left out take the recipe's reference value (shown by `list`).",
+    )
+    train.add_argument("recipe", choices=list(RECIPES), metavar="RECIPE", help=", ".join(RECIPES))
+    g = train.add_argument_group("data")
+    g.add_argument(
+        "--data",
+        default="data/digits",
+        help="tfds name (mnist, cifar10) or an image folder: train/ and test/ with a folder per class, "
+        "or class folders directly (default: data/digits, shipped with the project)",
+    )
+    g.add_argument("--image-size", type=_image_size, help="N or HxW; default: the recipe's (28, 32 or 150)")
+    g.add_argument("--batch-size", type=int, help="per replica; the global batch is this x replicas (default 64/32)")
+    g.add_argument("--augment", type=_augment, help=f"comma list of {', '.join(AUGMENTATIONS)} (default none)")
+    g.add_argument("--validation-fraction", type=float, help="share of train held out for validation (0.1)")
+    g.add_argument("--test-fraction", type=float, help="share held out for test when there is no test/ (0.1)")
+    g.add_argument("--data-dir", help="tfds data directory (default ~/tensorflow_datasets)")
+    g.add_argument("--manual-dir", help="folder with the original tfds archives: prepare without a download")
+    g.add_argument("--max-examples", type=int, help="use at most N examples of each split (quick tries)")
+    g.add_argument("--cache", choices=CACHE_POLICIES, help="keep decoded images in memory (auto: if they fit)")
+    g = train.add_argument_group("model")
+    g.add_argument("--weights", type=_weights, help="VGG16 recipes: imagenet (default), none, or a local file")
+    g.add_argument("--learning-rate", type=float, help="1e-3 by default (the head's, for vgg16_finetune)")
+    g.add_argument("--optimizer", choices=OPTIMIZER_NAMES, help="adam (default), sgd with momentum 0.9, ...")
+    g.add_argument("--initializer", choices=INITIALIZER_NAMES, help="kernel initializer (glorot_uniform)")
+    g.add_argument("--dropout", type=float, help="dropout rate in the dense part (0)")
+    g.add_argument("--l1", type=float, help="L1 weight penalty (0)")
+    g.add_argument("--l2", type=float, help="L2 weight penalty (0)")
+    g.add_argument("--dense-units", type=int, help="VGG16 head width (256)")
+    g.add_argument("--unfreeze-at", help="vgg16_finetune: layer index, name or fraction (15 = block5_conv1)")
+    g.add_argument("--finetune-lr", dest="finetune_learning_rate", type=float, help="stage 2 rate (1e-5)")
+    g = train.add_argument_group("training")
+    g.add_argument("--preset", default="reference", choices=list(PRESETS), help="smoke: tiny, offline, seconds")
+    g.add_argument("--epochs", type=int, help="epochs (stage 2 epochs for vgg16_finetune); default 10")
+    g.add_argument("--head-epochs", type=int, help="vgg16_finetune: stage 1 epochs (5)")
+    g.add_argument("--strategy", choices=STRATEGY_NAMES, help="tf.distribute strategy (auto)")
+    g.add_argument("--seed", type=int, help="seed for weights, shuffling and splits (0)")
+    g.add_argument("--patience", type=int, help="early stopping patience in epochs (3)")
+    g.add_argument("--no-early-stopping", dest="early_stopping", action="store_false", default=None)
+    g.add_argument("--monitor", help="metric for early stopping and the best model (val_loss)")
+    g.add_argument("--steps-per-execution", type=int, help="steps per graph call (1)")
+    g.add_argument("--jit-compile", type=_bool, help="XLA: auto (on for GPU/TPU, off on CPU), true, false")
+    g.add_argument("--no-tensorboard", dest="tensorboard", action="store_false", default=None)
+    g.add_argument("--no-backup", dest="backup", action="store_false", default=None, help="no resume state")
+    g.add_argument("--run-dir", help="output folder (default runs/RECIPE-DATE-TIME)")
+    g.add_argument("--overwrite", action="store_true", help="replace a finished run in --run-dir")
+    g.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    evaluate = sub.add_parser("evaluate", help="test metrics of a saved model, as JSON")
+    evaluate.add_argument("model", metavar="RUN_DIR_OR_MODEL")
+    evaluate.add_argument("--data", required=True, help="tfds name or image folder; its test split is used")
+    evaluate.add_argument("--batch-size", type=int, default=64)
+    evaluate.add_argument("--data-dir")
+    evaluate.add_argument("--manual-dir")
+    evaluate.add_argument("--max-examples", type=int)
+
+    predict = sub.add_parser(
+        "predict",
+        help="class probabilities for images",
+        description="Predict with a run directory or .keras file; with --weights and no model, the stock "
+        "VGG16 ImageNet classifier (a pre-trained model used as it is).",
+    )
+    predict.add_argument("paths", nargs="+", metavar="RUN_DIR_OR_MODEL IMAGE_OR_FOLDER")
+    predict.add_argument("--top-k", type=int, default=3)
+    predict.add_argument("--json", action="store_true", help="JSON instead of a table")
+    predict.add_argument("--weights", help="imagenet or a local file: use stock VGG16, every path is an image")
+    return parser
+
+
+_TRAIN_FIELDS = (
+    "data", "image_size", "batch_size", "augment", "validation_fraction", "test_fraction", "data_dir",
+    "manual_dir", "max_examples", "cache", "learning_rate", "optimizer", "initializer", "dropout", "l1",
+    "l2", "dense_units", "unfreeze_at", "finetune_learning_rate", "epochs", "head_epochs", "strategy",
+    "seed", "patience", "early_stopping", "monitor", "steps_per_execution", "jit_compile", "tensorboard",
+    "backup", "weights",
+)  # fmt: skip
+
+
+def _cmd_list(args) -> int:
+    from kerastune_flow.config import RECIPE_DEFAULTS, RECIPES
+
+    for name, text in RECIPES.items():
+        defaults = ", ".join(f"{k}={v}" for k, v in RECIPE_DEFAULTS[name].items())
+        print(f"{name:<16}{text}\n{'':<16}defaults: {defaults}")
+    return 0
+
+
+def _cmd_train(args) -> int:
+    from kerastune_flow.config import make_config
+    from kerastune_flow.train import train_and_evaluate
+
+    overrides = {name: getattr(args, name) for name in _TRAIN_FIELDS}
+    if args.quiet:
+        overrides["verbose"] = 0
+    config = make_config(args.recipe, args.preset, **overrides)
+    run_dir = args.run_dir or os.path.join("runs", f"{args.recipe}-{time.strftime('%Y%m%d-%H%M%S')}")
+    result = train_and_evaluate(config, run_dir, overwrite=args.overwrite)
+    print(json.dumps({"run_dir": str(result.run_dir), **result.results}, indent=2))
+    return 0
+
+
+def _cmd_evaluate(args) -> int:
+    from kerastune_flow.train import evaluate_saved
+
+    metrics = evaluate_saved(
+        args.model,
+        args.data,
+        batch_size=args.batch_size,
+        data_dir=args.data_dir,
+        manual_dir=args.manual_dir,
+        max_examples=args.max_examples,
+    )
+    print(json.dumps(metrics, indent=2))
+    return 0
+
+
+def _cmd_predict(args) -> int:
+    from kerastune_flow.train import predict_images
+
+    if args.weights:
+        model, images = None, args.paths
+    else:
+        if len(args.paths) < 2:
+            from kerastune_flow.errors import ConfigError
+
+            raise ConfigError(
+                "predict needs a run directory (or .keras file) and at least one image, or --weights imagenet "
+                f"and images. Received: {' '.join(args.paths)}"
+            )
+        model, images = args.paths[0], args.paths[1:]
+    rows = predict_images(model, images, top_k=args.top_k, weights=args.weights)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    width = max(len(r["file"]) for r in rows)
+    for r in rows:
+        ranked = "  ".join(f"{p['class']} {p['probability']:.3f}" for p in r["predictions"])
+        print(f"{r['file']:<{width}}  {ranked}")
+    return 0
+
+
+COMMANDS = {"list": _cmd_list, "train": _cmd_train, "evaluate": _cmd_evaluate, "predict": _cmd_predict}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Runs the CLI; returns the exit code (0 ok, 2 user error, 130 interrupted)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="[kerastune_flow] %(message)s", stream=sys.stderr)
+    try:
+        from kerastune_flow.errors import KerastuneFlowError
+    except ImportError as error:  # TensorFlow missing: the package says which extra to install
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    try:
+        return COMMANDS[args.command](args)
+    except KerastuneFlowError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(
+            "interrupted: finished epochs are kept in the run directory; run the same command to resume",
+            file=sys.stderr,
+        )
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,173 @@
+"""One function chooses the tf.distribute strategy; everything is built inside its scope.
+
+    strategy = get_strategy("auto")
+    with strategy.scope():
+        model = build_cifar10_cnn()
+    ds = ds.batch(global_batch_size(64, strategy))
+
+`auto` picks a TPU when one is reachable, MirroredStrategy over two or more GPUs,
+MultiWorkerMirroredStrategy when TF_CONFIG names a cluster of several workers, and the default
+strategy otherwise (one GPU or the CPU). A name that cannot be honoured raises StrategyError:
+there is no silent fallback.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import tensorflow as tf
+
+from kerastune_flow.config import STRATEGY_NAMES
+from kerastune_flow.errors import ConfigError, StrategyError
+
+log = logging.getLogger(__name__)
+
+# Environment variables that say a TPU may be attached (Colab, Cloud TPU VM, GKE).
+_TPU_HINTS = ("TPU_NAME", "COLAB_TPU_ADDR", "TPU_ACCELERATOR_TYPE", "KUBE_GOOGLE_CLOUD_TPU_ENDPOINTS")
+
+
+def tf_config_cluster() -> dict | None:
+    """Returns the `cluster` of TF_CONFIG, or None when TF_CONFIG is unset or names no cluster.
+
+    Raises:
+        ConfigError: when TF_CONFIG is set but is not valid JSON.
+    """
+    raw = os.environ.get("TF_CONFIG")
+    if not raw:
+        return None
+    try:
+        parsed = json.loads(raw)
+    except json.JSONDecodeError as error:
+        raise ConfigError(
+            f"TF_CONFIG is not valid JSON ({error.msg} at character {error.pos}); fix or unset it. "
+            f"Received: TF_CONFIG={raw[:80]!r}"
+        ) from None
+    cluster = parsed.get("cluster") if isinstance(parsed, dict) else None
+    return cluster or None
+
+
+def _cluster_size(cluster: dict | None) -> int:
+    if not cluster:
+        return 0
+    return sum(len(cluster.get(job, [])) for job in ("chief", "worker"))
+
+
+def tpu_hinted() -> bool:
+    """True when the environment suggests a TPU (so probing it cannot hang on a normal host)."""
+    return any(os.environ.get(name) for name in _TPU_HINTS) or os.path.exists("/dev/accel0")
+
+
+def _connect_tpu(tpu_address: str | None = None) -> tf.distribute.Strategy:
+    try:
+        resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu_address or "")
+        tf.config.experimental_connect_to_cluster(resolver)
+        tf.tpu.experimental.initialize_tpu_system(resolver)
+    except (ValueError, RuntimeError, tf.errors.OpError) as error:
+        raise StrategyError(
+            "No TPU could be reached; in Colab choose Runtime > Change runtime type > TPU, or use "
+            f"--strategy auto to run on GPU/CPU. Received: {type(error).__name__}: {error}"
+        ) from None
+    return tf.distribute.TPUStrategy(resolver)
+
+
+def _mirrored_devices() -> list[str]:
+    gpus = tf.config.list_logical_devices("GPU")
+    if gpus:
+        return [d.name for d in gpus]
+    return [d.name for d in tf.config.list_logical_devices("CPU")]
+
+
+def get_strategy(name: str = "auto", *, tpu_address: str | None = None) -> tf.distribute.Strategy:
+    """Returns the tf.distribute strategy for a name.
+
+    Args:
+        name: "auto", "cpu", "gpu", "mirrored", "tpu" or "multiworker".
+            auto: TPU if reachable, else MultiWorkerMirroredStrategy if TF_CONFIG names several
+            workers, else MirroredStrategy over >= 2 GPUs, else the default strategy.
+            cpu: one CPU device. gpu: the first GPU. mirrored: all GPUs, or all logical CPU
+            devices when there is no GPU. tpu: a TPU, or an error. multiworker: from TF_CONFIG.
+        tpu_address: gRPC address or name of the TPU; None lets the resolver find it.
+
+    Returns:
+        A `tf.distribute.Strategy`.
+
+    Raises:
+        ConfigError: for an unknown name or a malformed TF_CONFIG.
+        StrategyError: when the named hardware is not there.
+    """
+    if name not in STRATEGY_NAMES:
+        raise ConfigError(
+            f"Unknown strategy {name!r}; choose one of {', '.join(STRATEGY_NAMES)}. Received: strategy={name}"
+        )
+    cluster = tf_config_cluster()
+    if name == "auto":
+        if tpu_hinted():
+            try:
+                return _connect_tpu(tpu_address)
+            except StrategyError as error:
+                log.warning("TPU hinted by the environment but not reachable, continuing without: %s", error)
+        if _cluster_size(cluster) > 1:
+            return get_strategy("multiworker")
+        if len(tf.config.list_physical_devices("GPU")) >= 2:
+            return tf.distribute.MirroredStrategy()
+        return tf.distribute.get_strategy()
+    if name == "cpu":
+        return tf.distribute.OneDeviceStrategy("/cpu:0")
+    if name == "gpu":
+        if not tf.config.list_physical_devices("GPU"):
+            raise StrategyError(
+                "--strategy gpu needs a GPU but TensorFlow sees none; install kerastune_flow[gpu] on a "
+                "machine with CUDA, or use --strategy auto. Received: strategy=gpu"
+            )
+        return tf.distribute.OneDeviceStrategy("/gpu:0")
+    if name == "mirrored":
+        return tf.distribute.MirroredStrategy(devices=_mirrored_devices())
+    if name == "tpu":
+        return _connect_tpu(tpu_address)
+    # multiworker
+    if _cluster_size(cluster) < 1:
+        raise StrategyError(
+            "--strategy multiworker needs TF_CONFIG with a cluster and this task's type and index; "
+            "see README.md, section Multi-worker. Received: TF_CONFIG unset or without a cluster"
+        )
+    return tf.distribute.MultiWorkerMirroredStrategy()
+
+
+def global_batch_size(per_replica: int, strategy: tf.distribute.Strategy) -> int:
+    """The batch the pipeline must produce: per-replica batch times replicas in sync."""
+    return per_replica * strategy.num_replicas_in_sync
+
+
+def is_tpu(strategy: tf.distribute.Strategy) -> bool:
+    """True for TPUStrategy (which needs static shapes)."""
+    return isinstance(strategy, tf.distribute.TPUStrategy)
+
+
+def uses_gpu(strategy: tf.distribute.Strategy) -> bool:
+    """True when the strategy's compute devices include a GPU."""
+    try:
+        devices = strategy.extended.worker_devices
+    except RuntimeError:  # the default strategy places ops where TensorFlow prefers: GPU first
+        return bool(tf.config.list_physical_devices("GPU"))
+    return any("GPU" in d.upper() for d in devices)
+
+
+def default_jit_compile(strategy: tf.distribute.Strategy, requested: str | bool = "auto") -> bool:
+    """Chooses XLA per device: on for TPU and GPU, off on the CPU (measured slower there).
+
+    Args:
+        strategy: the run's strategy.
+        requested: "auto", or an explicit True/False (or "true"/"false") that wins.
+    """
+    if isinstance(requested, bool):
+        return requested
+    if requested in ("true", "false"):
+        return requested == "true"
+    return is_tpu(strategy) or uses_gpu(strategy)
+
+
+def describe(strategy: tf.distribute.Strategy) -> str:
+    """One line for logs: the strategy class and its replicas."""
+    return f"{type(strategy).__name__} with {strategy.num_replicas_in_sync} replica(s)"
