@@ -90,10 +90,11 @@ def to_jsonable(value: Any) -> Any:
         return {str(k): to_jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [to_jsonable(v) for v in value]
+    # Through to_jsonable again, so that a numpy NaN becomes None like a Python one.
     if isinstance(value, np.ndarray):
-        return value.tolist()
+        return to_jsonable(value.tolist())
     if isinstance(value, np.generic):
-        return value.item()
+        return to_jsonable(value.item())
     if isinstance(value, Path):
         return str(value)
     if isinstance(value, float) and not math.isfinite(value):
@@ -166,11 +167,17 @@ class HistoryLogger(keras.callbacks.Callback):
             record.setdefault("learning_rate", lr)
         record["epoch_seconds"] = round(time.time() - self._epoch_start, 4)
         record["wall_time"] = round(time.time(), 3)
-        records = read_history(self.run_dir) + [record]
+        records = self._read() + [record]
         self._write(records)
 
+    def _read(self) -> list[dict[str, Any]]:
+        # Without history.jsonl, read history.csv back: otherwise csv-only logging keeps one row.
+        if self.jsonl_log:
+            return read_history(self.run_dir)
+        return _read_csv_history(self.csv_path)
+
     def _truncate(self, epoch: int) -> None:
-        records = read_history(self.run_dir)
+        records = self._read()
         kept = [r for r in records if r["epoch"] < epoch]
         if len(kept) != len(records):
             log.info("Dropping %d logged epoch(s) >= %d that a resume repeats", len(records) - len(kept), epoch)
@@ -190,6 +197,23 @@ def read_history(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
         return []
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def _read_csv_history(path: Path) -> list[dict[str, Any]]:
+    """Reads history.csv back into records: empty cells dropped, numbers parsed."""
+    if not path.exists():
+        return []
+    with open(path, encoding="utf-8", newline="") as f:
+        return [{k: _parse_cell(v) for k, v in row.items() if v != ""} for row in csv.DictReader(f)]
+
+
+def _parse_cell(text: str) -> Any:
+    for parse in (int, float):
+        try:
+            return parse(text)
+        except ValueError:
+            pass
+    return text
 
 
 def records_to_csv(records: list[dict[str, Any]]) -> str:

@@ -158,7 +158,10 @@ def load_tfds(
             f"Received: {type(error).__name__}: {str(error).splitlines()[0][:200]}"
         ) from None
     info = builder.info
-    n_train = info.splits["train"].num_examples
+    if "train" in info.splits:
+        n_train = info.splits["train"].num_examples
+    else:  # no split metadata, as under tfds.testing.mock_data: ask the data set itself
+        n_train = int(builder.as_dataset(split="train").cardinality())
     n_val = int(round(n_train * validation_fraction))
     split_names = [f"train[:{n_train - n_val}]", f"train[{n_train - n_val}:]", "test"]
     if n_val == 0:
@@ -176,9 +179,7 @@ def load_tfds(
         class_names=list(info.features["label"].names),
         image_shape=(*size, out_channels),
         sizes={
-            "train": n_train - n_val,
-            "validation": n_val,
-            "test": info.splits["test"].num_examples,
+            name: int(ds.cardinality()) for name, ds in zip(("train", "validation", "test"), datasets)
         },
         source=name,
     )
@@ -309,6 +310,23 @@ def detect_channels(paths: Sequence[str], sample: int = 32) -> int:
     return 1
 
 
+def _decode_image(raw: tf.Tensor, channels: int) -> tf.Tensor:
+    """`tf.io.decode_image` to `channels`; TF decodes GIF and BMP only to 3 or 4 channels, so a
+    grayscale request decodes those to RGB first."""
+    if channels != 1:
+        return tf.io.decode_image(raw, channels=channels, expand_animations=False)
+    gif_or_bmp = tf.logical_or(
+        tf.strings.substr(raw, 0, 3) == "GIF", tf.strings.substr(raw, 0, 2) == "BM"
+    )
+    return tf.cond(
+        gif_or_bmp,
+        lambda: tf.image.rgb_to_grayscale(
+            tf.io.decode_image(raw, channels=3, expand_animations=False)
+        ),
+        lambda: tf.io.decode_image(raw, channels=1, expand_animations=False),
+    )
+
+
 def load_image_folder(
     root: str | os.PathLike,
     *,
@@ -329,13 +347,12 @@ def load_image_folder(
         train, val, test = _stratified_split(indexed["all"], [validation_fraction, test_fraction], seed)
     else:
         train, val = _stratified_split(indexed["train"], [validation_fraction], seed)
-        test = indexed["test"]
+        test = _stratified_split(indexed["test"], [], seed)[0]  # class-sorted on disk; mix it
     channels = channels or detect_channels([p for p, _ in train])
     size = tuple(image_size)
 
     def decode(path, label):
-        raw = tf.io.read_file(path)
-        image = tf.io.decode_image(raw, channels=channels, expand_animations=False)
+        image = _decode_image(tf.io.read_file(path), channels)
         image = tf.image.resize(image, size)
         image.set_shape((*size, channels))
         return image, label
@@ -368,8 +385,7 @@ def load_images(paths: Sequence[str], *, image_size: tuple[int, int], channels: 
     images = []
     for path in paths:
         try:
-            raw = tf.io.read_file(path)
-            image = tf.io.decode_image(raw, channels=channels, expand_animations=False)
+            image = _decode_image(tf.io.read_file(path), channels)
         except (tf.errors.NotFoundError, tf.errors.InvalidArgumentError) as error:
             raise DataError(
                 f"Cannot read image {path}: it is missing or not a JPEG/PNG/GIF/BMP file. "

@@ -205,7 +205,9 @@ def build_scratch_mlp(
         )(x)
         if dropout:
             x = layers.Dropout(dropout, name=f"dropout_{i}")(x)
-    outputs = layers.Dense(head.units, kernel_initializer=kernel_initializer, name="logits")(x)
+    outputs = layers.Dense(
+        head.units, kernel_initializer=kernel_initializer, kernel_regularizer=_regularizer(l1, l2), name="logits"
+    )(x)
     model = keras.Model(inputs, outputs, name="scratch_mlp")
     if compile:
         compile_model(
@@ -276,7 +278,7 @@ def build_cifar10_cnn(
     if dropout:
         x = layers.Dropout(dropout, name="dropout")(x)
     x = layers.Dense(64, name="dense", **conv)(x)
-    outputs = layers.Dense(head.units, kernel_initializer=kernel_initializer, name="logits")(x)
+    outputs = layers.Dense(head.units, kernel_initializer=kernel_initializer, kernel_regularizer=reg, name="logits")(x)
     model = keras.Model(inputs, outputs, name="cifar10_cnn")
     if compile:
         compile_model(

@@ -29,6 +29,7 @@ import numpy as np
 import tensorflow as tf
 
 from kerastune_flow import callbacks as cb
+from kerastune_flow import compat
 from kerastune_flow import data as data_lib
 from kerastune_flow import models
 from kerastune_flow.config import Config
@@ -319,6 +320,7 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, overwrite: bool =
     if resumed:
         log.info("Found a backup in %s: resuming the interrupted run", run_dir)
     keras.utils.set_random_seed(config.train.seed)
+    compat.apply()  # TODO(move into get_strategy)
     strategy = get_strategy(config.train.strategy)
     jit_compile = default_jit_compile(strategy, config.train.jit_compile)
     log.info("Strategy: %s; XLA %s", describe(strategy), "on" if jit_compile else "off")

@@ -1,0 +1,186 @@
+"""train_and_evaluate end to end on tiny generated folders: run directory, resume, staged fine-tune."""
+
+import json
+
+import keras
+import numpy as np
+import pytest
+
+from kerastune_flow import callbacks as cb
+from kerastune_flow import train
+from kerastune_flow.config import RECIPES, make_config
+from kerastune_flow.errors import DataError, RunDirError
+
+RUN_FILES = ("config.json", "history.csv", "history.jsonl", "model.keras", "results.json", "curves.png")
+
+
+def smoke(recipe, folder, **overrides):
+    return make_config(recipe, "smoke", data=str(folder), **overrides)
+
+
+@pytest.mark.parametrize("recipe", list(RECIPES))
+def test_every_recipe_leaves_a_complete_run_directory(recipe, image_folder, tmp_path):
+    result = train.train_and_evaluate(smoke(recipe, image_folder), tmp_path / "run")
+    run = tmp_path / "run"
+    for name in RUN_FILES:
+        assert (run / name).is_file(), name
+    assert not (run / "backup").exists()  # a finished run leaves no resume state
+    results = json.loads((run / "results.json").read_text())
+    assert set(results["test"]) == {"loss", "accuracy"}
+    assert results["epochs_run"] == len(result.history) >= 2
+    meta = json.loads((run / "config.json").read_text())
+    assert meta["class_names"] == ["circle", "square", "triangle"]
+    assert meta["config"]["model"]["recipe"] == recipe
+    loaded = keras.saving.load_model(run / "model.keras")
+    assert loaded.output_shape[-1] == (1 if recipe.startswith("vgg16") and meta["head"]["units"] == 1 else 3)
+
+
+def test_cnn_learns_the_generated_classes(image_folder, tmp_path):
+    config = smoke("cifar10_cnn", image_folder, epochs=6, learning_rate=3e-3, max_examples=None, patience=10)
+    result = train.train_and_evaluate(config, tmp_path / "run")
+    losses = [r["loss"] for r in result.history]
+    assert losses[-1] < 0.5 * losses[0]
+    assert result.test_metrics["accuracy"] >= 2 / 3
+
+
+def test_history_records_every_epoch_with_learning_rate(image_folder, tmp_path):
+    result = train.train_and_evaluate(smoke("scratch_mlp", image_folder, epochs=3, patience=10), tmp_path / "run")
+    assert [r["epoch"] for r in result.history] == [0, 1, 2]
+    assert all(r["learning_rate"] == pytest.approx(1e-3) for r in result.history)
+    assert all({"loss", "val_loss", "accuracy", "val_accuracy", "epoch_seconds"} <= set(r) for r in result.history)
+    csv_lines = (tmp_path / "run" / "history.csv").read_text().strip().splitlines()
+    assert len(csv_lines) == 4
+
+
+def test_mirrored_strategy_batches_globally(image_folder, tmp_path):
+    result = train.train_and_evaluate(smoke("cifar10_cnn", image_folder, strategy="mirrored"), tmp_path / "run")
+    meta = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert meta["replicas"] == 2
+    assert meta["global_batch_size"] == 2 * 8
+    assert "MirroredStrategy" in result.results["strategy"]
+
+
+def test_a_finished_run_is_not_overwritten_by_accident(image_folder, tmp_path):
+    config = smoke("scratch_mlp", image_folder)
+    train.train_and_evaluate(config, tmp_path / "run")
+    before = (tmp_path / "run" / "results.json").read_text()
+    with pytest.raises(RunDirError, match="--overwrite"):
+        train.train_and_evaluate(config, tmp_path / "run")
+    assert (tmp_path / "run" / "results.json").read_text() == before
+    train.train_and_evaluate(config, tmp_path / "run", overwrite=True)
+    assert (tmp_path / "run" / "results.json").exists()
+
+
+class _Crash(keras.callbacks.Callback):
+    def __init__(self, at_epoch):
+        super().__init__()
+        self.at_epoch = at_epoch
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch == self.at_epoch:
+            raise KeyboardInterrupt  # as Ctrl-C or a kill right after the epoch's backup
+
+
+class _EpochRecorder(keras.callbacks.Callback):
+    def __init__(self, sink):
+        super().__init__()
+        self.sink = sink
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.sink.append(epoch)
+
+
+def _add_callbacks(monkeypatch, *extra):
+    original = cb.standard_callbacks
+
+    def patched(*args, **kwargs):
+        return original(*args, **kwargs) + list(extra)
+
+    monkeypatch.setattr(train.cb, "standard_callbacks", patched)
+
+
+def test_a_crashed_run_resumes_at_the_next_epoch(image_folder, tmp_path, monkeypatch):
+    config = smoke("cifar10_cnn", image_folder, epochs=4, patience=10)
+    with monkeypatch.context() as m:
+        _add_callbacks(m, _Crash(at_epoch=1))
+        with pytest.raises(KeyboardInterrupt):
+            train.train_and_evaluate(config, tmp_path / "run")
+    assert (tmp_path / "run" / "backup").is_dir()
+    assert [r["epoch"] for r in cb.read_history(tmp_path / "run")] == [0, 1]
+
+    seen = []
+    _add_callbacks(monkeypatch, _EpochRecorder(seen))
+    result = train.train_and_evaluate(config, tmp_path / "run")
+    assert seen == [2, 3]  # not from zero
+    assert [r["epoch"] for r in result.history] == [0, 1, 2, 3]
+    assert result.results["resumed"] is True
+    assert not (tmp_path / "run" / "backup").exists()
+
+
+def test_staged_finetune_is_one_continuous_run(image_folder, tmp_path, monkeypatch):
+    kernels = {}
+
+    class Probe(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            kernels.setdefault("begin", []).append(self.model.get_layer("predictions").get_weights()[0].copy())
+
+        def on_train_end(self, logs=None):
+            kernels.setdefault("end", []).append(self.model.get_layer("predictions").get_weights()[0].copy())
+
+    _add_callbacks(monkeypatch, Probe())
+    config = smoke("vgg16_finetune", image_folder, head_epochs=2, epochs=2, patience=10)
+    result = train.train_and_evaluate(config, tmp_path / "run")
+    assert [(r["epoch"], r["stage"]) for r in result.history] == [
+        (0, "head"),
+        (1, "head"),
+        (2, "finetune"),
+        (3, "finetune"),
+    ]
+    assert result.results["stage_boundary"] == 2
+    assert [r["learning_rate"] for r in result.history] == pytest.approx([1e-3, 1e-3, 1e-5, 1e-5])
+    np.testing.assert_array_equal(kernels["begin"][1], kernels["end"][0])  # stage 2 starts from stage 1
+    base = result.model.get_layer("vgg16")
+    assert [layer.name for layer in base.layers if layer.trainable and layer.weights] == [
+        "block5_conv1",
+        "block5_conv2",
+        "block5_conv3",
+    ]
+
+
+def test_evaluate_and_predict_use_the_saved_run(image_folder, tmp_path):
+    result = train.train_and_evaluate(smoke("cifar10_cnn", image_folder), tmp_path / "run")
+    metrics = train.evaluate_saved(tmp_path / "run", str(image_folder))
+    assert metrics["accuracy"] == pytest.approx(result.test_metrics["accuracy"], abs=1e-6)
+    assert metrics["examples"] == 3
+
+    rows = train.predict_images(tmp_path / "run", [str(image_folder / "square")], top_k=2)
+    assert len(rows) == 12
+    for row in rows:
+        assert len(row["predictions"]) == 2
+        assert {p["class"] for p in row["predictions"]} <= {"circle", "square", "triangle"}
+        probs = [p["probability"] for p in row["predictions"]]
+        assert probs == sorted(probs, reverse=True) and 0 <= probs[0] <= 1
+
+
+def test_evaluate_refuses_data_with_other_classes(image_folder, tmp_path):
+    from conftest import write_image_folder
+
+    train.train_and_evaluate(smoke("scratch_mlp", image_folder), tmp_path / "run")
+    other = write_image_folder(tmp_path / "two", classes=("a", "b"))
+    with pytest.raises(DataError, match="2 classes but the model was trained on 3"):
+        train.evaluate_saved(tmp_path / "run", str(other))
+
+
+def test_a_batch_larger_than_the_data_is_a_clear_error(image_folder, tmp_path):
+    with pytest.raises(DataError, match="fewer than one global batch"):
+        train.train_and_evaluate(smoke("scratch_mlp", image_folder, batch_size=64), tmp_path / "run")
+
+
+def test_probabilities_for_every_head():
+    from kerastune_flow.models import Head
+
+    logits = np.array([[2.0, 0.0, -1.0]])
+    p = train.probabilities(logits, Head(3, None, "int"))
+    np.testing.assert_allclose(p.sum(axis=1), 1.0)
+    assert p.argmax() == 0
+    np.testing.assert_allclose(train.probabilities(np.array([[0.8]]), Head(1, "sigmoid", "binary")), [[0.2, 0.8]])
