@@ -1,0 +1,33 @@
+# Two commands set everything up on a fresh machine: `make demo` and `make test`.
+# Each creates .venv if it is missing and installs the package with its extras first.
+# On a CUDA machine: `make demo EXTRA=gpu`.
+
+PYTHON ?= python3
+EXTRA ?= cpu
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(EXTRA)
+
+.PHONY: install demo test slow clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[$(EXTRA),dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python -m kerastune_flow.run train cifar10_cnn --data data/digits --run-dir runs/demo --overwrite
+	$(BIN)/python -m kerastune_flow.run evaluate runs/demo --data data/digits
+	$(BIN)/python -m kerastune_flow.run predict runs/demo data/digits/0/0000.png data/digits/4/0000.png data/digits/9/0000.png
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+slow: $(STAMP)
+	$(BIN)/python -m pytest -q -m slow
+
+clean:
+	rm -rf runs .pytest_cache

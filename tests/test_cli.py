@@ -1,0 +1,125 @@
+"""The CLI: help that teaches, every sub-command end to end, user errors as one line and exit 2."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+from kerastune_flow import run
+
+
+def _cli(*args, timeout=120):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run(
+        [sys.executable, "-m", "kerastune_flow.run", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
+
+
+def test_help_teaches_the_commands_and_examples():
+    proc = _cli("--help")
+    assert proc.returncode == 0
+    for word in ("train", "evaluate", "predict", "list", "examples:", "data/digits", "resume"):
+        assert word in proc.stdout
+    train_help = _cli("train", "--help").stdout
+    for flag in ("--batch-size", "--strategy", "--weights", "--unfreeze-at", "--head-epochs", "per replica"):
+        assert flag in train_help
+
+
+def test_a_missing_data_folder_is_one_line_and_exit_2():
+    proc = _cli("train", "cifar10_cnn", "--data", "does/not/exist", "--run-dir", "r")
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "does/not/exist" in errors[0]
+
+
+def test_list_names_every_recipe(capsys):
+    assert run.main(["list"]) == 0
+    out = capsys.readouterr().out
+    for recipe in ("scratch_mlp", "cifar10_cnn", "vgg16_features", "vgg16_finetune"):
+        assert recipe in out
+
+
+def test_train_evaluate_predict(image_folder, tmp_path, capsys):
+    run_dir = str(tmp_path / "run")
+    code = run.main(["train", "cifar10_cnn", "--data", str(image_folder), "--preset", "smoke", "--run-dir", run_dir, "--quiet"])
+    assert code == 0
+    trained = json.loads(capsys.readouterr().out)
+    assert trained["run_dir"] == run_dir and trained["epochs_run"] == 2
+
+    assert run.main(["evaluate", run_dir, "--data", str(image_folder)]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert metrics["accuracy"] == pytest.approx(trained["test"]["accuracy"], abs=1e-6)
+
+    image = str(image_folder / "triangle" / "000.png")
+    assert run.main(["predict", run_dir, image, "--json", "--top-k", "3"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [p["class"] for p in rows[0]["predictions"]] != [] and len(rows[0]["predictions"]) == 3
+    assert run.main(["predict", run_dir, image]) == 0
+    line = capsys.readouterr().out.strip()
+    assert line.startswith(image) and "triangle" in line
+
+
+def test_flags_map_onto_the_config(image_folder, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    argv = ["train", "scratch_mlp", "--data", str(image_folder), "--preset", "smoke", "--run-dir", str(run_dir),
+            "--quiet", "--epochs", "1", "--batch-size", "4", "--learning-rate", "0.01", "--optimizer", "sgd",
+            "--initializer", "he_normal", "--dropout", "0.1", "--l2", "0.001", "--image-size", "24x20",
+            "--augment", "flip,zoom", "--no-early-stopping", "--seed", "3"]  # fmt: skip
+    assert run.main(argv) == 0
+    meta = json.loads((run_dir / "config.json").read_text())
+    cfg = meta["config"]
+    assert cfg["train"]["epochs"] == 1 and cfg["data"]["batch_size"] == 4 and cfg["train"]["seed"] == 3
+    assert cfg["model"]["optimizer"] == "sgd" and cfg["model"]["initializer"] == "he_normal"
+    assert cfg["model"]["learning_rate"] == 0.01 and cfg["model"]["dropout"] == 0.1 and cfg["model"]["l2"] == 0.001
+    assert cfg["data"]["augment"] == ["flip", "zoom"] and cfg["train"]["early_stopping"] is False
+    assert meta["image_shape"] == [24, 20, 3]
+
+
+@pytest.mark.parametrize(
+    "argv, match",
+    [
+        (["train", "scratch_mlp", "--epochs", "0"], "epochs must be at least 1"),
+        (["train", "scratch_mlp", "--learning-rate", "-1"], "learning_rate must be positive"),
+        (["train", "scratch_mlp", "--augment", "blur"], "Unknown augmentation"),
+        (["predict", "only-one-path"], "at least one image"),
+        (["evaluate", "no/such/run", "--data", "x"], "No model at"),
+    ],
+)
+def test_user_errors_exit_2_with_one_sentence(argv, match, capsys):
+    assert run.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and match in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv", [["train", "resnet"], ["train", "scratch_mlp", "--image-size", "big"], ["fly"]])
+def test_bad_flags_exit_2_from_argparse(argv, capsys):
+    with pytest.raises(SystemExit) as info:
+        run.main(argv)
+    assert info.value.code == 2
+    assert "error:" in capsys.readouterr().err
+
+
+def test_a_finished_run_dir_is_refused(image_folder, tmp_path, capsys):
+    argv = ["train", "scratch_mlp", "--data", str(image_folder), "--preset", "smoke", "--run-dir", str(tmp_path / "r"), "--quiet"]
+    assert run.main(argv) == 0
+    capsys.readouterr()
+    assert run.main(argv) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert run.main(argv + ["--overwrite"]) == 0
+
+
+def test_the_demo_data_trains(tmp_path, capsys):
+    """The shipped data/digits through the demo's recipe (one epoch here; `make demo` runs ten)."""
+    argv = ["train", "cifar10_cnn", "--data", str(REPO / "data" / "digits"), "--epochs", "1", "--run-dir",
+            str(tmp_path / "demo"), "--quiet", "--no-tensorboard"]  # fmt: skip
+    assert run.main(argv) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["test"]["accuracy"] > 0.5  # ten classes: chance is 0.1
