@@ -239,11 +239,22 @@ class BestModelCheckpoint(keras.callbacks.Callback):
         monitor: a log key such as "val_loss" or "val_accuracy".
         mode: "min", "max", or "auto" (max for accuracy-like keys).
         best: the best value already reached (when continuing a run), or None.
+        save_model: the model to save instead of the one being fitted (when a head is trained
+            on cached features, the full model that shares its layers is what is worth saving).
     """
 
-    def __init__(self, filepath: str | os.PathLike, *, monitor: str = "val_loss", mode: str = "auto", best=None):
+    def __init__(
+        self,
+        filepath: str | os.PathLike,
+        *,
+        monitor: str = "val_loss",
+        mode: str = "auto",
+        best=None,
+        save_model: keras.Model | None = None,
+    ):
         super().__init__()
         self.filepath = Path(filepath)
+        self.save_model = save_model
         self.monitor = monitor
         if mode == "auto":
             mode = "max" if ("acc" in monitor or "auc" in monitor) else "min"
@@ -264,7 +275,7 @@ class BestModelCheckpoint(keras.callbacks.Callback):
         value = float(value)
         if math.isfinite(value) and self._improved(value):
             self.best, self.best_epoch = value, epoch
-            atomic_save_model(self.model, self.filepath)
+            atomic_save_model(self.save_model or self.model, self.filepath)
 
 
 class NaNGuard(keras.callbacks.Callback):
@@ -306,6 +317,7 @@ def standard_callbacks(
     backup: bool = True,
     terminate_on_nan: bool = True,
     best: float | None = None,
+    save_model: keras.Model | None = None,
 ) -> list[keras.callbacks.Callback]:
     """The callbacks of a run directory; each can be switched off.
 
@@ -326,6 +338,7 @@ def standard_callbacks(
         backup: BackupAndRestore under backup/, so the same command resumes after a crash.
         terminate_on_nan: stop on a NaN or infinite loss.
         best: best monitored value reached by an earlier stage, so the checkpoint keeps it.
+        save_model: the model the checkpoint saves, if not the one being fitted.
 
     Returns:
         A list of callbacks for `model.fit`.
@@ -338,10 +351,10 @@ def standard_callbacks(
     if csv_log or jsonl_log:
         callbacks.append(HistoryLogger(run_dir, stage=stage, csv_log=csv_log, jsonl_log=jsonl_log))
     if checkpoint:
-        callbacks.append(BestModelCheckpoint(run_dir / BEST_MODEL, monitor=monitor, best=best))
+        callbacks.append(BestModelCheckpoint(run_dir / BEST_MODEL, monitor=monitor, best=best, save_model=save_model))
     if early_stopping:
         callbacks.append(
-            keras.callbacks.EarlyStopping(monitor=monitor, patience=patience, restore_best_weights=True)
+            keras.callbacks.EarlyStopping(monitor=monitor, patience=patience, restore_best_weights=True, verbose=1)
         )
     if tensorboard:
         callbacks.append(

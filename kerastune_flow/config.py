@@ -22,6 +22,7 @@ AUGMENTATIONS = ("flip", "rotation", "zoom", "crop")
 OPTIMIZER_NAMES = ("adam", "sgd", "rmsprop", "adagrad")
 INITIALIZER_NAMES = ("glorot_uniform", "he_normal", "he_uniform", "glorot_normal")
 STRATEGY_NAMES = ("auto", "cpu", "gpu", "mirrored", "tpu", "multiworker")
+BACKBONE_NAMES = ("vgg16", "resnet50", "mobilenetv2", "efficientnetb0")
 CACHE_POLICIES = ("auto", "memory", "none")
 
 
@@ -56,9 +57,16 @@ class ModelConfig:
     l2: float = 0.0
     optimizer: str = "adam"
     learning_rate: float = 1e-3
-    dense_units: int = 256  # VGG16 head
-    unfreeze_at: int | str = 15  # VGG16 block5_conv1
+    dense_units: int = 256  # width of the transfer head's hidden layer
+    backbone: str = "vgg16"  # transfer recipes: vgg16, resnet50, mobilenetv2, efficientnetb0
+    base: str | None = None  # the user's own pre-trained .keras model (or run dir) as the base
+    base_output: str | None = None  # the layer of `base` to cut at
+    pooling: str = "auto"  # flatten | avg | auto (the backbone's)
+    unfreeze_at: int | str | None = None  # index, layer name or fraction; None: the backbone's last block
     finetune_learning_rate: float = 1e-5
+    progressive: str | None = None  # "EPOCH:UNFREEZE_AT:LR,..." steps of stage two
+    base_lr_multiplier: float | None = None  # discriminative rates: base lr = finetune lr x this
+    feature_cache: str = "auto"  # auto: cache the frozen base's features when nothing is random; off
 
 
 @dataclasses.dataclass(frozen=True)
@@ -212,6 +220,15 @@ def validate(config: Config) -> None:
             m.initializer,
         ),
         (m.dense_units >= 1, "dense_units must be at least 1", m.dense_units),
+        (m.backbone in BACKBONE_NAMES, f"backbone must be one of {', '.join(BACKBONE_NAMES)}", m.backbone),
+        (m.pooling in ("auto", "flatten", "avg"), "pooling must be auto, flatten or avg", m.pooling),
+        (m.feature_cache in ("auto", "off"), "feature_cache must be auto or off", m.feature_cache),
+        (
+            m.base_lr_multiplier is None or m.base_lr_multiplier > 0,
+            "base_lr_multiplier must be positive",
+            m.base_lr_multiplier,
+        ),
+        (m.base_output is None or m.base, "base_output needs base (the model to cut)", m.base_output),
         (t.epochs >= 1, "epochs must be at least 1", t.epochs),
         (t.head_epochs >= 1, "head_epochs must be at least 1", t.head_epochs),
         (t.patience >= 0, "patience must not be negative", t.patience),

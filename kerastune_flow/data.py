@@ -165,8 +165,10 @@ def load_tfds(
     n_val = int(round(n_train * validation_fraction))
     split_names = [f"train[:{n_train - n_val}]", f"train[{n_train - n_val}:]", "test"]
     if n_val == 0:
-        split_names[1] = "train[:0]"
+        split_names[1] = "train[:1]"  # tfds rejects an empty slice ("corresponds to no data")
     datasets = builder.as_dataset(split=split_names, as_supervised=True, shuffle_files=False)
+    if n_val == 0:
+        datasets[1] = datasets[1].take(0)
     native = tuple(info.features["image"].shape)
     out_channels = channels or native[-1]
     size = tuple(image_size) if image_size else tuple(native[:2])

@@ -13,6 +13,7 @@ import dataclasses
 import logging
 import math
 import os
+from pathlib import Path
 from typing import Any, Sequence
 
 import keras
@@ -77,19 +78,76 @@ def _check_num_classes(num_classes: int) -> None:
         )
 
 
-def make_optimizer(name: str = "adam", learning_rate: float = 1e-3) -> keras.optimizers.Optimizer:
-    """Returns a fresh optimizer: adam, sgd (momentum 0.9), rmsprop or adagrad."""
-    factories = {
-        "adam": lambda: keras.optimizers.Adam(learning_rate),
-        "sgd": lambda: keras.optimizers.SGD(learning_rate, momentum=0.9),
-        "rmsprop": lambda: keras.optimizers.RMSprop(learning_rate),
-        "adagrad": lambda: keras.optimizers.Adagrad(learning_rate),
-    }
-    if name not in factories:
-        raise ConfigError(f"Unknown optimizer {name!r}; choose one of {', '.join(factories)}. Received: {name}")
+_OPTIMIZER_CLASSES = {
+    "adam": (keras.optimizers.Adam, {}),
+    "sgd": (keras.optimizers.SGD, {"momentum": 0.9}),
+    "rmsprop": (keras.optimizers.RMSprop, {}),
+    "adagrad": (keras.optimizers.Adagrad, {}),
+}
+
+
+def _discriminative(cls: type) -> type:
+    """`cls` with a lower learning rate for some variables (the base) than for the rest (the head)."""
+
+    class Discriminative(cls):
+        def __init__(self, *args: Any, base_paths: Sequence[str] = (), base_multiplier: float = 0.1, **kwargs: Any):
+            super().__init__(*args, **kwargs)
+            self.base_paths = tuple(base_paths)
+            self.base_multiplier = float(base_multiplier)
+            self._base_keys: set = set()
+
+        def build(self, variables):
+            paths = set(self.base_paths)
+            self._base_keys = {self._var_key(v) for v in variables if v.path in paths}
+            super().build(variables)
+
+        def update_step(self, gradient, variable, learning_rate):
+            if self._var_key(variable) in self._base_keys:
+                learning_rate = learning_rate * self.base_multiplier
+            return super().update_step(gradient, variable, learning_rate)
+
+        def get_config(self):
+            return {**super().get_config(), "base_paths": list(self.base_paths), "base_multiplier": self.base_multiplier}
+
+    Discriminative.__name__ = Discriminative.__qualname__ = f"Discriminative{cls.__name__}"
+    return keras.saving.register_keras_serializable(package="kerastune_flow")(Discriminative)
+
+
+_DISCRIMINATIVE = {name: _discriminative(cls) for name, (cls, _) in _OPTIMIZER_CLASSES.items()}
+
+
+def make_optimizer(
+    name: str = "adam",
+    learning_rate: float = 1e-3,
+    *,
+    base_variables: Sequence[Any] | None = None,
+    base_multiplier: float | None = None,
+) -> keras.optimizers.Optimizer:
+    """Returns a fresh optimizer: adam, sgd (momentum 0.9), rmsprop or adagrad.
+
+    Args:
+        name: optimizer name.
+        learning_rate: the rate (of the head, with discriminative rates).
+        base_variables: variables that train at `learning_rate * base_multiplier`
+            (discriminative learning rates: a lower rate for the pre-trained base).
+        base_multiplier: the factor for `base_variables`; None for one rate for all.
+
+    Raises:
+        ConfigError: for an unknown name or a rate that is not positive.
+    """
+    if name not in _OPTIMIZER_CLASSES:
+        raise ConfigError(
+            f"Unknown optimizer {name!r}; choose one of {', '.join(_OPTIMIZER_CLASSES)}. Received: {name}"
+        )
     if learning_rate <= 0:
         raise ConfigError(f"The learning rate must be positive. Received: learning_rate={learning_rate}")
-    return factories[name]()
+    cls, extra = _OPTIMIZER_CLASSES[name]
+    if base_multiplier is None:
+        return cls(learning_rate, **extra)
+    if base_multiplier <= 0:
+        raise ConfigError(f"The base learning-rate multiplier must be positive. Received: {base_multiplier}")
+    paths = [v.path for v in (base_variables or ())]
+    return _DISCRIMINATIVE[name](learning_rate, base_paths=paths, base_multiplier=base_multiplier, **extra)
 
 
 def compile_model(
@@ -100,10 +158,18 @@ def compile_model(
     learning_rate: float = 1e-3,
     jit_compile: bool | str = False,
     steps_per_execution: int = 1,
+    base_multiplier: float | None = None,
 ) -> keras.Model:
-    """Compiles with the head's loss, accuracy, and a fresh optimizer; returns the model."""
+    """Compiles with the head's loss, accuracy, and a fresh optimizer; returns the model.
+
+    With `base_multiplier`, the variables of the nested base (see `find_base`) train at
+    `learning_rate * base_multiplier` and the head at `learning_rate`.
+    """
+    base_variables = find_base(model).trainable_variables if base_multiplier is not None else None
     model.compile(
-        optimizer=make_optimizer(optimizer, learning_rate),
+        optimizer=make_optimizer(
+            optimizer, learning_rate, base_variables=base_variables, base_multiplier=base_multiplier
+        ),
         loss=head.loss(),
         metrics=["accuracy"],
         jit_compile=jit_compile,
@@ -292,30 +358,95 @@ def build_cifar10_cnn(
     return model
 
 
-# --------------------------------------------------------------------------- VGG16 transfer
+# --------------------------------------------------------------------------- transfer learning
 
 
-def _weights_missing_message(error: Exception) -> str:
-    where = os.path.join(os.path.expanduser("~"), ".keras", "models", VGG16_NOTOP_FILE)
+@dataclasses.dataclass(frozen=True)
+class Backbone:
+    """A `keras.applications` model usable as a frozen base.
+
+    Attributes:
+        name: the name used by `--backbone` and given to the nested base model.
+        factory: the `keras.applications` constructor.
+        preprocessing: `ImagenetPreprocessing` mode matching the model's `preprocess_input`.
+        unfreeze_at: the layer where the last block starts (the default fine-tune boundary).
+        pooling: "flatten" (the VGG16 references) or "avg" (global average pooling, as the
+            Keras guides do for the deeper backbones, whose flattened maps are huge).
+        weights_file: the ImageNet file Keras looks for in ~/.keras/models/.
+        weights_bytes: its size, when known.
+    """
+
+    name: str
+    factory: Any
+    preprocessing: str
+    unfreeze_at: str
+    pooling: str
+    weights_file: str
+    weights_bytes: int | None = None
+
+
+BACKBONES = {
+    "vgg16": Backbone(
+        "vgg16", keras.applications.VGG16, "caffe", "block5_conv1", "flatten", VGG16_NOTOP_FILE, VGG16_NOTOP_BYTES
+    ),
+    "resnet50": Backbone(
+        "resnet50",
+        keras.applications.ResNet50,
+        "caffe",
+        "conv5_block1_1_conv",
+        "avg",
+        "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
+        94_765_736,
+    ),
+    "mobilenetv2": Backbone(
+        "mobilenetv2",
+        keras.applications.MobileNetV2,
+        "tf",
+        "block_16_expand",
+        "avg",
+        "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5",
+    ),
+    "efficientnetb0": Backbone(
+        "efficientnetb0", keras.applications.EfficientNetB0, "none", "block7a_expand_conv", "avg", "efficientnetb0_notop.h5"
+    ),
+}
+CUSTOM_BASE_NAME = "base"
+
+
+def _weights_missing_message(backbone: Backbone, error: Exception) -> str:
+    where = os.path.join(os.path.expanduser("~"), ".keras", "models", backbone.weights_file)
+    size = f" ({backbone.weights_bytes:,} bytes)" if backbone.weights_bytes else ""
     return (
-        f"The ImageNet weights for VGG16 could not be fetched (no network?); put {VGG16_NOTOP_FILE} "
-        f"({VGG16_NOTOP_BYTES:,} bytes) at {where}, or pass --weights PATH to a local copy, or "
+        f"The ImageNet weights for {backbone.name} could not be fetched (no network?); put "
+        f"{backbone.weights_file}{size} at {where}, or pass --weights PATH to a local copy, or "
         f"--weights none to train without them. Received: {type(error).__name__}: {str(error)[:160]}"
     )
 
 
-def vgg16_base(
-    *, input_shape: Sequence[int] = (150, 150, 3), weights: str | None = "imagenet"
-) -> keras.Model:
-    """VGG16 without its top, from ImageNet, from a local weights file, or randomly initialised.
+def get_backbone(name: str) -> Backbone:
+    """Looks a backbone up by name.
 
     Raises:
-        ConfigError: for inputs smaller than 32x32 or not RGB.
+        ConfigError: listing the valid names.
+    """
+    if name not in BACKBONES:
+        raise ConfigError(f"Unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}. Received: backbone={name}")
+    return BACKBONES[name]
+
+
+def backbone_base(
+    backbone: str = "vgg16", *, input_shape: Sequence[int] = (150, 150, 3), weights: str | None = "imagenet"
+) -> keras.Model:
+    """A `keras.applications` model without its top, from ImageNet, a local file, or random.
+
+    Raises:
+        ConfigError: for an unknown backbone, inputs smaller than 32x32, or not RGB.
         WeightsError: when the weights cannot be fetched or do not fit.
     """
+    spec = get_backbone(backbone)
     if len(input_shape) != 3 or input_shape[-1] != 3 or min(input_shape[:2]) < VGG16_MIN_SIZE:
         raise ConfigError(
-            f"VGG16 needs RGB images of at least {VGG16_MIN_SIZE}x{VGG16_MIN_SIZE}; pass --image-size 32 "
+            f"{spec.name} needs RGB images of at least {VGG16_MIN_SIZE}x{VGG16_MIN_SIZE}; pass --image-size 32 "
             f"or larger. Received: input_shape={tuple(input_shape)}"
         )
     if weights in (None, "none", "None"):
@@ -323,19 +454,183 @@ def vgg16_base(
     elif weights != "imagenet" and not os.path.isfile(weights):
         raise WeightsError(
             f"Weights file {weights} does not exist; pass --weights imagenet, none, or the path of a "
-            f"VGG16 .h5 / .weights.h5 file. Received: weights={weights}"
+            f"{spec.name} .h5 / .weights.h5 file. Received: weights={weights}"
         )
     try:
-        return keras.applications.VGG16(
-            include_top=False, weights=weights, input_shape=tuple(input_shape), name=VGG16_BASE_NAME
-        )
+        return spec.factory(include_top=False, weights=weights, input_shape=tuple(input_shape), name=spec.name)
     except Exception as error:  # URL errors, HDF5 errors and shape mismatches all land here
         if weights == "imagenet":
-            raise WeightsError(_weights_missing_message(error)) from None
+            raise WeightsError(_weights_missing_message(spec, error)) from None
         raise WeightsError(
-            f"Weights file {weights} does not fit VGG16 without its top (include_top=False); use the "
-            f"'_notop' file of VGG16. Received: {type(error).__name__}: {str(error)[:160]}"
+            f"Weights file {weights} does not fit {spec.name} without its top (include_top=False); use the "
+            f"'notop' file of {spec.name}. Received: {type(error).__name__}: {str(error)[:160]}"
         ) from None
+
+
+def vgg16_base(*, input_shape: Sequence[int] = (150, 150, 3), weights: str | None = "imagenet") -> keras.Model:
+    """VGG16 without its top; see `backbone_base`."""
+    return backbone_base("vgg16", input_shape=input_shape, weights=weights)
+
+
+def cut_base(path: str | os.PathLike, output_layer: str | None = None) -> keras.Model:
+    """A user's saved model cut at a named layer, to serve as a pre-trained base.
+
+    Args:
+        path: a `.keras` file, or a run directory holding model.keras (e.g. a full-training run).
+        output_layer: the layer whose output becomes the base's output; None keeps everything
+            up to the layer before the last one (the old head is dropped).
+
+    Returns:
+        A keras.Model named "base" that shares the saved model's layers and weights; it takes
+        the saved model's inputs (raw pixels for models saved by this package).
+
+    Raises:
+        RunDirError: when the file is missing or cannot be loaded.
+        ConfigError: when `output_layer` is not a layer of the model.
+    """
+    from kerastune_flow.errors import RunDirError
+
+    path = Path(path)
+    model_path = path / "model.keras" if path.is_dir() else path
+    if not model_path.is_file():
+        raise RunDirError(
+            f"No saved model at {model_path}; pass --base a .keras file or a run directory of `run train`. "
+            f"Received: base={path}"
+        )
+    try:
+        saved = keras.saving.load_model(model_path, safe_mode=True, compile=False)
+    except Exception as error:
+        raise RunDirError(
+            f"Cannot load the base model {model_path}: it is corrupt or not a Keras 3 .keras file. "
+            f"Received: {type(error).__name__}: {str(error)[:160]}"
+        ) from None
+    names = [layer.name for layer in saved.layers]
+    if output_layer is None:
+        output_layer = names[-2]
+    if output_layer not in names:
+        raise ConfigError(
+            f"{model_path} has no layer named {output_layer!r}; pass --base-output one of {', '.join(names[1:])}. "
+            f"Received: base_output={output_layer}"
+        )
+    return keras.Model(saved.inputs, saved.get_layer(output_layer).output, name=CUSTOM_BASE_NAME)
+
+
+def find_base(model: keras.Model) -> keras.Model:
+    """The nested base model (the backbone or a cut user model) inside a transfer model.
+
+    Raises:
+        ValueError: when the model has no nested model.
+    """
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            return layer
+    raise ValueError(f"{model.name} has no nested base model. Received: layers={[l.name for l in model.layers]}")
+
+
+def default_unfreeze_at(base: keras.Model) -> int | str:
+    """The fine-tune boundary of a base: its backbone's last block, or for a user's own base the
+    second-to-last layer that has weights (the top block and what follows it)."""
+    if base.name in BACKBONES:
+        return BACKBONES[base.name].unfreeze_at
+    weighted = [i for i, layer in enumerate(base.layers) if layer.weights]
+    return weighted[-2] if len(weighted) >= 2 else (weighted[-1] if weighted else 0)
+
+
+def build_transfer_model(
+    *,
+    backbone: str = "vgg16",
+    base: keras.Model | None = None,
+    input_shape: Sequence[int] = (150, 150, 3),
+    num_classes: int = 2,
+    weights: str | None = "imagenet",
+    pooling: str = "auto",
+    dense_units: int = 256,
+    kernel_initializer: str = "glorot_uniform",
+    dropout: float = 0.0,
+    l1: float = 0.0,
+    l2: float = 0.0,
+    optimizer: str = "adam",
+    learning_rate: float = 1e-3,
+    compile: bool = True,
+    jit_compile: bool | str = False,
+    steps_per_execution: int = 1,
+    name: str | None = None,
+) -> keras.Model:
+    """A frozen pre-trained base, then pooling -> Dense ReLU -> a new head.
+
+    The head is 1 sigmoid unit with binary cross-entropy for two classes, softmax with
+    categorical cross-entropy otherwise. The backbone's own preprocessing is the first layer, so
+    the model takes raw 0..255 pixels, and the base always runs in inference mode
+    (`base(x, training=False)`), which keeps BatchNormalization statistics fixed even after
+    unfreezing, as the Keras transfer-learning guide prescribes.
+
+    Args:
+        backbone: a name of `BACKBONES` (ignored when `base` is given).
+        base: a ready base model instead, e.g. `cut_base(...)` of the user's own model; its
+            input shape wins over `input_shape` and no preprocessing is added.
+        input_shape: (height, width, 3), at least 32x32.
+        num_classes: classes of the new head.
+        weights: "imagenet", None (random, for tests), or a path to a local weights file.
+        pooling: "flatten", "avg", or "auto" (the backbone's; flatten for a user's base).
+        dense_units: width of the new hidden layer.
+        kernel_initializer: for the new dense layers.
+        dropout: rate after the hidden dense layer.
+        l1: L1 weight penalty on the new dense kernels.
+        l2: L2 weight penalty on the new dense kernels.
+        optimizer: optimizer name.
+        learning_rate: for the head.
+        compile: compile with the head's loss and accuracy.
+        jit_compile: XLA; see `strategy.default_jit_compile`.
+        steps_per_execution: training steps per call into the graph.
+        name: the model's name; default "<backbone>_features".
+
+    Returns:
+        A keras.Model whose nested model (see `find_base`) is the frozen base.
+    """
+    head = transfer_head(num_classes)
+    if base is None:
+        spec = get_backbone(backbone)
+        base = backbone_base(backbone, input_shape=input_shape, weights=weights)
+        preprocessing, auto_pooling = spec.preprocessing, spec.pooling
+    else:
+        input_shape = tuple(int(d) for d in base.input_shape[1:])
+        preprocessing, auto_pooling = "none", "flatten"
+    pooling = auto_pooling if pooling == "auto" else pooling
+    if pooling not in ("flatten", "avg"):
+        raise ConfigError(f"pooling must be flatten, avg or auto. Received: pooling={pooling}")
+    base.trainable = False
+    inputs = keras.Input(shape=tuple(input_shape), name="pixels")
+    x = inputs
+    if preprocessing != "none":
+        x = ImagenetPreprocessing(preprocessing, name=f"{base.name}_preprocess")(x)
+    x = base(x, training=False)
+    if len(x.shape) == 4 and pooling == "avg":
+        x = layers.GlobalAveragePooling2D(name="pool")(x)
+    else:
+        x = layers.Flatten(name="flatten")(x)
+    x = layers.Dense(
+        dense_units,
+        activation="relu",
+        kernel_initializer=kernel_initializer,
+        kernel_regularizer=_regularizer(l1, l2),
+        name="dense",
+    )(x)
+    if dropout:
+        x = layers.Dropout(dropout, name="dropout")(x)
+    outputs = layers.Dense(
+        head.units, activation=head.activation, kernel_initializer=kernel_initializer, name="predictions"
+    )(x)
+    model = keras.Model(inputs, outputs, name=name or f"{base.name}_features")
+    if compile:
+        compile_model(
+            model,
+            head,
+            optimizer=optimizer,
+            learning_rate=learning_rate,
+            jit_compile=jit_compile,
+            steps_per_execution=steps_per_execution,
+        )
+    return model
 
 
 def build_vgg16_feature_extractor(
@@ -356,9 +651,10 @@ def build_vgg16_feature_extractor(
 ) -> keras.Model:
     """VGG16 (include_top=False) frozen, then Flatten -> Dense 256 ReLU -> new head.
 
-    The head is 1 sigmoid unit with binary cross-entropy for two classes, softmax with
-    categorical cross-entropy otherwise. VGG16's own `preprocess_input` is the first layer, and
-    the base runs in inference mode (`training=False`).
+    The reference feature extractor; `build_transfer_model(backbone="vgg16")` with the
+    reference settings. The head is 1 sigmoid unit with binary cross-entropy for two classes,
+    softmax with categorical cross-entropy otherwise; VGG16's own `preprocess_input` is the
+    first layer, and the base runs in inference mode (`training=False`).
 
     Args:
         input_shape: (height, width, 3), at least 32x32; 150x150 and 224x224 in the references.
@@ -378,36 +674,23 @@ def build_vgg16_feature_extractor(
     Returns:
         A keras.Model named "vgg16_features" whose layer "vgg16" is the frozen base.
     """
-    head = transfer_head(num_classes)
-    base = vgg16_base(input_shape=input_shape, weights=weights)
-    base.trainable = False
-    inputs = keras.Input(shape=tuple(input_shape), name="pixels")
-    x = ImagenetPreprocessing("caffe", name="vgg16_preprocess")(inputs)
-    x = base(x, training=False)
-    x = layers.Flatten(name="flatten")(x)
-    x = layers.Dense(
-        dense_units,
-        activation="relu",
+    return build_transfer_model(
+        backbone="vgg16",
+        input_shape=input_shape,
+        num_classes=num_classes,
+        weights=weights,
+        pooling="flatten",
+        dense_units=dense_units,
         kernel_initializer=kernel_initializer,
-        kernel_regularizer=_regularizer(l1, l2),
-        name="dense",
-    )(x)
-    if dropout:
-        x = layers.Dropout(dropout, name="dropout")(x)
-    outputs = layers.Dense(
-        head.units, activation=head.activation, kernel_initializer=kernel_initializer, name="predictions"
-    )(x)
-    model = keras.Model(inputs, outputs, name="vgg16_features")
-    if compile:
-        compile_model(
-            model,
-            head,
-            optimizer=optimizer,
-            learning_rate=learning_rate,
-            jit_compile=jit_compile,
-            steps_per_execution=steps_per_execution,
-        )
-    return model
+        dropout=dropout,
+        l1=l1,
+        l2=l2,
+        optimizer=optimizer,
+        learning_rate=learning_rate,
+        compile=compile,
+        jit_compile=jit_compile,
+        steps_per_execution=steps_per_execution,
+    )
 
 
 def resolve_unfreeze_at(base: keras.Model, unfreeze_at: int | float | str) -> int:
@@ -493,7 +776,7 @@ def build_vgg16_finetune(
     """
     if model is None:
         model = build_vgg16_feature_extractor(num_classes=num_classes, compile=False, **feature_extractor_kwargs)
-    unfreeze_from(model.get_layer(VGG16_BASE_NAME), unfreeze_at)
+    unfreeze_from(find_base(model), unfreeze_at)
     head = transfer_head(max(2, model.output_shape[-1]))
     return compile_model(
         model,

@@ -7,6 +7,7 @@ and exit code 2; Ctrl-C ends with exit code 130 and a resumable run directory.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -186,7 +187,9 @@ def _cmd_train(args) -> int:
         overrides["verbose"] = 0
     config = make_config(args.recipe, args.preset, **overrides)
     run_dir = args.run_dir or os.path.join("runs", f"{args.recipe}-{time.strftime('%Y%m%d-%H%M%S')}")
-    result = train_and_evaluate(config, run_dir, overwrite=args.overwrite)
+    # Progress bars and Keras' messages go to stderr, so stdout carries only the JSON result.
+    with contextlib.redirect_stdout(sys.stderr):
+        result = train_and_evaluate(config, run_dir, overwrite=args.overwrite)
     print(json.dumps({"run_dir": str(result.run_dir), **result.results}, indent=2))
     return 0
 
@@ -194,14 +197,15 @@ def _cmd_train(args) -> int:
 def _cmd_evaluate(args) -> int:
     from kerastune_flow.train import evaluate_saved
 
-    metrics = evaluate_saved(
-        args.model,
-        args.data,
-        batch_size=args.batch_size,
-        data_dir=args.data_dir,
-        manual_dir=args.manual_dir,
-        max_examples=args.max_examples,
-    )
+    with contextlib.redirect_stdout(sys.stderr):
+        metrics = evaluate_saved(
+            args.model,
+            args.data,
+            batch_size=args.batch_size,
+            data_dir=args.data_dir,
+            manual_dir=args.manual_dir,
+            max_examples=args.max_examples,
+        )
     print(json.dumps(metrics, indent=2))
     return 0
 
@@ -220,7 +224,8 @@ def _cmd_predict(args) -> int:
                 f"and images. Received: {' '.join(args.paths)}"
             )
         model, images = args.paths[0], args.paths[1:]
-    rows = predict_images(model, images, top_k=args.top_k, weights=args.weights)
+    with contextlib.redirect_stdout(sys.stderr):
+        rows = predict_images(model, images, top_k=args.top_k, weights=args.weights)
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0

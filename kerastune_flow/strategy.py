@@ -19,10 +19,24 @@ import os
 
 import tensorflow as tf
 
+from kerastune_flow import compat
 from kerastune_flow.config import STRATEGY_NAMES
 from kerastune_flow.errors import ConfigError, StrategyError
 
 log = logging.getLogger(__name__)
+
+# One instance per kind and device set for the life of the process: a second MirroredStrategy
+# over the same devices reuses collective instance keys and aborts with "Shape mismatch in the
+# collective instance" (tensorflow/tensorflow#62790), a second MultiWorkerMirroredStrategy cannot
+# reconfigure collectives, and a TPU system should be initialised once. Re-running a notebook
+# cell or training several models in one process must keep working.
+_STRATEGIES: dict[tuple, tf.distribute.Strategy] = {}
+
+
+def _cached(key: tuple, factory) -> tf.distribute.Strategy:
+    if key not in _STRATEGIES:
+        _STRATEGIES[key] = factory()
+    return _STRATEGIES[key]
 
 # Environment variables that say a TPU may be attached (Colab, Cloud TPU VM, GKE).
 _TPU_HINTS = ("TPU_NAME", "COLAB_TPU_ADDR", "TPU_ACCELERATOR_TYPE", "KUBE_GOOGLE_CLOUD_TPU_ENDPOINTS")
@@ -64,7 +78,9 @@ def _connect_tpu(tpu_address: str | None = None) -> tf.distribute.Strategy:
         resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu_address or "")
         tf.config.experimental_connect_to_cluster(resolver)
         tf.tpu.experimental.initialize_tpu_system(resolver)
-    except (ValueError, RuntimeError, tf.errors.OpError) as error:
+    # A TPU hint without a TPU fails in many ways: OSError (urllib.error.URLError) when the GCE metadata
+    # server cannot be reached, ImportError without googleapiclient, ValueError/RuntimeError/OpError.
+    except (ValueError, RuntimeError, OSError, ImportError, tf.errors.OpError) as error:
         raise StrategyError(
             "No TPU could be reached; in Colab choose Runtime > Change runtime type > TPU, or use "
             f"--strategy auto to run on GPU/CPU. Received: {type(error).__name__}: {error}"
@@ -101,17 +117,18 @@ def get_strategy(name: str = "auto", *, tpu_address: str | None = None) -> tf.di
         raise ConfigError(
             f"Unknown strategy {name!r}; choose one of {', '.join(STRATEGY_NAMES)}. Received: strategy={name}"
         )
+    compat.apply()  # Keras' symbolic build under tf.distribute; a no-op once Keras is fixed
     cluster = tf_config_cluster()
     if name == "auto":
         if tpu_hinted():
             try:
-                return _connect_tpu(tpu_address)
+                return _cached(("tpu", tpu_address), lambda: _connect_tpu(tpu_address))
             except StrategyError as error:
                 log.warning("TPU hinted by the environment but not reachable, continuing without: %s", error)
         if _cluster_size(cluster) > 1:
             return get_strategy("multiworker")
         if len(tf.config.list_physical_devices("GPU")) >= 2:
-            return tf.distribute.MirroredStrategy()
+            return get_strategy("mirrored")
         return tf.distribute.get_strategy()
     if name == "cpu":
         return tf.distribute.OneDeviceStrategy("/cpu:0")
@@ -123,16 +140,17 @@ def get_strategy(name: str = "auto", *, tpu_address: str | None = None) -> tf.di
             )
         return tf.distribute.OneDeviceStrategy("/gpu:0")
     if name == "mirrored":
-        return tf.distribute.MirroredStrategy(devices=_mirrored_devices())
+        devices = _mirrored_devices()
+        return _cached(("mirrored", tuple(devices)), lambda: tf.distribute.MirroredStrategy(devices=devices))
     if name == "tpu":
-        return _connect_tpu(tpu_address)
+        return _cached(("tpu", tpu_address), lambda: _connect_tpu(tpu_address))
     # multiworker
     if _cluster_size(cluster) < 1:
         raise StrategyError(
             "--strategy multiworker needs TF_CONFIG with a cluster and this task's type and index; "
             "see README.md, section Multi-worker. Received: TF_CONFIG unset or without a cluster"
         )
-    return tf.distribute.MultiWorkerMirroredStrategy()
+    return _cached(("multiworker",), tf.distribute.MultiWorkerMirroredStrategy)
 
 
 def global_batch_size(per_replica: int, strategy: tf.distribute.Strategy) -> int:

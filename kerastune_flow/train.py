@@ -29,11 +29,10 @@ import numpy as np
 import tensorflow as tf
 
 from kerastune_flow import callbacks as cb
-from kerastune_flow import compat
 from kerastune_flow import data as data_lib
 from kerastune_flow import models
 from kerastune_flow.config import Config
-from kerastune_flow.errors import DataError, RunDirError
+from kerastune_flow.errors import ConfigError, DataError, RunDirError
 from kerastune_flow.strategy import default_jit_compile, describe, get_strategy, global_batch_size, is_tpu
 
 log = logging.getLogger(__name__)
@@ -41,8 +40,6 @@ log = logging.getLogger(__name__)
 CONFIG_JSON = "config.json"
 RESULTS_JSON = "results.json"
 CURVES_PNG = "curves.png"
-STAGE1_DONE = "head_done.json"
-STAGE1_WEIGHTS = "head_done.weights.h5"
 RUN_FILES = (
     CONFIG_JSON,
     RESULTS_JSON,
@@ -123,16 +120,28 @@ def _versions() -> dict[str, str]:
 # --------------------------------------------------------------------------- building
 
 
+TRANSFER_RECIPES = ("vgg16_features", "vgg16_finetune")
+
+
+def load_base(config: Config) -> keras.Model | None:
+    """The user's own pre-trained base (`--base PATH --base-output LAYER`), or None."""
+    m = config.model
+    return models.cut_base(m.base, m.base_output) if m.base else None
+
+
 def build_model(
     config: Config,
     *,
     input_shape: Sequence[int],
     num_classes: int,
     jit_compile: bool = False,
+    base: keras.Model | None = None,
 ) -> keras.Model:
     """Builds and compiles the recipe's model (call inside `strategy.scope()`).
 
-    For vgg16_finetune this is stage one: the frozen feature extractor.
+    For the transfer recipes this is the frozen feature extractor on `config.model.backbone`,
+    or on `base` (the user's own model, see `load_base`); vgg16_finetune's stage two is
+    `fit_staged`.
     """
     m, t = config.model, config.train
     common: dict[str, Any] = dict(
@@ -147,8 +156,15 @@ def build_model(
         jit_compile=jit_compile,
         steps_per_execution=t.steps_per_execution,
     )
-    if m.recipe.startswith("vgg16"):
-        common.update(weights=m.weights, dense_units=m.dense_units)
+    if m.recipe in TRANSFER_RECIPES:
+        return models.build_transfer_model(
+            backbone=m.backbone,
+            base=base,
+            weights=m.weights,
+            pooling=m.pooling,
+            dense_units=m.dense_units,
+            **common,
+        )
     return models.BUILDERS[m.recipe](**common)
 
 
@@ -158,7 +174,8 @@ def make_pipelines(
     head: models.Head,
     strategy: tf.distribute.Strategy,
 ) -> dict[str, tf.data.Dataset]:
-    """Batched train / validation / test pipelines at the global batch size."""
+    """Batched train / validation / test pipelines at the global batch size, and "_ordered"
+    variants (no shuffle, no augmentation) for one-pass feature extraction."""
     batch = global_batch_size(config.data.batch_size, strategy)
     if splits.sizes["train"] < batch:
         raise DataError(
@@ -170,6 +187,9 @@ def make_pipelines(
     out = {}
     for name in ("train", "validation", "test"):
         training = name == "train"
+        out[f"{name}_ordered"] = data_lib.prepare(
+            getattr(splits, name), cache=False, **common
+        )  # unshuffled, unaugmented: one pass for feature caching
         out[name] = data_lib.prepare(
             getattr(splits, name),
             training=training,
@@ -182,13 +202,19 @@ def make_pipelines(
     return out
 
 
-def load_splits(config: Config) -> data_lib.DataSplits:
-    """Loads the data of a config; VGG16 recipes get RGB images."""
+def load_splits(config: Config, base: keras.Model | None = None) -> data_lib.DataSplits:
+    """Loads the data of a config: transfer recipes get RGB images, or the size and channels
+    of the user's own base when there is one."""
     d = config.data
+    image_size, channels = d.image_size, None
+    if base is not None:
+        image_size, channels = tuple(base.input_shape[1:3]), int(base.input_shape[-1])
+    elif config.model.recipe in TRANSFER_RECIPES:
+        channels = 3
     return data_lib.load_data(
         d.data,
-        image_size=d.image_size,
-        channels=3 if config.model.recipe.startswith("vgg16") else None,
+        image_size=image_size,
+        channels=channels,
         validation_fraction=d.validation_fraction,
         test_fraction=d.test_fraction,
         data_dir=d.data_dir,
@@ -201,7 +227,7 @@ def load_splits(config: Config) -> data_lib.DataSplits:
 # --------------------------------------------------------------------------- fitting
 
 
-def _callbacks(config: Config, run_dir: Path, *, stage: str | None = None, best=None):
+def _callbacks(config: Config, run_dir: Path, *, stage: str | None = None, best=None, save_model=None):
     t = config.train
     return cb.standard_callbacks(
         run_dir,
@@ -216,6 +242,7 @@ def _callbacks(config: Config, run_dir: Path, *, stage: str | None = None, best=
         backup=t.backup,
         terminate_on_nan=t.terminate_on_nan,
         best=best,
+        save_model=save_model,
     )
 
 
@@ -226,16 +253,183 @@ def _best_so_far(callbacks: list[keras.callbacks.Callback]):
     return None
 
 
-def _fit(model, pipes, config, callbacks, *, epochs, initial_epoch=0) -> keras.callbacks.History:
+def _fit(model, train_ds, val_ds, config, callbacks, *, epochs, initial_epoch=0) -> keras.callbacks.History:
     return model.fit(
-        pipes["train"],
-        validation_data=pipes["validation"],
+        train_ds,
+        validation_data=val_ds,
         epochs=epochs,
         initial_epoch=initial_epoch,
         callbacks=callbacks,
         verbose=config.train.verbose,
         shuffle=False,  # the pipeline shuffles; Keras would only warn that it cannot
     )
+
+
+# --------------------------------------------------------------------------- feature caching
+
+
+def split_at_base(model: keras.Model) -> tuple[keras.Model, keras.Model]:
+    """Splits a transfer model into (features, head) sharing the same layers and weights.
+
+    `features` maps pixels to the frozen base's output (preprocessing included); `head` maps
+    those features to predictions. Training `head` trains the full model's head, because the
+    layers are the same objects. Works for the linear models of `models.build_transfer_model`.
+    """
+    base = models.find_base(model)
+    index = model.layers.index(base)
+    pixels = keras.Input(shape=model.input_shape[1:], name="pixels")
+    x = pixels
+    for layer in model.layers[1 : index + 1]:
+        x = layer(x, training=False) if layer is base else layer(x)
+    features = keras.Model(pixels, x, name="features")
+    feature_input = keras.Input(shape=tuple(x.shape[1:]), name="features")
+    y = feature_input
+    for layer in model.layers[index + 1 :]:
+        y = layer(y)
+    return features, keras.Model(feature_input, y, name="head")
+
+
+def extract_features(features: keras.Model, ds: tf.data.Dataset) -> tuple[np.ndarray, np.ndarray]:
+    """One pass of the frozen base over a batched, unshuffled (images, labels) data set."""
+    feats = features.predict(ds.map(lambda x, y: x), verbose=0)
+    labels = np.concatenate([y.numpy() for y in ds.map(lambda x, y: y)]) if feats.shape[0] else np.zeros((0,))
+    return feats, labels
+
+
+def cached_feature_pipelines(
+    features: keras.Model,
+    pipes: dict[str, tf.data.Dataset],
+    *,
+    batch_size: int,
+    seed: int,
+    drop_remainder: bool = False,
+) -> dict[str, tf.data.Dataset]:
+    """Computes the base's features once for train and validation and serves them from memory.
+
+    The training features are shuffled with the same seed and buffer as `data.prepare`, so a
+    head trained on them sees the batches the uncached path would.
+    """
+    out = {}
+    for name in ("train", "validation"):
+        feats, labels = extract_features(features, pipes[f"{name}_ordered"])
+        ds = tf.data.Dataset.from_tensor_slices((feats, labels))
+        if name == "train":
+            ds = ds.shuffle(10_000, seed=seed, reshuffle_each_iteration=True)
+        out[name] = ds.batch(batch_size, drop_remainder=drop_remainder and name == "train").prefetch(
+            tf.data.AUTOTUNE
+        )
+    return out
+
+
+def fit_frozen(
+    model: keras.Model,
+    pipes: dict[str, tf.data.Dataset],
+    config: Config,
+    run_dir: Path,
+    *,
+    strategy: tf.distribute.Strategy,
+    jit_compile: bool,
+    epochs: int,
+    stage: str | None,
+) -> tuple[int, float | None]:
+    """Trains the head on the frozen base, on cached features when that gives the same result.
+
+    Features are cached when `feature_cache` is "auto" and no random augmentation is on (with
+    augmentation every epoch sees new images, so the full forward pass is needed, and the log
+    says so). The head model shares the full model's layers, so nothing needs copying back.
+
+    Returns:
+        (epochs finished, best monitored value).
+    """
+    m, t = config.model, config.train
+    use_cache = m.feature_cache == "auto" and not config.data.augment
+    if not use_cache:
+        if config.data.augment and m.feature_cache == "auto":
+            log.info("Random augmentation is on: training the head with the full forward pass (no feature cache)")
+        callbacks = _callbacks(config, run_dir, stage=stage)
+        history = _fit(model, pipes["train"], pipes["validation"], config, callbacks, epochs=epochs)
+        return _last_epoch(history, epochs), _best_so_far(callbacks)
+    start = time.perf_counter()
+    features, head = split_at_base(model)
+    cached = cached_feature_pipelines(
+        features,
+        pipes,
+        batch_size=global_batch_size(config.data.batch_size, strategy),
+        seed=t.seed,
+        drop_remainder=is_tpu(strategy),
+    )
+    log.info("Cached the frozen base's features of train and validation in %.1f s", time.perf_counter() - start)
+    with strategy.scope():
+        models.compile_model(
+            head,
+            models.transfer_head(max(2, model.output_shape[-1])),
+            optimizer=m.optimizer,
+            learning_rate=m.learning_rate,
+            jit_compile=jit_compile,
+            steps_per_execution=t.steps_per_execution,
+        )
+    callbacks = _callbacks(config, run_dir, stage=stage, save_model=model)
+    history = _fit(head, cached["train"], cached["validation"], config, callbacks, epochs=epochs)
+    return _last_epoch(history, epochs), _best_so_far(callbacks)
+
+
+def _last_epoch(history: keras.callbacks.History, planned: int) -> int:
+    return (history.epoch[-1] + 1) if history.epoch else planned
+
+
+# --------------------------------------------------------------------------- staged fine-tune
+
+
+def parse_progressive(spec: str | None) -> list[tuple[int, str, float]]:
+    """Parses progressive unfreezing steps "EPOCH:UNFREEZE_AT:LR,...", epochs counted from the
+    start of stage two; the first step must start at 0.
+
+    Raises:
+        ConfigError: naming the malformed step.
+    """
+    if not spec:
+        return []
+    steps = []
+    for part in spec.split(","):
+        fields = part.strip().split(":")
+        try:
+            if len(fields) != 3:
+                raise ValueError
+            epoch, at, lr = int(fields[0]), fields[1], float(fields[2])
+            if epoch < 0 or lr <= 0:
+                raise ValueError
+        except ValueError:
+            raise ConfigError(
+                "--progressive takes EPOCH:UNFREEZE_AT:LR steps separated by commas, such as "
+                f"0:block5_conv1:1e-5,3:block4_conv1:5e-6. Received: {part.strip()!r}"
+            ) from None
+        steps.append((epoch, at, lr))
+    epochs = [step[0] for step in steps]
+    if epochs[0] != 0 or epochs != sorted(set(epochs)):
+        raise ConfigError(f"--progressive steps must start at epoch 0 and increase. Received: epochs={epochs}")
+    return steps
+
+
+class _StageLedger:
+    """Remembers finished stages (weights and where they ended) under backup/, so a resumed run
+    skips them; removed with the backup when the run finishes."""
+
+    def __init__(self, run_dir: Path, enabled: bool):
+        self.folder = run_dir / cb.BACKUP_DIR / "stages"
+        self.enabled = enabled
+
+    def done(self, stage: str, model: keras.Model) -> dict | None:
+        marker = self.folder / f"{stage}.json"
+        if not (self.enabled and marker.exists()):
+            return None
+        model.load_weights(self.folder / f"{stage}.weights.h5")
+        return json.loads(marker.read_text())
+
+    def record(self, stage: str, model: keras.Model, **state: Any) -> None:
+        if self.enabled:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            model.save_weights(self.folder / f"{stage}.weights.h5")
+            cb.atomic_write_json(self.folder / f"{stage}.json", state)
 
 
 def fit_staged(
@@ -246,57 +440,76 @@ def fit_staged(
     *,
     strategy: tf.distribute.Strategy,
     jit_compile: bool = False,
-) -> int:
+) -> list[int]:
     """The staged fine-tune: head on the frozen base, then unfreeze and continue at a low rate.
 
-    Stage one trains the head for up to `head_epochs` (with early stopping, best weights
-    restored); stage two unfreezes the base from `unfreeze_at`, recompiles (trainable changes
-    take effect only at compile time) with `finetune_learning_rate`, and continues with
-    `initial_epoch` where stage one stopped, for `epochs` more, so the history is one continuous
-    run. A finished stage one is recorded in the backup folder, so a resumed run skips it.
+    Stage one trains the head for up to `head_epochs` (feature-cached when possible, early
+    stopping with the best weights restored). Stage two unfreezes the base from `unfreeze_at`
+    (default: the backbone's last block, block5_conv1 = 15 for VGG16), recompiles (trainable
+    changes take effect only at compile time) with `finetune_learning_rate`, and continues with
+    `initial_epoch` where stage one stopped, for `epochs` more, so the history is one
+    continuous run. With `progressive`, stage two is several steps, each unfreezing more and
+    recompiling. A finished stage is recorded, so a resumed run starts at the next one.
 
     Returns:
-        The first epoch of stage two (the boundary).
+        The first epoch of each fine-tune step (the stage boundaries).
     """
     m, t = config.model, config.train
-    done_marker = run_dir / cb.BACKUP_DIR / STAGE1_DONE
-    done_weights = run_dir / cb.BACKUP_DIR / STAGE1_WEIGHTS
-    if done_marker.exists():
-        state = json.loads(done_marker.read_text())
-        model.load_weights(done_weights)
-        boundary, best = state["boundary"], state["best"]
-        log.info("Stage 1 (head) already done in an earlier attempt: resuming at stage 2, epoch %d", boundary + 1)
-    else:
+    base = models.find_base(model)
+    head_spec = models.transfer_head(max(2, model.output_shape[-1]))
+    ledger = _StageLedger(run_dir, t.backup)
+    state = ledger.done("head", model)
+    if state is None:
         log.info("Stage 1: training the head on the frozen base for up to %d epoch(s)", t.head_epochs)
-        callbacks = _callbacks(config, run_dir, stage="head")
-        history = _fit(model, pipes, config, callbacks, epochs=t.head_epochs)
-        boundary = (history.epoch[-1] + 1) if history.epoch else t.head_epochs
-        best = _best_so_far(callbacks)
-        if t.backup:
-            model.save_weights(done_weights)
-            cb.atomic_write_json(done_marker, {"boundary": boundary, "best": best})
-    base = model.get_layer(models.VGG16_BASE_NAME)
-    with strategy.scope():
-        index = models.unfreeze_from(base, m.unfreeze_at)
-        models.compile_model(
-            model,
-            models.transfer_head(max(2, model.output_shape[-1])),
-            optimizer=m.optimizer,
-            learning_rate=m.finetune_learning_rate,
-            jit_compile=jit_compile,
-            steps_per_execution=t.steps_per_execution,
+        end, best = fit_frozen(
+            model, pipes, config, run_dir, strategy=strategy, jit_compile=jit_compile, epochs=t.head_epochs, stage="head"
         )
-    log.info(
-        "Stage 2: base layers from %d (%s) unfrozen, learning rate %g, epochs %d to %d",
-        index,
-        base.layers[index].name if index < len(base.layers) else "none",
-        m.finetune_learning_rate,
-        boundary + 1,
-        boundary + t.epochs,
-    )
-    callbacks = _callbacks(config, run_dir, stage="finetune", best=best)
-    _fit(model, pipes, config, callbacks, epochs=boundary + t.epochs, initial_epoch=boundary)
-    return boundary
+        ledger.record("head", model, end=end, best=best)
+    else:
+        end, best = state["end"], state["best"]
+        log.info("Stage 1 (head) finished in an earlier attempt: continuing at epoch %d", end + 1)
+    unfreeze_at = m.unfreeze_at if m.unfreeze_at is not None else models.default_unfreeze_at(base)
+    steps = parse_progressive(m.progressive) or [(0, unfreeze_at, m.finetune_learning_rate)]
+    stage2_start, final = end, end + t.epochs
+    boundaries = []
+    for i, (offset, at, lr) in enumerate(steps):
+        stage = "finetune" if i == 0 else f"finetune_{i + 1}"
+        start = max(end, stage2_start + offset)
+        stop = stage2_start + steps[i + 1][0] if i + 1 < len(steps) else final
+        boundaries.append(start)
+        with strategy.scope():
+            index = models.unfreeze_from(base, at)
+            models.compile_model(
+                model,
+                head_spec,
+                optimizer=m.optimizer,
+                learning_rate=lr,
+                jit_compile=jit_compile,
+                steps_per_execution=t.steps_per_execution,
+                base_multiplier=m.base_lr_multiplier,
+            )
+        state = ledger.done(stage, model)
+        if state is not None:
+            end, best = state["end"], state["best"]
+            continue
+        if start >= stop:
+            log.info("Step %s has no epochs left (stage ends at epoch %d): skipped", stage, stop)
+            continue
+        log.info(
+            "Stage %s: base layers from %d (%s) unfrozen, learning rate %g%s, epochs %d to %d",
+            stage,
+            index,
+            base.layers[index].name if index < len(base.layers) else "none",
+            lr,
+            f" (base x{m.base_lr_multiplier:g})" if m.base_lr_multiplier else "",
+            start + 1,
+            stop,
+        )
+        callbacks = _callbacks(config, run_dir, stage=stage, best=best)
+        history = _fit(model, pipes["train"], pipes["validation"], config, callbacks, epochs=stop, initial_epoch=start)
+        end, best = _last_epoch(history, stop), _best_so_far(callbacks)
+        ledger.record(stage, model, end=end, best=best)
+    return boundaries
 
 
 def train_and_evaluate(config: Config, workdir: str | Path, *, overwrite: bool = False) -> RunResult:
@@ -320,12 +533,12 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, overwrite: bool =
     if resumed:
         log.info("Found a backup in %s: resuming the interrupted run", run_dir)
     keras.utils.set_random_seed(config.train.seed)
-    compat.apply()  # TODO(move into get_strategy)
     strategy = get_strategy(config.train.strategy)
     jit_compile = default_jit_compile(strategy, config.train.jit_compile)
     log.info("Strategy: %s; XLA %s", describe(strategy), "on" if jit_compile else "off")
 
-    splits = load_splits(config)
+    base = load_base(config)
+    splits = load_splits(config, base)
     head = models.head_for(config.model.recipe, splits.num_classes)
     pipes = make_pipelines(splits, config, head, strategy)
     log.info(
@@ -353,14 +566,23 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, overwrite: bool =
 
     with strategy.scope():
         model = build_model(
-            config, input_shape=splits.image_shape, num_classes=splits.num_classes, jit_compile=jit_compile
+            config,
+            input_shape=splits.image_shape,
+            num_classes=splits.num_classes,
+            jit_compile=jit_compile,
+            base=base,
         )
     start = time.perf_counter()
-    boundary = None
-    if config.model.recipe == "vgg16_finetune":
-        boundary = fit_staged(model, pipes, config, run_dir, strategy=strategy, jit_compile=jit_compile)
+    boundaries: list[int] = []
+    recipe, epochs = config.model.recipe, config.train.epochs
+    if recipe == "vgg16_finetune":
+        boundaries = fit_staged(model, pipes, config, run_dir, strategy=strategy, jit_compile=jit_compile)
+    elif recipe == "vgg16_features":
+        fit_frozen(
+            model, pipes, config, run_dir, strategy=strategy, jit_compile=jit_compile, epochs=epochs, stage=None
+        )
     else:
-        _fit(model, pipes, config, _callbacks(config, run_dir), epochs=config.train.epochs)
+        _fit(model, pipes["train"], pipes["validation"], config, _callbacks(config, run_dir), epochs=epochs)
     train_seconds = time.perf_counter() - start
 
     test = model.evaluate(pipes["test"], verbose=0, return_dict=True)
@@ -371,7 +593,7 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, overwrite: bool =
         "train_seconds": round(train_seconds, 3),
         "epochs_run": len(history),
         "best_epoch": _best_epoch(history, config.train.monitor),
-        "stage_boundary": boundary,
+        "stage_boundaries": boundaries,
         "examples_seen": splits.sizes["train"] * len(history),
         **models.count_params(model),
         "strategy": describe(strategy),
@@ -403,14 +625,18 @@ def _format_metrics(metrics: dict[str, float]) -> str:
 
 
 def save_curves(history: list[dict[str, Any]], path: str | Path, *, title: str = "") -> Path:
-    """Plots loss and accuracy per epoch (train and validation); marks the fine-tune boundary.
+    """Plots loss and accuracy per epoch (train and validation); marks every stage change.
 
     Uses matplotlib's object API (no pyplot state), so it works headless and in threads.
     """
     from matplotlib.figure import Figure
 
     epochs = [r["epoch"] + 1 for r in history]
-    boundary = next((r["epoch"] + 1 for r in history if r.get("stage") == "finetune"), None)
+    changes = [
+        (cur["epoch"] + 1, cur["stage"])
+        for prev, cur in zip(history, history[1:])
+        if cur.get("stage") and cur.get("stage") != prev.get("stage")
+    ]
     fig = Figure(figsize=(10, 4), layout="constrained")
     for ax, metric in zip(fig.subplots(1, 2), ("loss", "accuracy")):
         for prefix, style in (("", "-o"), ("val_", "--s")):
@@ -418,8 +644,11 @@ def save_curves(history: list[dict[str, Any]], path: str | Path, *, title: str =
             values = [r.get(key) for r in history]
             if any(v is not None for v in values):
                 ax.plot(epochs, [np.nan if v is None else v for v in values], style, label=key, markersize=3)
-        if boundary is not None:
-            ax.axvline(boundary - 0.5, color="grey", linestyle=":", label="fine-tune starts")
+        for i, (epoch, stage) in enumerate(changes):
+            label = "fine-tune starts" if i == 0 else None
+            ax.axvline(epoch - 0.5, color="grey", linestyle=":", label=label)
+            ax.annotate(stage, (epoch - 0.5, 1), xycoords=("data", "axes fraction"), fontsize=8, color="grey",
+                        xytext=(3, -12), textcoords="offset points")
         ax.set_xlabel("epoch")
         ax.set_ylabel(metric)
         ax.grid(alpha=0.3)

@@ -21,7 +21,8 @@ def test_reference_values_of_the_articles():
     mlp = make_config("scratch_mlp")
     assert (mlp.data.image_size, mlp.data.batch_size, mlp.model.learning_rate, mlp.train.epochs) == ((28, 28), 64, 1e-3, 10)
     ft = make_config("vgg16_finetune")
-    assert (ft.model.unfreeze_at, ft.model.finetune_learning_rate, ft.model.weights) == (15, 1e-5, "imagenet")
+    assert (ft.model.backbone, ft.model.finetune_learning_rate, ft.model.weights) == ("vgg16", 1e-5, "imagenet")
+    assert ft.model.unfreeze_at is None  # the backbone's own boundary: block5_conv1 (15) for VGG16
 
 
 def test_smoke_preset_is_tiny_and_offline():

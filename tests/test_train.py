@@ -136,7 +136,7 @@ def test_staged_finetune_is_one_continuous_run(image_folder, tmp_path, monkeypat
         (2, "finetune"),
         (3, "finetune"),
     ]
-    assert result.results["stage_boundary"] == 2
+    assert result.results["stage_boundaries"] == [2]
     assert [r["learning_rate"] for r in result.history] == pytest.approx([1e-3, 1e-3, 1e-5, 1e-5])
     np.testing.assert_array_equal(kernels["begin"][1], kernels["end"][0])  # stage 2 starts from stage 1
     base = result.model.get_layer("vgg16")

@@ -1,0 +1,604 @@
+"""The standard callback set and the atomic writers, on a one-layer model and 32 examples."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+
+from kerastune_flow import callbacks as callbacks_lib
+from kerastune_flow.callbacks import (
+    BACKUP_DIR,
+    BEST_MODEL,
+    HISTORY_CSV,
+    HISTORY_JSONL,
+    TENSORBOARD_DIR,
+    BestModelCheckpoint,
+    HistoryLogger,
+    NaNGuard,
+    atomic_save_model,
+    atomic_write_json,
+    atomic_write_text,
+    current_learning_rate,
+    read_history,
+    records_to_csv,
+    standard_callbacks,
+    to_jsonable,
+)
+from kerastune_flow.errors import KerastuneFlowError, TrainingDivergedError
+
+NUM_SAMPLES = 32
+NUM_FEATURES = 4
+BATCH_SIZE = 8
+STEPS_PER_EPOCH = NUM_SAMPLES // BATCH_SIZE
+EPOCHS = 3
+LEARNING_RATE = 0.05
+TRUE_WEIGHTS = np.array([[1.0], [-2.0], [0.5], [3.0]], dtype="float32")
+
+STANDARD_ORDER = [
+    NaNGuard,
+    HistoryLogger,
+    BestModelCheckpoint,
+    keras.callbacks.EarlyStopping,
+    keras.callbacks.TensorBoard,
+    keras.callbacks.BackupAndRestore,
+]
+RECORD_KEYS = {"epoch", "loss", "val_loss", "learning_rate", "epoch_seconds", "wall_time"}
+
+
+def _data(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(NUM_SAMPLES, NUM_FEATURES)).astype("float32")
+    y = (x @ TRUE_WEIGHTS + rng.normal(scale=0.1, size=(NUM_SAMPLES, 1))).astype("float32")
+    return x, y
+
+
+def _model(learning_rate=LEARNING_RATE) -> keras.Model:
+    model = keras.Sequential([keras.Input((NUM_FEATURES,)), keras.layers.Dense(1)])
+    model.compile(optimizer=keras.optimizers.SGD(learning_rate), loss="mse")
+    return model
+
+
+def _fit(model, callbacks, *, epochs=EPOCHS, **kwargs):
+    x, y = _data(0)
+    return model.fit(
+        x,
+        y,
+        validation_data=_data(1),
+        batch_size=BATCH_SIZE,
+        epochs=epochs,
+        shuffle=False,
+        verbose=0,
+        callbacks=callbacks,
+        **kwargs,
+    )
+
+
+def _read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def _temp_files(directory: Path) -> list[str]:
+    """Leftovers of the atomic writers: hidden `.name.XXXX.tmp...` files."""
+    return sorted(p.name for p in directory.rglob("*") if p.name.startswith(".") or ".tmp" in p.name)
+
+
+def _kernel(model: keras.Model) -> np.ndarray:
+    return keras.ops.convert_to_numpy(model.layers[0].kernel)
+
+
+class _PoisonWeightsAt(keras.callbacks.Callback):
+    """Sets the kernel to NaN when `epoch` begins, so its first batch's loss is NaN."""
+
+    def __init__(self, epoch: int):
+        super().__init__()
+        self.epoch = epoch
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if epoch == self.epoch:
+            kernel = self.model.layers[0].kernel
+            kernel.assign(np.full(kernel.shape, np.nan, dtype="float32"))
+
+
+class _Crash(Exception):
+    pass
+
+
+class _CrashAtEpochEnd(keras.callbacks.Callback):
+    """Simulates a kill after the history and best model of `epoch` are written, before its backup."""
+
+    def __init__(self, epoch: int):
+        super().__init__()
+        self.epoch = epoch
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch == self.epoch:
+            raise _Crash(f"killed at the end of epoch {epoch}")
+
+
+# --------------------------------------------------------------------------- standard_callbacks
+
+
+def test_standard_callbacks_order(tmp_path):
+    run_dir = tmp_path / "run"
+
+    callbacks = standard_callbacks(run_dir)
+
+    assert [type(c) for c in callbacks] == STANDARD_ORDER
+    assert run_dir.is_dir()
+
+
+@pytest.mark.parametrize(
+    "flag, removed",
+    [
+        ("terminate_on_nan", NaNGuard),
+        ("checkpoint", BestModelCheckpoint),
+        ("early_stopping", keras.callbacks.EarlyStopping),
+        ("tensorboard", keras.callbacks.TensorBoard),
+        ("backup", keras.callbacks.BackupAndRestore),
+    ],
+)
+def test_each_flag_switches_its_callback_off(tmp_path, flag, removed):
+    callbacks = standard_callbacks(tmp_path, **{flag: False})
+
+    assert [type(c) for c in callbacks] == [t for t in STANDARD_ORDER if t is not removed]
+
+
+@pytest.mark.parametrize("csv_log, jsonl_log", [(False, True), (True, False)])
+def test_one_history_file_off_keeps_the_logger_for_the_other(tmp_path, csv_log, jsonl_log):
+    callbacks = standard_callbacks(tmp_path, csv_log=csv_log, jsonl_log=jsonl_log)
+
+    [logger] = [c for c in callbacks if isinstance(c, HistoryLogger)]
+    assert (logger.csv_log, logger.jsonl_log) == (csv_log, jsonl_log)
+
+
+def test_both_history_files_off_removes_the_logger(tmp_path):
+    callbacks = standard_callbacks(tmp_path, csv_log=False, jsonl_log=False)
+
+    assert [type(c) for c in callbacks] == [t for t in STANDARD_ORDER if t is not HistoryLogger]
+
+
+def test_standard_callbacks_pass_their_settings_on(tmp_path):
+    callbacks = standard_callbacks(tmp_path, stage="head", monitor="val_accuracy", patience=7, best=0.8)
+    by_type = {type(c): c for c in callbacks}
+
+    assert by_type[HistoryLogger].stage == "head"
+    checkpoint = by_type[BestModelCheckpoint]
+    assert (checkpoint.filepath, checkpoint.monitor, checkpoint.mode, checkpoint.best) == (
+        tmp_path / BEST_MODEL,
+        "val_accuracy",
+        "max",
+        0.8,
+    )
+    stopping = by_type[keras.callbacks.EarlyStopping]
+    assert (stopping.monitor, stopping.patience, stopping.restore_best_weights) == ("val_accuracy", 7, True)
+    assert Path(by_type[keras.callbacks.TensorBoard].log_dir) == tmp_path / TENSORBOARD_DIR
+    assert Path(by_type[keras.callbacks.BackupAndRestore].backup_dir) == tmp_path / BACKUP_DIR / "head"
+
+
+def test_backup_without_stage_goes_to_fit_folder(tmp_path):
+    backup = standard_callbacks(tmp_path)[-1]
+
+    assert Path(backup.backup_dir) == tmp_path / BACKUP_DIR / "fit"
+
+
+# --------------------------------------------------------------------------- a fit with the standard set
+
+
+def test_fit_with_standard_callbacks_writes_the_run_directory(tmp_path):
+    run_dir = tmp_path / "run"
+    model = _model()
+    callbacks = standard_callbacks(run_dir)
+
+    history = _fit(model, callbacks)
+
+    records = read_history(run_dir)
+    assert [r["epoch"] for r in records] == list(range(EPOCHS))
+    for record in records:
+        assert RECORD_KEYS <= set(record)
+        assert "stage" not in record
+        assert record["learning_rate"] == pytest.approx(LEARNING_RATE)
+        assert record["epoch_seconds"] >= 0
+    assert [r["loss"] for r in records] == pytest.approx(history.history["loss"])
+    assert [r["val_loss"] for r in records] == pytest.approx(history.history["val_loss"])
+    assert [r["wall_time"] for r in records] == sorted(r["wall_time"] for r in records)
+
+    rows = _read_csv(run_dir / HISTORY_CSV)
+    assert len(rows) == EPOCHS
+    for row, record in zip(rows, records):
+        assert set(row) == set(record)
+        assert int(row["epoch"]) == record["epoch"]
+        assert {k: float(v) for k, v in row.items()} == pytest.approx(record)
+
+    checkpoint = next(c for c in callbacks if isinstance(c, BestModelCheckpoint))
+    best_epoch = int(np.argmin(history.history["val_loss"]))
+    assert checkpoint.best_epoch == best_epoch
+    best = keras.saving.load_model(run_dir / BEST_MODEL)
+    x_val, y_val = _data(1)
+    assert best.evaluate(x_val, y_val, verbose=0) == pytest.approx(history.history["val_loss"][best_epoch], rel=1e-5)
+
+    assert list((run_dir / TENSORBOARD_DIR).rglob("events.out.tfevents.*"))
+    # BackupAndRestore deletes its folder (backup/fit) when the fit finishes; backup/ is left empty.
+    assert not (run_dir / BACKUP_DIR / "fit").exists()
+    assert not [p for p in (run_dir / BACKUP_DIR).rglob("*") if p.is_file()]
+    assert _temp_files(run_dir) == []
+
+
+def test_a_killed_fit_resumes_and_logs_each_epoch_once(tmp_path):
+    run_dir = tmp_path / "run"
+    callbacks = standard_callbacks(run_dir, tensorboard=False, early_stopping=False)
+    callbacks.insert(-1, _CrashAtEpochEnd(2))  # after history and checkpoint, before the backup
+
+    with pytest.raises(_Crash):
+        _fit(_model(), callbacks, epochs=4)
+    logged_before = read_history(run_dir)
+    assert [r["epoch"] for r in logged_before] == [0, 1, 2]
+    assert (run_dir / BACKUP_DIR / "fit").is_dir()
+
+    history = _fit(_model(), standard_callbacks(run_dir, tensorboard=False, early_stopping=False), epochs=4)
+
+    assert history.epoch == [2, 3]  # BackupAndRestore resumed after the last backed-up epoch
+    records = read_history(run_dir)
+    assert [r["epoch"] for r in records] == [0, 1, 2, 3]
+    assert records[:2] == logged_before[:2]
+    assert records[2]["wall_time"] > logged_before[2]["wall_time"]  # the repeated epoch was re-logged
+    assert [int(row["epoch"]) for row in _read_csv(run_dir / HISTORY_CSV)] == [0, 1, 2, 3]
+
+
+# --------------------------------------------------------------------------- HistoryLogger
+
+
+OLD_RUN = [{"epoch": epoch, "loss": 1000.0 + epoch, "run": "old"} for epoch in range(4)]
+
+
+@pytest.mark.parametrize("csv_log, jsonl_log", [(True, True), (True, False), (False, True)])
+def test_history_logger_drops_epochs_a_resume_repeats(tmp_path, csv_log, jsonl_log):
+    atomic_write_text(tmp_path / HISTORY_JSONL, "".join(json.dumps(r) + "\n" for r in OLD_RUN))
+    atomic_write_text(tmp_path / HISTORY_CSV, records_to_csv(OLD_RUN))
+    if not jsonl_log:
+        (tmp_path / HISTORY_JSONL).unlink()
+    if not csv_log:
+        (tmp_path / HISTORY_CSV).unlink()
+    logger = HistoryLogger(tmp_path, stage="finetune", csv_log=csv_log, jsonl_log=jsonl_log)
+
+    _fit(_model(), [logger], initial_epoch=2, epochs=3)
+
+    assert (tmp_path / HISTORY_JSONL).exists() is jsonl_log
+    assert (tmp_path / HISTORY_CSV).exists() is csv_log
+    if jsonl_log:
+        records = read_history(tmp_path)
+        assert [r["epoch"] for r in records] == [0, 1, 2]
+        assert records[:2] == OLD_RUN[:2]
+        assert records[2]["stage"] == "finetune"
+        assert "run" not in records[2]
+        assert records[2]["loss"] < 1000.0  # a value of this fit, not the old run's
+    if csv_log:
+        rows = _read_csv(tmp_path / HISTORY_CSV)
+        assert [row["epoch"] for row in rows] == ["0", "1", "2"]
+        assert [row["run"] for row in rows] == ["old", "old", ""]
+        assert [row["stage"] for row in rows] == ["", "", "finetune"]
+
+
+def test_csv_only_history_keeps_every_epoch(tmp_path):
+    _fit(_model(), [HistoryLogger(tmp_path, jsonl_log=False)])
+
+    rows = _read_csv(tmp_path / HISTORY_CSV)
+    assert [row["epoch"] for row in rows] == [str(e) for e in range(EPOCHS)]
+    assert not (tmp_path / HISTORY_JSONL).exists()
+
+
+def test_history_logger_appends_across_two_fits(tmp_path):
+    model = _model()
+    _fit(model, [HistoryLogger(tmp_path, stage="head")], epochs=2)
+    _fit(model, [HistoryLogger(tmp_path, stage="finetune")], initial_epoch=2, epochs=3)
+
+    records = read_history(tmp_path)
+    assert [(r["epoch"], r["stage"]) for r in records] == [(0, "head"), (1, "head"), (2, "finetune")]
+    assert [row["stage"] for row in _read_csv(tmp_path / HISTORY_CSV)] == ["head", "head", "finetune"]
+
+
+# --------------------------------------------------------------------------- BestModelCheckpoint
+
+
+@pytest.fixture
+def saves(monkeypatch):
+    """Counts atomic_save_model calls instead of writing files."""
+    calls = []
+    monkeypatch.setattr(callbacks_lib, "atomic_save_model", lambda model, path: calls.append(Path(path)))
+    return calls
+
+
+def _saved_epochs(checkpoint: BestModelCheckpoint, saves: list, values: list[float]) -> list[int]:
+    checkpoint.set_model(_model())
+    saved = []
+    for epoch, value in enumerate(values):
+        before = len(saves)
+        checkpoint.on_epoch_end(epoch, {checkpoint.monitor: value, "other": 123.0})
+        if len(saves) > before:
+            saved.append(epoch)
+    return saved
+
+
+@pytest.mark.parametrize(
+    "monitor, mode, expected",
+    [
+        ("val_loss", "auto", "min"),
+        ("loss", "auto", "min"),
+        ("val_accuracy", "auto", "max"),
+        ("val_sparse_categorical_accuracy", "auto", "max"),
+        ("val_auc", "auto", "max"),
+        ("val_loss", "max", "max"),
+        ("val_accuracy", "min", "min"),
+    ],
+)
+def test_checkpoint_mode(tmp_path, monitor, mode, expected):
+    assert BestModelCheckpoint(tmp_path / BEST_MODEL, monitor=monitor, mode=mode).mode == expected
+
+
+@pytest.mark.parametrize(
+    "monitor, values, expected_saves, expected_best",
+    [
+        ("val_loss", [1.0, 0.5, 0.7, 0.4, 0.4], [0, 1, 3], 0.4),
+        ("val_accuracy", [0.5, 0.4, 0.6, 0.6, 0.55], [0, 2], 0.6),
+        ("val_loss", [float("nan"), 1.0, float("inf"), 0.9], [1, 3], 0.9),
+    ],
+)
+def test_checkpoint_saves_only_on_improvement(tmp_path, saves, monitor, values, expected_saves, expected_best):
+    checkpoint = BestModelCheckpoint(tmp_path / BEST_MODEL, monitor=monitor)
+
+    assert _saved_epochs(checkpoint, saves, values) == expected_saves
+    assert checkpoint.best == expected_best
+    assert checkpoint.best_epoch == expected_saves[-1]
+    assert set(saves) == {tmp_path / BEST_MODEL}
+
+
+def test_checkpoint_keeps_a_better_best_passed_in(tmp_path, saves):
+    checkpoint = BestModelCheckpoint(tmp_path / BEST_MODEL, best=0.3)
+
+    assert _saved_epochs(checkpoint, saves, [0.5, 0.3, 0.4]) == []
+    assert (checkpoint.best, checkpoint.best_epoch) == (0.3, None)
+    assert _saved_epochs(checkpoint, saves, [0.2]) == [0]
+
+
+def test_checkpoint_with_missing_monitor_warns_and_saves_nothing(tmp_path, saves, caplog):
+    checkpoint = BestModelCheckpoint(tmp_path / BEST_MODEL, monitor="val_accuracy")
+    checkpoint.set_model(_model())
+
+    with caplog.at_level(logging.WARNING, logger=callbacks_lib.__name__):
+        checkpoint.on_epoch_end(0, {"loss": 0.5, "val_loss": 0.4})
+
+    assert saves == []
+    assert checkpoint.best is None
+    assert "'val_accuracy' is not among the logs ['loss', 'val_loss']" in caplog.text
+
+
+def test_checkpoint_file_changes_only_when_the_model_improves(tmp_path):
+    path = tmp_path / BEST_MODEL
+    model = _model()
+    checkpoint = BestModelCheckpoint(path)
+    checkpoint.set_model(model)
+    first_kernel = _kernel(model)
+
+    checkpoint.on_epoch_end(0, {"val_loss": 1.0})
+    first_bytes = path.read_bytes()
+    model.layers[0].kernel.assign(first_kernel + 1.0)
+    checkpoint.on_epoch_end(1, {"val_loss": 2.0})
+
+    assert path.read_bytes() == first_bytes
+    np.testing.assert_array_equal(_kernel(keras.saving.load_model(path)), first_kernel)
+
+    checkpoint.on_epoch_end(2, {"val_loss": 0.5})
+
+    np.testing.assert_array_equal(_kernel(keras.saving.load_model(path)), first_kernel + 1.0)
+    assert _temp_files(tmp_path) == []
+
+
+# --------------------------------------------------------------------------- atomic writes
+
+
+def test_atomic_write_text_creates_and_replaces(tmp_path):
+    path = tmp_path / "nested" / "dir" / "notes.txt"
+
+    atomic_write_text(path, "first\n")
+    assert path.read_text(encoding="utf-8") == "first\n"
+    atomic_write_text(path, "second, ünïcode\n")
+
+    assert path.read_text(encoding="utf-8") == "second, ünïcode\n"
+    assert os.listdir(path.parent) == ["notes.txt"]
+
+
+def test_atomic_write_text_failing_midway_keeps_the_old_file(tmp_path):
+    path = tmp_path / "notes.txt"
+    atomic_write_text(path, "old\n")
+
+    # A lone surrogate cannot be encoded, so the write fails after the temporary file was opened.
+    with pytest.raises(UnicodeEncodeError):
+        atomic_write_text(path, "new text that breaks here: \ud800 and never ends")
+
+    assert path.read_text(encoding="utf-8") == "old\n"
+    assert os.listdir(tmp_path) == ["notes.txt"]
+
+
+def test_atomic_write_text_failing_at_rename_keeps_the_old_file(tmp_path, monkeypatch):
+    path = tmp_path / "notes.txt"
+    atomic_write_text(path, "old\n")
+
+    def no_replace(src, dst):
+        raise PermissionError("read-only file system")
+
+    monkeypatch.setattr(os, "replace", no_replace)
+    with pytest.raises(PermissionError, match="read-only"):
+        atomic_write_text(path, "new\n")
+
+    assert path.read_text(encoding="utf-8") == "old\n"
+    assert os.listdir(tmp_path) == ["notes.txt"]
+
+
+def test_atomic_write_json_converts_and_sorts(tmp_path):
+    path = tmp_path / "results.json"
+
+    atomic_write_json(path, {"b": np.float32(0.5), "a": (1, 2), "dir": tmp_path})
+
+    assert json.loads(path.read_text()) == {"a": [1, 2], "b": 0.5, "dir": str(tmp_path)}
+    assert path.read_text().startswith('{\n  "a"')
+
+
+def test_atomic_write_json_that_cannot_serialise_keeps_the_old_file(tmp_path):
+    path = tmp_path / "results.json"
+    atomic_write_json(path, {"ok": 1})
+
+    with pytest.raises(TypeError):
+        atomic_write_json(path, {"ok": 2, "bad": object()})
+
+    assert json.loads(path.read_text()) == {"ok": 1}
+    assert os.listdir(tmp_path) == ["results.json"]
+
+
+def test_atomic_save_model_failing_midway_keeps_the_previous_model(tmp_path, monkeypatch):
+    path = tmp_path / BEST_MODEL
+    model = _model()
+    atomic_save_model(model, path)
+    saved_kernel = _kernel(model)
+    model.layers[0].kernel.assign(saved_kernel + 1.0)
+
+    def partial_save(filepath, *args, **kwargs):
+        Path(filepath).write_bytes(b"PK\x03\x04 half a zip file")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(model, "save", partial_save)
+    with pytest.raises(OSError, match="No space left"):
+        atomic_save_model(model, path)
+
+    assert os.listdir(tmp_path) == [BEST_MODEL]
+    np.testing.assert_array_equal(_kernel(keras.saving.load_model(path)), saved_kernel)
+
+
+def test_atomic_save_model_replaces_the_model(tmp_path):
+    path = tmp_path / BEST_MODEL
+    model = _model()
+    atomic_save_model(model, path)
+    model.layers[0].kernel.assign(_kernel(model) + 1.0)
+
+    atomic_save_model(model, path)
+
+    np.testing.assert_array_equal(_kernel(keras.saving.load_model(path)), _kernel(model))
+    assert os.listdir(tmp_path) == [BEST_MODEL]
+
+
+# --------------------------------------------------------------------------- NaNGuard
+
+
+def test_nan_guard_stops_with_epoch_and_batch_and_keeps_the_last_good_files(tmp_path):
+    run_dir = tmp_path / "run"
+    model = _model()
+    callbacks = standard_callbacks(run_dir, tensorboard=False) + [_PoisonWeightsAt(epoch=1)]
+
+    with pytest.raises(TrainingDivergedError, match=r"loss became nan at epoch 2, batch 1;"):
+        _fit(model, callbacks)
+
+    assert [r["epoch"] for r in read_history(run_dir)] == [0]
+    best = keras.saving.load_model(run_dir / BEST_MODEL)
+    assert np.isfinite(_kernel(best)).all()
+    x_val, y_val = _data(1)
+    assert best.evaluate(x_val, y_val, verbose=0) == pytest.approx(read_history(run_dir)[0]["val_loss"], rel=1e-5)
+    assert (run_dir / BACKUP_DIR / "fit").is_dir()  # the backup of epoch 1 is kept for a retry
+
+
+def test_nan_guard_on_nan_inputs_names_the_first_bad_batch(tmp_path):
+    x, y = _data(0)
+    x[2 * BATCH_SIZE + 3, 0] = np.nan  # in the third batch of each epoch
+
+    with pytest.raises(TrainingDivergedError, match=r"at epoch 1, batch 3;") as excinfo:
+        _model().fit(x, y, batch_size=BATCH_SIZE, epochs=2, shuffle=False, verbose=0, callbacks=[NaNGuard()])
+    assert isinstance(excinfo.value, (KerastuneFlowError, ArithmeticError))
+
+
+@pytest.mark.parametrize("loss", [float("nan"), float("inf"), -float("inf"), np.float32("nan")])
+def test_nan_guard_raises_on_non_finite_loss(loss):
+    guard = NaNGuard()
+    guard.on_epoch_begin(4)
+
+    with pytest.raises(TrainingDivergedError, match=r"at epoch 5, batch 8;"):
+        guard.on_train_batch_end(7, {"loss": loss})
+
+
+@pytest.mark.parametrize("logs", [None, {}, {"loss": 0.25}, {"loss": np.float32(1e30)}, {"accuracy": 0.5}])
+def test_nan_guard_lets_finite_or_missing_loss_pass(logs):
+    NaNGuard().on_train_batch_end(0, logs)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+@pytest.mark.parametrize(
+    "value, expected",
+    [
+        (np.float32(0.5), 0.5),
+        (np.float64(2.25), 2.25),
+        (np.int64(7), 7),
+        (np.bool_(True), True),
+        (np.array([[1, 2], [3, 4]]), [[1, 2], [3, 4]]),
+        ((1, (2, 3)), [1, [2, 3]]),
+        (Path("runs") / "a", os.path.join("runs", "a")),
+        ({1: np.float32(0.5), "k": [np.int32(3)]}, {"1": 0.5, "k": [3]}),
+        (float("nan"), None),
+        (np.float64("nan"), None),
+        (np.array([1.0, np.nan]), [1.0, None]),
+        ("text", "text"),
+        (None, None),
+    ],
+)
+def test_to_jsonable(value, expected):
+    converted = to_jsonable(value)
+
+    assert converted == expected
+    assert type(converted) is type(expected)
+    assert json.loads(json.dumps(converted, allow_nan=False)) == expected
+
+
+def test_records_to_csv_unions_columns_in_first_seen_order():
+    text = records_to_csv([{"epoch": 0, "loss": 1.5}, {"epoch": 1, "stage": "ft", "loss": 1.0}])
+
+    assert text == "epoch,loss,stage\n0,1.5,\n1,1.0,ft\n"
+
+
+def test_read_history_of_a_missing_dir_is_empty(tmp_path):
+    assert read_history(tmp_path / "does-not-exist") == []
+
+
+def test_read_history_skips_blank_lines(tmp_path):
+    (tmp_path / HISTORY_JSONL).write_text('{"epoch": 0}\n\n{"epoch": 1}\n   \n', encoding="utf-8")
+
+    assert read_history(tmp_path) == [{"epoch": 0}, {"epoch": 1}]
+
+
+def test_current_learning_rate_of_a_constant_rate():
+    assert current_learning_rate(_model(learning_rate=0.0125)) == pytest.approx(0.0125)
+
+
+def test_current_learning_rate_without_optimizer_is_none():
+    assert current_learning_rate(keras.Sequential([keras.Input((NUM_FEATURES,)), keras.layers.Dense(1)])) is None
+
+
+def test_current_learning_rate_follows_a_schedule(tmp_path):
+    initial, decay = 0.1, 0.9
+    schedule = keras.optimizers.schedules.ExponentialDecay(initial, decay_steps=1, decay_rate=decay)
+    model = _model(learning_rate=schedule)
+    assert current_learning_rate(model) == pytest.approx(initial)
+
+    _fit(model, [HistoryLogger(tmp_path)], epochs=2)
+
+    lr = current_learning_rate(model)
+    assert lr < initial
+    assert lr == pytest.approx(initial * decay ** (2 * STEPS_PER_EPOCH), rel=1e-5)
+    logged = [r["learning_rate"] for r in read_history(tmp_path)]
+    assert logged == pytest.approx([initial * decay ** (e * STEPS_PER_EPOCH) for e in (1, 2)], rel=1e-5)
+    assert not math.isclose(logged[0], logged[1])
