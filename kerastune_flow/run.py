@@ -27,6 +27,11 @@ examples:
   # transfer learning on your own image folder (one sub-folder per class)
   python -m kerastune_flow.run train vgg16_features --data ~/cats_vs_dogs --image-size 150
   python -m kerastune_flow.run train vgg16_finetune --data ~/cats_vs_dogs --head-epochs 5 --epochs 10
+  python -m kerastune_flow.run train vgg16_finetune --data ~/flowers --backbone mobilenetv2 --image-size 160
+
+  # full training, then fine-tune your own model on a new task (cut before its old head)
+  python -m kerastune_flow.run train cifar10_cnn --data cifar10 --run-dir runs/cnn
+  python -m kerastune_flow.run train vgg16_finetune --data ~/cats_vs_dogs --base runs/cnn --base-output dense
 
   # afterwards
   python -m kerastune_flow.run evaluate runs/demo --data data/digits
@@ -68,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The argparse parser of every sub-command (flags map one to one onto config fields)."""
     from kerastune_flow.config import (
         AUGMENTATIONS,
+        BACKBONE_NAMES,
         CACHE_POLICIES,
         INITIALIZER_NAMES,
         OPTIMIZER_NAMES,
@@ -119,13 +125,42 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dropout", type=float, help="dropout rate in the dense part (0)")
     g.add_argument("--l1", type=float, help="L1 weight penalty (0)")
     g.add_argument("--l2", type=float, help="L2 weight penalty (0)")
-    g.add_argument("--dense-units", type=int, help="VGG16 head width (256)")
-    g.add_argument("--unfreeze-at", help="vgg16_finetune: layer index, name or fraction (15 = block5_conv1)")
+    g.add_argument("--dense-units", type=int, help="transfer head width (256)")
+    g = train.add_argument_group("transfer learning (vgg16_features, vgg16_finetune)")
+    g.add_argument("--backbone", choices=BACKBONE_NAMES, help="the pre-trained base (vgg16)")
+    g.add_argument(
+        "--base",
+        help="your own pre-trained model instead: a .keras file or a run directory (e.g. of cifar10_cnn)",
+    )
+    g.add_argument("--base-output", help="the layer of --base to cut at (default: the one before its head)")
+    g.add_argument("--pooling", choices=("auto", "flatten", "avg"), help="after the base (auto: the backbone's)")
+    g.add_argument(
+        "--unfreeze-at",
+        help="stage 2 unfreezes the base from here: layer index, layer name or fraction "
+        "(default: the last block, block5_conv1 = 15 for VGG16)",
+    )
+    g.add_argument("--head-epochs", type=int, help="stage 1 epochs, head on the frozen base (5)")
     g.add_argument("--finetune-lr", dest="finetune_learning_rate", type=float, help="stage 2 rate (1e-5)")
+    g.add_argument(
+        "--progressive",
+        help="stage 2 in steps EPOCH:UNFREEZE_AT:LR,... counted from its start, e.g. "
+        "0:block5_conv1:1e-5,3:block4_conv1:5e-6",
+    )
+    g.add_argument(
+        "--base-lr-multiplier",
+        type=float,
+        help="discriminative rates: the base trains at finetune-lr x this (e.g. 0.1), the head at finetune-lr",
+    )
+    g.add_argument(
+        "--no-feature-cache",
+        dest="feature_cache",
+        action="store_const",
+        const="off",
+        help="always run the frozen base forward (by default its features are computed once)",
+    )
     g = train.add_argument_group("training")
     g.add_argument("--preset", default="reference", choices=list(PRESETS), help="smoke: tiny, offline, seconds")
     g.add_argument("--epochs", type=int, help="epochs (stage 2 epochs for vgg16_finetune); default 10")
-    g.add_argument("--head-epochs", type=int, help="vgg16_finetune: stage 1 epochs (5)")
     g.add_argument("--strategy", choices=STRATEGY_NAMES, help="tf.distribute strategy (auto)")
     g.add_argument("--seed", type=int, help="seed for weights, shuffling and splits (0)")
     g.add_argument("--patience", type=int, help="early stopping patience in epochs (3)")
@@ -165,7 +200,8 @@ _TRAIN_FIELDS = (
     "manual_dir", "max_examples", "cache", "learning_rate", "optimizer", "initializer", "dropout", "l1",
     "l2", "dense_units", "unfreeze_at", "finetune_learning_rate", "epochs", "head_epochs", "strategy",
     "seed", "patience", "early_stopping", "monitor", "steps_per_execution", "jit_compile", "tensorboard",
-    "backup", "weights",
+    "backup", "weights", "backbone", "base", "base_output", "pooling", "progressive", "base_lr_multiplier",
+    "feature_cache",
 )  # fmt: skip
 
 
