@@ -27,6 +27,16 @@ from kerastune_flow.errors import DataError
 log = logging.getLogger(__name__)
 
 TFDS_NAMES = ("mnist", "cifar10")
+# The original archives tfds looks for in a manual directory (the basenames of its URLs).
+TFDS_ARCHIVES = {
+    "mnist": (
+        "train-images-idx3-ubyte.gz",
+        "train-labels-idx1-ubyte.gz",
+        "t10k-images-idx3-ubyte.gz",
+        "t10k-labels-idx1-ubyte.gz",
+    ),
+    "cifar10": ("cifar-10-binary.tar.gz",),
+}
 IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".png")
 LABEL_MODES = ("int", "binary", "categorical")
 _GRAY_MODES = ("1", "L", "LA", "I", "I;16", "F")
@@ -136,22 +146,37 @@ def load_tfds(
     data_dir: str | None = None,
     manual_dir: str | None = None,
 ) -> DataSplits:
-    """Loads mnist or cifar10 through `tfds.load`, as_supervised, with a validation split.
+    """Loads mnist or cifar10 with tfds (builder, download_and_prepare, as_dataset: what
+    `tfds.load` does), as_supervised, with a validation split.
 
     The validation set is the last `validation_fraction` of the official train split, so it
-    never overlaps the official test split.
+    never overlaps the official test split. With `manual_dir`, tfds prepares the data set from
+    the original archives in that folder instead of downloading them.
+
+    Raises:
+        DataError: naming the expected archive files when the manual folder lacks them or they
+            do not match tfds' checksums, or when the download fails.
     """
     import tensorflow_datasets as tfds  # heavy import, only when a tfds set is asked for
 
+    expected = TFDS_ARCHIVES.get(name, ())
+    if manual_dir:
+        folder = Path(manual_dir)
+        missing = [f for f in expected if not (folder / f).is_file()]
+        if not folder.is_dir() or missing:
+            raise DataError(
+                f"--manual-dir {folder} must hold the original {name} archives {', '.join(expected)}; "
+                f"missing: {', '.join(missing or expected)}. Received: manual_dir={folder}"
+            )
     builder = tfds.builder(name, data_dir=data_dir)
     download_config = tfds.download.DownloadConfig(manual_dir=manual_dir) if manual_dir else None
     try:
         builder.download_and_prepare(download_config=download_config)
     except Exception as error:  # tfds raises many types: network, checksum, missing file
         hint = (
-            f"check that {manual_dir} holds the original archives"
+            f"check that {manual_dir} holds the original, unmodified archives {', '.join(expected)}"
             if manual_dir
-            else "there is no network: pass --manual-dir with the original archives"
+            else f"there is no network: pass --manual-dir with the original archives {', '.join(expected)}"
         )
         raise DataError(
             f"tfds could not prepare {name!r} into {builder.data_dir}; {hint}. "

@@ -423,6 +423,24 @@ def _weights_missing_message(backbone: Backbone, error: Exception) -> str:
     )
 
 
+def _has_classifier_top(path: str) -> bool:
+    """True when an HDF5 weights file holds the dense top of a keras.applications classifier:
+    legacy .h5 files name its layers fc1/fc2/predictions, Keras 3 .weights.h5 files name layers
+    by class (dense, dense_1, ...), and no convolutional base without its top has a Dense layer."""
+    try:
+        import h5py
+
+        names: list[str] = []
+        with h5py.File(path, "r") as f:
+            f.visit(names.append)
+    except (OSError, ImportError):
+        return False
+    parts = {part for name in names for part in name.split("/")}
+    return bool(parts & {"fc1", "fc2", "predictions"}) or any(
+        part == "dense" or part.startswith("dense_") for part in parts
+    )
+
+
 def get_backbone(name: str) -> Backbone:
     """Looks a backbone up by name.
 
@@ -456,14 +474,26 @@ def backbone_base(
             f"Weights file {weights} does not exist; pass --weights imagenet, none, or the path of a "
             f"{spec.name} .h5 / .weights.h5 file. Received: weights={weights}"
         )
+    elif weights != "imagenet" and _has_classifier_top(weights):
+        # Keras 3 would quietly load the convolutional part of such a .weights.h5 file and the
+        # legacy loader fails with a layer-count message: say what is wrong instead.
+        raise WeightsError(
+            f"Weights file {weights} holds the classifier top (include_top=True); pass the 'notop' weights "
+            f"of {spec.name} ({spec.weights_file}). Received: weights={weights}"
+        )
     try:
         return spec.factory(include_top=False, weights=weights, input_shape=tuple(input_shape), name=spec.name)
     except Exception as error:  # URL errors, HDF5 errors and shape mismatches all land here
         if weights == "imagenet":
             raise WeightsError(_weights_missing_message(spec, error)) from None
+        what = (
+            "holds the classifier top (include_top=True)"
+            if _has_classifier_top(weights)
+            else f"is not a {spec.name} weights file"
+        )
         raise WeightsError(
-            f"Weights file {weights} does not fit {spec.name} without its top (include_top=False); use the "
-            f"'notop' file of {spec.name}. Received: {type(error).__name__}: {str(error)[:160]}"
+            f"Weights file {weights} {what}; pass the 'notop' weights of {spec.name} ({spec.weights_file}). "
+            f"Received: {type(error).__name__}: {str(error)[:160]}"
         ) from None
 
 

@@ -608,11 +608,20 @@ def test_tfds_prepare_failure_raises_data_error(tfds, tmp_path):
         expected = r"could not prepare 'mnist'.*--manual-dir.*ConnectionError: no route to host$"
         with pytest.raises(DataError, match=expected):
             data.load_data("mnist", data_dir=str(tmp_path / "tfds"))
-        with pytest.raises(DataError, match=rf"check that {re.escape(str(tmp_path))} holds"):
+        for name in data.TFDS_ARCHIVES["mnist"]:
+            (tmp_path / name).write_bytes(b"not the real archive")
+        with pytest.raises(DataError, match=rf"check that {re.escape(str(tmp_path))} holds the original"):
             data.load_data("mnist", data_dir=str(tmp_path / "tfds"), manual_dir=str(tmp_path))
 
 
-@pytest.mark.slow
+def test_manual_dir_without_the_archives_names_them(tmp_path):
+    (tmp_path / "train-images-idx3-ubyte.gz").write_bytes(b"x")
+    with pytest.raises(DataError, match="missing: train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz"):
+        data.load_data("mnist", data_dir=str(tmp_path / "tfds"), manual_dir=str(tmp_path))
+    with pytest.raises(DataError, match="cifar-10-binary.tar.gz"):
+        data.load_data("cifar10", data_dir=str(tmp_path / "tfds"), manual_dir=str(tmp_path / "nowhere"))
+
+
 @pytest.mark.needs_shared
 @pytest.mark.skipif(not (SHARED_DATASETS / "mnist").is_dir(), reason="no ../shared/datasets/mnist")
 def test_tfds_real_mnist_from_manual_dir(tmp_path):
