@@ -57,6 +57,7 @@ class ModelConfig:
     l2: float = 0.0
     optimizer: str = "adam"
     learning_rate: float = 1e-3
+    lr_schedule: str = "constant"  # constant, or cosine: decay to 0 over each fit's epochs
     dense_units: int = 256  # width of the transfer head's hidden layer
     backbone: str = "vgg16"  # transfer recipes: vgg16, resnet50, mobilenetv2, efficientnetb0
     base: str | None = None  # the user's own pre-trained .keras model (or run dir) as the base
@@ -223,6 +224,7 @@ def validate(config: Config) -> None:
         (m.backbone in BACKBONE_NAMES, f"backbone must be one of {', '.join(BACKBONE_NAMES)}", m.backbone),
         (m.pooling in ("auto", "flatten", "avg"), "pooling must be auto, flatten or avg", m.pooling),
         (m.feature_cache in ("auto", "off"), "feature_cache must be auto or off", m.feature_cache),
+        (m.lr_schedule in ("constant", "cosine"), "lr_schedule must be constant or cosine", m.lr_schedule),
         (
             m.base_lr_multiplier is None or m.base_lr_multiplier > 0,
             "base_lr_multiplier must be positive",

@@ -139,7 +139,7 @@ def make_optimizer(
         raise ConfigError(
             f"Unknown optimizer {name!r}; choose one of {', '.join(_OPTIMIZER_CLASSES)}. Received: {name}"
         )
-    if learning_rate <= 0:
+    if isinstance(learning_rate, (int, float)) and learning_rate <= 0:
         raise ConfigError(f"The learning rate must be positive. Received: learning_rate={learning_rate}")
     cls, extra = _OPTIMIZER_CLASSES[name]
     if base_multiplier is None:

@@ -120,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = train.add_argument_group("model")
     g.add_argument("--weights", type=_weights, help="VGG16 recipes: imagenet (default), none, or a local file")
     g.add_argument("--learning-rate", type=float, help="1e-3 by default (the head's, for vgg16_finetune)")
+    g.add_argument("--lr-schedule", choices=("constant", "cosine"), help="cosine: decay to 0 over the epochs")
     g.add_argument("--optimizer", choices=OPTIMIZER_NAMES, help="adam (default), sgd with momentum 0.9, ...")
     g.add_argument("--initializer", choices=INITIALIZER_NAMES, help="kernel initializer (glorot_uniform)")
     g.add_argument("--dropout", type=float, help="dropout rate in the dense part (0)")
@@ -201,7 +202,7 @@ _TRAIN_FIELDS = (
     "l2", "dense_units", "unfreeze_at", "finetune_learning_rate", "epochs", "head_epochs", "strategy",
     "seed", "patience", "early_stopping", "monitor", "steps_per_execution", "jit_compile", "tensorboard",
     "backup", "weights", "backbone", "base", "base_output", "pooling", "progressive", "base_lr_multiplier",
-    "feature_cache",
+    "feature_cache", "lr_schedule",
 )  # fmt: skip
 
 

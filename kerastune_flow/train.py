@@ -129,6 +129,20 @@ def load_base(config: Config) -> keras.Model | None:
     return models.cut_base(m.base, m.base_output) if m.base else None
 
 
+def learning_rate(config: Config, rate: float, *, epochs: int, steps_per_epoch: int | None):
+    """The rate, or with `lr_schedule="cosine"` a CosineDecay from it to 0 over `epochs`."""
+    if config.model.lr_schedule == "cosine" and steps_per_epoch:
+        return keras.optimizers.schedules.CosineDecay(rate, decay_steps=max(1, epochs * steps_per_epoch))
+    return rate
+
+
+def steps_per_epoch(splits: data_lib.DataSplits, config: Config, strategy: tf.distribute.Strategy) -> int:
+    """Training steps in one epoch at the global batch size."""
+    batch = global_batch_size(config.data.batch_size, strategy)
+    n = splits.sizes["train"]
+    return n // batch if is_tpu(strategy) else -(-n // batch)
+
+
 def build_model(
     config: Config,
     *,
@@ -136,6 +150,7 @@ def build_model(
     num_classes: int,
     jit_compile: bool = False,
     base: keras.Model | None = None,
+    steps: int | None = None,
 ) -> keras.Model:
     """Builds and compiles the recipe's model (call inside `strategy.scope()`).
 
@@ -152,7 +167,12 @@ def build_model(
         l1=m.l1,
         l2=m.l2,
         optimizer=m.optimizer,
-        learning_rate=m.learning_rate,
+        learning_rate=learning_rate(
+            config,
+            m.learning_rate,
+            epochs=t.head_epochs if m.recipe == "vgg16_finetune" else t.epochs,
+            steps_per_epoch=steps,
+        ),
         jit_compile=jit_compile,
         steps_per_execution=t.steps_per_execution,
     )
@@ -199,6 +219,8 @@ def make_pipelines(
             seed=config.train.seed,
             **common,
         )
+    if splits.sizes["validation"] == 0:  # --validation-fraction 0: train on all of train, as some references do
+        out["validation"] = out["validation_ordered"] = None
     return out
 
 
@@ -309,8 +331,10 @@ def cached_feature_pipelines(
     The training features are shuffled with the same seed and buffer as `data.prepare`, so a
     head trained on them sees the batches the uncached path would.
     """
-    out = {}
+    out: dict[str, tf.data.Dataset | None] = {"validation": None}
     for name in ("train", "validation"):
+        if pipes[f"{name}_ordered"] is None:
+            continue
         feats, labels = extract_features(features, pipes[f"{name}_ordered"])
         ds = tf.data.Dataset.from_tensor_slices((feats, labels))
         if name == "train":
@@ -331,6 +355,7 @@ def fit_frozen(
     jit_compile: bool,
     epochs: int,
     stage: str | None,
+    steps: int | None = None,
 ) -> tuple[int, float | None]:
     """Trains the head on the frozen base, on cached features when that gives the same result.
 
@@ -364,7 +389,7 @@ def fit_frozen(
             head,
             models.transfer_head(max(2, model.output_shape[-1])),
             optimizer=m.optimizer,
-            learning_rate=m.learning_rate,
+            learning_rate=learning_rate(config, m.learning_rate, epochs=epochs, steps_per_epoch=steps),
             jit_compile=jit_compile,
             steps_per_execution=t.steps_per_execution,
         )
@@ -440,6 +465,7 @@ def fit_staged(
     *,
     strategy: tf.distribute.Strategy,
     jit_compile: bool = False,
+    steps: int | None = None,
 ) -> list[int]:
     """The staged fine-tune: head on the frozen base, then unfreeze and continue at a low rate.
 
@@ -462,7 +488,15 @@ def fit_staged(
     if state is None:
         log.info("Stage 1: training the head on the frozen base for up to %d epoch(s)", t.head_epochs)
         end, best = fit_frozen(
-            model, pipes, config, run_dir, strategy=strategy, jit_compile=jit_compile, epochs=t.head_epochs, stage="head"
+            model,
+            pipes,
+            config,
+            run_dir,
+            strategy=strategy,
+            jit_compile=jit_compile,
+            epochs=t.head_epochs,
+            stage="head",
+            steps=steps,
         )
         ledger.record("head", model, end=end, best=best)
     else:
@@ -483,7 +517,7 @@ def fit_staged(
                 model,
                 head_spec,
                 optimizer=m.optimizer,
-                learning_rate=lr,
+                learning_rate=learning_rate(config, lr, epochs=stop - start, steps_per_epoch=steps),
                 jit_compile=jit_compile,
                 steps_per_execution=t.steps_per_execution,
                 base_multiplier=m.base_lr_multiplier,
@@ -539,6 +573,10 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, overwrite: bool =
 
     base = load_base(config)
     splits = load_splits(config, base)
+    if splits.sizes["validation"] == 0 and config.train.monitor.startswith("val_"):
+        monitor = config.train.monitor.removeprefix("val_")
+        log.info("No validation split: early stopping and the best model watch %s instead", monitor)
+        config = dataclasses.replace(config, train=dataclasses.replace(config.train, monitor=monitor))
     head = models.head_for(config.model.recipe, splits.num_classes)
     pipes = make_pipelines(splits, config, head, strategy)
     log.info(
@@ -564,6 +602,7 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, overwrite: bool =
     }
     cb.atomic_write_json(run_dir / CONFIG_JSON, metadata)
 
+    steps = steps_per_epoch(splits, config, strategy)
     with strategy.scope():
         model = build_model(
             config,
@@ -571,15 +610,26 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, overwrite: bool =
             num_classes=splits.num_classes,
             jit_compile=jit_compile,
             base=base,
+            steps=steps,
         )
     start = time.perf_counter()
     boundaries: list[int] = []
     recipe, epochs = config.model.recipe, config.train.epochs
     if recipe == "vgg16_finetune":
-        boundaries = fit_staged(model, pipes, config, run_dir, strategy=strategy, jit_compile=jit_compile)
+        boundaries = fit_staged(
+            model, pipes, config, run_dir, strategy=strategy, jit_compile=jit_compile, steps=steps
+        )
     elif recipe == "vgg16_features":
         fit_frozen(
-            model, pipes, config, run_dir, strategy=strategy, jit_compile=jit_compile, epochs=epochs, stage=None
+            model,
+            pipes,
+            config,
+            run_dir,
+            strategy=strategy,
+            jit_compile=jit_compile,
+            epochs=epochs,
+            stage=None,
+            steps=steps,
         )
     else:
         _fit(model, pipes["train"], pipes["validation"], config, _callbacks(config, run_dir), epochs=epochs)

@@ -184,3 +184,19 @@ def test_probabilities_for_every_head():
     np.testing.assert_allclose(p.sum(axis=1), 1.0)
     assert p.argmax() == 0
     np.testing.assert_allclose(train.probabilities(np.array([[0.8]]), Head(1, "sigmoid", "binary")), [[0.2, 0.8]])
+
+
+def test_no_validation_split_watches_the_training_loss(image_folder, tmp_path):
+    config = smoke("scratch_mlp", image_folder, validation_fraction=0.0, epochs=2)
+    result = train.train_and_evaluate(config, tmp_path / "run")
+    assert all("val_loss" not in r for r in result.history)
+    assert (tmp_path / "run" / "model.keras").exists()  # the best model by training loss
+    assert result.results["best_epoch"] in (1, 2)
+
+
+def test_cosine_schedule_decays_the_rate_to_zero(image_folder, tmp_path):
+    config = smoke("cifar10_cnn", image_folder, epochs=3, patience=10, lr_schedule="cosine", learning_rate=1e-3)
+    result = train.train_and_evaluate(config, tmp_path / "run")
+    rates = [r["learning_rate"] for r in result.history]
+    assert rates[0] < 1e-3 and rates == sorted(rates, reverse=True)
+    assert rates[-1] == pytest.approx(0.0, abs=1e-9)

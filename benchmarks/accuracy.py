@@ -1,0 +1,139 @@
+"""Accuracy on the real data sets of the reference examples, offline, through the real CLI.
+
+Each row runs `python -m kerastune_flow.run train ...` as a subprocess (the exact command is
+printed, so a reader can reproduce it) and reads its results.json:
+
+  mlp_reference   scratch MLP on MNIST, the reference settings (10 epochs, batch 64, Adam 1e-3,
+                  all 60,000 training images, no early stopping)
+  mlp_improved    the same network with dropout 0.2 and a cosine learning-rate decay, 20 epochs
+  cnn_reference   CIFAR-10 CNN, the reference settings (10 epochs, all 50,000 training images),
+                  on the CIFAR-10 JPEG folder (re-encoded at JPEG quality 75)
+  cnn_improved    the same network with random crop and flip, dropout 0.3, cosine decay, 20 epochs
+  transfer_*      cat vs dog with 2,000 training images: a CNN from scratch, feature extraction on
+                  a base pre-trained here on the other eight CIFAR-10 classes, and the staged
+                  fine-tune of that base (no ImageNet weights exist on this machine)
+
+    python benchmarks/accuracy.py --only mlp_reference,mlp_improved
+    python benchmarks/accuracy.py            # everything: about an hour on 2 CPU cores
+
+Needs ../shared/datasets (MNIST archives and the CIFAR-10 JPEG archive); not part of the tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "datasets"
+CIFAR_TAR = SHARED / "cifar10_jpeg" / "cifar10-jpeg.tar.gz"
+TRANSFER_CLASSES = ("cat", "dog")
+TRANSFER_TRAIN_PER_CLASS = 1000
+
+
+def _cli(args: list[str], log_path: Path) -> tuple[dict, float, str]:
+    command = [sys.executable, "-m", "kerastune_flow.run", "train", *args, "--overwrite"]
+    shown = "python -m kerastune_flow.run train " + " ".join(shlex.quote(a) for a in args)
+    print(f"\n$ {shown}", flush=True)
+    start = time.perf_counter()
+    with open(log_path, "w") as log:
+        proc = subprocess.run(command, cwd=REPO, stdout=subprocess.PIPE, stderr=log, text=True)
+    seconds = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise SystemExit(f"failed ({proc.returncode}): {shown}; see {log_path}")
+    return json.loads(proc.stdout), seconds, shown
+
+
+def _prepare_folders(work: Path) -> tuple[Path, Path, Path]:
+    """Unpacks CIFAR-10 and makes two views of it with symbolic links: the eight classes other
+    than cat and dog, and cat vs dog with 1,000 training images per class."""
+    cifar = work / "cifar10_jpeg"
+    if not cifar.is_dir():
+        with tarfile.open(CIFAR_TAR) as tar:
+            tar.extractall(work, filter="data")
+    eight, pair = work / "cifar8", work / "catdog2000"
+    for split in ("train", "test"):
+        for cls in sorted(p.name for p in (cifar / split).iterdir()):
+            source = cifar / split / cls
+            if cls not in TRANSFER_CLASSES:
+                link = eight / split / cls
+                link.parent.mkdir(parents=True, exist_ok=True)
+                if not link.exists():
+                    link.symlink_to(source, target_is_directory=True)
+                continue
+            target = pair / split / cls
+            target.mkdir(parents=True, exist_ok=True)
+            files = sorted(source.iterdir())
+            if split == "train":
+                files = files[:TRANSFER_TRAIN_PER_CLASS]
+            for f in files:
+                if not (target / f.name).exists():
+                    (target / f.name).symlink_to(f)
+    return cifar, eight, pair
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work", default="/tmp/kerastune_flow_accuracy", help="scratch folder for data and runs")
+    parser.add_argument("--only", help="comma list of rows to run")
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "accuracy_results.json"))
+    args = parser.parse_args(argv)
+    if not SHARED.is_dir():
+        print(f"{SHARED} is absent: these runs need the real MNIST and CIFAR-10 files.", file=sys.stderr)
+        return 2
+    work = Path(args.work)
+    runs = work / "runs"
+    runs.mkdir(parents=True, exist_ok=True)
+    cifar, eight, pair = _prepare_folders(work)
+    mnist = ["--data", "mnist", "--manual-dir", str(SHARED / "mnist"), "--data-dir", str(work / "tfds")]
+    fixed = ["--validation-fraction", "0", "--no-early-stopping", "--no-tensorboard", "--quiet", "--seed", "0"]
+    base = str(runs / "cifar8_cnn")
+    transfer_common = ["--data", str(pair), "--no-tensorboard", "--quiet", "--seed", "0", "--patience", "5"]
+    rows = {
+        "mlp_reference": ["scratch_mlp", *mnist, "--epochs", "10", *fixed],
+        "mlp_improved": ["scratch_mlp", *mnist, "--epochs", "20", "--dropout", "0.2", "--lr-schedule", "cosine", *fixed],
+        "cnn_reference": ["cifar10_cnn", "--data", str(cifar), "--epochs", "10", *fixed],
+        "cnn_improved": ["cifar10_cnn", "--data", str(cifar), "--epochs", "20", "--augment", "crop,flip",
+                         "--dropout", "0.3", "--lr-schedule", "cosine", *fixed],
+        "transfer_pretrain_8_classes": ["cifar10_cnn", "--data", str(eight), "--epochs", "15", "--no-tensorboard",
+                                        "--quiet", "--seed", "0"],
+        "transfer_scratch": ["cifar10_cnn", *transfer_common, "--epochs", "40"],
+        "transfer_features": ["vgg16_features", *transfer_common, "--base", base, "--base-output", "dense",
+                              "--epochs", "40"],
+        "transfer_finetune": ["vgg16_finetune", *transfer_common, "--base", base, "--base-output", "dense",
+                              "--head-epochs", "40", "--epochs", "20", "--finetune-lr", "1e-4"],
+    }  # fmt: skip
+    wanted = args.only.split(",") if args.only else list(rows)
+    results = json.loads(Path(args.out).read_text()) if Path(args.out).exists() else {}
+    for name in wanted:
+        run_dir = base if name == "transfer_pretrain_8_classes" else str(runs / name)
+        result, seconds, shown = _cli([*rows[name], "--run-dir", run_dir], runs / f"{name}.log")
+        results[name] = {
+            "command": shown.replace(str(work), "$WORK"),
+            "test_accuracy": result["test"]["accuracy"],
+            "test_loss": result["test"]["loss"],
+            "epochs_run": result["epochs_run"],
+            "train_seconds": result["train_seconds"],
+            "wall_seconds": round(seconds, 1),
+            "date": time.strftime("%Y-%m-%d"),
+            "hardware": f"{platform.machine()}, {os.cpu_count()} CPU cores, no accelerator",
+        }
+        print(f"{name}: test accuracy {result['test']['accuracy']:.4f}, {result['epochs_run']} epochs, "
+              f"{result['train_seconds']:.0f} s training", flush=True)  # fmt: skip
+        Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    print(f"\n| run | test accuracy | epochs | training s |\n| --- | --- | --- | --- |")
+    for name, r in results.items():
+        print(f"| {name} | {100 * r['test_accuracy']:.1f} % | {r['epochs_run']} | {r['train_seconds']:.0f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
