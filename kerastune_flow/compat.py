@@ -11,8 +11,14 @@ shapes. That reduction
 The symbolic build needs only one local example of the structure's shapes and dtypes, so the
 fix takes replica 0's local part instead of reducing. Everything else is the original code.
 
-`apply()` installs the fix only when the installed Keras still has the reduce call in that
-method, so it stands down by itself once Keras is fixed upstream.
+A second problem appears only under MultiWorkerMirroredStrategy (tensorflow/tensorflow#72388):
+the per-step log reduction, `reduce_per_replica(..., reduction="mean")`, calls
+`strategy.reduce("MEAN", v, axis=0)` on every metric, and metrics are scalars: "Invalid
+reduction dimension 0 for input with 0 dimensions". A scalar needs the mean across replicas
+only (`axis=None`); tensors with a batch axis keep the original call.
+
+`apply()` installs each fix only when the installed Keras still has the offending call, so
+each stands down by itself once Keras is fixed upstream.
 """
 
 from __future__ import annotations
@@ -57,19 +63,50 @@ def _maybe_symbolic_build(self, iterator=None, data_batch=None):
         self._symbolic_build(data_batch=data_batch)
 
 
+def _needs_scalar_reduce_fix(module) -> bool:
+    try:
+        source = inspect.getsource(module.reduce_per_replica)
+    except (OSError, TypeError, AttributeError):
+        return False
+    return 'strategy.reduce("MEAN", v, axis=0)' in source
+
+
+def _scalar_safe_reduce_per_replica(original, module):
+    """Wraps `reduce_per_replica`: under multi-worker collectives, scalars are averaged across
+    replicas with axis=None; everything else goes to the original."""
+    from keras import tree
+
+    def reduce_per_replica(values, strategy, reduction):
+        multi_worker = module._collective_all_reduce_multi_worker(strategy)
+        if not (multi_worker and reduction in ("auto", "mean")):
+            return original(values, strategy, reduction)
+
+        def _reduce(v):
+            local = strategy.experimental_local_results(v)[0] if module._is_per_replica_instance(v) else v
+            axis = None if local.shape.rank == 0 else 0
+            return strategy.reduce("MEAN", v, axis=axis)
+
+        return tree.map_structure(_reduce, values)
+
+    reduce_per_replica.__wrapped__ = original
+    return reduce_per_replica
+
+
 def apply() -> bool:
-    """Installs the fix once if this Keras needs it; returns True when it is active."""
+    """Installs the fixes this Keras needs, once; returns True when any is active."""
     global _applied
     if _applied:
         return True
     try:
-        from keras.src.backend.tensorflow.trainer import TensorFlowTrainer
+        from keras.src.backend.tensorflow import trainer as module
     except ImportError:  # another Keras layout: nothing to fix here
         return False
-    if not _needs_symbolic_build_fix(TensorFlowTrainer):
-        log.debug("Keras' symbolic build no longer reduces batches: compat fix not needed")
-        return False
-    TensorFlowTrainer._maybe_symbolic_build = _maybe_symbolic_build
-    _applied = True
-    log.debug("Applied the compat fix for keras-team/keras#20585 (symbolic build under tf.distribute)")
-    return True
+    if _needs_symbolic_build_fix(module.TensorFlowTrainer):
+        module.TensorFlowTrainer._maybe_symbolic_build = _maybe_symbolic_build
+        _applied = True
+        log.debug("Applied the compat fix for keras-team/keras#20585 (symbolic build under tf.distribute)")
+    if _needs_scalar_reduce_fix(module):
+        module.reduce_per_replica = _scalar_safe_reduce_per_replica(module.reduce_per_replica, module)
+        _applied = True
+        log.debug("Applied the compat fix for tensorflow/tensorflow#72388 (scalar metrics, multi-worker)")
+    return _applied

@@ -158,6 +158,24 @@ def global_batch_size(per_replica: int, strategy: tf.distribute.Strategy) -> int
     return per_replica * strategy.num_replicas_in_sync
 
 
+def is_multi_worker(strategy: tf.distribute.Strategy) -> bool:
+    """True for MultiWorkerMirroredStrategy."""
+    return isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+
+
+def is_chief(strategy: tf.distribute.Strategy) -> bool:
+    """True on the one task that writes logs, plots and the best model: the chief of a
+    multi-worker cluster (worker 0 when there is no chief), and always on a single machine."""
+    return bool(strategy.extended.should_checkpoint) if is_multi_worker(strategy) else True
+
+
+def barrier(strategy: tf.distribute.Strategy) -> None:
+    """Waits until every worker reaches this point (a tiny all-reduce), so that workers leave
+    together; one that exits early makes the others log coordination errors."""
+    if is_multi_worker(strategy):
+        strategy.reduce("SUM", strategy.run(lambda: tf.constant(1.0)), axis=None)
+
+
 def is_tpu(strategy: tf.distribute.Strategy) -> bool:
     """True for TPUStrategy (which needs static shapes)."""
     return isinstance(strategy, tf.distribute.TPUStrategy)
@@ -187,5 +205,11 @@ def default_jit_compile(strategy: tf.distribute.Strategy, requested: str | bool 
 
 
 def describe(strategy: tf.distribute.Strategy) -> str:
-    """One line for logs: the strategy class and its replicas."""
-    return f"{type(strategy).__name__} with {strategy.num_replicas_in_sync} replica(s)"
+    """One line for logs: the strategy's public name and its replicas."""
+    if is_multi_worker(strategy):
+        name = "MultiWorkerMirroredStrategy"  # its class is CollectiveAllReduceStrategy
+    elif strategy is tf.distribute.get_strategy() and not tf.distribute.has_strategy():
+        name = "default strategy"
+    else:
+        name = type(strategy).__name__
+    return f"{name} with {strategy.num_replicas_in_sync} replica(s)"

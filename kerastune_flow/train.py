@@ -33,7 +33,16 @@ from kerastune_flow import data as data_lib
 from kerastune_flow import models
 from kerastune_flow.config import Config
 from kerastune_flow.errors import ConfigError, DataError, RunDirError
-from kerastune_flow.strategy import default_jit_compile, describe, get_strategy, global_batch_size, is_tpu
+from kerastune_flow.strategy import (
+    barrier,
+    default_jit_compile,
+    describe,
+    get_strategy,
+    global_batch_size,
+    is_chief,
+    is_multi_worker,
+    is_tpu,
+)
 
 log = logging.getLogger(__name__)
 
@@ -219,6 +228,12 @@ def make_pipelines(
             seed=config.train.seed,
             **common,
         )
+    if is_multi_worker(strategy):
+        # Each worker keeps every n-th example: correct for any source (a folder's file list,
+        # tfds shards fewer than workers), where sharding by file can fail or unbalance.
+        options = tf.data.Options()
+        options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+        out = {name: ds.with_options(options) for name, ds in out.items()}
     if splits.sizes["validation"] == 0:  # --validation-fraction 0: train on all of train, as some references do
         out["validation"] = out["validation_ordered"] = None
     return out
@@ -562,12 +577,36 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, overwrite: bool =
     Raises:
         KerastuneFlowError: (a subclass) for every user error: data, weights, strategy, run dir.
     """
-    run_dir = Path(workdir)
-    resumed = prepare_run_dir(run_dir, overwrite=overwrite)
+    strategy = get_strategy(config.train.strategy)  # first: multi-worker collectives precede any op
+    keras.utils.set_random_seed(config.train.seed)
+    if is_chief(strategy):
+        run_dir = Path(workdir)
+        resumed = prepare_run_dir(run_dir, overwrite=overwrite)
+    else:
+        run_dir, resumed = _worker_run_dir(Path(workdir)), False
     if resumed:
         log.info("Found a backup in %s: resuming the interrupted run", run_dir)
-    keras.utils.set_random_seed(config.train.seed)
-    strategy = get_strategy(config.train.strategy)
+    try:
+        return _train_and_evaluate(config, run_dir, strategy, resumed)
+    finally:
+        if not is_chief(strategy):
+            shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def _worker_run_dir(chief_dir: Path) -> Path:
+    """A non-chief worker's private run directory: the same files are written, then thrown
+    away. It starts from the chief's backup, if any, so a restarted cluster resumes in step."""
+    import tempfile
+
+    private = Path(tempfile.mkdtemp(prefix="kerastune_flow_worker_"))
+    if (chief_dir / cb.BACKUP_DIR).is_dir():
+        shutil.copytree(chief_dir / cb.BACKUP_DIR, private / cb.BACKUP_DIR)
+    return private
+
+
+def _train_and_evaluate(
+    config: Config, run_dir: Path, strategy: tf.distribute.Strategy, resumed: bool
+) -> RunResult:
     jit_compile = default_jit_compile(strategy, config.train.jit_compile)
     log.info("Strategy: %s; XLA %s", describe(strategy), "on" if jit_compile else "off")
 
@@ -648,6 +687,7 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, overwrite: bool =
         **models.count_params(model),
         "strategy": describe(strategy),
         "resumed": resumed,
+        "weights_sha256": weights_digest(model),
     }
     cb.atomic_write_json(run_dir / RESULTS_JSON, results)
     if history:
@@ -655,8 +695,19 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, overwrite: bool =
     if config.train.checkpoint and not (run_dir / cb.BEST_MODEL).exists():
         cb.atomic_save_model(model, run_dir / cb.BEST_MODEL)
     shutil.rmtree(run_dir / cb.BACKUP_DIR, ignore_errors=True)
+    barrier(strategy)
     log.info("Test %s; run directory %s", _format_metrics(results["test"]), run_dir)
     return RunResult(run_dir=run_dir, model=model, history=history, results=results)
+
+
+def weights_digest(model: keras.Model) -> str:
+    """SHA-256 of every weight's bytes: equal digests mean bit-identical models."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for weight in model.get_weights():
+        digest.update(np.ascontiguousarray(weight).tobytes())
+    return digest.hexdigest()
 
 
 def _best_epoch(history: list[dict[str, Any]], monitor: str) -> int | None:

@@ -342,7 +342,7 @@ def test_default_strategy_uses_gpu_when_tensorflow_sees_one(monkeypatch):
 @pytest.mark.parametrize(
     "name, expected",
     [
-        ("auto", "_DefaultDistributionStrategy with 1 replica(s)"),
+        ("auto", "default strategy with 1 replica(s)"),
         ("cpu", "OneDeviceStrategy with 1 replica(s)"),
         ("mirrored", "MirroredStrategy with 2 replica(s)"),
     ],
