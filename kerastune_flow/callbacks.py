@@ -14,13 +14,17 @@ the previous complete version, never a truncated one.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import csv
 import io
 import json
 import logging
 import math
 import os
+import signal
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -28,7 +32,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from kerastune_flow.errors import TrainingDivergedError
+from kerastune_flow.errors import RunInterrupted, TrainingDivergedError
 
 log = logging.getLogger(__name__)
 
@@ -303,6 +307,53 @@ class NaNGuard(keras.callbacks.Callback):
             )
 
 
+class InterruptGuard(keras.callbacks.Callback):
+    """Ends `fit` at the next batch boundary once a stop was requested (see `interrupt_guard`).
+
+    It raises instead of setting `stop_training`, so the half-done epoch is neither logged nor
+    backed up: the backup stays at the last finished epoch, where the same command resumes.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.signal_name: str | None = None
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.signal_name:
+            raise RunInterrupted(self.signal_name)
+
+
+_ACTIVE_GUARD: contextvars.ContextVar[InterruptGuard | None] = contextvars.ContextVar("guard", default=None)
+
+
+@contextlib.contextmanager
+def interrupt_guard(signals=(signal.SIGINT, signal.SIGTERM)):
+    """Turns SIGINT / SIGTERM into "stop after the current batch" for every `standard_callbacks`
+    set made inside the block; a second signal stops at once. Handlers are restored on exit.
+    Outside the main thread (where Python cannot install handlers) it does nothing.
+    """
+    guard = InterruptGuard()
+    token = _ACTIVE_GUARD.set(guard)
+    previous = {}
+
+    def handler(signum, frame):
+        name = signal.Signals(signum).name
+        if guard.signal_name is not None:
+            raise RunInterrupted(name)
+        guard.signal_name = name
+        log.warning("%s received: stopping after the current batch (send it again to stop at once)", name)
+
+    try:
+        if threading.current_thread() is threading.main_thread():
+            for sig in signals:
+                previous[sig] = signal.signal(sig, handler)
+        yield guard
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+        _ACTIVE_GUARD.reset(token)
+
+
 def standard_callbacks(
     run_dir: str | os.PathLike,
     *,
@@ -346,6 +397,9 @@ def standard_callbacks(
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     callbacks: list[keras.callbacks.Callback] = []
+    guard = _ACTIVE_GUARD.get()
+    if guard is not None:
+        callbacks.append(guard)
     if terminate_on_nan:
         callbacks.append(NaNGuard())
     if csv_log or jsonl_log:

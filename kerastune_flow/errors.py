@@ -31,3 +31,16 @@ class RunDirError(KerastuneFlowError, OSError):
 
 class TrainingDivergedError(KerastuneFlowError, ArithmeticError):
     """The loss became NaN or infinite; the last good files are kept."""
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM stopped training after a batch; finished epochs are kept and the same
+    command resumes.
+
+    Attributes:
+        signal_name: "SIGINT" or "SIGTERM".
+    """
+
+    def __init__(self, signal_name: str):
+        super().__init__(signal_name)
+        self.signal_name = signal_name

@@ -291,12 +291,13 @@ def main(argv: list[str] | None = None) -> int:
     except KerastuneFlowError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as error:
+        name = getattr(error, "signal_name", "SIGINT")
         print(
-            "interrupted: finished epochs are kept in the run directory; run the same command to resume",
+            f"interrupted by {name}: finished epochs are kept in the run directory; run the same command to resume",
             file=sys.stderr,
         )
-        return 130
+        return 143 if name == "SIGTERM" else 130
 
 
 if __name__ == "__main__":

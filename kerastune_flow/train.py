@@ -587,7 +587,8 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, overwrite: bool =
     if resumed:
         log.info("Found a backup in %s: resuming the interrupted run", run_dir)
     try:
-        return _train_and_evaluate(config, run_dir, strategy, resumed)
+        with cb.interrupt_guard():
+            return _train_and_evaluate(config, run_dir, strategy, resumed)
     finally:
         if not is_chief(strategy):
             shutil.rmtree(run_dir, ignore_errors=True)

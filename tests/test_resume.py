@@ -1,0 +1,98 @@
+"""Kill and resume through the real CLI: SIGKILL at any moment loses nothing that was finished,
+SIGTERM stops after a batch with a clear message, and the same command continues the run."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import keras
+import pytest
+
+from conftest import REPO
+from kerastune_flow.callbacks import read_history
+
+EPOCHS = 25
+
+
+def _command(folder, run_dir):
+    return [sys.executable, "-m", "kerastune_flow.run", "train", "cifar10_cnn", "--data", str(folder),
+            "--preset", "smoke", "--epochs", str(EPOCHS), "--no-early-stopping", "--run-dir", str(run_dir),
+            "--quiet"]  # fmt: skip
+
+
+def _start(folder, run_dir):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.Popen(_command(folder, run_dir), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _backed_up_epoch(run_dir):
+    meta = run_dir / "backup" / "fit" / "training_metadata.json"
+    try:
+        return json.loads(meta.read_text())["epoch"]
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
+def _wait_for_backup(proc, run_dir, epoch, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if _backed_up_epoch(run_dir) >= epoch:
+            return
+        if proc.poll() is not None:
+            pytest.fail(f"training ended before epoch {epoch} was backed up: {proc.stderr.read()[-2000:]}")
+        time.sleep(0.02)
+    proc.kill()
+    pytest.fail(f"no backup of epoch {epoch} within {timeout} s")
+
+
+def _finish_and_check(folder, run_dir, killed_at):
+    backed_up = _backed_up_epoch(run_dir)
+    assert 2 <= backed_up < EPOCHS  # killed in the middle, not after the end
+    restart = time.time()
+    proc = subprocess.run(_command(folder, run_dir), env={**os.environ, "PYTHONPATH": str(REPO)},
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout)
+    assert result["resumed"] is True and result["epochs_run"] == EPOCHS
+    history = read_history(run_dir)
+    assert [r["epoch"] for r in history] == list(range(EPOCHS))  # one continuous log, no epoch twice
+    first_run = [r for r in history if r["epoch"] < backed_up]
+    second_run = [r for r in history if r["epoch"] >= backed_up]
+    assert all(r["wall_time"] <= killed_at for r in first_run)  # kept from before the kill
+    assert all(r["wall_time"] >= restart for r in second_run)  # resumed at the next epoch, not from zero
+    assert len((run_dir / "history.csv").read_text().strip().splitlines()) == EPOCHS + 1
+    keras.saving.load_model(run_dir / "model.keras")  # every file readable
+    json.loads((run_dir / "results.json").read_text())
+    assert not (run_dir / "backup").exists()
+
+
+def test_sigkill_then_the_same_command_resumes(image_folder, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = _start(image_folder, run_dir)
+    _wait_for_backup(proc, run_dir, epoch=2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    killed_at = time.time()
+    assert proc.returncode == -signal.SIGKILL
+    keras.saving.load_model(run_dir / "model.keras")  # the best model so far survived the kill
+    assert [r["epoch"] for r in read_history(run_dir)][:2] == [0, 1]
+    _finish_and_check(image_folder, run_dir, killed_at)
+
+
+def test_sigterm_stops_after_a_batch_with_a_message(image_folder, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = _start(image_folder, run_dir)
+    _wait_for_backup(proc, run_dir, epoch=2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    killed_at = time.time()
+    assert proc.returncode == 143
+    assert "interrupted by SIGTERM" in err and "run the same command to resume" in err
+    assert "Traceback" not in err
+    history = read_history(run_dir)
+    assert [r["epoch"] for r in history] == list(range(len(history)))
+    assert _backed_up_epoch(run_dir) == len(history)  # the backup holds every logged epoch
+    _finish_and_check(image_folder, run_dir, killed_at)
