@@ -81,7 +81,8 @@ class TrainConfig:
     early_stopping: bool = True
     patience: int = 3
     monitor: str = "val_loss"
-    steps_per_execution: int = 1
+    steps_per_execution: int | None = None  # None: the device's default (32 on TPU, else 1)
+    mixed_precision: str = "off"  # off | auto (bfloat16 on TPU, float16 on GPU) | bfloat16 | float16
     jit_compile: str = "auto"  # "auto" chooses per device, see strategy.default_jit_compile
     tensorboard: bool = True
     csv_log: bool = True
@@ -234,7 +235,16 @@ def validate(config: Config) -> None:
         (t.epochs >= 1, "epochs must be at least 1", t.epochs),
         (t.head_epochs >= 1, "head_epochs must be at least 1", t.head_epochs),
         (t.patience >= 0, "patience must not be negative", t.patience),
-        (t.steps_per_execution >= 1, "steps_per_execution must be at least 1", t.steps_per_execution),
+        (
+            t.steps_per_execution is None or t.steps_per_execution >= 1,
+            "steps_per_execution must be at least 1",
+            t.steps_per_execution,
+        ),
+        (
+            t.mixed_precision in ("off", "auto", "bfloat16", "float16"),
+            "mixed_precision must be off, auto, bfloat16 or float16",
+            t.mixed_precision,
+        ),
         (t.strategy in STRATEGY_NAMES, f"strategy must be one of {', '.join(STRATEGY_NAMES)}", t.strategy),
     ]
     for ok, message, received in checks:

@@ -272,7 +272,11 @@ def build_scratch_mlp(
         if dropout:
             x = layers.Dropout(dropout, name=f"dropout_{i}")(x)
     outputs = layers.Dense(
-        head.units, kernel_initializer=kernel_initializer, kernel_regularizer=_regularizer(l1, l2), name="logits"
+        head.units,
+        kernel_initializer=kernel_initializer,
+        kernel_regularizer=_regularizer(l1, l2),
+        dtype="float32",  # the loss in float32 under a mixed-precision policy
+        name="logits",
     )(x)
     model = keras.Model(inputs, outputs, name="scratch_mlp")
     if compile:
@@ -344,7 +348,9 @@ def build_cifar10_cnn(
     if dropout:
         x = layers.Dropout(dropout, name="dropout")(x)
     x = layers.Dense(64, name="dense", **conv)(x)
-    outputs = layers.Dense(head.units, kernel_initializer=kernel_initializer, kernel_regularizer=reg, name="logits")(x)
+    outputs = layers.Dense(
+        head.units, kernel_initializer=kernel_initializer, kernel_regularizer=reg, dtype="float32", name="logits"
+    )(x)
     model = keras.Model(inputs, outputs, name="cifar10_cnn")
     if compile:
         compile_model(
@@ -648,7 +654,11 @@ def build_transfer_model(
     if dropout:
         x = layers.Dropout(dropout, name="dropout")(x)
     outputs = layers.Dense(
-        head.units, activation=head.activation, kernel_initializer=kernel_initializer, name="predictions"
+        head.units,
+        activation=head.activation,
+        kernel_initializer=kernel_initializer,
+        dtype="float32",  # probabilities and the loss in float32 under a mixed-precision policy
+        name="predictions",
     )(x)
     model = keras.Model(inputs, outputs, name=name or f"{base.name}_features")
     if compile:

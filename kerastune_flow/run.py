@@ -167,7 +167,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--patience", type=int, help="early stopping patience in epochs (3)")
     g.add_argument("--no-early-stopping", dest="early_stopping", action="store_false", default=None)
     g.add_argument("--monitor", help="metric for early stopping and the best model (val_loss)")
-    g.add_argument("--steps-per-execution", type=int, help="steps per graph call (1)")
+    g.add_argument("--steps-per-execution", type=int, help="steps per graph call (default 32 on TPU, else 1)")
+    g.add_argument(
+        "--mixed-precision",
+        nargs="?",
+        const="auto",
+        choices=("off", "auto", "bfloat16", "float16"),
+        help="mixed precision; alone: bfloat16 on TPU, float16 on GPU (output layers stay float32)",
+    )
     g.add_argument("--jit-compile", type=_bool, help="XLA: auto (on for GPU/TPU, off on CPU), true, false")
     g.add_argument("--no-tensorboard", dest="tensorboard", action="store_false", default=None)
     g.add_argument("--no-backup", dest="backup", action="store_false", default=None, help="no resume state")
@@ -202,7 +209,7 @@ _TRAIN_FIELDS = (
     "l2", "dense_units", "unfreeze_at", "finetune_learning_rate", "epochs", "head_epochs", "strategy",
     "seed", "patience", "early_stopping", "monitor", "steps_per_execution", "jit_compile", "tensorboard",
     "backup", "weights", "backbone", "base", "base_output", "pooling", "progressive", "base_lr_multiplier",
-    "feature_cache", "lr_schedule",
+    "feature_cache", "lr_schedule", "mixed_precision",
 )  # fmt: skip
 
 

@@ -13,6 +13,7 @@ there is no silent fallback.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -197,11 +198,7 @@ def default_jit_compile(strategy: tf.distribute.Strategy, requested: str | bool 
         strategy: the run's strategy.
         requested: "auto", or an explicit True/False (or "true"/"false") that wins.
     """
-    if isinstance(requested, bool):
-        return requested
-    if requested in ("true", "false"):
-        return requested == "true"
-    return is_tpu(strategy) or uses_gpu(strategy)
+    return device_settings(device_kind(strategy), jit_compile=requested).jit_compile
 
 
 def describe(strategy: tf.distribute.Strategy) -> str:
@@ -213,3 +210,71 @@ def describe(strategy: tf.distribute.Strategy) -> str:
     else:
         name = type(strategy).__name__
     return f"{name} with {strategy.num_replicas_in_sync} replica(s)"
+
+
+TPU_STEPS_PER_EXECUTION = 32  # amortises the host round trip of each TPU call
+MIXED_PRECISION = ("off", "auto", "bfloat16", "float16")
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceSettings:
+    """What a kind of device asks of the pipeline and the model.
+
+    Attributes:
+        kind: "tpu", "gpu" or "cpu".
+        drop_remainder: static batch shapes (TPUs compile one program per shape).
+        steps_per_execution: training steps per call into the compiled graph.
+        dtype_policy: Keras dtype policy; the builders keep each output layer in float32.
+        jit_compile: XLA.
+    """
+
+    kind: str
+    drop_remainder: bool
+    steps_per_execution: int
+    dtype_policy: str
+    jit_compile: bool
+
+
+def device_kind(strategy: tf.distribute.Strategy) -> str:
+    """"tpu", "gpu" or "cpu": where the strategy computes."""
+    return "tpu" if is_tpu(strategy) else "gpu" if uses_gpu(strategy) else "cpu"
+
+
+def device_settings(
+    kind: str,
+    *,
+    steps_per_execution: int | None = None,
+    mixed_precision: str = "off",
+    jit_compile: str | bool = "auto",
+) -> DeviceSettings:
+    """The settings for a kind of device; explicit values win over the device's defaults.
+
+    Args:
+        kind: "tpu", "gpu" or "cpu".
+        steps_per_execution: None for the device's default (32 on TPU, else 1).
+        mixed_precision: "off"; "auto" (bfloat16 on TPU, float16 on GPU, off on CPU, where
+            neither is faster); or "bfloat16" / "float16" explicitly.
+        jit_compile: "auto" (on for TPU and GPU), or True / False.
+
+    Raises:
+        ConfigError: for an unknown mixed_precision value.
+    """
+    if mixed_precision not in MIXED_PRECISION:
+        raise ConfigError(
+            f"mixed_precision must be one of {', '.join(MIXED_PRECISION)}. Received: mixed_precision={mixed_precision}"
+        )
+    auto_policy = {"tpu": "mixed_bfloat16", "gpu": "mixed_float16", "cpu": "float32"}[kind]
+    policy = {"off": "float32", "auto": auto_policy, "bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}[
+        mixed_precision
+    ]
+    if isinstance(jit_compile, bool) or jit_compile in ("true", "false"):
+        jit = jit_compile if isinstance(jit_compile, bool) else jit_compile == "true"
+    else:
+        jit = kind in ("tpu", "gpu")
+    return DeviceSettings(
+        kind=kind,
+        drop_remainder=kind == "tpu",
+        steps_per_execution=steps_per_execution or (TPU_STEPS_PER_EXECUTION if kind == "tpu" else 1),
+        dtype_policy=policy,
+        jit_compile=jit,
+    )

@@ -34,9 +34,11 @@ from kerastune_flow import models
 from kerastune_flow.config import Config
 from kerastune_flow.errors import ConfigError, DataError, RunDirError
 from kerastune_flow.strategy import (
+    DeviceSettings,
     barrier,
-    default_jit_compile,
     describe,
+    device_kind,
+    device_settings,
     get_strategy,
     global_batch_size,
     is_chief,
@@ -586,10 +588,21 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, overwrite: bool =
         run_dir, resumed = _worker_run_dir(Path(workdir)), False
     if resumed:
         log.info("Found a backup in %s: resuming the interrupted run", run_dir)
+    t = config.train
+    settings = device_settings(
+        device_kind(strategy),
+        steps_per_execution=t.steps_per_execution,
+        mixed_precision=t.mixed_precision,
+        jit_compile=t.jit_compile,
+    )
+    config = dataclasses.replace(config, train=dataclasses.replace(t, steps_per_execution=settings.steps_per_execution))
+    previous_policy = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(settings.dtype_policy)
     try:
         with cb.interrupt_guard():
-            return _train_and_evaluate(config, run_dir, strategy, resumed)
+            return _train_and_evaluate(config, run_dir, strategy, resumed, settings)
     finally:
+        keras.config.set_dtype_policy(previous_policy)
         if not is_chief(strategy):
             shutil.rmtree(run_dir, ignore_errors=True)
 
@@ -606,10 +619,16 @@ def _worker_run_dir(chief_dir: Path) -> Path:
 
 
 def _train_and_evaluate(
-    config: Config, run_dir: Path, strategy: tf.distribute.Strategy, resumed: bool
+    config: Config, run_dir: Path, strategy: tf.distribute.Strategy, resumed: bool, settings: DeviceSettings
 ) -> RunResult:
-    jit_compile = default_jit_compile(strategy, config.train.jit_compile)
-    log.info("Strategy: %s; XLA %s", describe(strategy), "on" if jit_compile else "off")
+    jit_compile = settings.jit_compile
+    log.info(
+        "Strategy: %s; XLA %s; %s; %d step(s) per execution",
+        describe(strategy),
+        "on" if jit_compile else "off",
+        settings.dtype_policy,
+        settings.steps_per_execution,
+    )
 
     base = load_base(config)
     splits = load_splits(config, base)
@@ -638,6 +657,7 @@ def _train_and_evaluate(
         "replicas": strategy.num_replicas_in_sync,
         "global_batch_size": global_batch_size(config.data.batch_size, strategy),
         "jit_compile": jit_compile,
+        "device": dataclasses.asdict(settings),
         "versions": _versions(),
     }
     cb.atomic_write_json(run_dir / CONFIG_JSON, metadata)

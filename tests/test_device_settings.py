@@ -1,0 +1,88 @@
+"""TPU and GPU settings, tested for the choices they make on the CPU (no accelerator here)."""
+
+import json
+
+import keras
+import numpy as np
+import pytest
+
+from kerastune_flow import data, models, train
+from kerastune_flow.config import make_config
+from kerastune_flow.errors import ConfigError
+from kerastune_flow.strategy import TPU_STEPS_PER_EXECUTION, device_settings
+
+
+@pytest.mark.parametrize(
+    "kind, drop, steps, policy, jit",
+    [
+        ("tpu", True, TPU_STEPS_PER_EXECUTION, "float32", True),
+        ("gpu", False, 1, "float32", True),
+        ("cpu", False, 1, "float32", False),
+    ],
+)
+def test_device_defaults(kind, drop, steps, policy, jit):
+    s = device_settings(kind)
+    assert (s.drop_remainder, s.steps_per_execution, s.dtype_policy, s.jit_compile) == (drop, steps, policy, jit)
+
+
+@pytest.mark.parametrize(
+    "kind, policy", [("tpu", "mixed_bfloat16"), ("gpu", "mixed_float16"), ("cpu", "float32")]
+)
+def test_auto_mixed_precision_per_device(kind, policy):
+    assert device_settings(kind, mixed_precision="auto").dtype_policy == policy
+
+
+def test_explicit_settings_win():
+    s = device_settings("tpu", steps_per_execution=8, mixed_precision="off", jit_compile=False)
+    assert (s.steps_per_execution, s.dtype_policy, s.jit_compile) == (8, "float32", False)
+    assert device_settings("cpu", mixed_precision="bfloat16").dtype_policy == "mixed_bfloat16"
+    with pytest.raises(ConfigError, match="mixed_precision"):
+        device_settings("cpu", mixed_precision="int8")
+
+
+@pytest.fixture
+def restore_policy():
+    previous = keras.config.dtype_policy()
+    yield
+    keras.config.set_dtype_policy(previous)
+
+
+@pytest.mark.parametrize("builder", [models.build_scratch_mlp, models.build_cifar10_cnn])
+def test_mixed_bfloat16_keeps_the_output_layer_in_float32(builder, restore_policy):
+    keras.config.set_dtype_policy("mixed_bfloat16")
+    model = builder(input_shape=(32, 32, 3))
+    hidden = [layer for layer in model.layers if layer.weights][:-1]
+    assert all(layer.compute_dtype == "bfloat16" and layer.variable_dtype == "float32" for layer in hidden)
+    assert model.layers[-1].compute_dtype == "float32"
+    out = model(np.zeros((2, 32, 32, 3), "float32"))
+    assert out.dtype == "float32"
+
+
+def test_mixed_float16_transfer_head_outputs_float32(restore_policy):
+    keras.config.set_dtype_policy("mixed_float16")
+    model = models.build_vgg16_feature_extractor(input_shape=(32, 32, 3), weights=None, num_classes=3)
+    assert models.find_base(model).get_layer("block1_conv1").compute_dtype == "float16"
+    assert model.get_layer("predictions").compute_dtype == "float32"
+    assert type(model.optimizer).__name__ == "LossScaleOptimizer"  # Keras adds loss scaling for float16
+
+
+def test_tpu_pipelines_have_static_batch_shapes(image_folder):
+    splits = data.load_data(str(image_folder))
+    ds = data.prepare(splits.train, batch_size=8, training=True, drop_remainder=device_settings("tpu").drop_remainder)
+    images, labels = ds.element_spec
+    assert images.shape.as_list() == [8, 32, 32, 3] and labels.shape.as_list() == [8]
+    cpu = data.prepare(splits.train, batch_size=8, training=True, drop_remainder=device_settings("cpu").drop_remainder)
+    assert cpu.element_spec[0].shape.as_list()[0] is None
+
+
+def test_a_bfloat16_run_on_the_cpu_trains_and_restores_the_policy(image_folder, tmp_path):
+    before = keras.config.dtype_policy().name
+    config = make_config(
+        "cifar10_cnn", "smoke", data=str(image_folder), mixed_precision="bfloat16", steps_per_execution=2
+    )
+    result = train.train_and_evaluate(config, tmp_path / "run")
+    meta = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert meta["device"]["dtype_policy"] == "mixed_bfloat16" and meta["device"]["steps_per_execution"] == 2
+    assert result.model.get_layer("conv_1").compute_dtype == "bfloat16"
+    assert np.isfinite(result.test_metrics["loss"])
+    assert keras.config.dtype_policy().name == before
