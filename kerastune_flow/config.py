@@ -42,6 +42,7 @@ class DataConfig:
     data_dir: str | None = None  # tfds data directory
     manual_dir: str | None = None  # local archives for tfds, no download
     max_examples: int | None = None  # cap on each split, for smoke runs
+    train_fraction: float = 1.0  # share of the training split to use (data-size sweeps)
     cache: str = "auto"
 
 
@@ -210,6 +211,7 @@ def validate(config: Config) -> None:
             d.validation_fraction + d.test_fraction,
         ),
         (d.max_examples is None or d.max_examples >= 1, "max_examples must be at least 1", d.max_examples),
+        (0 < d.train_fraction <= 1, "train_fraction must be in (0, 1]", d.train_fraction),
         (d.cache in CACHE_POLICIES, f"cache must be one of {', '.join(CACHE_POLICIES)}", d.cache),
         (m.learning_rate > 0, "learning_rate must be positive", m.learning_rate),
         (m.finetune_learning_rate > 0, "finetune_learning_rate must be positive", m.finetune_learning_rate),

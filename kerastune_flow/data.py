@@ -85,6 +85,7 @@ def load_data(
     data_dir: str | None = None,
     manual_dir: str | None = None,
     max_examples: int | None = None,
+    train_fraction: float = 1.0,
     seed: int = 0,
 ) -> DataSplits:
     """Loads a tfds data set by name or an image folder by path.
@@ -100,6 +101,8 @@ def load_data(
         data_dir: tfds data directory (default ~/tensorflow_datasets).
         manual_dir: folder with the original archives, so tfds prepares without a download.
         max_examples: keep at most this many examples of each split (smoke runs).
+        train_fraction: keep this share of the training split (data-size sweeps); the
+            validation and test splits stay whole, so results stay comparable.
         seed: seeds the split of a folder without train/ and test/.
 
     Returns:
@@ -131,6 +134,10 @@ def load_data(
         for name in ("train", "validation", "test"):
             setattr(splits, name, getattr(splits, name).take(max_examples))
             splits.sizes[name] = min(splits.sizes[name], max_examples)
+    if train_fraction < 1.0:
+        keep = max(1, int(round(splits.sizes["train"] * train_fraction)))
+        splits.train = splits.train.take(keep)  # the split is shuffled across classes already
+        splits.sizes["train"] = keep
     return splits
 
 

@@ -63,6 +63,13 @@ def _weights(text: str) -> str:
     return text.lower() if text.lower() in ("none", "imagenet") else text
 
 
+def _fractions(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(p) for p in text.split(",") if p.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected fractions such as 0.1,0.3,1.0, not {text!r}") from None
+
+
 def _bool(text: str) -> str:
     if text.lower() not in ("auto", "true", "false"):
         raise argparse.ArgumentTypeError(f"expected auto, true or false, not {text!r}")
@@ -182,6 +189,32 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--overwrite", action="store_true", help="replace a finished run in --run-dir")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
 
+    comp = sub.add_parser(
+        "compare",
+        help="train from scratch, feature extraction and fine-tuning on the same data, and report",
+        description="Trains each approach on the same split and budget, then writes report.md, a self-contained "
+        "report.html and results.json in --run-dir, with a recommendation computed from the measured numbers.",
+    )
+    comp.add_argument("--data", required=True, help="tfds name or image folder, as for train")
+    comp.add_argument("--approaches", type=_augment, default=("scratch", "features", "finetune"),
+                      help="comma list of scratch, features, finetune (default all)")  # fmt: skip
+    comp.add_argument("--train-fraction", type=_fractions, default=(1.0,),
+                      help="comma list of shares of the training data, e.g. 0.1,0.3,1.0 (a data-size sweep)")  # fmt: skip
+    comp.add_argument("--run-dir", help="output folder (default runs/compare-DATE-TIME)")
+    comp.add_argument("--preset", default="reference", choices=list(PRESETS))
+    comp.add_argument("--backbone", choices=BACKBONE_NAMES)
+    comp.add_argument("--base", help="your own pre-trained model (a .keras file or a run directory)")
+    comp.add_argument("--base-output", help="the layer of --base to cut at")
+    comp.add_argument("--weights", type=_weights, help="imagenet (default), none, or a local file")
+    comp.add_argument("--image-size", type=_image_size)
+    comp.add_argument("--batch-size", type=int)
+    comp.add_argument("--epochs", type=int, help="max epochs per approach (stage 2 of the fine-tune)")
+    comp.add_argument("--head-epochs", type=int)
+    comp.add_argument("--patience", type=int)
+    comp.add_argument("--seed", type=int)
+    comp.add_argument("--max-examples", type=int)
+    comp.add_argument("--strategy", choices=STRATEGY_NAMES)
+
     evaluate = sub.add_parser("evaluate", help="test metrics of a saved model, as JSON")
     evaluate.add_argument("model", metavar="RUN_DIR_OR_MODEL")
     evaluate.add_argument("--data", required=True, help="tfds name or image folder; its test split is used")
@@ -238,6 +271,31 @@ def _cmd_train(args) -> int:
     return 0
 
 
+_COMPARE_FIELDS = (
+    "backbone", "base", "base_output", "weights", "image_size", "batch_size", "epochs", "head_epochs",
+    "patience", "seed", "max_examples", "strategy",
+)  # fmt: skip
+
+
+def _cmd_compare(args) -> int:
+    from kerastune_flow.compare import compare
+
+    overrides = {name: getattr(args, name) for name in _COMPARE_FIELDS if getattr(args, name) is not None}
+    run_dir = args.run_dir or os.path.join("runs", f"compare-{time.strftime('%Y%m%d-%H%M%S')}")
+    with contextlib.redirect_stdout(sys.stderr):
+        report = compare(
+            args.data,
+            run_dir,
+            approaches=args.approaches,
+            train_fractions=args.train_fraction,
+            preset=args.preset,
+            **overrides,
+        )
+    print("\n".join(report["recommendation"]))
+    print(f"report: {os.path.join(run_dir, 'report.html')}")
+    return 0
+
+
 def _cmd_evaluate(args) -> int:
     from kerastune_flow.train import evaluate_saved
 
@@ -280,7 +338,13 @@ def _cmd_predict(args) -> int:
     return 0
 
 
-COMMANDS = {"list": _cmd_list, "train": _cmd_train, "evaluate": _cmd_evaluate, "predict": _cmd_predict}
+COMMANDS = {
+    "list": _cmd_list,
+    "train": _cmd_train,
+    "compare": _cmd_compare,
+    "evaluate": _cmd_evaluate,
+    "predict": _cmd_predict,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -259,6 +259,7 @@ def load_splits(config: Config, base: keras.Model | None = None) -> data_lib.Dat
         data_dir=d.data_dir,
         manual_dir=d.manual_dir,
         max_examples=d.max_examples,
+        train_fraction=d.train_fraction,
         seed=config.train.seed,
     )
 

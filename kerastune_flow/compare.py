@@ -1,0 +1,434 @@
+"""`compare`: from scratch vs feature extraction vs fine-tuning, measured on the user's data.
+
+Every approach trains on the same train / validation / test split (the same data source, seed
+and fractions) under the same budget rules (max epochs, early stopping), through
+`train_and_evaluate`, each in its own sub-directory of the comparison's directory. The
+comparison then writes:
+
+    results.json      every number below, per approach and training fraction
+    report.md         a recommendation computed from the numbers, then the tables
+    report.html       the same, self-contained (plots inlined), for a browser
+    curves.png        validation accuracy per epoch, every approach overlaid
+    accuracy_vs_time.png, confusion_<approach>.png, and with several fractions sweep.png
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import html
+import json
+import logging
+import math
+import os
+import platform
+import resource
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from kerastune_flow import callbacks as cb
+from kerastune_flow import data as data_lib
+from kerastune_flow import models
+from kerastune_flow.config import Config, make_config
+from kerastune_flow.errors import ConfigError
+from kerastune_flow.train import load_saved, load_splits, train_and_evaluate
+
+log = logging.getLogger(__name__)
+
+APPROACHES = {
+    "scratch": ("cifar10_cnn", "a CNN trained from scratch"),
+    "features": ("vgg16_features", "feature extraction: frozen pre-trained base, new head"),
+    "finetune": ("vgg16_finetune", "staged fine-tune: head first, then the top of the base"),
+}
+
+
+@dataclasses.dataclass
+class ApproachResult:
+    """One trained approach at one training fraction."""
+
+    approach: str
+    fraction: float
+    run_dir: str
+    train_images: int
+    test_accuracy: float
+    test_loss: float
+    best_epoch: int | None
+    epochs_run: int
+    train_seconds: float
+    seconds_per_epoch: float
+    trainable_params: int
+    total_params: int
+    peak_rss_mb: float
+    examples_seen: int
+    confusion: list[list[int]]
+    history: list[dict[str, Any]]
+    source_accuracy_after: float | None = None
+
+
+def _peak_rss_mb() -> float:
+    # ru_maxrss is in KiB on Linux: the process's peak so far (it never goes down)
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def _confusion(model: keras.Model, config: Config, head: models.Head, num_classes: int) -> list[list[int]]:
+    splits = load_splits(config, models.cut_base(config.model.base, config.model.base_output) if config.model.base else None)
+    test = data_lib.prepare(splits.test, batch_size=64, label_mode="int", num_classes=num_classes, cache=False)
+    from kerastune_flow.train import probabilities
+
+    matrix = np.zeros((num_classes, num_classes), dtype=int)
+    for images, labels in test:
+        predicted = probabilities(model.predict(images, verbose=0), head).argmax(axis=1)
+        for t, p in zip(labels.numpy(), predicted):
+            matrix[t, p] += 1
+    return matrix.tolist()
+
+
+def source_accuracy(source: str | Path, base: keras.Model | None = None) -> float | None:
+    """Accuracy of a pre-trained run on its own test data, optionally with the layers of a
+    (fine-tuned) base copied in: the forgetting the articles warn about, measured.
+
+    Returns None when the run directory does not say what its data was.
+    """
+    saved = load_saved(source)
+    if saved.config is None:
+        return None
+    model = saved.model
+    if base is not None:
+        for layer in base.layers:
+            if layer.weights and layer.name in {l.name for l in model.layers}:
+                model.get_layer(layer.name).set_weights(layer.get_weights())
+    cfg = saved.config
+    splits = data_lib.load_data(
+        cfg.data.data,
+        image_size=saved.image_shape[:2],
+        channels=saved.image_shape[2],
+        validation_fraction=cfg.data.validation_fraction,
+        test_fraction=cfg.data.test_fraction,
+        data_dir=cfg.data.data_dir,
+        manual_dir=cfg.data.manual_dir,
+        max_examples=cfg.data.max_examples,
+        seed=cfg.train.seed,
+    )
+    test = data_lib.prepare(
+        splits.test, batch_size=64, label_mode=saved.head.label_mode, num_classes=len(saved.class_names), cache=False
+    )
+    return float(model.evaluate(test, verbose=0, return_dict=True)["accuracy"])
+
+
+def compare(
+    data: str,
+    run_dir: str | Path,
+    *,
+    approaches: Sequence[str] = tuple(APPROACHES),
+    train_fractions: Sequence[float] = (1.0,),
+    preset: str = "reference",
+    **overrides: Any,
+) -> dict[str, Any]:
+    """Trains each approach on the same split and budget and writes the report.
+
+    Args:
+        data: a tfds name or an image folder, as for `train`.
+        run_dir: the comparison's directory; each approach gets a sub-directory.
+        approaches: any of "scratch", "features", "finetune".
+        train_fractions: shares of the training split, for a data-size sweep.
+        preset: a config preset ("smoke" for a tiny run).
+        **overrides: config fields shared by every approach (epochs, head_epochs, batch_size,
+            image_size, backbone, base, base_output, weights, patience, seed, ...).
+
+    Returns:
+        The content of results.json.
+
+    Raises:
+        ConfigError: for an unknown approach or a fraction outside (0, 1].
+    """
+    unknown = [a for a in approaches if a not in APPROACHES]
+    if unknown:
+        raise ConfigError(f"Unknown approach {unknown[0]!r}; choose from {', '.join(APPROACHES)}. Received: {unknown}")
+    if not train_fractions or any(not 0 < f <= 1 for f in train_fractions):
+        raise ConfigError(f"Training fractions must lie in (0, 1]. Received: {list(train_fractions)}")
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    base = overrides.get("base")
+    results: list[ApproachResult] = []
+    total = len(approaches) * len(train_fractions)
+    source_before = source_accuracy(base) if base and Path(base).is_dir() else None
+    # The same images and batches for every approach: the base's input size when there is a
+    # base, else the transfer recipes' size; one batch size.
+    common = dict(overrides)
+    if base and not common.get("image_size"):
+        common["image_size"] = tuple(models.cut_base(base, overrides.get("base_output")).input_shape[1:3])
+    common.setdefault("image_size", make_config("vgg16_features", preset).data.image_size)
+    common.setdefault("batch_size", make_config("vgg16_features", preset).data.batch_size)
+    step = 0
+    for fraction in sorted(train_fractions):
+        for approach in approaches:
+            step += 1
+            recipe, _ = APPROACHES[approach]
+            shared = dict(common)
+            if approach == "scratch":
+                shared.pop("base", None)
+                shared.pop("base_output", None)
+            config = make_config(recipe, preset, data=data, train_fraction=fraction, **shared)
+            name = approach if len(train_fractions) == 1 else f"{approach}_{fraction:g}"
+            log.info("[%d/%d] %s (%s), %g of the training data: starting", step, total, approach, recipe, fraction)
+            run = train_and_evaluate(config, run_dir / name, overwrite=True)
+            meta = json.loads((run.run_dir / "config.json").read_text())
+            head = models.Head(**meta["head"])
+            epoch_times = [r["epoch_seconds"] for r in run.history if "epoch_seconds" in r]
+            after = None
+            if approach == "finetune" and source_before is not None:
+                after = source_accuracy(base, models.find_base(run.model))
+            result = ApproachResult(
+                approach=approach,
+                fraction=fraction,
+                run_dir=str(run.run_dir),
+                train_images=meta["sizes"]["train"],
+                test_accuracy=run.test_metrics["accuracy"],
+                test_loss=run.test_metrics["loss"],
+                best_epoch=run.results["best_epoch"],
+                epochs_run=run.results["epochs_run"],
+                train_seconds=run.results["train_seconds"],
+                seconds_per_epoch=round(float(np.mean(epoch_times)), 3) if epoch_times else math.nan,
+                trainable_params=run.results["trainable_params"],
+                total_params=run.results["total_params"],
+                peak_rss_mb=_peak_rss_mb(),
+                examples_seen=run.results["examples_seen"],
+                confusion=_confusion(run.model, config, head, len(meta["class_names"])),
+                history=run.history,
+                source_accuracy_after=after,
+            )
+            results.append(result)
+            log.info(
+                "[%d/%d] %s: test accuracy %.4f in %.1f s (%d epochs)",
+                step,
+                total,
+                approach,
+                result.test_accuracy,
+                result.train_seconds,
+                result.epochs_run,
+            )
+            keras.backend.clear_session()
+    class_names = json.loads((Path(results[0].run_dir) / "config.json").read_text())["class_names"]
+    weights = overrides.get("weights", make_config("vgg16_features", preset).model.weights)
+    report = {
+        "data": data,
+        "class_names": class_names,
+        "hardware": _hardware(),
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "pretrained": _pretrained_description(base, weights),
+        "meaningful": bool(base) or weights not in (None, "none"),
+        "source_accuracy_before": source_before,
+        "results": [dataclasses.asdict(r) for r in results],
+    }
+    report["recommendation"] = recommend(report)
+    cb.atomic_write_json(run_dir / "results.json", report)
+    write_report(report, run_dir)
+    return report
+
+
+def _hardware() -> str:
+    gpus = tf.config.list_physical_devices("GPU")
+    accel = f"{len(gpus)} GPU(s)" if gpus else "no GPU or TPU"
+    return f"{platform.machine()}, {os.cpu_count()} CPU cores, {accel}; TensorFlow {tf.__version__}, Keras {keras.__version__}"
+
+
+def _pretrained_description(base: str | None, weights: str | None) -> str:
+    if base:
+        return f"the user's own pre-trained model {base}"
+    if weights in (None, "none"):
+        return "none: the backbone has random weights"
+    return f"{weights} weights"
+
+
+def recommend(report: dict[str, Any]) -> list[str]:
+    """Sentences computed from the measured numbers (never canned text)."""
+    rows = report["results"]
+    full = max(r["fraction"] for r in rows)
+    at_full = [r for r in rows if r["fraction"] == full]
+    best = max(at_full, key=lambda r: r["test_accuracy"])
+    fastest = max(at_full, key=lambda r: r["test_accuracy"] / max(r["train_seconds"] / 60, 1e-9))
+    lines = [
+        f"Best test accuracy: {best['approach']} with {100 * best['test_accuracy']:.1f} % "
+        f"({best['train_images']} training images, {best['train_seconds']:.0f} s of training).",
+        f"Most accuracy per minute of training: {fastest['approach']} "
+        f"({100 * fastest['test_accuracy']:.1f} % in {fastest['train_seconds']:.0f} s).",
+    ]
+    others = [r for r in at_full if r is not best]
+    if others:
+        runner = max(others, key=lambda r: r["test_accuracy"])
+        gap = 100 * (best["test_accuracy"] - runner["test_accuracy"])
+        if gap < 0.05:
+            lines.append(f"{best['approach']} and {runner['approach']} tie on test accuracy.")
+        else:
+            lines.append(f"{best['approach']} beats {runner['approach']} by {gap:.1f} points of accuracy.")
+    fractions = sorted({r["fraction"] for r in rows})
+    if len(fractions) > 1 and any(r["approach"] == "scratch" for r in rows):
+        crossing = None
+        for f in fractions:
+            at = {r["approach"]: r for r in rows if r["fraction"] == f}
+            transfer = [r["test_accuracy"] for a, r in at.items() if a != "scratch"]
+            if "scratch" in at and transfer and at["scratch"]["test_accuracy"] >= max(transfer):
+                crossing = at["scratch"]
+                break
+        if crossing is None:
+            lines.append("Transfer beat training from scratch at every data size measured.")
+        else:
+            lines.append(
+                f"Transfer stops helping at about {crossing['train_images']} training images "
+                f"({crossing['fraction']:g} of the data): from there the CNN from scratch is as good or better."
+            )
+    if not report["meaningful"]:
+        lines.append(
+            "Caution: no pre-trained weights were available, so the transfer rows start from random weights; "
+            "this comparison says nothing about transfer learning."
+        )
+    if report.get("source_accuracy_before") is not None:
+        after = [r for r in at_full if r["source_accuracy_after"] is not None]
+        for r in after:
+            lines.append(
+                f"Forgetting: on its own task the base went from {100 * report['source_accuracy_before']:.1f} % to "
+                f"{100 * r['source_accuracy_after']:.1f} % after {r['approach']}; feature extraction leaves it unchanged."
+            )
+    return lines
+
+
+# --------------------------------------------------------------------------- report
+
+
+def _plots(report: dict[str, Any], run_dir: Path) -> dict[str, Path]:
+    from matplotlib.figure import Figure
+
+    rows = report["results"]
+    full = max(r["fraction"] for r in rows)
+    at_full = [r for r in rows if r["fraction"] == full]
+    paths = {}
+
+    fig = Figure(figsize=(7, 4), layout="constrained")
+    ax = fig.subplots()
+    for r in at_full:
+        xs = [h["epoch"] + 1 for h in r["history"]]
+        key = "val_accuracy" if any("val_accuracy" in h for h in r["history"]) else "accuracy"
+        ax.plot(xs, [h.get(key, np.nan) for h in r["history"]], "-o", markersize=3, label=r["approach"])
+    ax.set(xlabel="epoch", ylabel="validation accuracy", title="Learning curves")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    paths["curves"] = run_dir / "curves.png"
+    fig.savefig(paths["curves"], dpi=100)
+
+    fig = Figure(figsize=(6, 4), layout="constrained")
+    ax = fig.subplots()
+    for r in at_full:
+        ax.scatter(r["train_seconds"], 100 * r["test_accuracy"], s=60)
+        ax.annotate(r["approach"], (r["train_seconds"], 100 * r["test_accuracy"]), xytext=(5, 5), textcoords="offset points")
+    ax.set(xlabel="training time (s)", ylabel="test accuracy (%)", title="Accuracy vs time")
+    ax.grid(alpha=0.3)
+    paths["accuracy_vs_time"] = run_dir / "accuracy_vs_time.png"
+    fig.savefig(paths["accuracy_vs_time"], dpi=100)
+
+    names = report["class_names"]
+    for r in at_full:
+        fig = Figure(figsize=(1.2 + 0.5 * len(names), 1 + 0.45 * len(names)), layout="constrained")
+        ax = fig.subplots()
+        matrix = np.array(r["confusion"])
+        ax.imshow(matrix, cmap="Blues")
+        for (i, j), v in np.ndenumerate(matrix):
+            ax.text(j, i, str(v), ha="center", va="center", fontsize=8)
+        ax.set(xticks=range(len(names)), yticks=range(len(names)), xlabel="predicted", ylabel="true",
+               title=f"{r['approach']}: {100 * r['test_accuracy']:.1f} %")  # fmt: skip
+        ax.set_xticklabels(names, rotation=45, ha="right", fontsize=8)
+        ax.set_yticklabels(names, fontsize=8)
+        paths[f"confusion_{r['approach']}"] = run_dir / f"confusion_{r['approach']}.png"
+        fig.savefig(paths[f"confusion_{r['approach']}"], dpi=100)
+
+    if len({r["fraction"] for r in rows}) > 1:
+        fig = Figure(figsize=(6, 4), layout="constrained")
+        ax = fig.subplots()
+        for approach in dict.fromkeys(r["approach"] for r in rows):
+            points = sorted((r["train_images"], 100 * r["test_accuracy"]) for r in rows if r["approach"] == approach)
+            ax.plot(*zip(*points), "-o", label=approach)
+        ax.set(xlabel="training images", ylabel="test accuracy (%)", title="Accuracy vs data size")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        paths["sweep"] = run_dir / "sweep.png"
+        fig.savefig(paths["sweep"], dpi=100)
+    return paths
+
+
+_COLUMNS = (
+    ("approach", "approach", "{}"),
+    ("fraction", "data", "{:g}"),
+    ("train_images", "train images", "{}"),
+    ("test_accuracy", "test accuracy", "{:.4f}"),
+    ("test_loss", "test loss", "{:.4f}"),
+    ("best_epoch", "best epoch", "{}"),
+    ("epochs_run", "epochs", "{}"),
+    ("train_seconds", "wall time s", "{:.1f}"),
+    ("seconds_per_epoch", "s / epoch", "{:.2f}"),
+    ("trainable_params", "trainable params", "{:,}"),
+    ("total_params", "total params", "{:,}"),
+    ("peak_rss_mb", "peak RSS MB", "{:.0f}"),
+    ("examples_seen", "examples seen", "{:,}"),
+)
+
+
+def _table_rows(report: dict[str, Any]) -> list[list[str]]:
+    return [[fmt.format(r[key]) if r[key] is not None else "-" for key, _, fmt in _COLUMNS] for r in report["results"]]
+
+
+def write_report(report: dict[str, Any], run_dir: str | Path) -> tuple[Path, Path]:
+    """Writes report.md and a self-contained report.html (plots inlined as data URIs)."""
+    run_dir = Path(run_dir)
+    plots = _plots(report, run_dir)
+    header = [title for _, title, _ in _COLUMNS]
+    rows = _table_rows(report)
+    caution = "" if report["meaningful"] else (
+        "\n**This comparison is meaningless for transfer learning: no pre-trained weights were "
+        "available, so the transfer approaches started from random weights.**\n"
+    )  # fmt: skip
+    md = [
+        f"# Comparison on {report['data']}",
+        "",
+        *[f"- {line}" for line in report["recommendation"]],
+        caution,
+        f"Hardware: {report['hardware']}. Pre-trained weights: {report['pretrained']}. Date: {report['date']}.",
+        "",
+        "| " + " | ".join(header) + " |",
+        "| " + " | ".join("---" for _ in header) + " |",
+        *["| " + " | ".join(row) + " |" for row in rows],
+        "",
+        "Peak RSS is the process's peak resident memory so far (it never decreases), after each approach.",
+        "",
+    ]
+    md += [f"![{name}]({path.name})" for name, path in plots.items()]
+    md_path = run_dir / "report.md"
+    cb.atomic_write_text(md_path, "\n".join(md) + "\n")
+
+    def img(path: Path) -> str:
+        encoded = base64.b64encode(path.read_bytes()).decode("ascii")
+        return f'<img alt="{html.escape(path.stem)}" src="data:image/png;base64,{encoded}">'
+
+    body = [
+        f"<h1>Comparison on {html.escape(report['data'])}</h1>",
+        "<ul>" + "".join(f"<li>{html.escape(line)}</li>" for line in report["recommendation"]) + "</ul>",
+        f"<p class='caution'><strong>{html.escape(caution.strip(' *'))}</strong></p>" if caution else "",
+        f"<p>Hardware: {html.escape(report['hardware'])}. Pre-trained weights: "
+        f"{html.escape(report['pretrained'])}. Date: {html.escape(report['date'])}.</p>",
+        "<table><thead><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr></thead><tbody>",
+        *["<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows],
+        "</tbody></table>",
+        *[f"<figure>{img(path)}<figcaption>{html.escape(name)}</figcaption></figure>" for name, path in plots.items()],
+    ]
+    page = (
+        "<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'><title>kerastune_flow comparison</title>"
+        "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse}"
+        "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}.caution{color:#a00}"
+        "figure{display:inline-block;margin:1em}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n"
+    )
+    html_path = run_dir / "report.html"
+    cb.atomic_write_text(html_path, page)
+    return md_path, html_path

@@ -1,0 +1,105 @@
+"""`compare` on tiny generated data: every approach runs, the report files exist and parse, and the
+numbers in them are the runs' own."""
+
+import json
+from html.parser import HTMLParser
+
+import pytest
+
+from kerastune_flow import compare as compare_lib
+from kerastune_flow import run, train
+from kerastune_flow.config import make_config
+from kerastune_flow.errors import ConfigError
+
+
+class _Collector(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.tags, self.cells, self.images = [], [], []
+        self._in_cell = False
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append(tag)
+        self._in_cell = tag == "td"
+        if tag == "img":
+            self.images.append(dict(attrs)["src"])
+
+    def handle_data(self, data):
+        if self._in_cell:
+            self.cells.append(data)
+            self._in_cell = False
+
+
+def test_compare_with_a_data_size_sweep(image_folder, tmp_path):
+    report = compare_lib.compare(
+        str(image_folder), tmp_path / "cmp", preset="smoke", train_fractions=(0.5, 1.0), epochs=2, head_epochs=1
+    )
+    out = tmp_path / "cmp"
+    for name in ("results.json", "report.md", "report.html", "curves.png", "accuracy_vs_time.png", "sweep.png"):
+        assert (out / name).is_file(), name
+    for approach in compare_lib.APPROACHES:
+        assert (out / f"confusion_{approach}.png").is_file()
+
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["recommendation"] == report["recommendation"]
+    rows = saved["results"]
+    assert sorted((r["approach"], r["fraction"]) for r in rows) == sorted(
+        (a, f) for a in compare_lib.APPROACHES for f in (0.5, 1.0)
+    )  # one point per fraction and approach
+    for r in rows:  # the numbers are the runs' own
+        own = json.loads((out / f"{r['approach']}_{r['fraction']:g}" / "results.json").read_text())
+        assert r["test_accuracy"] == own["test"]["accuracy"] and r["train_seconds"] == own["train_seconds"]
+        assert r["trainable_params"] == own["trainable_params"]
+        assert sum(map(sum, r["confusion"])) == 3  # every test image counted once
+    half = {r["approach"]: r["train_images"] for r in rows if r["fraction"] == 0.5}
+    full = {r["approach"]: r["train_images"] for r in rows if r["fraction"] == 1.0}
+    assert all(half[a] < full[a] for a in half)
+    assert len({r["train_images"] for r in rows if r["fraction"] == 1.0}) == 1  # the same split for all
+
+    assert report["meaningful"] is False  # weights none and no base: random-weight "transfer"
+    markdown = (out / "report.md").read_text()
+    assert "meaningless" in markdown and "| finetune | 0.5 |" in markdown
+    best = max((r for r in rows if r["fraction"] == 1.0), key=lambda r: r["test_accuracy"])
+    assert f"{100 * best['test_accuracy']:.1f} %" in report["recommendation"][0]
+
+    page = _Collector()
+    page.feed((out / "report.html").read_text())
+    assert page.tags.count("tr") == 1 + len(rows)
+    assert len(page.images) >= 6 and all(src.startswith("data:image/png;base64,") for src in page.images)
+
+
+def test_compare_with_the_users_base_measures_forgetting(image_folder, tmp_path):
+    train.train_and_evaluate(make_config("cifar10_cnn", "smoke", data=str(image_folder)), tmp_path / "source")
+    report = compare_lib.compare(
+        str(image_folder),
+        tmp_path / "cmp",
+        approaches=("features", "finetune"),
+        preset="smoke",
+        base=str(tmp_path / "source"),
+        base_output="dense",
+        epochs=1,
+        head_epochs=1,
+    )
+    assert report["meaningful"] is True and "pre-trained model" in report["pretrained"]
+    before = json.loads((tmp_path / "source" / "results.json").read_text())["test"]["accuracy"]
+    assert report["source_accuracy_before"] == pytest.approx(before, abs=1e-6)
+    by_name = {r["approach"]: r for r in report["results"]}
+    assert by_name["features"]["source_accuracy_after"] is None
+    assert 0.0 <= by_name["finetune"]["source_accuracy_after"] <= 1.0
+    assert any(line.startswith("Forgetting:") for line in report["recommendation"])
+
+
+def test_compare_rejects_unknown_approaches_and_fractions(image_folder, tmp_path):
+    with pytest.raises(ConfigError, match="Unknown approach"):
+        compare_lib.compare(str(image_folder), tmp_path, approaches=("zero_shot",))
+    with pytest.raises(ConfigError, match=r"\(0, 1\]"):
+        compare_lib.compare(str(image_folder), tmp_path, train_fractions=(0.0,))
+
+
+def test_compare_from_the_cli(image_folder, tmp_path, capsys):
+    argv = ["compare", "--data", str(image_folder), "--preset", "smoke", "--approaches", "scratch,features",
+            "--epochs", "1", "--run-dir", str(tmp_path / "cmp")]  # fmt: skip
+    assert run.main(argv) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("Best test accuracy:") and str(tmp_path / "cmp" / "report.html") in out
+    assert run.main(["compare", "--data", str(image_folder), "--approaches", "scratch,magic"]) == 2
