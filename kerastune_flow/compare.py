@@ -31,12 +31,13 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from kerastune_flow import analysis
 from kerastune_flow import callbacks as cb
 from kerastune_flow import data as data_lib
 from kerastune_flow import models
-from kerastune_flow.config import Config, make_config
+from kerastune_flow.config import make_config
 from kerastune_flow.errors import ConfigError
-from kerastune_flow.train import load_saved, load_splits, train_and_evaluate
+from kerastune_flow.train import load_saved, train_and_evaluate
 
 log = logging.getLogger(__name__)
 
@@ -75,17 +76,9 @@ def _peak_rss_mb() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
-def _confusion(model: keras.Model, config: Config, head: models.Head, num_classes: int) -> list[list[int]]:
-    splits = load_splits(config, models.cut_base(config.model.base, config.model.base_output) if config.model.base else None)
-    test = data_lib.prepare(splits.test, batch_size=64, label_mode="int", num_classes=num_classes, cache=False)
-    from kerastune_flow.train import probabilities
-
-    matrix = np.zeros((num_classes, num_classes), dtype=int)
-    for images, labels in test:
-        predicted = probabilities(model.predict(images, verbose=0), head).argmax(axis=1)
-        for t, p in zip(labels.numpy(), predicted):
-            matrix[t, p] += 1
-    return matrix.tolist()
+def _confusion(run_dir: Path) -> list[list[int]]:
+    split = analysis.predict_test_split(run_dir)
+    return analysis.confusion_matrix(split.labels, split.predicted, len(split.class_names)).tolist()
 
 
 def source_accuracy(source: str | Path, base: keras.Model | None = None) -> float | None:
@@ -162,8 +155,11 @@ def compare(
     common = dict(overrides)
     if base and not common.get("image_size"):
         common["image_size"] = tuple(models.cut_base(base, overrides.get("base_output")).input_shape[1:3])
-    common.setdefault("image_size", make_config("vgg16_features", preset).data.image_size)
-    common.setdefault("batch_size", make_config("vgg16_features", preset).data.batch_size)
+    defaults = make_config("vgg16_features", preset).data
+    if common.get("image_size") is None:
+        common["image_size"] = defaults.image_size
+    if common.get("batch_size") is None:
+        common["batch_size"] = defaults.batch_size
     step = 0
     for fraction in sorted(train_fractions):
         for approach in approaches:
@@ -178,7 +174,6 @@ def compare(
             log.info("[%d/%d] %s (%s), %g of the training data: starting", step, total, approach, recipe, fraction)
             run = train_and_evaluate(config, run_dir / name, overwrite=True)
             meta = json.loads((run.run_dir / "config.json").read_text())
-            head = models.Head(**meta["head"])
             epoch_times = [r["epoch_seconds"] for r in run.history if "epoch_seconds" in r]
             after = None
             if approach == "finetune" and source_before is not None:
@@ -198,7 +193,7 @@ def compare(
                 total_params=run.results["total_params"],
                 peak_rss_mb=_peak_rss_mb(),
                 examples_seen=run.results["examples_seen"],
-                confusion=_confusion(run.model, config, head, len(meta["class_names"])),
+                confusion=_confusion(run.run_dir),
                 history=run.history,
                 source_accuracy_after=after,
             )
@@ -330,18 +325,10 @@ def _plots(report: dict[str, Any], run_dir: Path) -> dict[str, Path]:
     paths["accuracy_vs_time"] = run_dir / "accuracy_vs_time.png"
     fig.savefig(paths["accuracy_vs_time"], dpi=100)
 
-    names = report["class_names"]
     for r in at_full:
-        fig = Figure(figsize=(1.2 + 0.5 * len(names), 1 + 0.45 * len(names)), layout="constrained")
-        ax = fig.subplots()
-        matrix = np.array(r["confusion"])
-        ax.imshow(matrix, cmap="Blues")
-        for (i, j), v in np.ndenumerate(matrix):
-            ax.text(j, i, str(v), ha="center", va="center", fontsize=8)
-        ax.set(xticks=range(len(names)), yticks=range(len(names)), xlabel="predicted", ylabel="true",
-               title=f"{r['approach']}: {100 * r['test_accuracy']:.1f} %")  # fmt: skip
-        ax.set_xticklabels(names, rotation=45, ha="right", fontsize=8)
-        ax.set_yticklabels(names, fontsize=8)
+        fig = analysis.plot_confusion(
+            np.array(r["confusion"]), report["class_names"], title=f"{r['approach']}: {100 * r['test_accuracy']:.1f} %"
+        )
         paths[f"confusion_{r['approach']}"] = run_dir / f"confusion_{r['approach']}.png"
         fig.savefig(paths[f"confusion_{r['approach']}"], dpi=100)
 

@@ -119,6 +119,10 @@ class Config:
 
 
 _SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig}
+# Fields whose type does not admit None: None is not a value for them.
+_REQUIRED = {
+    cls: tuple(f.name for f in dataclasses.fields(cls) if "None" not in str(f.type)) for cls in _SECTIONS.values()
+}
 
 # Defaults taken from the reference examples of each recipe.
 RECIPE_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -168,7 +172,8 @@ def make_config(recipe: str, preset: str = "reference", **overrides: Any) -> Con
     Args:
         recipe: one of `RECIPES`.
         preset: one of `PRESETS`; "smoke" is a tiny offline run for tests and first tries.
-        **overrides: any field of DataConfig, ModelConfig or TrainConfig; None means "keep".
+        **overrides: any field of DataConfig, ModelConfig or TrainConfig, taken as given
+            (`weights=None` means random weights; leave a field out to keep its default).
 
     Returns:
         A validated, frozen Config.
@@ -186,7 +191,7 @@ def make_config(recipe: str, preset: str = "reference", **overrides: Any) -> Con
         )
     values: dict[str, dict[str, Any]] = {name: {} for name in _SECTIONS}
     layered = {"recipe": recipe, **RECIPE_DEFAULTS[recipe], **PRESETS[preset]}
-    layered.update({k: v for k, v in overrides.items() if v is not None})
+    layered.update(overrides)
     for name, value in layered.items():
         values[field_section(name)][name] = value
     config = Config(**{name: _SECTIONS[name](**vals) for name, vals in values.items()})
@@ -201,6 +206,10 @@ def validate(config: Config) -> None:
         ConfigError: naming the first invalid setting and the accepted range.
     """
     d, m, t = config.data, config.model, config.train
+    required = [(name, getattr(section, name)) for section in (d, m, t) for name in _REQUIRED[type(section)]]
+    for name, value in required:
+        if value is None:
+            raise ConfigError(f"{name} needs a value; leave it out to keep the default. Received: {name}=None")
     checks = [
         (d.batch_size >= 1, "batch_size must be at least 1", d.batch_size),
         (0 <= d.validation_fraction < 1, "validation_fraction must be in [0, 1)", d.validation_fraction),

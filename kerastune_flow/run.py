@@ -210,6 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--batch-size", type=int)
     comp.add_argument("--epochs", type=int, help="max epochs per approach (stage 2 of the fine-tune)")
     comp.add_argument("--head-epochs", type=int)
+    comp.add_argument("--learning-rate", type=float, help="the from-scratch model's and the heads' rate")
+    comp.add_argument("--finetune-lr", dest="finetune_learning_rate", type=float, help="stage 2 rate (1e-5)")
     comp.add_argument("--patience", type=int)
     comp.add_argument("--seed", type=int)
     comp.add_argument("--max-examples", type=int)
@@ -259,7 +261,7 @@ def _cmd_train(args) -> int:
     from kerastune_flow.config import make_config
     from kerastune_flow.train import train_and_evaluate
 
-    overrides = {name: getattr(args, name) for name in _TRAIN_FIELDS}
+    overrides = {name: getattr(args, name) for name in _TRAIN_FIELDS if getattr(args, name) is not None}
     if args.quiet:
         overrides["verbose"] = 0
     config = make_config(args.recipe, args.preset, **overrides)
@@ -273,7 +275,7 @@ def _cmd_train(args) -> int:
 
 _COMPARE_FIELDS = (
     "backbone", "base", "base_output", "weights", "image_size", "batch_size", "epochs", "head_epochs",
-    "patience", "seed", "max_examples", "strategy",
+    "patience", "seed", "max_examples", "strategy", "learning_rate", "finetune_learning_rate",
 )  # fmt: skip
 
 

@@ -824,7 +824,9 @@ def load_saved(path: str | Path) -> SavedRun:
             f"Received: {path}"
         )
     try:
-        model = keras.saving.load_model(model_path, safe_mode=True)
+        # compile=False: the optimizer state is of no use to evaluate or predict, and the
+        # model is compiled below with its head's loss, whatever optimizer it trained with.
+        model = keras.saving.load_model(model_path, safe_mode=True, compile=False)
     except Exception as error:  # zip errors, unknown layers, unsafe lambdas
         raise RunDirError(
             f"Cannot load the model {model_path}: it is corrupt or was not saved by Keras 3 / kerastune_flow. "
@@ -834,11 +836,13 @@ def load_saved(path: str | Path) -> SavedRun:
     units = int(model.output_shape[-1])
     if meta_path.exists():
         meta = json.loads(meta_path.read_text())
+        head = models.Head(**meta["head"])
+        model.compile(loss=head.loss(), metrics=["accuracy"])
         return SavedRun(
             model=model,
             class_names=list(meta["class_names"]),
             image_shape=tuple(meta["image_shape"]),
-            head=models.Head(**meta["head"]),
+            head=head,
             config=Config.from_dict(meta["config"]),
         )
     activation = getattr(model.layers[-1], "activation", None)
@@ -849,6 +853,7 @@ def load_saved(path: str | Path) -> SavedRun:
         label_mode={"sigmoid": "binary", "softmax": "categorical"}.get(name, "int"),
     )
     n = 2 if head.activation == "sigmoid" else units
+    model.compile(loss=head.loss(), metrics=["accuracy"])
     return SavedRun(model, [str(i) for i in range(n)], shape, head, None)
 
 

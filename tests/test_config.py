@@ -32,11 +32,14 @@ def test_smoke_preset_is_tiny_and_offline():
     assert config.train.epochs <= 2 and not config.train.tensorboard
 
 
-def test_overrides_win_and_none_means_keep():
-    config = make_config("cifar10_cnn", "smoke", epochs=7, batch_size=None, dropout=0.25)
+def test_overrides_win_and_none_is_a_value_only_where_it_means_something():
+    config = make_config("cifar10_cnn", "smoke", epochs=7, dropout=0.25)
     assert config.train.epochs == 7
     assert config.data.batch_size == PRESETS["smoke"]["batch_size"]
     assert config.model.dropout == 0.25
+    assert make_config("vgg16_features", weights=None).model.weights is None  # random weights, not ImageNet
+    with pytest.raises(ConfigError, match="batch_size needs a value"):
+        make_config("cifar10_cnn", batch_size=None)
 
 
 def test_field_names_are_unique_across_sections():
