@@ -1,0 +1,48 @@
+"""Runs every benchmark and prints its table: each row a ratio against a baseline measured in
+the same process.
+
+    python benchmarks/run_all.py --quick     # a few minutes on 2 CPU cores
+    python benchmarks/run_all.py             # the full sizes (RESULTS.md holds a run)
+
+Not yet here (see the performance issue): the input-pipeline throughput and the scaling
+(batch sizes, MirroredStrategy over two logical CPU devices) workloads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+WORKLOADS = [
+    ("scratch MLP, MNIST-shaped", ["train_step.py", "--model", "mlp", "--spe", "1,16"]),
+    ("CIFAR-10 CNN", ["train_step.py", "--model", "cnn", "--spe", "1,16"]),
+    ("frozen-base stage, cached features", ["feature_cache.py"]),
+]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args(argv)
+    failures = 0
+    for title, command in WORKLOADS:
+        print(f"\n## {title}", flush=True)
+        start = time.perf_counter()
+        proc = subprocess.run(
+            [sys.executable, str(HERE / command[0]), *command[1:], *(["--quick"] if args.quick else [])],
+            capture_output=True,
+            text=True,
+        )
+        lines = [line for line in proc.stdout.splitlines() if line.strip()]
+        print("\n".join(lines) if lines else proc.stderr[-2000:])
+        print(f"({time.perf_counter() - start:.0f} s)")
+        failures += proc.returncode != 0
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,128 @@
+"""Training throughput of the reference networks: the package's path against the baselines users
+would otherwise copy, in one process, alternating, median of several repetitions.
+
+Rows, for the scratch MLP on MNIST-shaped data (28x28x1, 10 classes) or the CIFAR-10 CNN
+(32x32x3), batch 64, one epoch each:
+  package spe=N     `data.prepare` pipeline (cache, shuffle, batch, prefetch) + the package's
+                    builder compiled with steps_per_execution=N, `model.fit`
+  keras fit numpy   the same network, plain `model.fit(x, y, batch_size=64)` on numpy arrays
+  pytorch loop      the reference article's plain PyTorch loop (DataLoader, Adam, CrossEntropy),
+                    when torch is installed (an optional benchmark dependency)
+
+    python benchmarks/train_step.py --model mlp --quick
+    python benchmarks/train_step.py --model cnn
+
+Data are random pixels: throughput does not depend on their values.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from kerastune_flow import data, models  # noqa: E402
+
+SHAPES = {"mlp": (28, 28, 1), "cnn": (32, 32, 3)}
+BUILDERS = {"mlp": models.build_scratch_mlp, "cnn": models.build_cifar10_cnn}
+BATCH = 64
+
+
+def _torch_loop(kind: str, x: np.ndarray, y: np.ndarray):
+    """The reference article's plain PyTorch training loop for the same network, or None."""
+    try:
+        import torch
+        from torch import nn
+        from torch.utils.data import DataLoader, TensorDataset
+    except ImportError:
+        return None
+    torch.set_num_threads(os.cpu_count() or 1)
+    torch.manual_seed(0)
+    if kind == "mlp":
+        net = nn.Sequential(nn.Flatten(), nn.Linear(784, 128), nn.ReLU(), nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 10))
+        tensors = torch.from_numpy(x).permute(0, 3, 1, 2).float()
+    else:
+        net = nn.Sequential(
+            nn.Conv2d(3, 32, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(32, 64, 3), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(64, 64, 3), nn.ReLU(), nn.Flatten(), nn.Linear(64 * 4 * 4, 64), nn.ReLU(), nn.Linear(64, 10),
+        )  # fmt: skip
+        tensors = torch.from_numpy(x).permute(0, 3, 1, 2).float()
+    loader = DataLoader(TensorDataset(tensors, torch.from_numpy(y).long()), batch_size=BATCH, shuffle=True)
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
+    loss_fn = nn.CrossEntropyLoss()
+
+    def epoch():
+        net.train()
+        for images, labels in loader:
+            images = (images / 255.0 - 0.5) / 0.5 if kind == "mlp" else images / 255.0
+            optimizer.zero_grad()
+            loss = loss_fn(net(images), labels)
+            loss.backward()
+            optimizer.step()
+
+    return epoch
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=list(SHAPES), default="mlp")
+    parser.add_argument("--quick", action="store_true", help="fewer examples and repetitions")
+    parser.add_argument("--examples", type=int)
+    parser.add_argument("--repeats", type=int)
+    parser.add_argument("--spe", default="1,32", help="comma list of steps_per_execution for the package path")
+    args = parser.parse_args(argv)
+    shape = SHAPES[args.model]
+    n = args.examples or ((12_000 if args.model == "mlp" else 6_000) if args.quick else (60_000 if args.model == "mlp" else 50_000))
+    repeats = args.repeats or (3 if args.quick else 5)
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (n, *shape), dtype=np.uint8)
+    y = rng.integers(0, 10, n).astype(np.int32)
+    keras.utils.set_random_seed(0)
+
+    paths = {}
+    ds = tf.data.Dataset.from_tensor_slices((x.astype("float32"), y))
+    pipeline = data.prepare(ds, batch_size=BATCH, training=True, cache=True)
+    for spe in (int(s) for s in args.spe.split(",")):
+        model = BUILDERS[args.model](input_shape=shape, steps_per_execution=spe)
+        paths[f"package spe={spe}"] = (lambda m: lambda: m.fit(pipeline, epochs=1, verbose=0, shuffle=False))(model)
+    plain = BUILDERS[args.model](input_shape=shape)
+    xf = x.astype("float32")
+    paths["keras fit numpy"] = lambda: plain.fit(xf, y, batch_size=BATCH, epochs=1, verbose=0)
+    torch_epoch = _torch_loop(args.model, x, y)
+    if torch_epoch is not None:
+        paths["pytorch loop"] = torch_epoch
+
+    for fn in paths.values():  # warm-up: tracing, cache fill
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in paths}
+    for _ in range(repeats):
+        for name, fn in paths.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    medians = {name: statistics.median(t) for name, t in times.items()}
+    baseline = "pytorch loop" if "pytorch loop" in medians else "keras fit numpy"
+    print(f"# {args.model} training throughput, {time.strftime('%Y-%m-%d')}, {platform.machine()}, "
+          f"{os.cpu_count()} CPU cores; {n} examples {'x'.join(map(str, shape))}, batch {BATCH}, "
+          f"{repeats} repetitions, median")  # fmt: skip
+    if torch_epoch is None:
+        print("# pytorch loop: skipped, torch is not installed (pip install torch)")
+    print(f"{'path':<22}{'epoch s':>10}{'images/s':>12}{'vs ' + baseline:>22}")
+    for name, seconds in medians.items():
+        print(f"{name:<22}{seconds:>10.3f}{n / seconds:>12.0f}{medians[baseline] / seconds:>21.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
