@@ -123,3 +123,17 @@ def test_the_demo_data_trains(tmp_path, capsys):
     assert run.main(argv) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["test"]["accuracy"] > 0.5  # ten classes: chance is 0.1
+
+
+def test_predict_with_stock_imagenet_vgg16_offline_is_one_sentence(monkeypatch, capsys):
+    import keras
+
+    def offline(*args, **kwargs):
+        raise Exception("URL fetch failure: no network")
+
+    monkeypatch.setattr(keras.applications, "VGG16", offline)
+    image = str(REPO / "data" / "digits" / "3" / "0000.png")
+    assert run.main(["predict", "--weights", "imagenet", image]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "vgg16_weights_tf_dim_ordering_tf_kernels.h5" in err
+    assert "~/.keras/models/" in err and len(err.strip().splitlines()) == 1
