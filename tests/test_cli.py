@@ -22,14 +22,21 @@ def _cli(*args, timeout=120):
     )
 
 
-def test_help_teaches_the_commands_and_examples():
-    proc = _cli("--help")
-    assert proc.returncode == 0
-    for word in ("train", "evaluate", "predict", "list", "examples:", "data/digits", "resume"):
-        assert word in proc.stdout
-    train_help = _cli("train", "--help").stdout
+def _help(*argv, capsys):
+    with pytest.raises(SystemExit) as info:
+        run.main([*argv, "--help"])
+    assert info.value.code == 0
+    return capsys.readouterr().out
+
+
+def test_help_teaches_the_commands_and_examples(capsys):
+    top = _help(capsys=capsys)
+    for word in ("train", "compare", "evaluate", "predict", "list", "examples:", "data/digits", "resume"):
+        assert word in top
+    train_help = _help("train", capsys=capsys)
     for flag in ("--batch-size", "--strategy", "--weights", "--unfreeze-at", "--head-epochs", "per replica"):
         assert flag in train_help
+    assert "--train-fraction" in _help("compare", capsys=capsys)
 
 
 def test_a_missing_data_folder_is_one_line_and_exit_2():

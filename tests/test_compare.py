@@ -32,7 +32,7 @@ class _Collector(HTMLParser):
 
 def test_compare_with_a_data_size_sweep(image_folder, tmp_path):
     report = compare_lib.compare(
-        str(image_folder), tmp_path / "cmp", preset="smoke", train_fractions=(0.5, 1.0), epochs=2, head_epochs=1
+        str(image_folder), tmp_path / "cmp", preset="smoke", train_fractions=(0.5, 1.0), epochs=1, head_epochs=1
     )
     out = tmp_path / "cmp"
     for name in ("results.json", "report.md", "report.html", "curves.png", "accuracy_vs_time.png", "sweep.png"):
