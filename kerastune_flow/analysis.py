@@ -60,12 +60,19 @@ class SplitPredictions:
 
 
 def predict_test_split(
-    run_dir: str | Path, data: str | None = None, *, max_examples: int | None = None
+    run_dir: str | Path,
+    data: str | None = None,
+    *,
+    max_examples: int | None = None,
+    unsafe_deserialization: bool = False,
 ) -> SplitPredictions:
-    """Predicts the test split of the run's own data (or of `data`) with the run's best model."""
+    """Predicts the test split of the run's own data (or of `data`) with the run's best model.
+
+    `unsafe_deserialization` allows a model holding Lambda layers (see `train.load_saved`).
+    """
     from kerastune_flow.train import load_saved, probabilities
 
-    saved = load_saved(run_dir)
+    saved = load_saved(run_dir, unsafe_deserialization=unsafe_deserialization)
     cfg = saved.config
     splits = data_lib.load_data(
         data or (cfg.data.data if cfg else ""),
@@ -77,6 +84,7 @@ def predict_test_split(
         manual_dir=cfg.data.manual_dir if cfg else None,
         max_examples=max_examples or (cfg.data.max_examples if cfg else None),
         seed=cfg.train.seed if cfg else 0,
+        skip_bad_images=cfg.data.skip_bad_images if cfg else False,
     )
     test = data_lib.prepare(splits.test, batch_size=128, cache=False)
     images, labels, probs = [], [], []

@@ -17,11 +17,13 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import csv
+import errno
 import io
 import json
 import logging
 import math
 import os
+import shutil
 import signal
 import tempfile
 import threading
@@ -32,7 +34,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from kerastune_flow.errors import RunInterrupted, TrainingDivergedError
+from kerastune_flow.errors import KerastuneFlowError, RunDirError, RunInterrupted, TrainingDivergedError
 
 log = logging.getLogger(__name__)
 
@@ -46,25 +48,91 @@ TENSORBOARD_DIR = "tensorboard"
 # --------------------------------------------------------------------------- atomic writes
 
 
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+DISK_FULL_TEXTS = ("No space left on device", "Disk quota exceeded")
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """True for an OSError or TensorFlow error that says the disk (or quota) is full."""
+    if isinstance(error, OSError) and error.errno in DISK_FULL_ERRNOS:
+        return True
+    return any(text in str(error) for text in DISK_FULL_TEXTS)
+
+
+def _free_space(folder: Path) -> str:
+    try:
+        free = float(shutil.disk_usage(folder).free)
+    except OSError:
+        return "unknown space"
+    unit = "bytes"
+    for unit in ("bytes", "KB", "MB", "GB"):
+        if free < 1024 or unit == "GB":
+            break
+        free /= 1024
+    return f"{free:,.0f} {unit}" if unit == "bytes" else f"{free:,.1f} {unit}"
+
+
+def write_error(folder: str | os.PathLike, name: str, error: BaseException) -> RunDirError:
+    """The RunDirError for a file `name` in `folder` that could not be written.
+
+    Args:
+        folder: the folder written to (its disk is named in the message).
+        name: the file, or words such as "a checkpoint".
+        error: the OSError or TensorFlow error raised.
+    """
+    folder = Path(folder)
+    received = " ".join(str(error).split())[:160]
+    if is_disk_full(error):
+        return RunDirError(
+            f"The disk holding {folder} is full ({_free_space(folder)} free), so {name} could not be written and "
+            f"the files written before are kept; free some space or choose a --run-dir on another disk, then run "
+            f"the same command to resume. Received: {received}"
+        )
+    reason = getattr(error, "strerror", None) or received
+    return RunDirError(
+        f"Cannot write {name} in {folder} ({reason}), so the files written before are kept; make the run "
+        f"directory writable or choose another --run-dir. Received: {received}"
+    )
+
+
+@contextlib.contextmanager
+def _writing(path: str | os.PathLike):
+    """Turns an OSError while writing `path` into a RunDirError that says what to do."""
+    try:
+        yield
+    except KerastuneFlowError:
+        raise
+    except OSError as error:
+        path = Path(path)
+        raise write_error(path.parent, path.name, error) from None
+
+
 def _atomic_target(path: str | os.PathLike) -> tuple[Path, str]:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
-    os.close(fd)
+    with _writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
+        os.close(fd)
     return path, tmp
 
 
 def _commit(tmp: str, path: Path) -> None:
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with _writing(path):
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Writes text so that readers see the old file or the new one, never a partial one."""
+    """Writes text so that readers see the old file or the new one, never a partial one.
+
+    Raises:
+        RunDirError: when the file cannot be written (a full disk, no permission); the old
+            file is then untouched.
+    """
     path, tmp = _atomic_target(path)
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
+        with _writing(path), open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
         _commit(tmp, path)
     finally:
@@ -78,10 +146,16 @@ def atomic_write_json(path: str | os.PathLike, data: Any) -> None:
 
 
 def atomic_save_model(model: keras.Model, path: str | os.PathLike) -> None:
-    """`model.save` to a temporary `.keras` file, then rename over `path`."""
+    """`model.save` to a temporary `.keras` file, then rename over `path`.
+
+    Raises:
+        RunDirError: when the file cannot be written (a full disk, no permission); the
+            previous model at `path` is then untouched.
+    """
     path, tmp = _atomic_target(path)
     try:
-        model.save(tmp)
+        with _writing(path):
+            model.save(tmp)
         _commit(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -76,18 +76,20 @@ def _peak_rss_mb() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
-def _confusion(run_dir: Path) -> list[list[int]]:
-    split = analysis.predict_test_split(run_dir)
+def _confusion(run_dir: Path, *, unsafe_deserialization: bool = False) -> list[list[int]]:
+    split = analysis.predict_test_split(run_dir, unsafe_deserialization=unsafe_deserialization)
     return analysis.confusion_matrix(split.labels, split.predicted, len(split.class_names)).tolist()
 
 
-def source_accuracy(source: str | Path, base: keras.Model | None = None) -> float | None:
+def source_accuracy(
+    source: str | Path, base: keras.Model | None = None, *, unsafe_deserialization: bool = False
+) -> float | None:
     """Accuracy of a pre-trained run on its own test data, optionally with the layers of a
     (fine-tuned) base copied in: the forgetting the articles warn about, measured.
 
     Returns None when the run directory does not say what its data was.
     """
-    saved = load_saved(source)
+    saved = load_saved(source, unsafe_deserialization=unsafe_deserialization)
     if saved.config is None:
         return None
     model = saved.model
@@ -106,6 +108,7 @@ def source_accuracy(source: str | Path, base: keras.Model | None = None) -> floa
         manual_dir=cfg.data.manual_dir,
         max_examples=cfg.data.max_examples,
         seed=cfg.train.seed,
+        skip_bad_images=cfg.data.skip_bad_images,
     )
     test = data_lib.prepare(
         splits.test, batch_size=64, label_mode=saved.head.label_mode, num_classes=len(saved.class_names), cache=False
@@ -149,12 +152,13 @@ def compare(
     base = overrides.get("base")
     results: list[ApproachResult] = []
     total = len(approaches) * len(train_fractions)
-    source_before = source_accuracy(base) if base and Path(base).is_dir() else None
+    unsafe = bool(overrides.get("unsafe_deserialization"))
+    source_before = source_accuracy(base, unsafe_deserialization=unsafe) if base and Path(base).is_dir() else None
     # The same images and batches for every approach: the base's input size when there is a
     # base, else the transfer recipes' size; one batch size.
     common = dict(overrides)
     if base and not common.get("image_size"):
-        common["image_size"] = tuple(models.cut_base(base, overrides.get("base_output")).input_shape[1:3])
+        common["image_size"] = tuple(models.cut_base(base, overrides.get("base_output"), unsafe_deserialization=unsafe).input_shape[1:3])
     defaults = make_config("vgg16_features", preset).data
     if common.get("image_size") is None:
         common["image_size"] = defaults.image_size
@@ -177,7 +181,7 @@ def compare(
             epoch_times = [r["epoch_seconds"] for r in run.history if "epoch_seconds" in r]
             after = None
             if approach == "finetune" and source_before is not None:
-                after = source_accuracy(base, models.find_base(run.model))
+                after = source_accuracy(base, models.find_base(run.model), unsafe_deserialization=unsafe)
             result = ApproachResult(
                 approach=approach,
                 fraction=fraction,
@@ -193,7 +197,7 @@ def compare(
                 total_params=run.results["total_params"],
                 peak_rss_mb=_peak_rss_mb(),
                 examples_seen=run.results["examples_seen"],
-                confusion=_confusion(run.run_dir),
+                confusion=_confusion(run.run_dir, unsafe_deserialization=unsafe),
                 history=run.history,
                 source_accuracy_after=after,
             )

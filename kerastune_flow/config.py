@@ -44,6 +44,7 @@ class DataConfig:
     max_examples: int | None = None  # cap on each split, for smoke runs
     train_fraction: float = 1.0  # share of the training split to use (data-size sweeps)
     cache: str = "auto"
+    skip_bad_images: bool = False  # leave out files that cannot be decoded (warning), instead of refusing
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +70,7 @@ class ModelConfig:
     progressive: str | None = None  # "EPOCH:UNFREEZE_AT:LR,..." steps of stage two
     base_lr_multiplier: float | None = None  # discriminative rates: base lr = finetune lr x this
     feature_cache: str = "auto"  # auto: cache the frozen base's features when nothing is random; off
+    unsafe_deserialization: bool = False  # load a `base` holding Lambda layers (their code runs on loading)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -28,6 +28,7 @@ VGG16_BASE_NAME = "vgg16"
 VGG16_NOTOP_FILE = "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"
 VGG16_NOTOP_BYTES = 58_889_256
 VGG16_MIN_SIZE = 32
+CNN_MIN_SIZE = 18  # cifar10_cnn: three valid 3x3 convolutions and two 2x2 poolings
 CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
 
 
@@ -329,7 +330,7 @@ def build_cifar10_cnn(
     Raises:
         ConfigError: when the input is too small for the three convolutions.
     """
-    if min(input_shape[:2]) < 18:
+    if min(input_shape[:2]) < CNN_MIN_SIZE:
         raise ConfigError(
             "cifar10_cnn needs images of at least 18x18 pixels (three 3x3 convolutions, two poolings); "
             f"pass --image-size 32. Received: input_shape={tuple(input_shape)}"
@@ -508,20 +509,68 @@ def vgg16_base(*, input_shape: Sequence[int] = (150, 150, 3), weights: str | Non
     return backbone_base("vgg16", input_shape=input_shape, weights=weights)
 
 
-def cut_base(path: str | os.PathLike, output_layer: str | None = None) -> keras.Model:
+UNSAFE_FLAG = "--unsafe-deserialization"
+
+
+def load_keras_model(path: str | os.PathLike, *, unsafe_deserialization: bool = False, what: str = "model") -> keras.Model:
+    """Loads a `.keras` file without its optimizer, refusing unsafe code unless asked.
+
+    Keras' safe mode refuses to deserialise Python code (a `Lambda` layer's function), which
+    would run on loading; `unsafe_deserialization=True` allows it, for files the user trusts.
+
+    Args:
+        path: the `.keras` file.
+        unsafe_deserialization: load Lambda layers and other Python code (`safe_mode=False`).
+        what: how the message names the file ("model", "base model").
+
+    Returns:
+        The uncompiled keras.Model.
+
+    Raises:
+        RunDirError: when the file holds Python code (without `unsafe_deserialization`), is
+            corrupt, or is not a Keras 3 model whose input is one image.
+    """
+    from kerastune_flow.errors import RunDirError
+
+    try:
+        model = keras.saving.load_model(path, safe_mode=not unsafe_deserialization, compile=False)
+    except Exception as error:  # zip errors, unknown layers, refused lambdas
+        text = " ".join(str(error).split())
+        if "safe_mode=False" in text:
+            raise RunDirError(
+                f"The {what} {path} holds Python code (a Lambda layer) that would run on loading; pass "
+                f"{UNSAFE_FLAG} to load it, only if you trust where the file comes from. Received: {path}"
+            ) from None
+        raise RunDirError(
+            f"Cannot load the {what} {path}: it is corrupt or was not saved by Keras 3 / kerastune_flow. "
+            f"Received: {type(error).__name__}: {text[:160]}"
+        ) from None
+    if not isinstance(model, keras.Model) or len(model.inputs) != 1 or len(model.input_shape) != 4:
+        shape = getattr(model, "input_shape", None)
+        raise RunDirError(
+            f"The {what} {path} does not take one batch of images (height, width, channels); pass a model "
+            f"trained on images, such as a run directory of `run train`. Received: input_shape={shape}"
+        )
+    return model
+
+
+def cut_base(
+    path: str | os.PathLike, output_layer: str | None = None, *, unsafe_deserialization: bool = False
+) -> keras.Model:
     """A user's saved model cut at a named layer, to serve as a pre-trained base.
 
     Args:
         path: a `.keras` file, or a run directory holding model.keras (e.g. a full-training run).
         output_layer: the layer whose output becomes the base's output; None keeps everything
             up to the layer before the last one (the old head is dropped).
+        unsafe_deserialization: allow Lambda layers (see `load_keras_model`).
 
     Returns:
         A keras.Model named "base" that shares the saved model's layers and weights; it takes
         the saved model's inputs (raw pixels for models saved by this package).
 
     Raises:
-        RunDirError: when the file is missing or cannot be loaded.
+        RunDirError: when the file is missing, cannot be loaded, or does not take images.
         ConfigError: when `output_layer` is not a layer of the model.
     """
     from kerastune_flow.errors import RunDirError
@@ -533,13 +582,7 @@ def cut_base(path: str | os.PathLike, output_layer: str | None = None) -> keras.
             f"No saved model at {model_path}; pass --base a .keras file or a run directory of `run train`. "
             f"Received: base={path}"
         )
-    try:
-        saved = keras.saving.load_model(model_path, safe_mode=True, compile=False)
-    except Exception as error:
-        raise RunDirError(
-            f"Cannot load the base model {model_path}: it is corrupt or not a Keras 3 .keras file. "
-            f"Received: {type(error).__name__}: {str(error)[:160]}"
-        ) from None
+    saved = load_keras_model(model_path, unsafe_deserialization=unsafe_deserialization, what="base model")
     names = [layer.name for layer in saved.layers]
     if output_layer is None:
         output_layer = names[-2]
@@ -834,6 +877,22 @@ BUILDERS = {
     "vgg16_features": build_vgg16_feature_extractor,
     "vgg16_finetune": build_vgg16_feature_extractor,  # stage one; train.py unfreezes for stage two
 }
+
+
+def check_image_size(recipe: str, image_size: Sequence[int], *, backbone: str = "vgg16") -> None:
+    """Refuses an image size below what a recipe's model can take, before any data is read.
+
+    Raises:
+        ConfigError: naming the minimum and the flag that sets the size.
+    """
+    smallest = {"cifar10_cnn": CNN_MIN_SIZE, "vgg16_features": VGG16_MIN_SIZE, "vgg16_finetune": VGG16_MIN_SIZE}
+    minimum = smallest.get(recipe, 1)
+    if min(image_size) < minimum:
+        model = f"{recipe} on {backbone}" if recipe.startswith("vgg16_") else recipe
+        raise ConfigError(
+            f"{model} needs images of at least {minimum}x{minimum} pixels; pass --image-size {max(minimum, 32)} or "
+            f"larger (smaller images are upscaled). Received: image_size={tuple(image_size)}"
+        )
 
 
 def head_for(recipe: str, num_classes: int) -> Head:

@@ -1,7 +1,8 @@
 """Command line: `python -m kerastune_flow.run {list,train,evaluate,predict} ...`.
 
 The only module that parses arguments or prints. A user error ends with one sentence on stderr
-and exit code 2; Ctrl-C ends with exit code 130 and a resumable run directory.
+and exit code 2; an unexpected error (a bug) with one line and exit code 1, and its traceback
+with KERASTUNE_FLOW_DEBUG=1; Ctrl-C ends with exit code 130 and a resumable run directory.
 """
 
 from __future__ import annotations
@@ -76,6 +77,20 @@ def _bool(text: str) -> str:
     return text.lower()
 
 
+DEBUG_ENV = "KERASTUNE_FLOW_DEBUG"
+
+
+class UsageError(Exception):
+    """A command line that argparse cannot parse (main turns it into one line and exit 2)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one sentence that points at --help, not a usage dump."""
+
+    def error(self, message: str):
+        raise UsageError(f"{message}; run `{self.prog} --help` for the flags and their values")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argparse parser of every sub-command (flags map one to one onto config fields)."""
     from kerastune_flow.config import (
@@ -89,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
         STRATEGY_NAMES,
     )
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="python -m kerastune_flow.run",
         description="Train from scratch, train fully, or transfer and fine-tune with Keras 3.",
         epilog=EXAMPLES,
@@ -124,6 +139,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--manual-dir", help="folder with the original tfds archives: prepare without a download")
     g.add_argument("--max-examples", type=int, help="use at most N examples of each split (quick tries)")
     g.add_argument("--cache", choices=CACHE_POLICIES, help="keep decoded images in memory (auto: if they fit)")
+    g.add_argument(
+        "--skip-bad-images",
+        action="store_true",
+        default=None,
+        help="leave out image files that cannot be decoded, with a warning naming each (default: refuse the folder)",
+    )
     g = train.add_argument_group("model")
     g.add_argument("--weights", type=_weights, help="VGG16 recipes: imagenet (default), none, or a local file")
     g.add_argument("--learning-rate", type=float, help="1e-3 by default (the head's, for vgg16_finetune)")
@@ -141,6 +162,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="your own pre-trained model instead: a .keras file or a run directory (e.g. of cifar10_cnn)",
     )
     g.add_argument("--base-output", help="the layer of --base to cut at (default: the one before its head)")
+    g.add_argument(
+        "--unsafe-deserialization",
+        action="store_true",
+        default=None,
+        help="load a .keras model holding Lambda layers: their Python code runs, so only for files you trust",
+    )
     g.add_argument("--pooling", choices=("auto", "flatten", "avg"), help="after the base (auto: the backbone's)")
     g.add_argument(
         "--unfreeze-at",
@@ -216,6 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--seed", type=int)
     comp.add_argument("--max-examples", type=int)
     comp.add_argument("--strategy", choices=STRATEGY_NAMES)
+    comp.add_argument("--skip-bad-images", action="store_true", default=None, help="as for train")
+    comp.add_argument("--unsafe-deserialization", action="store_true", default=None, help="as for train (--base)")
 
     evaluate = sub.add_parser("evaluate", help="test metrics of a saved model, as JSON")
     evaluate.add_argument("model", metavar="RUN_DIR_OR_MODEL")
@@ -224,6 +253,13 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--data-dir")
     evaluate.add_argument("--manual-dir")
     evaluate.add_argument("--max-examples", type=int)
+    evaluate.add_argument("--skip-bad-images", action="store_true", help="leave out undecodable images, with a warning")
+    evaluate.add_argument(
+        "--unsafe-deserialization",
+        action="store_true",
+        default=None,
+        help="load a .keras model holding Lambda layers: their Python code runs, so only for files you trust",
+    )
 
     predict = sub.add_parser(
         "predict",
@@ -235,6 +271,13 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--top-k", type=int, default=3)
     predict.add_argument("--json", action="store_true", help="JSON instead of a table")
     predict.add_argument("--weights", help="imagenet or a local file: use stock VGG16, every path is an image")
+    predict.add_argument("--skip-bad-images", action="store_true", help="leave out undecodable images, with a warning")
+    predict.add_argument(
+        "--unsafe-deserialization",
+        action="store_true",
+        default=None,
+        help="load a .keras model holding Lambda layers: their Python code runs, so only for files you trust",
+    )
     return parser
 
 
@@ -244,7 +287,7 @@ _TRAIN_FIELDS = (
     "l2", "dense_units", "unfreeze_at", "finetune_learning_rate", "epochs", "head_epochs", "strategy",
     "seed", "patience", "early_stopping", "monitor", "steps_per_execution", "jit_compile", "tensorboard",
     "backup", "weights", "backbone", "base", "base_output", "pooling", "progressive", "base_lr_multiplier",
-    "feature_cache", "lr_schedule", "mixed_precision",
+    "feature_cache", "lr_schedule", "mixed_precision", "skip_bad_images", "unsafe_deserialization",
 )  # fmt: skip
 
 
@@ -275,7 +318,8 @@ def _cmd_train(args) -> int:
 
 _COMPARE_FIELDS = (
     "backbone", "base", "base_output", "weights", "image_size", "batch_size", "epochs", "head_epochs",
-    "patience", "seed", "max_examples", "strategy", "learning_rate", "finetune_learning_rate",
+    "patience", "seed", "max_examples", "strategy", "learning_rate", "finetune_learning_rate", "skip_bad_images",
+    "unsafe_deserialization",
 )  # fmt: skip
 
 
@@ -309,6 +353,8 @@ def _cmd_evaluate(args) -> int:
             data_dir=args.data_dir,
             manual_dir=args.manual_dir,
             max_examples=args.max_examples,
+            skip_bad_images=args.skip_bad_images,
+            unsafe_deserialization=bool(args.unsafe_deserialization),
         )
     print(json.dumps(metrics, indent=2))
     return 0
@@ -329,7 +375,14 @@ def _cmd_predict(args) -> int:
             )
         model, images = args.paths[0], args.paths[1:]
     with contextlib.redirect_stdout(sys.stderr):
-        rows = predict_images(model, images, top_k=args.top_k, weights=args.weights)
+        rows = predict_images(
+            model,
+            images,
+            top_k=args.top_k,
+            weights=args.weights,
+            skip_bad_images=args.skip_bad_images,
+            unsafe_deserialization=bool(args.unsafe_deserialization),
+        )
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
@@ -349,21 +402,45 @@ COMMANDS = {
 }
 
 
+def _one_line(text: object) -> str:
+    return " ".join(str(text).split())
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Runs the CLI; returns the exit code (0 ok, 2 user error, 130 interrupted)."""
+    """Runs the CLI; returns the exit code.
+
+    0: done. 2: a user error (a bad flag, data, model file or run directory), told in one
+    sentence on stderr. 1: an unexpected error, most likely a bug: one line, and the
+    traceback with KERASTUNE_FLOW_DEBUG=1. 130 / 143: interrupted by SIGINT / SIGTERM.
+    """
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except UsageError as error:
+        print(f"error: {_one_line(error)}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.INFO, format="[kerastune_flow] %(message)s", stream=sys.stderr)
     try:
         from kerastune_flow.errors import KerastuneFlowError
     except ImportError as error:  # TensorFlow missing: the package says which extra to install
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {_one_line(error)}", file=sys.stderr)
         return 2
     try:
         return COMMANDS[args.command](args)
     except KerastuneFlowError as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {_one_line(error)}", file=sys.stderr)
         return 2
+    except Exception as error:
+        # Not a user error that the package recognised: most likely a bug. One line by
+        # default; the traceback on request, for the bug report.
+        if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+            raise
+        print(
+            f"error: unexpected {type(error).__name__}: {_one_line(error)[:300]}; this is probably a bug in "
+            f"kerastune_flow: rerun with {DEBUG_ENV}=1 to see the traceback and report it",
+            file=sys.stderr,
+        )
+        return 1
     except KeyboardInterrupt as error:
         name = getattr(error, "signal_name", "SIGINT")
         print(

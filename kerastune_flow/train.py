@@ -32,7 +32,7 @@ from kerastune_flow import callbacks as cb
 from kerastune_flow import data as data_lib
 from kerastune_flow import models
 from kerastune_flow.config import Config
-from kerastune_flow.errors import ConfigError, DataError, RunDirError
+from kerastune_flow.errors import ConfigError, DataError, KerastuneFlowError, RunDirError
 from kerastune_flow.strategy import (
     DeviceSettings,
     barrier,
@@ -90,22 +90,19 @@ class RunResult:
 def prepare_run_dir(workdir: str | Path, *, overwrite: bool = False) -> bool:
     """Creates the run directory; returns True when an interrupted run is resumed.
 
+    A finished run that `overwrite` replaces is left in place here: `clear_finished_run`
+    removes it once the new run's data and model are known to be good, so a bad input never
+    costs the previous results.
+
     Raises:
         RunDirError: when it holds a finished run and `overwrite` is False, or is not writable.
     """
     workdir = Path(workdir)
-    if (workdir / RESULTS_JSON).exists():
-        if not overwrite:
-            raise RunDirError(
-                f"{workdir} already holds a finished run; pass --overwrite to replace it or choose another "
-                f"--run-dir. Received: run_dir={workdir}"
-            )
-        for name in RUN_FILES:
-            target = workdir / name
-            if target.is_dir():
-                shutil.rmtree(target)
-            elif target.exists():
-                target.unlink()
+    if (workdir / RESULTS_JSON).exists() and not overwrite:
+        raise RunDirError(
+            f"{workdir} already holds a finished run; pass --overwrite to replace it or choose another "
+            f"--run-dir. Received: run_dir={workdir}"
+        )
     try:
         workdir.mkdir(parents=True, exist_ok=True)
         probe = workdir / ".write_test"
@@ -116,7 +113,30 @@ def prepare_run_dir(workdir: str | Path, *, overwrite: bool = False) -> bool:
             f"Cannot write to the run directory {workdir} ({error.strerror}); choose a writable --run-dir. "
             f"Received: run_dir={workdir}"
         ) from None
-    return (workdir / cb.BACKUP_DIR).exists()
+    return (workdir / cb.BACKUP_DIR).exists() and not (workdir / RESULTS_JSON).exists()
+
+
+def clear_finished_run(workdir: str | Path) -> None:
+    """Removes the files of a finished run (the caller asked to overwrite it); no-op otherwise.
+
+    Raises:
+        RunDirError: when a file cannot be removed.
+    """
+    workdir = Path(workdir)
+    if not (workdir / RESULTS_JSON).exists():
+        return
+    try:
+        for name in RUN_FILES:
+            target = workdir / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+    except OSError as error:
+        raise RunDirError(
+            f"Cannot replace the finished run in {workdir} ({error.strerror}); make it writable or choose another "
+            f"--run-dir. Received: {error.filename}"
+        ) from None
 
 
 def _versions() -> dict[str, str]:
@@ -137,7 +157,9 @@ TRANSFER_RECIPES = ("vgg16_features", "vgg16_finetune")
 def load_base(config: Config) -> keras.Model | None:
     """The user's own pre-trained base (`--base PATH --base-output LAYER`), or None."""
     m = config.model
-    return models.cut_base(m.base, m.base_output) if m.base else None
+    if not m.base:
+        return None
+    return models.cut_base(m.base, m.base_output, unsafe_deserialization=m.unsafe_deserialization)
 
 
 def learning_rate(config: Config, rate: float, *, epochs: int, steps_per_epoch: int | None):
@@ -261,6 +283,7 @@ def load_splits(config: Config, base: keras.Model | None = None) -> data_lib.Dat
         max_examples=d.max_examples,
         train_fraction=d.train_fraction,
         seed=config.train.seed,
+        skip_bad_images=d.skip_bad_images,
     )
 
 
@@ -602,6 +625,13 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, overwrite: bool =
     try:
         with cb.interrupt_guard():
             return _train_and_evaluate(config, run_dir, strategy, resumed, settings)
+    except KerastuneFlowError:
+        raise
+    except (OSError, tf.errors.OpError) as error:
+        translated = _translate_runtime_error(error, run_dir)
+        if translated is None:
+            raise
+        raise translated from None
     finally:
         keras.config.set_dtype_policy(previous_policy)
         if not is_chief(strategy):
@@ -619,6 +649,43 @@ def _worker_run_dir(chief_dir: Path) -> Path:
     return private
 
 
+def check_before_data(config: Config) -> None:
+    """Checks what can be checked before reading any data, so a typo costs no waiting.
+
+    Raises:
+        ConfigError: for an image size below the model's minimum or a malformed
+            `progressive` spec.
+    """
+    m, d = config.model, config.data
+    if d.image_size is not None and not m.base:
+        models.check_image_size(m.recipe, d.image_size, backbone=m.backbone)
+    if m.recipe == "vgg16_finetune":
+        parse_progressive(m.progressive)
+
+
+def check_unfreeze_steps(config: Config, base: keras.Model) -> None:
+    """Resolves every fine-tune boundary on the built base before stage one trains, so an
+    `unfreeze_at` out of range or a layer name that does not exist fails at once.
+
+    Raises:
+        ConfigError: from `models.resolve_unfreeze_at`.
+    """
+    m = config.model
+    default = m.unfreeze_at if m.unfreeze_at is not None else models.default_unfreeze_at(base)
+    for _, at, _ in parse_progressive(m.progressive) or [(0, default, m.finetune_learning_rate)]:
+        models.resolve_unfreeze_at(base, at)
+
+
+def _translate_runtime_error(error: Exception, run_dir: Path) -> KerastuneFlowError | None:
+    """The user error behind an exception raised while training or evaluating, or None
+    when it is not one (then it is a bug, and travels on unchanged)."""
+    if isinstance(error, tf.errors.InvalidArgumentError):
+        return data_lib.label_range_error(error)
+    if isinstance(error, (OSError, tf.errors.OpError)) and cb.is_disk_full(error):
+        return cb.write_error(run_dir, "a checkpoint or log", error)
+    return None
+
+
 def _train_and_evaluate(
     config: Config, run_dir: Path, strategy: tf.distribute.Strategy, resumed: bool, settings: DeviceSettings
 ) -> RunResult:
@@ -631,6 +698,7 @@ def _train_and_evaluate(
         settings.steps_per_execution,
     )
 
+    check_before_data(config)
     base = load_base(config)
     splits = load_splits(config, base)
     if splits.sizes["validation"] == 0 and config.train.monitor.startswith("val_"):
@@ -661,8 +729,6 @@ def _train_and_evaluate(
         "device": dataclasses.asdict(settings),
         "versions": _versions(),
     }
-    cb.atomic_write_json(run_dir / CONFIG_JSON, metadata)
-
     steps = steps_per_epoch(splits, config, strategy)
     with strategy.scope():
         model = build_model(
@@ -673,6 +739,12 @@ def _train_and_evaluate(
             base=base,
             steps=steps,
         )
+    if config.model.recipe == "vgg16_finetune":
+        check_unfreeze_steps(config, models.find_base(model))
+    # Only now, with the data read and the model built, does an overwritten run go.
+    clear_finished_run(run_dir)
+    cb.atomic_write_json(run_dir / CONFIG_JSON, metadata)
+
     start = time.perf_counter()
     boundaries: list[int] = []
     recipe, epochs = config.model.recipe, config.train.epochs
@@ -809,11 +881,18 @@ class SavedRun:
     config: Config | None
 
 
-def load_saved(path: str | Path) -> SavedRun:
+def load_saved(path: str | Path, *, unsafe_deserialization: bool = False) -> SavedRun:
     """Loads a run directory (model.keras + config.json) or a bare `.keras` file.
 
+    Args:
+        path: a run directory of `train_and_evaluate`, or a `.keras` file.
+        unsafe_deserialization: allow Lambda layers, whose Python code runs on loading
+            (see `models.load_keras_model`); only for files you trust.
+
     Raises:
-        RunDirError: when the path is missing, holds no model, or the file cannot be loaded.
+        RunDirError: when the path is missing or holds no model; when the model is corrupt,
+            holds Python code (without `unsafe_deserialization`), or is not an image
+            classifier; or when config.json is unreadable.
     """
     path = Path(path)
     model_path = path / cb.BEST_MODEL if path.is_dir() else path
@@ -823,28 +902,34 @@ def load_saved(path: str | Path) -> SavedRun:
             f"No model at {model_path}; pass a run directory written by `run train` or a .keras file. "
             f"Received: {path}"
         )
-    try:
-        # compile=False: the optimizer state is of no use to evaluate or predict, and the
-        # model is compiled below with its head's loss, whatever optimizer it trained with.
-        model = keras.saving.load_model(model_path, safe_mode=True, compile=False)
-    except Exception as error:  # zip errors, unknown layers, unsafe lambdas
+    # compile=False inside: the optimizer state is of no use to evaluate or predict, and the
+    # model is compiled below with its head's loss, whatever optimizer it trained with.
+    model = models.load_keras_model(model_path, unsafe_deserialization=unsafe_deserialization)
+    if len(model.outputs) != 1 or len(model.output_shape) != 2:
         raise RunDirError(
-            f"Cannot load the model {model_path}: it is corrupt or was not saved by Keras 3 / kerastune_flow. "
-            f"Received: {type(error).__name__}: {str(error)[:160]}"
-        ) from None
+            f"The model {model_path} does not end in one layer of class scores; pass a classifier, such as a run "
+            f"directory of `run train`. Received: output_shape={model.output_shape}"
+        )
     shape = tuple(int(d) for d in model.input_shape[1:])
     units = int(model.output_shape[-1])
     if meta_path.exists():
-        meta = json.loads(meta_path.read_text())
-        head = models.Head(**meta["head"])
+        try:
+            meta = json.loads(meta_path.read_text())
+            head = models.Head(**meta["head"])
+            saved = SavedRun(
+                model=model,
+                class_names=list(meta["class_names"]),
+                image_shape=tuple(meta["image_shape"]),
+                head=head,
+                config=Config.from_dict(meta["config"]),
+            )
+        except (ValueError, KeyError, TypeError) as error:  # JSONDecodeError is a ValueError
+            raise RunDirError(
+                f"{meta_path} is damaged or was not written by kerastune_flow; restore it, or pass the .keras file "
+                f"alone. Received: {type(error).__name__}: {' '.join(str(error).split())[:120]}"
+            ) from None
         model.compile(loss=head.loss(), metrics=["accuracy"])
-        return SavedRun(
-            model=model,
-            class_names=list(meta["class_names"]),
-            image_shape=tuple(meta["image_shape"]),
-            head=head,
-            config=Config.from_dict(meta["config"]),
-        )
+        return saved
     activation = getattr(model.layers[-1], "activation", None)
     name = getattr(activation, "__name__", None)
     head = models.Head(
@@ -865,16 +950,29 @@ def evaluate_saved(
     data_dir: str | None = None,
     manual_dir: str | None = None,
     max_examples: int | None = None,
+    skip_bad_images: bool = False,
+    unsafe_deserialization: bool = False,
 ) -> dict[str, float]:
     """Test metrics of a saved model on the test split of `data`.
 
     A folder without train/ and test/ is split with the fractions and seed of the training
     run, so the test images are the same ones.
 
+    Args:
+        path: a run directory or `.keras` file.
+        data: a tfds name or an image folder.
+        batch_size: examples per evaluation step.
+        data_dir: tfds data directory.
+        manual_dir: folder with the original tfds archives.
+        max_examples: evaluate at most this many test examples.
+        skip_bad_images: leave out image files that cannot be decoded, with a warning.
+        unsafe_deserialization: allow Lambda layers in the model (see `load_saved`).
+
     Raises:
-        DataError: when the data's classes do not match the model's.
+        DataError: when the data's classes do not match the model's, or it cannot be read.
+        RunDirError: see `load_saved`.
     """
-    saved = load_saved(path)
+    saved = load_saved(path, unsafe_deserialization=unsafe_deserialization)
     cfg = saved.config
     splits = data_lib.load_data(
         data,
@@ -886,6 +984,7 @@ def evaluate_saved(
         manual_dir=manual_dir,
         max_examples=max_examples,
         seed=cfg.train.seed if cfg else 0,
+        skip_bad_images=skip_bad_images,
     )
     expected = len(saved.class_names)
     if splits.num_classes != expected:
@@ -901,7 +1000,13 @@ def evaluate_saved(
         num_classes=expected,
         cache=False,
     )
-    metrics = saved.model.evaluate(test, verbose=0, return_dict=True)
+    try:
+        metrics = saved.model.evaluate(test, verbose=0, return_dict=True)
+    except tf.errors.InvalidArgumentError as error:
+        translated = data_lib.label_range_error(error)
+        if translated is None:
+            raise
+        raise translated from None
     return {k: float(v) for k, v in metrics.items()} | {"examples": splits.sizes["test"]}
 
 
@@ -925,6 +1030,8 @@ def predict_images(
     top_k: int = 3,
     weights: str | None = None,
     batch_size: int = 32,
+    skip_bad_images: bool = False,
+    unsafe_deserialization: bool = False,
 ) -> list[dict[str, Any]]:
     """Class names and probabilities for image files, best first.
 
@@ -935,14 +1042,26 @@ def predict_images(
         top_k: how many classes per image.
         weights: for the stock classifier only.
         batch_size: images per forward pass.
+        skip_bad_images: leave out files that cannot be decoded, with a warning naming each.
+        unsafe_deserialization: allow Lambda layers in the model (see `load_saved`).
 
     Returns:
         [{"file": path, "predictions": [{"class": name, "probability": p}, ...]}, ...]
+
+    Raises:
+        DataError: naming the files that cannot be decoded (unless `skip_bad_images`).
+        RunDirError: see `load_saved`.
     """
     files = data_lib.expand_image_arguments(images)
+    if path is not None:
+        saved = load_saved(path, unsafe_deserialization=unsafe_deserialization)
+    scan = data_lib.check_images(files, channels=3, skip_bad_images=skip_bad_images)
+    bad = {p for p, _ in scan.bad}
+    files = [f for f in files if f not in bad]
+    if not files:
+        raise DataError(f"None of the images can be decoded; pass readable JPEG/PNG/GIF/BMP files. Received: {images}")
     if path is None:
         return _predict_imagenet(files, top_k=top_k, weights=weights or "imagenet", batch_size=batch_size)
-    saved = load_saved(path)
     top_k = max(1, min(top_k, len(saved.class_names)))
     out = []
     for start in range(0, len(files), batch_size):

@@ -32,7 +32,7 @@ from kerastune_flow.callbacks import (
     standard_callbacks,
     to_jsonable,
 )
-from kerastune_flow.errors import KerastuneFlowError, TrainingDivergedError
+from kerastune_flow.errors import KerastuneFlowError, RunDirError, TrainingDivergedError
 
 NUM_SAMPLES = 32
 NUM_FEATURES = 4
@@ -435,7 +435,7 @@ def test_atomic_write_text_failing_at_rename_keeps_the_old_file(tmp_path, monkey
         raise PermissionError("read-only file system")
 
     monkeypatch.setattr(os, "replace", no_replace)
-    with pytest.raises(PermissionError, match="read-only"):
+    with pytest.raises(RunDirError, match="read-only"):
         atomic_write_text(path, "new\n")
 
     assert path.read_text(encoding="utf-8") == "old\n"
