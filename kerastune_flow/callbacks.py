@@ -43,6 +43,7 @@ HISTORY_CSV = "history.csv"
 HISTORY_JSONL = "history.jsonl"
 BACKUP_DIR = "backup"
 TENSORBOARD_DIR = "tensorboard"
+BACKUP_WEIGHTS = "latest.weights.h5"  # what keras.callbacks.BackupAndRestore writes in its folder
 
 
 # --------------------------------------------------------------------------- atomic writes
@@ -189,6 +190,49 @@ def current_learning_rate(model: keras.Model) -> float | None:
     if callable(lr):
         lr = lr(optimizer.iterations)
     return float(keras.ops.convert_to_numpy(lr))
+
+
+def _h5_readable(path: Path) -> bool:
+    """True when every dataset of an HDF5 file reads back."""
+
+    def read(name, obj):
+        if isinstance(obj, h5py.Dataset):
+            obj[()]
+        return None  # visititems stops at the first value that is not None
+
+    try:
+        import h5py
+
+        with h5py.File(path, "r") as f:
+            f.visititems(read)
+    except Exception:  # OSError for a truncated file, KeyError / ValueError for a damaged one
+        return False
+    return True
+
+
+def discard_damaged_backup(backup_dir: str | os.PathLike) -> bool:
+    """Removes a BackupAndRestore folder whose weights cannot be read back and that holds no
+    readable previous copy, so that the same command starts that fit over instead of failing.
+
+    That happens when the disk filled up, or the process was killed, while the first backup
+    was written. With a readable previous copy (`.bkp`), BackupAndRestore falls back to it.
+
+    Returns:
+        True when the folder was removed.
+    """
+    weights = Path(backup_dir) / BACKUP_WEIGHTS
+    if not weights.exists() or _h5_readable(weights):
+        return False
+    previous = weights.with_name(weights.name + ".bkp")
+    if previous.exists() and _h5_readable(previous):
+        return False
+    log.warning(
+        "The backup in %s cannot be read (was the disk full, or the run killed, while it was written?); "
+        "this fit starts over",
+        backup_dir,
+    )
+    shutil.rmtree(backup_dir, ignore_errors=True)
+    return True
 
 
 # --------------------------------------------------------------------------- callbacks
@@ -381,6 +425,53 @@ class NaNGuard(keras.callbacks.Callback):
             )
 
 
+DISK_MARGIN_BYTES = 1024**2
+
+
+def state_bytes(model: keras.Model) -> int:
+    """Bytes of a model's weights and its optimizer's variables: about one checkpoint."""
+    variables = list(model.weights)
+    optimizer = getattr(model, "optimizer", None)
+    if optimizer is not None and getattr(optimizer, "built", False):
+        variables += list(optimizer.variables)
+    return sum(int(np.prod(v.shape)) * np.dtype(keras.backend.standardize_dtype(v.dtype)).itemsize for v in variables)
+
+
+class DiskSpaceGuard(keras.callbacks.Callback):
+    """Stops with a RunDirError before an epoch's files are written when the disk cannot hold
+    them: the best model (written beside, then renamed) and the backup, twice the model's state.
+
+    Writing into a full disk fails half-way (and HDF5 then reports the file it cannot close
+    as a traceback); stopping first keeps every file as it was, and the same command resumes
+    at this epoch once there is room.
+
+    Args:
+        run_dir: the folder written to.
+        save_model: the model the checkpoint saves, if not the one being fitted.
+    """
+
+    def __init__(self, run_dir: str | os.PathLike, *, save_model: keras.Model | None = None):
+        super().__init__()
+        self.run_dir = Path(run_dir)
+        self.save_model = save_model
+        self.needed = DISK_MARGIN_BYTES
+
+    def on_epoch_end(self, epoch, logs=None):
+        # Measured now, not at train begin: the optimizer creates its variables on the first step.
+        self.needed = 2 * state_bytes(self.save_model or self.model) + DISK_MARGIN_BYTES
+        try:
+            free = shutil.disk_usage(self.run_dir).free
+        except OSError:
+            return  # cannot tell: the writers say so if they fail
+        if free < self.needed:
+            raise RunDirError(
+                f"The disk holding {self.run_dir} is full ({_free_space(self.run_dir)} free, one epoch's checkpoints "
+                f"need {self.needed / 1024**2:,.1f} MB), so epoch {epoch + 1} is not saved and the files written "
+                f"before are kept; free some space or choose a --run-dir on another disk, then run the same "
+                f"command to resume. Received: free_bytes={free}"
+            )
+
+
 class InterruptGuard(keras.callbacks.Callback):
     """Ends `fit` at the next batch boundary once a stop was requested (see `interrupt_guard`).
 
@@ -446,8 +537,9 @@ def standard_callbacks(
 ) -> list[keras.callbacks.Callback]:
     """The callbacks of a run directory; each can be switched off.
 
-    Order matters: BackupAndRestore comes last, so that an epoch is marked done in the backup
-    only after its log records and best model are written.
+    Order matters: DiskSpaceGuard comes before every writer, so a full disk stops the epoch
+    before any file is touched; BackupAndRestore comes last, so that an epoch is marked done in
+    the backup only after its log records and best model are written.
 
     Args:
         run_dir: the run directory (created if missing).
@@ -476,6 +568,8 @@ def standard_callbacks(
         callbacks.append(guard)
     if terminate_on_nan:
         callbacks.append(NaNGuard())
+    if checkpoint or backup:
+        callbacks.append(DiskSpaceGuard(run_dir, save_model=save_model))
     if csv_log or jsonl_log:
         callbacks.append(HistoryLogger(run_dir, stage=stage, csv_log=csv_log, jsonl_log=jsonl_log))
     if checkpoint:
@@ -490,5 +584,6 @@ def standard_callbacks(
         )
     if backup:
         backup_dir = run_dir / BACKUP_DIR / (stage or "fit")
+        discard_damaged_backup(backup_dir)
         callbacks.append(keras.callbacks.BackupAndRestore(str(backup_dir), double_checkpoint=True))
     return callbacks

@@ -158,7 +158,8 @@ def compare(
     # base, else the transfer recipes' size; one batch size.
     common = dict(overrides)
     if base and not common.get("image_size"):
-        common["image_size"] = tuple(models.cut_base(base, overrides.get("base_output"), unsafe_deserialization=unsafe).input_shape[1:3])
+        cut = models.cut_base(base, overrides.get("base_output"), unsafe_deserialization=unsafe)
+        common["image_size"] = tuple(cut.input_shape[1:3])
     defaults = make_config("vgg16_features", preset).data
     if common.get("image_size") is None:
         common["image_size"] = defaults.image_size

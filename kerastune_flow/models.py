@@ -512,7 +512,9 @@ def vgg16_base(*, input_shape: Sequence[int] = (150, 150, 3), weights: str | Non
 UNSAFE_FLAG = "--unsafe-deserialization"
 
 
-def load_keras_model(path: str | os.PathLike, *, unsafe_deserialization: bool = False, what: str = "model") -> keras.Model:
+def load_keras_model(
+    path: str | os.PathLike, *, unsafe_deserialization: bool = False, what: str = "model"
+) -> keras.Model:
     """Loads a `.keras` file without its optimizer, refusing unsafe code unless asked.
 
     Keras' safe mode refuses to deserialise Python code (a `Lambda` layer's function), which

@@ -21,6 +21,7 @@ from kerastune_flow.callbacks import (
     HISTORY_JSONL,
     TENSORBOARD_DIR,
     BestModelCheckpoint,
+    DiskSpaceGuard,
     HistoryLogger,
     NaNGuard,
     atomic_save_model,
@@ -44,6 +45,7 @@ TRUE_WEIGHTS = np.array([[1.0], [-2.0], [0.5], [3.0]], dtype="float32")
 
 STANDARD_ORDER = [
     NaNGuard,
+    DiskSpaceGuard,
     HistoryLogger,
     BestModelCheckpoint,
     keras.callbacks.EarlyStopping,
