@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from kerastune_flow.errors import ConfigError, DataError
@@ -395,6 +396,7 @@ def _probe_image(raw: tf.Tensor, channels: int) -> tf.Tensor:
 
     def jpeg():
         small = tf.io.decode_jpeg(raw, channels=channels, ratio=8)
+        # The header's size, plus zeros that make the decode (the actual check) run.
         return tf.io.extract_jpeg_shape(raw)[:2] + 0 * tf.shape(small)[:2]
 
     def other():
@@ -680,8 +682,6 @@ def check_labels(labels: Any, num_classes: int) -> None:
     Raises:
         DataError: naming the first label out of range and where it is.
     """
-    import numpy as np
-
     if isinstance(labels, tf.data.Dataset):
         labels = np.concatenate([np.reshape(y, -1) for y in labels.map(lambda x, y: y).as_numpy_iterator()] or [[]])
     values = np.reshape(np.asarray(labels), -1)
@@ -702,7 +702,7 @@ def label_range_error(error: Exception) -> DataError | None:
     found = re.search(re.escape(LABEL_RANGE_MARKER) + r"\D*?(\d+)\D+?(-?\d+)\D+?(-?\d+)", text)
     classes, low, high = found.groups() if found else ("?", "?", "?")
     return DataError(
-        f"The data holds labels from {low} to {high}, outside the {classes} classes [0, {classes}) of the head; "
+        f"A batch holds labels from {low} to {high}, outside the {classes} classes [0, {classes}) of the head; "
         f"relabel the data as 0 to {int(classes) - 1 if classes.isdigit() else 'num_classes - 1'} or use a "
         f"head with more classes. Received: num_classes={classes}"
     )

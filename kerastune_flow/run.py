@@ -78,6 +78,7 @@ def _bool(text: str) -> str:
 
 
 DEBUG_ENV = "KERASTUNE_FLOW_DEBUG"
+UNSAFE_HELP = "load a .keras model holding Lambda layers: their Python code runs, so only for files you trust"
 
 
 class UsageError(Exception):
@@ -162,12 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="your own pre-trained model instead: a .keras file or a run directory (e.g. of cifar10_cnn)",
     )
     g.add_argument("--base-output", help="the layer of --base to cut at (default: the one before its head)")
-    g.add_argument(
-        "--unsafe-deserialization",
-        action="store_true",
-        default=None,
-        help="load a .keras model holding Lambda layers: their Python code runs, so only for files you trust",
-    )
+    g.add_argument("--unsafe-deserialization", action="store_true", default=None, help=UNSAFE_HELP)
     g.add_argument("--pooling", choices=("auto", "flatten", "avg"), help="after the base (auto: the backbone's)")
     g.add_argument(
         "--unfreeze-at",
@@ -254,12 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--manual-dir")
     evaluate.add_argument("--max-examples", type=int)
     evaluate.add_argument("--skip-bad-images", action="store_true", help="leave out undecodable images, with a warning")
-    evaluate.add_argument(
-        "--unsafe-deserialization",
-        action="store_true",
-        default=None,
-        help="load a .keras model holding Lambda layers: their Python code runs, so only for files you trust",
-    )
+    evaluate.add_argument("--unsafe-deserialization", action="store_true", help=UNSAFE_HELP)
 
     predict = sub.add_parser(
         "predict",
@@ -272,12 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--json", action="store_true", help="JSON instead of a table")
     predict.add_argument("--weights", help="imagenet or a local file: use stock VGG16, every path is an image")
     predict.add_argument("--skip-bad-images", action="store_true", help="leave out undecodable images, with a warning")
-    predict.add_argument(
-        "--unsafe-deserialization",
-        action="store_true",
-        default=None,
-        help="load a .keras model holding Lambda layers: their Python code runs, so only for files you trust",
-    )
+    predict.add_argument("--unsafe-deserialization", action="store_true", help=UNSAFE_HELP)
     return parser
 
 
@@ -354,7 +340,7 @@ def _cmd_evaluate(args) -> int:
             manual_dir=args.manual_dir,
             max_examples=args.max_examples,
             skip_bad_images=args.skip_bad_images,
-            unsafe_deserialization=bool(args.unsafe_deserialization),
+            unsafe_deserialization=args.unsafe_deserialization,
         )
     print(json.dumps(metrics, indent=2))
     return 0
@@ -381,7 +367,7 @@ def _cmd_predict(args) -> int:
             top_k=args.top_k,
             weights=args.weights,
             skip_bad_images=args.skip_bad_images,
-            unsafe_deserialization=bool(args.unsafe_deserialization),
+            unsafe_deserialization=args.unsafe_deserialization,
         )
     if args.json:
         print(json.dumps(rows, indent=2))
