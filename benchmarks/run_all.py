@@ -4,8 +4,11 @@ the same process.
     python benchmarks/run_all.py --quick     # a few minutes on 2 CPU cores
     python benchmarks/run_all.py             # the full sizes (RESULTS.md holds a run)
 
-Not yet here (see the performance issue): the input-pipeline throughput and the scaling
-(batch sizes, MirroredStrategy over two logical CPU devices) workloads.
+Workloads (each its own script, runnable alone with more options; see its --help):
+  train_step.py      scratch MLP and CIFAR-10 CNN: package vs plain fit vs the PyTorch loop
+  input_pipeline.py  folder pipeline throughput vs model consumption, time waiting for input
+  feature_cache.py   frozen-base stage: cached features vs the full forward pass
+  scaling.py         CNN throughput at batch 32..256, step breakdown, MirroredStrategy cost
 """
 
 from __future__ import annotations
@@ -18,9 +21,11 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 WORKLOADS = [
-    ("scratch MLP, MNIST-shaped", ["train_step.py", "--model", "mlp", "--spe", "1,16"]),
-    ("CIFAR-10 CNN", ["train_step.py", "--model", "cnn", "--spe", "1,16"]),
+    ("scratch MLP, MNIST-shaped", ["train_step.py", "--model", "mlp", "--spe", "1,16", "--jit"]),
+    ("CIFAR-10 CNN", ["train_step.py", "--model", "cnn", "--spe", "1,16", "--jit"]),
+    ("input pipeline, JPEG folder", ["input_pipeline.py"]),
     ("frozen-base stage, cached features", ["feature_cache.py"]),
+    ("CNN scaling and the distribution code path", ["scaling.py"]),
 ]
 
 

@@ -5,6 +5,7 @@ Rows, for the scratch MLP on MNIST-shaped data (28x28x1, 10 classes) or the CIFA
 (32x32x3), batch 64, one epoch each:
   package spe=N     `data.prepare` pipeline (cache, shuffle, batch, prefetch) + the package's
                     builder compiled with steps_per_execution=N, `model.fit`
+  package XLA       the same with jit_compile=True (--jit), to choose XLA per device by measurement
   keras fit numpy   the same network, plain `model.fit(x, y, batch_size=64)` on numpy arrays
   pytorch loop      the reference article's plain PyTorch loop (DataLoader, Adam, CrossEntropy),
                     when torch is installed (an optional benchmark dependency)
@@ -81,7 +82,14 @@ def main(argv=None) -> int:
     parser.add_argument("--examples", type=int)
     parser.add_argument("--repeats", type=int)
     parser.add_argument("--spe", default="1,32", help="comma list of steps_per_execution for the package path")
+    parser.add_argument("--jit", action="store_true", help="add a row with jit_compile=True (XLA)")
+    parser.add_argument("--inter-op", type=int, help="TensorFlow inter-op threads (default: TensorFlow's)")
+    parser.add_argument("--intra-op", type=int, help="TensorFlow intra-op threads (default: TensorFlow's)")
     args = parser.parse_args(argv)
+    if args.inter_op:
+        tf.config.threading.set_inter_op_parallelism_threads(args.inter_op)
+    if args.intra_op:
+        tf.config.threading.set_intra_op_parallelism_threads(args.intra_op)
     shape = SHAPES[args.model]
     n = args.examples or ((12_000 if args.model == "mlp" else 6_000) if args.quick else (60_000 if args.model == "mlp" else 50_000))
     repeats = args.repeats or (3 if args.quick else 5)
@@ -96,6 +104,9 @@ def main(argv=None) -> int:
     for spe in (int(s) for s in args.spe.split(",")):
         model = BUILDERS[args.model](input_shape=shape, steps_per_execution=spe)
         paths[f"package spe={spe}"] = (lambda m: lambda: m.fit(pipeline, epochs=1, verbose=0, shuffle=False))(model)
+    if args.jit:
+        xla = BUILDERS[args.model](input_shape=shape, jit_compile=True)
+        paths["package XLA spe=1"] = lambda: xla.fit(pipeline, epochs=1, verbose=0, shuffle=False)
     plain = BUILDERS[args.model](input_shape=shape)
     xf = x.astype("float32")
     paths["keras fit numpy"] = lambda: plain.fit(xf, y, batch_size=BATCH, epochs=1, verbose=0)
@@ -115,7 +126,8 @@ def main(argv=None) -> int:
     baseline = "pytorch loop" if "pytorch loop" in medians else "keras fit numpy"
     print(f"# {args.model} training throughput, {time.strftime('%Y-%m-%d')}, {platform.machine()}, "
           f"{os.cpu_count()} CPU cores; {n} examples {'x'.join(map(str, shape))}, batch {BATCH}, "
-          f"{repeats} repetitions, median")  # fmt: skip
+          f"{repeats} repetitions, median; TF threads inter-op {tf.config.threading.get_inter_op_parallelism_threads() or 'auto'}, "
+          f"intra-op {tf.config.threading.get_intra_op_parallelism_threads() or 'auto'}")  # fmt: skip
     if torch_epoch is None:
         print("# pytorch loop: skipped, torch is not installed (pip install torch)")
     print(f"{'path':<22}{'epoch s':>10}{'images/s':>12}{'vs ' + baseline:>22}")
