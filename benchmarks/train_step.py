@@ -13,6 +13,12 @@ Rows, for the scratch MLP on MNIST-shaped data (28x28x1, 10 classes) or the CIFA
     python benchmarks/train_step.py --model mlp --quick
     python benchmarks/train_step.py --model cnn
 
+Each repetition trains every path for `--epochs-per-fit` epochs (one `fit` call, as a user's run
+would), alternating the paths, and times each epoch from its first batch to its end (a callback for
+Keras, the loop itself for PyTorch); the table gives the median epoch. What `fit` costs around the
+epochs (setting up, and at the end tearing down the data iterator: up to ~0.7 s for the CNN here)
+is paid once per training run, not per epoch: the "fit overhead" column shows it, per `fit` call.
+
 Data are random pixels: throughput does not depend on their values.
 """
 
@@ -38,6 +44,20 @@ from kerastune_flow import data, models  # noqa: E402
 SHAPES = {"mlp": (28, 28, 1), "cnn": (32, 32, 3)}
 BUILDERS = {"mlp": models.build_scratch_mlp, "cnn": models.build_cifar10_cnn}
 BATCH = 64
+
+
+class _EpochTimer(keras.callbacks.Callback):
+    """Seconds of each epoch, from its start to its end, inside one `fit` call."""
+
+    def __init__(self):
+        super().__init__()
+        self.seconds: list[float] = []
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._start = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.seconds.append(time.perf_counter() - self._start)
 
 
 def _torch_loop(kind: str, x: np.ndarray, y: np.ndarray):
@@ -82,6 +102,7 @@ def main(argv=None) -> int:
     parser.add_argument("--examples", type=int)
     parser.add_argument("--repeats", type=int)
     parser.add_argument("--spe", default="1,32", help="comma list of steps_per_execution for the package path")
+    parser.add_argument("--epochs-per-fit", type=int, default=3, help="epochs per fit call (default 3)")
     parser.add_argument("--jit", action="store_true", help="add a row with jit_compile=True (XLA)")
     parser.add_argument("--inter-op", type=int, help="TensorFlow inter-op threads (default: TensorFlow's)")
     parser.add_argument("--intra-op", type=int, help="TensorFlow intra-op threads (default: TensorFlow's)")
@@ -98,41 +119,65 @@ def main(argv=None) -> int:
     y = rng.integers(0, 10, n).astype(np.int32)
     keras.utils.set_random_seed(0)
 
+    epochs = args.epochs_per_fit
     paths = {}
     ds = tf.data.Dataset.from_tensor_slices((x.astype("float32"), y))
     pipeline = data.prepare(ds, batch_size=BATCH, training=True, cache=True)
+
+    def keras_path(model, *fit_args, **fit_kwargs):
+        def run():
+            timer = _EpochTimer()
+            model.fit(*fit_args, epochs=epochs, verbose=0, callbacks=[timer], **fit_kwargs)
+            return timer.seconds
+
+        return run
+
     for spe in (int(s) for s in args.spe.split(",")):
         model = BUILDERS[args.model](input_shape=shape, steps_per_execution=spe)
-        paths[f"package spe={spe}"] = (lambda m: lambda: m.fit(pipeline, epochs=1, verbose=0, shuffle=False))(model)
+        paths[f"package spe={spe}"] = keras_path(model, pipeline, shuffle=False)
     if args.jit:
         xla = BUILDERS[args.model](input_shape=shape, jit_compile=True)
-        paths["package XLA spe=1"] = lambda: xla.fit(pipeline, epochs=1, verbose=0, shuffle=False)
+        paths["package XLA spe=1"] = keras_path(xla, pipeline, shuffle=False)
     plain = BUILDERS[args.model](input_shape=shape)
     xf = x.astype("float32")
-    paths["keras fit numpy"] = lambda: plain.fit(xf, y, batch_size=BATCH, epochs=1, verbose=0)
+    paths["keras fit numpy"] = keras_path(plain, xf, y, batch_size=BATCH)
     torch_epoch = _torch_loop(args.model, x, y)
     if torch_epoch is not None:
-        paths["pytorch loop"] = torch_epoch
+
+        def torch_run():
+            seconds = []
+            for _ in range(epochs):
+                start = time.perf_counter()
+                torch_epoch()
+                seconds.append(time.perf_counter() - start)
+            return seconds
+
+        paths["pytorch loop"] = torch_run
 
     for fn in paths.values():  # warm-up: tracing, cache fill
         fn()
     times: dict[str, list[float]] = {name: [] for name in paths}
+    overhead: dict[str, list[float]] = {name: [] for name in paths}
     for _ in range(repeats):
         for name, fn in paths.items():
             start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
+            epoch_seconds = fn()
+            overhead[name].append(time.perf_counter() - start - sum(epoch_seconds))
+            times[name].extend(epoch_seconds)
     medians = {name: statistics.median(t) for name, t in times.items()}
     baseline = "pytorch loop" if "pytorch loop" in medians else "keras fit numpy"
     print(f"# {args.model} training throughput, {time.strftime('%Y-%m-%d')}, {platform.machine()}, "
           f"{os.cpu_count()} CPU cores; {n} examples {'x'.join(map(str, shape))}, batch {BATCH}, "
-          f"{repeats} repetitions, median; TF threads inter-op {tf.config.threading.get_inter_op_parallelism_threads() or 'auto'}, "
+          f"{repeats} repetitions x {epochs} epochs, median epoch; TF threads inter-op {tf.config.threading.get_inter_op_parallelism_threads() or 'auto'}, "
           f"intra-op {tf.config.threading.get_intra_op_parallelism_threads() or 'auto'}")  # fmt: skip
     if torch_epoch is None:
         print("# pytorch loop: skipped, torch is not installed (pip install torch)")
-    print(f"{'path':<22}{'epoch s':>10}{'images/s':>12}{'vs ' + baseline:>22}")
+    print(f"{'path':<22}{'epoch s':>10}{'images/s':>12}{'vs ' + baseline:>22}{'fit overhead s':>16}")
     for name, seconds in medians.items():
-        print(f"{name:<22}{seconds:>10.3f}{n / seconds:>12.0f}{medians[baseline] / seconds:>21.2f}x")
+        print(
+            f"{name:<22}{seconds:>10.3f}{n / seconds:>12.0f}{medians[baseline] / seconds:>21.2f}x"
+            f"{statistics.median(overhead[name]):>16.3f}"
+        )
     return 0
 
 
