@@ -5,7 +5,8 @@ the same process.
     python benchmarks/run_all.py             # the full sizes (RESULTS.md holds a run)
 
 Workloads (each its own script, runnable alone with more options; see its --help):
-  train_step.py      scratch MLP and CIFAR-10 CNN: package vs plain fit vs the PyTorch loop
+  train_step.py      scratch MLP and CIFAR-10 CNN: package vs plain fit vs the PyTorch loop; the CNN
+                     again with TensorFlow's default inter-op threads (a per-process setting)
   input_pipeline.py  folder pipeline throughput vs model consumption, time waiting for input
   feature_cache.py   frozen-base stage: cached features vs the full forward pass
   scaling.py         CNN throughput at batch 32..256, step breakdown, MirroredStrategy cost
@@ -23,6 +24,7 @@ HERE = Path(__file__).resolve().parent
 WORKLOADS = [
     ("scratch MLP, MNIST-shaped", ["train_step.py", "--model", "mlp", "--spe", "1,16", "--jit"]),
     ("CIFAR-10 CNN", ["train_step.py", "--model", "cnn", "--spe", "1,16", "--jit"]),
+    ("CIFAR-10 CNN, TensorFlow's default threads", ["train_step.py", "--model", "cnn", "--spe", "1,16", "--inter-op", "0"]),
     ("input pipeline, JPEG folder", ["input_pipeline.py"]),
     ("frozen-base stage, cached features", ["feature_cache.py"]),
     ("CNN scaling and the distribution code path", ["scaling.py"]),

@@ -4,7 +4,7 @@ would otherwise copy, in one process, alternating, median of several repetitions
 Rows, for the scratch MLP on MNIST-shaped data (28x28x1, 10 classes) or the CIFAR-10 CNN
 (32x32x3), batch 64, one epoch each:
   package spe=N     `data.prepare` pipeline (cache, shuffle, batch, prefetch) + the package's
-                    builder compiled with steps_per_execution=N, `model.fit`
+                    builder compiled with steps_per_execution=N, `model.fit` (16 is the CPU default)
   package XLA       the same with jit_compile=True (--jit), to choose XLA per device by measurement
   keras fit numpy   the same network, plain `model.fit(x, y, batch_size=64)` on numpy arrays
   pytorch loop      the reference article's plain PyTorch loop (DataLoader, Adam, CrossEntropy),
@@ -19,7 +19,9 @@ Keras, the loop itself for PyTorch); the table gives the median epoch. What `fit
 epochs (setting up, and at the end tearing down the data iterator: up to ~0.7 s for the CNN here)
 is paid once per training run, not per epoch: the "fit overhead" column shows it, per `fit` call.
 
-Data are random pixels: throughput does not depend on their values.
+The process starts as a run does, with `get_strategy("auto")`, which on the CPU gives TensorFlow one
+inter-op thread; `--inter-op 0` keeps TensorFlow's default instead (the setting is per process, so
+compare two commands). Data are random pixels: throughput does not depend on their values.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from kerastune_flow import data, models  # noqa: E402
+from kerastune_flow.strategy import get_strategy  # noqa: E402
 
 SHAPES = {"mlp": (28, 28, 1), "cnn": (32, 32, 3)}
 BUILDERS = {"mlp": models.build_scratch_mlp, "cnn": models.build_cifar10_cnn}
@@ -101,19 +104,22 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer examples and repetitions")
     parser.add_argument("--examples", type=int)
     parser.add_argument("--repeats", type=int)
-    parser.add_argument("--spe", default="1,32", help="comma list of steps_per_execution for the package path")
+    parser.add_argument("--spe", default="1,16", help="comma list of steps_per_execution for the package path")
     parser.add_argument("--epochs-per-fit", type=int, default=3, help="epochs per fit call (default 3)")
     parser.add_argument("--jit", action="store_true", help="add a row with jit_compile=True (XLA)")
-    parser.add_argument("--inter-op", type=int, help="TensorFlow inter-op threads (default: TensorFlow's)")
+    parser.add_argument(
+        "--inter-op", type=int, help="TensorFlow inter-op threads; 0: TensorFlow's default (default: the package's choice)"
+    )
     parser.add_argument("--intra-op", type=int, help="TensorFlow intra-op threads (default: TensorFlow's)")
     args = parser.parse_args(argv)
-    if args.inter_op:
-        tf.config.threading.set_inter_op_parallelism_threads(args.inter_op)
+    if args.inter_op is not None:  # before TensorFlow starts; a value of the user's own is left alone by the package
+        os.environ["TF_NUM_INTEROP_THREADS"] = str(args.inter_op)
     if args.intra_op:
         tf.config.threading.set_intra_op_parallelism_threads(args.intra_op)
+    get_strategy("auto")  # as a run does, first: on the CPU it chooses TensorFlow's threads
     shape = SHAPES[args.model]
-    n = args.examples or ((12_000 if args.model == "mlp" else 6_000) if args.quick else (60_000 if args.model == "mlp" else 50_000))
-    repeats = args.repeats or (3 if args.quick else 5)
+    n = args.examples or ((12_000 if args.model == "mlp" else 6_000) if args.quick else (60_000 if args.model == "mlp" else 20_000))
+    repeats = args.repeats or 3
     rng = np.random.default_rng(0)
     x = rng.integers(0, 256, (n, *shape), dtype=np.uint8)
     y = rng.integers(0, 10, n).astype(np.int32)
@@ -165,10 +171,12 @@ def main(argv=None) -> int:
             overhead[name].append(time.perf_counter() - start - sum(epoch_seconds))
             times[name].extend(epoch_seconds)
     medians = {name: statistics.median(t) for name, t in times.items()}
+    inter_op = tf.config.threading.get_inter_op_parallelism_threads() or int(os.environ.get("TF_NUM_INTEROP_THREADS") or 0)
+    inter_op = inter_op or "TensorFlow's default"
     baseline = "pytorch loop" if "pytorch loop" in medians else "keras fit numpy"
     print(f"# {args.model} training throughput, {time.strftime('%Y-%m-%d')}, {platform.machine()}, "
           f"{os.cpu_count()} CPU cores; {n} examples {'x'.join(map(str, shape))}, batch {BATCH}, "
-          f"{repeats} repetitions x {epochs} epochs, median epoch; TF threads inter-op {tf.config.threading.get_inter_op_parallelism_threads() or 'auto'}, "
+          f"{repeats} repetitions x {epochs} epochs, median epoch; TF threads inter-op {inter_op}, "
           f"intra-op {tf.config.threading.get_intra_op_parallelism_threads() or 'auto'}")  # fmt: skip
     if torch_epoch is None:
         print("# pytorch loop: skipped, torch is not installed (pip install torch)")

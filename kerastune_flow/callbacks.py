@@ -418,11 +418,53 @@ class NaNGuard(keras.callbacks.Callback):
     def on_train_batch_end(self, batch, logs=None):
         loss = (logs or {}).get("loss")
         if loss is not None and not math.isfinite(float(loss)):
+            # With steps_per_execution > 1 Keras reports once per group of steps, at its last.
+            group = int(getattr(self.model, "steps_per_execution", 1) or 1)
+            last = min(batch + 1, (self.params or {}).get("steps") or batch + 1)
+            where = f"batch {last}" if group == 1 else f"batches {max(1, batch + 2 - group)}-{last}"
             raise TrainingDivergedError(
-                f"The loss became {float(loss)} at epoch {self._epoch + 1}, batch {batch + 1}; the last good "
+                f"The loss became {float(loss)} at epoch {self._epoch + 1}, {where}; the last good "
                 "model and backup are kept in the run directory; lower --learning-rate or add --l2. "
                 f"Received: loss={float(loss)}"
             )
+
+
+class ProgressBar(keras.callbacks.ProgbarLogger):
+    """Keras' progress bar, counting the training steps actually run.
+
+    With steps_per_execution > 1, Keras 3.15 reports the last step of a group even when the
+    epoch ends inside it, so an epoch of 23 steps run 16 at a time shows "32/23", and a data set
+    of unknown length keeps the overshoot as its step count (keras-team/keras#20861). This bar
+    counts training steps by the optimizer's iterations and keeps evaluation steps within the
+    epoch. Given to `fit` among the callbacks, it replaces Keras' default bar.
+    """
+
+    def on_epoch_begin(self, epoch, logs=None):
+        super().on_epoch_begin(epoch, logs)
+        self._first_iteration = self._iterations()
+
+    def _iterations(self) -> int | None:
+        optimizer = getattr(self.model, "optimizer", None)
+        if optimizer is None:
+            return None
+        try:  # a MirroredVariable under tf.distribute: read through a tensor
+            return int(keras.ops.convert_to_numpy(optimizer.iterations))
+        except (TypeError, ValueError):
+            return None
+
+    def _clamped(self, batch: int) -> int:
+        return batch if self.target is None else min(batch, self.target - 1)
+
+    def on_train_batch_end(self, batch, logs=None):
+        first = getattr(self, "_first_iteration", None)
+        now = self._iterations() if first is not None else None
+        super().on_train_batch_end(self._clamped(batch if now is None else now - first - 1), logs)
+
+    def on_test_batch_end(self, batch, logs=None):
+        super().on_test_batch_end(self._clamped(batch), logs)
+
+    def on_predict_batch_end(self, batch, logs=None):
+        super().on_predict_batch_end(self._clamped(batch), logs)
 
 
 DISK_MARGIN_BYTES = 1024**2

@@ -84,7 +84,7 @@ class TrainConfig:
     early_stopping: bool = True
     patience: int = 3
     monitor: str = "val_loss"
-    steps_per_execution: int | None = None  # None: the device's default (32 on TPU, else 1)
+    steps_per_execution: int | None = None  # None: the device's default (32 on TPU, 16 on CPU, 1 on GPU)
     mixed_precision: str = "off"  # off | auto (bfloat16 on TPU, float16 on GPU) | bfloat16 | float16
     jit_compile: str = "auto"  # "auto" chooses per device, see strategy.default_jit_compile
     tensorboard: bool = True

@@ -197,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--patience", type=int, help="early stopping patience in epochs (3)")
     g.add_argument("--no-early-stopping", dest="early_stopping", action="store_false", default=None)
     g.add_argument("--monitor", help="metric for early stopping and the best model (val_loss)")
-    g.add_argument("--steps-per-execution", type=int, help="steps per graph call (default 32 on TPU, else 1)")
+    g.add_argument("--steps-per-execution", type=int, help="steps per graph call (default 32 on TPU, 16 on CPU, 1 on GPU)")
     g.add_argument(
         "--mixed-precision",
         nargs="?",

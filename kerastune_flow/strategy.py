@@ -96,6 +96,41 @@ def _mirrored_devices() -> list[str]:
     return [d.name for d in tf.config.list_logical_devices("CPU")]
 
 
+# Inter-op threads run independent graph ops side by side, each op itself using every core
+# (intra-op). On a CPU that oversubscribes the cores: with one inter-op thread the CIFAR-10 CNN
+# trains faster on 2 cores and its system time (threads waiting on each other) falls more than
+# tenfold (benchmarks/RESULTS.md); one per socket is also Intel's advice for oneDNN. GPUs and
+# TPUs keep TensorFlow's default.
+CPU_INTER_OP_THREADS = 1
+
+
+def prefer_cpu_threads() -> bool:
+    """Sets TensorFlow's inter-op threads to `CPU_INTER_OP_THREADS` for CPU training, unless the
+    user chose a number (TF_NUM_INTEROP_THREADS or `tf.config.threading`) or TensorFlow has
+    already started, when it can no longer change (then it logs how to get it).
+
+    Returns:
+        True when the setting is in effect.
+    """
+    if os.environ.get("TF_NUM_INTEROP_THREADS"):
+        return False
+    current = tf.config.threading.get_inter_op_parallelism_threads()
+    if current == CPU_INTER_OP_THREADS:
+        return True
+    if current != 0:
+        return False
+    try:
+        tf.config.threading.set_inter_op_parallelism_threads(CPU_INTER_OP_THREADS)
+    except RuntimeError:
+        log.info(
+            "TensorFlow started before the strategy was chosen, so it keeps its default inter-op threads; "
+            "CPU training is faster with TF_NUM_INTEROP_THREADS=%d set before Python starts",
+            CPU_INTER_OP_THREADS,
+        )
+        return False
+    return True
+
+
 def get_strategy(name: str = "auto", *, tpu_address: str | None = None) -> tf.distribute.Strategy:
     """Returns the tf.distribute strategy for a name.
 
@@ -128,10 +163,14 @@ def get_strategy(name: str = "auto", *, tpu_address: str | None = None) -> tf.di
                 log.warning("TPU hinted by the environment but not reachable, continuing without: %s", error)
         if _cluster_size(cluster) > 1:
             return get_strategy("multiworker")
-        if len(tf.config.list_physical_devices("GPU")) >= 2:
+        gpus = len(tf.config.list_physical_devices("GPU"))
+        if gpus >= 2:
             return get_strategy("mirrored")
+        if gpus == 0:
+            prefer_cpu_threads()
         return tf.distribute.get_strategy()
     if name == "cpu":
+        prefer_cpu_threads()
         return tf.distribute.OneDeviceStrategy("/cpu:0")
     if name == "gpu":
         if not tf.config.list_physical_devices("GPU"):
@@ -213,6 +252,9 @@ def describe(strategy: tf.distribute.Strategy) -> str:
 
 
 TPU_STEPS_PER_EXECUTION = 32  # amortises the host round trip of each TPU call
+# On the CPU, 16 steps per call into the graph train the small reference networks faster than one
+# (benchmarks/RESULTS.md). GPUs keep 1: not measured on one.
+CPU_STEPS_PER_EXECUTION = 16
 MIXED_PRECISION = ("off", "auto", "bfloat16", "float16")
 
 
@@ -246,19 +288,30 @@ def device_settings(
     steps_per_execution: int | None = None,
     mixed_precision: str = "off",
     jit_compile: str | bool = "auto",
+    replicas: int = 1,
 ) -> DeviceSettings:
     """The settings for a kind of device; explicit values win over the device's defaults.
 
     Args:
         kind: "tpu", "gpu" or "cpu".
-        steps_per_execution: None for the device's default (32 on TPU, else 1).
+        steps_per_execution: None for the device's default (32 on TPU, 16 on one CPU device, else 1).
         mixed_precision: "off"; "auto" (bfloat16 on TPU, float16 on GPU, off on CPU, where
             neither is faster); or "bfloat16" / "float16" explicitly.
         jit_compile: "auto" (on for TPU and GPU), or True / False.
+        replicas: replicas in sync. Several CPU replicas (MirroredStrategy over logical CPU
+            devices, or several workers) cannot run more than one step per execution: Keras 3.15 /
+            TensorFlow 2.21 fail with "You must feed a value for placeholder tensor".
 
     Raises:
-        ConfigError: for an unknown mixed_precision value.
+        ConfigError: for an unknown mixed_precision value, or steps_per_execution > 1 with
+            several CPU replicas.
     """
+    if kind == "cpu" and replicas > 1 and (steps_per_execution or 1) > 1:
+        raise ConfigError(
+            f"steps_per_execution must be 1 with {replicas} CPU replicas (MirroredStrategy or several workers "
+            "fail with more under this Keras and TensorFlow); drop --steps-per-execution. "
+            f"Received: steps_per_execution={steps_per_execution}"
+        )
     if mixed_precision not in MIXED_PRECISION:
         raise ConfigError(
             f"mixed_precision must be one of {', '.join(MIXED_PRECISION)}. Received: mixed_precision={mixed_precision}"
@@ -274,7 +327,8 @@ def device_settings(
     return DeviceSettings(
         kind=kind,
         drop_remainder=kind == "tpu",
-        steps_per_execution=steps_per_execution or (TPU_STEPS_PER_EXECUTION if kind == "tpu" else 1),
+        steps_per_execution=steps_per_execution
+        or {"tpu": TPU_STEPS_PER_EXECUTION, "cpu": CPU_STEPS_PER_EXECUTION if replicas == 1 else 1}.get(kind, 1),
         dtype_policy=policy,
         jit_compile=jit,
     )

@@ -322,7 +322,7 @@ def _fit(model, train_ds, val_ds, config, callbacks, *, epochs, initial_epoch=0)
         validation_data=val_ds,
         epochs=epochs,
         initial_epoch=initial_epoch,
-        callbacks=callbacks,
+        callbacks=[*callbacks, cb.ProgressBar()],  # Keras' bar, counting the steps run (verbose only)
         verbose=config.train.verbose,
         shuffle=False,  # the pipeline shuffles; Keras would only warn that it cannot
     )
@@ -618,6 +618,7 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, overwrite: bool =
         steps_per_execution=t.steps_per_execution,
         mixed_precision=t.mixed_precision,
         jit_compile=t.jit_compile,
+        replicas=strategy.num_replicas_in_sync,
     )
     config = dataclasses.replace(config, train=dataclasses.replace(t, steps_per_execution=settings.steps_per_execution))
     previous_policy = keras.config.dtype_policy()
@@ -691,11 +692,12 @@ def _train_and_evaluate(
 ) -> RunResult:
     jit_compile = settings.jit_compile
     log.info(
-        "Strategy: %s; XLA %s; %s; %d step(s) per execution",
+        "Strategy: %s; XLA %s; %s; %d step(s) per execution; inter-op threads %s",
         describe(strategy),
         "on" if jit_compile else "off",
         settings.dtype_policy,
         settings.steps_per_execution,
+        tf.config.threading.get_inter_op_parallelism_threads() or "TensorFlow's default",
     )
 
     check_before_data(config)

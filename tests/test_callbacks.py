@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 
 import keras
+import tensorflow as tf
 import numpy as np
 import pytest
 
@@ -24,6 +25,7 @@ from kerastune_flow.callbacks import (
     DiskSpaceGuard,
     HistoryLogger,
     NaNGuard,
+    ProgressBar,
     atomic_save_model,
     atomic_write_json,
     atomic_write_text,
@@ -521,6 +523,31 @@ def test_nan_guard_on_nan_inputs_names_the_first_bad_batch(tmp_path):
     with pytest.raises(TrainingDivergedError, match=r"at epoch 1, batch 3;") as excinfo:
         _model().fit(x, y, batch_size=BATCH_SIZE, epochs=2, shuffle=False, verbose=0, callbacks=[NaNGuard()])
     assert isinstance(excinfo.value, (KerastuneFlowError, ArithmeticError))
+
+
+def test_nan_guard_names_the_group_of_batches_under_steps_per_execution():
+    x, y = _data(0)
+    x[2 * BATCH_SIZE + 3, 0] = np.nan  # in the third batch: Keras reports batches 3-4 together
+    model = keras.Sequential([keras.Input((NUM_FEATURES,)), keras.layers.Dense(1)])
+    model.compile(optimizer=keras.optimizers.SGD(LEARNING_RATE), loss="mse", steps_per_execution=2)
+
+    with pytest.raises(TrainingDivergedError, match=r"at epoch 1, batches 3-4;"):
+        model.fit(x, y, batch_size=BATCH_SIZE, epochs=1, shuffle=False, verbose=0, callbacks=[NaNGuard()])
+
+
+@pytest.mark.parametrize("known_length", [True, False])
+def test_the_progress_bar_counts_the_steps_run_under_steps_per_execution(capsys, known_length):
+    # 4 batches run 3 at a time: Keras' own bar shows "6/6" when the data set's length is unknown
+    ds = tf.data.Dataset.from_tensor_slices(_data(0)).batch(BATCH_SIZE)
+    if not known_length:
+        ds = ds.filter(lambda x, y: True)
+    model = keras.Sequential([keras.Input((NUM_FEATURES,)), keras.layers.Dense(1)])
+    model.compile(optimizer=keras.optimizers.SGD(LEARNING_RATE), loss="mse", steps_per_execution=3)
+
+    model.fit(ds, epochs=2, verbose=1, callbacks=[ProgressBar()])
+
+    shown = capsys.readouterr().out
+    assert "3/4" in shown and "4/4" in shown and "6/" not in shown and "/6" not in shown
 
 
 @pytest.mark.parametrize("loss", [float("nan"), float("inf"), -float("inf"), np.float32("nan")])

@@ -9,7 +9,7 @@ import pytest
 from kerastune_flow import data, models, train
 from kerastune_flow.config import make_config
 from kerastune_flow.errors import ConfigError
-from kerastune_flow.strategy import TPU_STEPS_PER_EXECUTION, device_settings
+from kerastune_flow.strategy import CPU_STEPS_PER_EXECUTION, TPU_STEPS_PER_EXECUTION, device_settings
 
 
 @pytest.mark.parametrize(
@@ -17,7 +17,7 @@ from kerastune_flow.strategy import TPU_STEPS_PER_EXECUTION, device_settings
     [
         ("tpu", True, TPU_STEPS_PER_EXECUTION, "float32", True),
         ("gpu", False, 1, "float32", True),
-        ("cpu", False, 1, "float32", False),
+        ("cpu", False, CPU_STEPS_PER_EXECUTION, "float32", False),
     ],
 )
 def test_device_defaults(kind, drop, steps, policy, jit):
@@ -86,3 +86,11 @@ def test_a_bfloat16_run_on_the_cpu_trains_and_restores_the_policy(image_folder, 
     assert result.model.get_layer("conv_1").compute_dtype == "bfloat16"
     assert np.isfinite(result.test_metrics["loss"])
     assert keras.config.dtype_policy().name == before
+
+
+def test_several_cpu_replicas_run_one_step_per_execution():
+    # Keras 3.15 / TF 2.21 fail under MirroredStrategy on CPUs with more (tests/test_train.py runs it)
+    assert device_settings("cpu", replicas=2).steps_per_execution == 1
+    assert device_settings("tpu", replicas=8).steps_per_execution == TPU_STEPS_PER_EXECUTION
+    with pytest.raises(ConfigError, match="steps_per_execution must be 1 with 2 CPU replicas"):
+        device_settings("cpu", steps_per_execution=4, replicas=2)

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import subprocess
+import sys
 import time
 from types import SimpleNamespace
 
@@ -375,3 +378,37 @@ def test_tiny_model_fits_under_mirrored_with_two_replicas():
     # Both replicas hold the same updated weights.
     first, second = (v.numpy() for v in strategy.experimental_local_results(kernel))
     np.testing.assert_array_equal(first, second)
+
+
+_THREADS_SCRIPT = """
+import logging, os, sys
+logging.basicConfig(level=logging.INFO, format="%(message)s")
+import tensorflow as tf
+from kerastune_flow.strategy import get_strategy
+if sys.argv[1] == "started":
+    tf.constant(1.0)  # TensorFlow's runtime starts here, before the strategy
+get_strategy(sys.argv[2])
+print("inter-op", tf.config.threading.get_inter_op_parallelism_threads())
+"""
+
+
+@pytest.mark.parametrize(
+    "when, name, env, expected",
+    [
+        ("fresh", "auto", None, 1),  # CPU training: one inter-op thread
+        ("fresh", "cpu", None, 1),
+        ("fresh", "mirrored", None, 0),  # several devices keep TensorFlow's default
+        ("fresh", "auto", "3", 0),  # the user's TF_NUM_INTEROP_THREADS is left alone
+        ("started", "auto", None, 0),  # too late: logged, not raised
+    ],
+)
+def test_cpu_training_uses_one_inter_op_thread_when_it_still_can(when, name, env, expected):
+    environ = {k: v for k, v in os.environ.items() if k != "TF_NUM_INTEROP_THREADS"}
+    if env:
+        environ["TF_NUM_INTEROP_THREADS"] = env
+    proc = subprocess.run(
+        [sys.executable, "-c", _THREADS_SCRIPT, when, name], capture_output=True, text=True, env=environ, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"inter-op {expected}" in proc.stdout
+    assert ("TF_NUM_INTEROP_THREADS=1 set before Python starts" in proc.stderr) == (when == "started")
