@@ -3,6 +3,7 @@ the same process.
 
     python benchmarks/run_all.py --quick     # a few minutes on 2 CPU cores
     python benchmarks/run_all.py             # the full sizes (RESULTS.md holds a run)
+    python benchmarks/run_all.py --only cnn  # the workloads whose title names the CNN
 
 Workloads (each its own script, runnable alone with more options; see its --help):
   train_step.py      scratch MLP and CIFAR-10 CNN: package vs plain fit vs the PyTorch loop; the CNN
@@ -33,10 +34,20 @@ WORKLOADS = [
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--quick", action="store_true", help="small sizes: a few minutes on 2 CPU cores")
+    parser.add_argument(
+        "--only",
+        default="",
+        help="comma-separated words; run only the workloads whose title contains one of them "
+        "(for example --only cnn,pipeline)",
+    )
     args = parser.parse_args(argv)
+    words = [word.strip().lower() for word in args.only.split(",") if word.strip()]
+    chosen = [(title, command) for title, command in WORKLOADS if not words or any(w in title.lower() for w in words)]
+    if not chosen:
+        parser.error(f"--only {args.only!r} matches no workload; the titles are: " + "; ".join(t for t, _ in WORKLOADS))
     failures = 0
-    for title, command in WORKLOADS:
+    for title, command in chosen:
         print(f"\n## {title}", flush=True)
         start = time.perf_counter()
         proc = subprocess.run(
