@@ -25,6 +25,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from kerastune_flow import strategy as strategy_lib
 from kerastune_flow.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -475,7 +476,7 @@ def scan_images(paths: Sequence[str], *, channels: int = 3) -> ImageScan:
 
     ds = tf.data.Dataset.from_tensor_slices(tf.constant(paths, tf.string))
     ds = ds.map(probe, num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
-    ds = ds.ignore_errors(log_warning=False).batch(SCAN_BATCH)
+    ds = with_autotune(ds.ignore_errors(log_warning=False).batch(SCAN_BATCH))
     sizes: dict[str, tuple[int, int]] = {}
     for names, shapes in ds.as_numpy_iterator():
         sizes.update((n.decode(), (int(h), int(w))) for n, (h, w) in zip(names, shapes))
@@ -750,6 +751,7 @@ def prepare(
     shuffle_buffer: int = 10_000,
     drop_remainder: bool = False,
     seed: int = 0,
+    autotune: bool | None = None,
 ) -> tf.data.Dataset:
     """The pipeline tail: cache, shuffle (training only), batch, augment, encode labels, prefetch.
 
@@ -765,6 +767,8 @@ def prepare(
         shuffle_buffer: examples in the shuffle buffer.
         drop_remainder: static batch shapes, as TPUs need.
         seed: shuffle seed.
+        autotune: tf.data's autotuning for the whole pipeline; None: the device's choice
+            (`strategy.data_autotune`: off on the CPU, where it slows every epoch).
 
     Returns:
         A batched, prefetched data set of (images, labels).
@@ -777,4 +781,12 @@ def prepare(
     if training and augmenter is not None:
         ds = ds.map(lambda x, y: (augmenter(x, training=True), y), num_parallel_calls=tf.data.AUTOTUNE)
     ds = ds.map(encode_labels(label_mode, num_classes), num_parallel_calls=tf.data.AUTOTUNE)
-    return ds.prefetch(tf.data.AUTOTUNE)
+    return with_autotune(ds.prefetch(tf.data.AUTOTUNE), autotune)
+
+
+def with_autotune(ds: tf.data.Dataset, autotune: bool | None = None) -> tf.data.Dataset:
+    """`ds` with tf.data's autotuning on or off for its whole pipeline; None: the device's choice
+    (`strategy.data_autotune`: off on the CPU, where it slows every epoch)."""
+    options = tf.data.Options()
+    options.autotune.enabled = strategy_lib.data_autotune() if autotune is None else autotune
+    return ds.with_options(options)

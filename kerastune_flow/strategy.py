@@ -268,6 +268,7 @@ class DeviceSettings:
         steps_per_execution: training steps per call into the compiled graph.
         dtype_policy: Keras dtype policy; the builders keep each output layer in float32.
         jit_compile: XLA.
+        data_autotune: tf.data's autotuning (see `data_autotune`): off on the CPU.
     """
 
     kind: str
@@ -275,11 +276,24 @@ class DeviceSettings:
     steps_per_execution: int
     dtype_policy: str
     jit_compile: bool
+    data_autotune: bool
 
 
 def device_kind(strategy: tf.distribute.Strategy) -> str:
     """"tpu", "gpu" or "cpu": where the strategy computes."""
     return "tpu" if is_tpu(strategy) else "gpu" if uses_gpu(strategy) else "cpu"
+
+
+def data_autotune(strategy: tf.distribute.Strategy | None = None) -> bool:
+    """Whether input pipelines run tf.data's autotuning, for the strategy in scope by default.
+
+    Off on the CPU: there the autotuning thread competes with training for the cores, and each
+    time an epoch's iterator is discarded (Keras makes one per epoch) TensorFlow 2.21 waits for
+    that thread, up to 9 s per epoch for the CIFAR-10 CNN on 2 cores (benchmarks/RESULTS.md).
+    Without it, parallel maps use one call per core and prefetch buffers grow on demand.
+    On (TensorFlow's default) for GPU and TPU, where it has not been measured.
+    """
+    return device_kind(strategy or tf.distribute.get_strategy()) != "cpu"
 
 
 def device_settings(
@@ -331,4 +345,5 @@ def device_settings(
         or {"tpu": TPU_STEPS_PER_EXECUTION, "cpu": CPU_STEPS_PER_EXECUTION if replicas == 1 else 1}.get(kind, 1),
         dtype_policy=policy,
         jit_compile=jit,
+        data_autotune=kind != "cpu",
     )

@@ -380,8 +380,8 @@ def cached_feature_pipelines(
         ds = tf.data.Dataset.from_tensor_slices((feats, labels))
         if name == "train":
             ds = ds.shuffle(10_000, seed=seed, reshuffle_each_iteration=True)
-        out[name] = ds.batch(batch_size, drop_remainder=drop_remainder and name == "train").prefetch(
-            tf.data.AUTOTUNE
+        out[name] = data_lib.with_autotune(
+            ds.batch(batch_size, drop_remainder=drop_remainder and name == "train").prefetch(tf.data.AUTOTUNE)
         )
     return out
 

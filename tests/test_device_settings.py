@@ -5,24 +5,49 @@ import json
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from kerastune_flow import data, models, train
 from kerastune_flow.config import make_config
 from kerastune_flow.errors import ConfigError
-from kerastune_flow.strategy import CPU_STEPS_PER_EXECUTION, TPU_STEPS_PER_EXECUTION, device_settings
+from kerastune_flow.strategy import (
+    CPU_STEPS_PER_EXECUTION,
+    TPU_STEPS_PER_EXECUTION,
+    data_autotune,
+    device_settings,
+)
 
 
 @pytest.mark.parametrize(
-    "kind, drop, steps, policy, jit",
+    "kind, drop, steps, policy, jit, autotune",
     [
-        ("tpu", True, TPU_STEPS_PER_EXECUTION, "float32", True),
-        ("gpu", False, 1, "float32", True),
-        ("cpu", False, CPU_STEPS_PER_EXECUTION, "float32", False),
+        ("tpu", True, TPU_STEPS_PER_EXECUTION, "float32", True, True),
+        ("gpu", False, 1, "float32", True, True),
+        ("cpu", False, CPU_STEPS_PER_EXECUTION, "float32", False, False),
     ],
 )
-def test_device_defaults(kind, drop, steps, policy, jit):
+def test_device_defaults(kind, drop, steps, policy, jit, autotune):
     s = device_settings(kind)
     assert (s.drop_remainder, s.steps_per_execution, s.dtype_policy, s.jit_compile) == (drop, steps, policy, jit)
+    assert s.data_autotune is autotune
+
+
+def test_pipelines_on_the_cpu_run_without_tf_data_autotuning(image_folder):
+    # With it, TensorFlow 2.21 waits seconds for the autotuning thread each time Keras discards an
+    # epoch's iterator (benchmarks/RESULTS.md); GPU and TPU keep TensorFlow's default.
+    assert data_autotune() is False  # the default strategy here computes on the CPU
+    config = make_config("cifar10_cnn", "smoke", data=str(image_folder))
+    splits = train.load_splits(config)
+    head = models.head_for("cifar10_cnn", splits.num_classes)
+    pipes = train.make_pipelines(splits, config, head, tf.distribute.get_strategy())
+    for name, ds in pipes.items():
+        assert ds.options().autotune.enabled is False, name
+    assert data.prepare(splits.train, batch_size=8, autotune=True).options().autotune.enabled is True
+    features = keras.Sequential([keras.Input((32, 32, 3)), keras.layers.GlobalAveragePooling2D()])
+    cached = train.cached_feature_pipelines(features, pipes, batch_size=8, seed=0)
+    assert cached["train"].options().autotune.enabled is False
+    images, labels = next(iter(pipes["train"]))  # still a working pipeline
+    assert images.shape[1:] == (32, 32, 3) and labels.shape[0] == images.shape[0]
 
 
 @pytest.mark.parametrize(
