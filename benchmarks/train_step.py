@@ -108,7 +108,7 @@ def main(argv=None) -> int:
     parser.add_argument("--examples", type=int)
     parser.add_argument("--repeats", type=int)
     parser.add_argument("--spe", default="1,16", help="comma list of steps_per_execution for the package path")
-    parser.add_argument("--epochs-per-fit", type=int, default=3, help="epochs per fit call (default 3)")
+    parser.add_argument("--epochs-per-fit", type=int, help="epochs per fit call (default 3; 2 with --quick)")
     parser.add_argument("--jit", action="store_true", help="add a row with jit_compile=True (XLA)")
     parser.add_argument(
         "--inter-op", type=int, help="TensorFlow inter-op threads; 0: TensorFlow's default (default: the package's choice)"
@@ -121,14 +121,14 @@ def main(argv=None) -> int:
         tf.config.threading.set_intra_op_parallelism_threads(args.intra_op)
     strategy = get_strategy("auto")  # as a run does, first: on the CPU it chooses TensorFlow's threads
     shape = SHAPES[args.model]
-    n = args.examples or ((12_000 if args.model == "mlp" else 6_000) if args.quick else (60_000 if args.model == "mlp" else 20_000))
+    n = args.examples or ((12_000 if args.model == "mlp" else 3_000) if args.quick else (60_000 if args.model == "mlp" else 20_000))
     repeats = args.repeats or 3
     rng = np.random.default_rng(0)
     x = rng.integers(0, 256, (n, *shape), dtype=np.uint8)
     y = rng.integers(0, 10, n).astype(np.int32)
     keras.utils.set_random_seed(0)
 
-    epochs = args.epochs_per_fit
+    epochs = args.epochs_per_fit or (2 if args.quick else 3)
     paths = {}
     ds = tf.data.Dataset.from_tensor_slices((x.astype("float32"), y))
     pipeline = data.prepare(ds, batch_size=BATCH, training=True, cache=True)
