@@ -457,7 +457,8 @@ class ProgressBar(keras.callbacks.ProgbarLogger):
 
     def on_train_batch_end(self, batch, logs=None):
         first = getattr(self, "_first_iteration", None)
-        now = self._iterations() if first is not None else None
+        # verbose=0 shows nothing: no need to read the step count back from the device
+        now = self._iterations() if first is not None and self.verbose else None
         super().on_train_batch_end(self._clamped(batch if now is None else now - first - 1), logs)
 
     def on_test_batch_end(self, batch, logs=None):

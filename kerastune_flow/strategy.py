@@ -293,7 +293,7 @@ def data_autotune(strategy: tf.distribute.Strategy | None = None) -> bool:
     Without it, parallel maps use one call per core and prefetch buffers grow on demand.
     On (TensorFlow's default) for GPU and TPU, where it has not been measured.
     """
-    return device_kind(strategy or tf.distribute.get_strategy()) != "cpu"
+    return device_settings(device_kind(strategy or tf.distribute.get_strategy())).data_autotune
 
 
 def device_settings(

@@ -10,9 +10,9 @@ import os
 from pathlib import Path
 
 import keras
-import tensorflow as tf
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from kerastune_flow import callbacks as callbacks_lib
 from kerastune_flow.callbacks import (
