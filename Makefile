@@ -10,7 +10,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(EXTRA)
 
-.PHONY: install demo test slow clean
+.PHONY: install demo lint format test slow clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,7 +25,17 @@ demo: $(STAMP)
 	$(BIN)/python -m kerastune_flow.run evaluate runs/demo --data data/digits
 	$(BIN)/python -m kerastune_flow.run predict runs/demo data/digits/0/0000.png data/digits/4/0000.png data/digits/9/0000.png
 
-test: $(STAMP)
+# ruff (lint and format, configured in pyproject.toml): `make test` fails on a finding.
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+# Rewrites the files: what `make lint` asks for, where ruff can do it.
+format: $(STAMP)
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+test: lint
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS)
 
 slow: $(STAMP)

@@ -99,18 +99,69 @@ def main(argv=None) -> int:
     transfer_common = ["--data", str(pair), "--no-tensorboard", "--quiet", "--seed", "0", "--patience", "5"]
     rows = {
         "mlp_reference": ["scratch_mlp", *mnist, "--epochs", "10", *fixed],
-        "mlp_improved": ["scratch_mlp", *mnist, "--epochs", "20", "--dropout", "0.2", "--lr-schedule", "cosine", *fixed],
+        "mlp_improved": [
+            "scratch_mlp",
+            *mnist,
+            "--epochs",
+            "20",
+            "--dropout",
+            "0.2",
+            "--lr-schedule",
+            "cosine",
+            *fixed,
+        ],
         "cnn_reference": ["cifar10_cnn", "--data", str(cifar), "--epochs", "10", *fixed],
-        "cnn_improved": ["cifar10_cnn", "--data", str(cifar), "--epochs", "20", "--augment", "crop,flip",
-                         "--dropout", "0.3", "--lr-schedule", "cosine", *fixed],
-        "transfer_pretrain_8_classes": ["cifar10_cnn", "--data", str(eight), "--epochs", "15", "--no-tensorboard",
-                                        "--quiet", "--seed", "0"],
+        "cnn_improved": [
+            "cifar10_cnn",
+            "--data",
+            str(cifar),
+            "--epochs",
+            "20",
+            "--augment",
+            "crop,flip",
+            "--dropout",
+            "0.3",
+            "--lr-schedule",
+            "cosine",
+            *fixed,
+        ],
+        "transfer_pretrain_8_classes": [
+            "cifar10_cnn",
+            "--data",
+            str(eight),
+            "--epochs",
+            "15",
+            "--no-tensorboard",
+            "--quiet",
+            "--seed",
+            "0",
+        ],
         "transfer_scratch": ["cifar10_cnn", *transfer_common, "--epochs", "40"],
-        "transfer_features": ["vgg16_features", *transfer_common, "--base", base, "--base-output", "dense",
-                              "--epochs", "40"],
-        "transfer_finetune": ["vgg16_finetune", *transfer_common, "--base", base, "--base-output", "dense",
-                              "--head-epochs", "40", "--epochs", "20", "--finetune-lr", "1e-4"],
-    }  # fmt: skip
+        "transfer_features": [
+            "vgg16_features",
+            *transfer_common,
+            "--base",
+            base,
+            "--base-output",
+            "dense",
+            "--epochs",
+            "40",
+        ],
+        "transfer_finetune": [
+            "vgg16_finetune",
+            *transfer_common,
+            "--base",
+            base,
+            "--base-output",
+            "dense",
+            "--head-epochs",
+            "40",
+            "--epochs",
+            "20",
+            "--finetune-lr",
+            "1e-4",
+        ],
+    }
     wanted = args.only.split(",") if args.only else list(rows)
     results = json.loads(Path(args.out).read_text()) if Path(args.out).exists() else {}
     for name in wanted:
@@ -126,10 +177,13 @@ def main(argv=None) -> int:
             "date": time.strftime("%Y-%m-%d"),
             "hardware": f"{platform.machine()}, {os.cpu_count()} CPU cores, no accelerator",
         }
-        print(f"{name}: test accuracy {result['test']['accuracy']:.4f}, {result['epochs_run']} epochs, "
-              f"{result['train_seconds']:.0f} s training", flush=True)  # fmt: skip
+        print(
+            f"{name}: test accuracy {result['test']['accuracy']:.4f}, {result['epochs_run']} epochs, "
+            f"{result['train_seconds']:.0f} s training",
+            flush=True,
+        )
         Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
-    print(f"\n| run | test accuracy | epochs | training s |\n| --- | --- | --- | --- |")
+    print("\n| run | test accuracy | epochs | training s |\n| --- | --- | --- | --- |")
     for name, r in results.items():
         print(f"| {name} | {100 * r['test_accuracy']:.1f} % | {r['epochs_run']} | {r['train_seconds']:.0f} |")
     return 0

@@ -51,9 +51,7 @@ def main(argv=None) -> int:
 
     keras.utils.set_random_seed(0)
     strategy = get_strategy("auto")
-    splits = data.load_data(
-        str(REPO / "data" / "digits"), image_size=(size, size), channels=3, max_examples=examples
-    )
+    splits = data.load_data(str(REPO / "data" / "digits"), image_size=(size, size), channels=3, max_examples=examples)
     head_spec = models.transfer_head(splits.num_classes)
     batch = global_batch_size(args.batch_size, strategy)
     pipes = {}
@@ -79,14 +77,28 @@ def main(argv=None) -> int:
     head.fit(cached["train"], validation_data=cached["validation"], epochs=1, verbose=0, shuffle=False)
     full, fast = [], []
     for _ in range(repeats):
-        full.append(_time(lambda: model.fit(pipes["train"], validation_data=pipes["validation"], epochs=1, verbose=0, shuffle=False)))
-        fast.append(_time(lambda: head.fit(cached["train"], validation_data=cached["validation"], epochs=1, verbose=0, shuffle=False)))
+        full.append(
+            _time(
+                lambda: model.fit(
+                    pipes["train"], validation_data=pipes["validation"], epochs=1, verbose=0, shuffle=False
+                )
+            )
+        )
+        fast.append(
+            _time(
+                lambda: head.fit(
+                    cached["train"], validation_data=cached["validation"], epochs=1, verbose=0, shuffle=False
+                )
+            )
+        )
     full_s, fast_s = statistics.median(full), statistics.median(fast)
     ratio = full_s / fast_s
     break_even = extract_seconds / max(full_s - fast_s, 1e-9)
     print(f"# feature cache benchmark, {time.strftime('%Y-%m-%d')}, {platform.machine()}, {os.cpu_count()} CPU cores")
-    print(f"# VGG16 (random weights) at {size}x{size}, {splits.sizes['train']} train / "
-          f"{splits.sizes['validation']} validation images, batch {batch}, {repeats} repetitions, median")
+    print(
+        f"# VGG16 (random weights) at {size}x{size}, {splits.sizes['train']} train / "
+        f"{splits.sizes['validation']} validation images, batch {batch}, {repeats} repetitions, median"
+    )
     print(f"{'path':<28}{'epoch s':>10}")
     print(f"{'full forward pass':<28}{full_s:>10.3f}")
     print(f"{'cached features':<28}{fast_s:>10.3f}")

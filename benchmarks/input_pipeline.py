@@ -91,7 +91,9 @@ def main(argv=None) -> int:
     keras.utils.set_random_seed(0)
 
     with tempfile.TemporaryDirectory() as tmp:
-        folder = args.folder or str(write_jpeg_folder(Path(tmp) / "jpegs", args.examples or (2_000 if args.quick else 10_000)))
+        folder = args.folder or str(
+            write_jpeg_folder(Path(tmp) / "jpegs", args.examples or (2_000 if args.quick else 10_000))
+        )
         # Everything in one split, so that one epoch reads every file once.
         splits = data.load_image_folder(folder, image_size=size, channels=3, validation_fraction=0.0, test_fraction=0.0)
         shape = splits.image_shape
@@ -117,9 +119,14 @@ def main(argv=None) -> int:
 
         # What the model consumes: the same number of batches, already in memory.
         model = models.build_cifar10_cnn(input_shape=shape, num_classes=splits.num_classes)
-        in_memory = tf.data.Dataset.from_tensor_slices(
-            (np.zeros((BATCH * 4, *shape), np.float32), np.zeros(BATCH * 4, np.int32))
-        ).batch(BATCH).cache().repeat((n + BATCH * 4 - 1) // (BATCH * 4))
+        in_memory = (
+            tf.data.Dataset.from_tensor_slices(
+                (np.zeros((BATCH * 4, *shape), np.float32), np.zeros(BATCH * 4, np.int32))
+            )
+            .batch(BATCH)
+            .cache()
+            .repeat((n + BATCH * 4 - 1) // (BATCH * 4))
+        )
         model.fit(in_memory.take(8), epochs=1, verbose=0, shuffle=False)
         model.fit(pipe.take(8), epochs=1, verbose=0, shuffle=False)  # warm-up: trace both input signatures
         memory_fed, pipe_fed = [], []
@@ -131,20 +138,30 @@ def main(argv=None) -> int:
             model.fit(pipe, epochs=1, verbose=0, shuffle=False)
             pipe_fed.append(time.perf_counter() - start)
 
-    med = {name: statistics.median(v) for name, v in {
-        "pipeline, first epoch": first, "pipeline, cached epoch": cached, "naive pipeline": serial,
-        "model consumption": memory_fed, "fit from the pipeline": pipe_fed,
-    }.items()}  # fmt: skip
+    med = {
+        name: statistics.median(v)
+        for name, v in {
+            "pipeline, first epoch": first,
+            "pipeline, cached epoch": cached,
+            "naive pipeline": serial,
+            "model consumption": memory_fed,
+            "fit from the pipeline": pipe_fed,
+        }.items()
+    }
     consumption = n / med["model consumption"]
-    print(f"# input pipeline, {time.strftime('%Y-%m-%d')}, {platform.machine()}, {os.cpu_count()} CPU cores; "
-          f"{n} JPEG images ({'generated' if not args.folder else args.folder}) at {size[0]}x{size[1]}, "
-          f"augmentation {args.augment or 'none'}, batch {BATCH}, {repeats} repetitions, median")  # fmt: skip
+    print(
+        f"# input pipeline, {time.strftime('%Y-%m-%d')}, {platform.machine()}, {os.cpu_count()} CPU cores; "
+        f"{n} JPEG images ({'generated' if not args.folder else args.folder}) at {size[0]}x{size[1]}, "
+        f"augmentation {args.augment or 'none'}, batch {BATCH}, {repeats} repetitions, median"
+    )
     print(f"{'path':<26}{'epoch s':>10}{'images/s':>12}{'vs model consumption':>24}")
     for name, seconds in med.items():
         print(f"{name:<26}{seconds:>10.3f}{n / seconds:>12.0f}{n / seconds / consumption:>23.2f}x")
     waiting = max(0.0, 1 - med["model consumption"] / med["fit from the pipeline"])
-    print(f"package pipeline vs naive pipeline: {med['naive pipeline'] / med['pipeline, cached epoch']:.1f}x "
-          f"(cached epochs), {med['naive pipeline'] / med['pipeline, first epoch']:.1f}x (first epoch)")  # fmt: skip
+    print(
+        f"package pipeline vs naive pipeline: {med['naive pipeline'] / med['pipeline, cached epoch']:.1f}x "
+        f"(cached epochs), {med['naive pipeline'] / med['pipeline, first epoch']:.1f}x (first epoch)"
+    )
     print(f"fraction of step time waiting for input: {waiting:.1%}")
     return 0
 

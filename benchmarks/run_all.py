@@ -25,7 +25,10 @@ HERE = Path(__file__).resolve().parent
 WORKLOADS = [
     ("scratch MLP, MNIST-shaped", ["train_step.py", "--model", "mlp", "--spe", "1,16", "--jit"]),
     ("CIFAR-10 CNN", ["train_step.py", "--model", "cnn", "--spe", "1,16", "--jit"]),
-    ("CIFAR-10 CNN, TensorFlow's default threads", ["train_step.py", "--model", "cnn", "--spe", "1,16", "--inter-op", "0"]),
+    (
+        "CIFAR-10 CNN, TensorFlow's default threads",
+        ["train_step.py", "--model", "cnn", "--spe", "1,16", "--inter-op", "0"],
+    ),
     ("input pipeline, JPEG folder", ["input_pipeline.py"]),
     ("frozen-base stage, cached features", ["feature_cache.py"]),
     ("CNN scaling and the distribution code path", ["scaling.py"]),

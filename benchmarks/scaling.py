@@ -72,11 +72,17 @@ def batch_sizes(x, y, sizes, repeats: int) -> list[tuple]:
     epoch, inputs, forwards = ({b: [] for b in sizes} for _ in range(3))
     for _ in range(repeats):
         for batch, (model, ds, batches, forward) in setups.items():
-            epoch[batch].append(_timed(lambda: model.fit(ds, epochs=1, verbose=0, shuffle=False)))
-            inputs[batch].append(_timed(lambda: [None for _ in ds]))
-            forwards[batch].append(_timed(lambda: [forward(images) for images in batches][-1].numpy()))
+            epoch[batch].append(_timed(lambda m=model, d=ds: m.fit(d, epochs=1, verbose=0, shuffle=False)))
+            inputs[batch].append(_timed(lambda d=ds: [None for _ in d]))
+            forwards[batch].append(_timed(lambda f=forward, b=batches: [f(images) for images in b][-1].numpy()))
     return [
-        (b, statistics.median(epoch[b]), len(setups[b][2]), statistics.median(inputs[b]), statistics.median(forwards[b]))
+        (
+            b,
+            statistics.median(epoch[b]),
+            len(setups[b][2]),
+            statistics.median(inputs[b]),
+            statistics.median(forwards[b]),
+        )
         for b in sizes
     ]
 
@@ -102,7 +108,7 @@ def mirrored_vs_one(x, y, per_replica: int, repeats: int) -> dict[str, float]:
     times = {name: [] for name in runs}
     for _ in range(repeats):
         for name, (model, ds) in runs.items():
-            times[name].append(_timed(lambda: model.fit(ds, epochs=1, verbose=0, shuffle=False)))
+            times[name].append(_timed(lambda m=model, d=ds: m.fit(d, epochs=1, verbose=0, shuffle=False)))
     return {name: statistics.median(t) for name, t in times.items()}, global_batch, mirrored.num_replicas_in_sync
 
 
@@ -123,16 +129,23 @@ def main(argv=None) -> int:
     sizes = [int(s) for s in args.batch_sizes.split(",")]
 
     rows = batch_sizes(x, y, sizes, repeats)
-    print(f"# CNN scaling, {time.strftime('%Y-%m-%d')}, {platform.machine()}, {os.cpu_count()} CPU cores; "
-          f"{n} examples 32x32x3, {repeats} repetitions, median")  # fmt: skip
-    print(f"{'batch':>6}{'images/s':>11}{'ms/step':>10}{'input ms':>10}{'forward ms':>12}{'bwd+update ms':>15}{'vs batch 64':>13}")
+    print(
+        f"# CNN scaling, {time.strftime('%Y-%m-%d')}, {platform.machine()}, {os.cpu_count()} CPU cores; "
+        f"{n} examples 32x32x3, {repeats} repetitions, median"
+    )
+    print(
+        f"{'batch':>6}{'images/s':>11}{'ms/step':>10}{'input ms':>10}{'forward ms':>12}{'bwd+update ms':>15}"
+        f"{'vs batch 64':>13}"
+    )
     reference = next((n / r[1] for r in rows if r[0] == 64), n / rows[0][1])
     for batch, seconds, steps, input_s, forward_s in rows:
         step_ms = 1000 * seconds / steps
         input_ms, forward_ms = 1000 * input_s / steps, 1000 * forward_s / steps
         rest = max(0.0, step_ms - forward_ms)
-        print(f"{batch:>6}{n / seconds:>11.0f}{step_ms:>10.2f}{input_ms:>10.2f}{forward_ms:>12.2f}{rest:>15.2f}"
-              f"{n / seconds / reference:>12.2f}x")  # fmt: skip
+        print(
+            f"{batch:>6}{n / seconds:>11.0f}{step_ms:>10.2f}{input_ms:>10.2f}{forward_ms:>12.2f}{rest:>15.2f}"
+            f"{n / seconds / reference:>12.2f}x"
+        )
     print("(input ms: the pipeline alone, overlapped with compute by prefetch during training)")
 
     medians, global_batch, replicas = mirrored_vs_one(x, y, args.per_replica, repeats)

@@ -77,13 +77,25 @@ def _torch_loop(kind: str, x: np.ndarray, y: np.ndarray):
     torch.set_num_threads(os.cpu_count() or 1)
     torch.manual_seed(0)
     if kind == "mlp":
-        net = nn.Sequential(nn.Flatten(), nn.Linear(784, 128), nn.ReLU(), nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 10))
+        net = nn.Sequential(
+            nn.Flatten(), nn.Linear(784, 128), nn.ReLU(), nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 10)
+        )
         tensors = torch.from_numpy(x).permute(0, 3, 1, 2).float()
     else:
         net = nn.Sequential(
-            nn.Conv2d(3, 32, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(32, 64, 3), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(64, 64, 3), nn.ReLU(), nn.Flatten(), nn.Linear(64 * 4 * 4, 64), nn.ReLU(), nn.Linear(64, 10),
-        )  # fmt: skip
+            nn.Conv2d(3, 32, 3),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(64, 64, 3),
+            nn.ReLU(),
+            nn.Flatten(),
+            nn.Linear(64 * 4 * 4, 64),
+            nn.ReLU(),
+            nn.Linear(64, 10),
+        )
         tensors = torch.from_numpy(x).permute(0, 3, 1, 2).float()
     loader = DataLoader(TensorDataset(tensors, torch.from_numpy(y).long()), batch_size=BATCH, shuffle=True)
     optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
@@ -111,7 +123,9 @@ def main(argv=None) -> int:
     parser.add_argument("--epochs-per-fit", type=int, help="epochs per fit call (default 3; 2 with --quick)")
     parser.add_argument("--jit", action="store_true", help="add a row with jit_compile=True (XLA)")
     parser.add_argument(
-        "--inter-op", type=int, help="TensorFlow inter-op threads; 0: TensorFlow's default (default: the package's choice)"
+        "--inter-op",
+        type=int,
+        help="TensorFlow inter-op threads; 0: TensorFlow's default (default: the package's choice)",
     )
     parser.add_argument("--intra-op", type=int, help="TensorFlow intra-op threads (default: TensorFlow's)")
     args = parser.parse_args(argv)
@@ -121,7 +135,9 @@ def main(argv=None) -> int:
         tf.config.threading.set_intra_op_parallelism_threads(args.intra_op)
     strategy = get_strategy("auto")  # as a run does, first: on the CPU it chooses TensorFlow's threads
     shape = SHAPES[args.model]
-    n = args.examples or ((12_000 if args.model == "mlp" else 3_000) if args.quick else (60_000 if args.model == "mlp" else 20_000))
+    n = args.examples or (
+        (12_000 if args.model == "mlp" else 3_000) if args.quick else (60_000 if args.model == "mlp" else 20_000)
+    )
     repeats = args.repeats or 3
     rng = np.random.default_rng(0)
     x = rng.integers(0, 256, (n, *shape), dtype=np.uint8)
@@ -179,13 +195,17 @@ def main(argv=None) -> int:
             overhead[name].append(total - sum(epoch_seconds))
             times[name].append(total / len(epoch_seconds))
     medians = {name: statistics.median(t) for name, t in times.items()}
-    inter_op = tf.config.threading.get_inter_op_parallelism_threads() or int(os.environ.get("TF_NUM_INTEROP_THREADS") or 0)
+    inter_op = tf.config.threading.get_inter_op_parallelism_threads() or int(
+        os.environ.get("TF_NUM_INTEROP_THREADS") or 0
+    )
     inter_op = inter_op or "TensorFlow's default"
     baseline = "pytorch loop" if "pytorch loop" in medians else "keras fit numpy"
-    print(f"# {args.model} training throughput, {time.strftime('%Y-%m-%d')}, {platform.machine()}, "
-          f"{os.cpu_count()} CPU cores; {n} examples {'x'.join(map(str, shape))}, batch {BATCH}, "
-          f"{repeats} repetitions x {epochs} epochs, median of whole fit / epochs; TF threads inter-op {inter_op}, "
-          f"intra-op {tf.config.threading.get_intra_op_parallelism_threads() or 'auto'}")  # fmt: skip
+    print(
+        f"# {args.model} training throughput, {time.strftime('%Y-%m-%d')}, {platform.machine()}, "
+        f"{os.cpu_count()} CPU cores; {n} examples {'x'.join(map(str, shape))}, batch {BATCH}, "
+        f"{repeats} repetitions x {epochs} epochs, median of whole fit / epochs; TF threads inter-op {inter_op}, "
+        f"intra-op {tf.config.threading.get_intra_op_parallelism_threads() or 'auto'}"
+    )
     if torch_epoch is None:
         print("# pytorch loop: skipped, torch is not installed (pip install torch)")
     print(f"{'path':<26}{'epoch s':>10}{'images/s':>12}{'vs ' + baseline:>22}{'fit overhead s':>16}")

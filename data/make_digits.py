@@ -19,7 +19,7 @@ OUT = Path(__file__).resolve().parent / "digits"
 def main() -> None:
     digits = load_digits()
     counts = [0] * 10
-    for image, label in zip(digits.images, digits.target):
+    for image, label in zip(digits.images, digits.target, strict=True):
         folder = OUT / str(label)
         folder.mkdir(parents=True, exist_ok=True)
         pixels = np.round(image * (255.0 / 16.0)).astype(np.uint8)

@@ -23,19 +23,23 @@ if _keras.backend.backend() != "tensorflow":
     )
 
 from kerastune_flow.callbacks import standard_callbacks  # noqa: E402
-from kerastune_flow.config import Config, DataConfig, ModelConfig, TrainConfig, make_config  # noqa: E402
+from kerastune_flow.config import Config, DataConfig, ModelConfig, TrainConfig  # noqa: E402
 from kerastune_flow.data import load_data, prepare  # noqa: E402
 from kerastune_flow.errors import KerastuneFlowError  # noqa: E402
+from kerastune_flow.inference import evaluate_saved, predict_images  # noqa: E402
 from kerastune_flow.models import (  # noqa: E402
     build_cifar10_cnn,
     build_scratch_mlp,
     build_vgg16_feature_extractor,
     build_vgg16_finetune,
 )
+from kerastune_flow.recipes import RECIPES, make_config  # noqa: E402
+from kerastune_flow.runtime import prepare_process  # noqa: E402
 from kerastune_flow.strategy import get_strategy, global_batch_size  # noqa: E402
-from kerastune_flow.train import evaluate_saved, predict_images, train_and_evaluate  # noqa: E402
+from kerastune_flow.train import train_and_evaluate  # noqa: E402
 
 __all__ = [
+    "RECIPES",
     "Config",
     "DataConfig",
     "KerastuneFlowError",
@@ -52,6 +56,7 @@ __all__ = [
     "make_config",
     "predict_images",
     "prepare",
+    "prepare_process",
     "standard_callbacks",
     "train_and_evaluate",
 ]

@@ -1,4 +1,4 @@
-"""The standard callback set of a run directory, and the atomic writers it relies on.
+"""The standard callback set of a run directory.
 
     callbacks = standard_callbacks(run_dir)
     model.fit(train, validation_data=val, epochs=10, callbacks=callbacks)
@@ -8,24 +8,19 @@ writes, in `run_dir`:
     model.keras                  the best model so far (by `monitor`), replaced atomically
     tensorboard/                 TensorBoard event files
     backup/                      BackupAndRestore state, so the same command resumes after a crash
-Every file is replaced atomically (written beside, then renamed), so a kill at any moment leaves
-the previous complete version, never a truncated one.
+Every file is replaced atomically (see `rundir.atomic_file`), so a kill at any moment leaves the
+previous complete version, never a truncated one.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
-import csv
-import errno
-import io
-import json
 import logging
 import math
 import os
 import shutil
 import signal
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -34,151 +29,10 @@ from typing import Any
 import keras
 import numpy as np
 
-from kerastune_flow.errors import KerastuneFlowError, RunDirError, RunInterrupted, TrainingDivergedError
+from kerastune_flow import rundir
+from kerastune_flow.errors import RunDirError, RunInterrupted, TrainingDivergedError
 
 log = logging.getLogger(__name__)
-
-BEST_MODEL = "model.keras"
-HISTORY_CSV = "history.csv"
-HISTORY_JSONL = "history.jsonl"
-BACKUP_DIR = "backup"
-TENSORBOARD_DIR = "tensorboard"
-BACKUP_WEIGHTS = "latest.weights.h5"  # what keras.callbacks.BackupAndRestore writes in its folder
-
-
-# --------------------------------------------------------------------------- atomic writes
-
-
-DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
-DISK_FULL_TEXTS = ("No space left on device", "Disk quota exceeded")
-
-
-def is_disk_full(error: BaseException) -> bool:
-    """True for an OSError or TensorFlow error that says the disk (or quota) is full."""
-    if isinstance(error, OSError) and error.errno in DISK_FULL_ERRNOS:
-        return True
-    return any(text in str(error) for text in DISK_FULL_TEXTS)
-
-
-def _free_space(folder: Path) -> str:
-    try:
-        free = float(shutil.disk_usage(folder).free)
-    except OSError:
-        return "unknown space"
-    unit = "bytes"
-    for unit in ("bytes", "KB", "MB", "GB"):
-        if free < 1024 or unit == "GB":
-            break
-        free /= 1024
-    return f"{free:,.0f} {unit}" if unit == "bytes" else f"{free:,.1f} {unit}"
-
-
-def write_error(folder: str | os.PathLike, name: str, error: BaseException) -> RunDirError:
-    """The RunDirError for a file `name` in `folder` that could not be written.
-
-    Args:
-        folder: the folder written to (its disk is named in the message).
-        name: the file, or words such as "a checkpoint".
-        error: the OSError or TensorFlow error raised.
-    """
-    folder = Path(folder)
-    received = " ".join(str(error).split())[:160]
-    if is_disk_full(error):
-        return RunDirError(
-            f"The disk holding {folder} is full ({_free_space(folder)} free), so {name} could not be written and "
-            f"the files written before are kept; free some space or choose a --run-dir on another disk, then run "
-            f"the same command to resume. Received: {received}"
-        )
-    reason = getattr(error, "strerror", None) or received
-    return RunDirError(
-        f"Cannot write {name} in {folder} ({reason}), so the files written before are kept; make the run "
-        f"directory writable or choose another --run-dir. Received: {received}"
-    )
-
-
-@contextlib.contextmanager
-def _writing(path: str | os.PathLike):
-    """Turns an OSError while writing `path` into a RunDirError that says what to do."""
-    try:
-        yield
-    except KerastuneFlowError:
-        raise
-    except OSError as error:
-        path = Path(path)
-        raise write_error(path.parent, path.name, error) from None
-
-
-def _atomic_target(path: str | os.PathLike) -> tuple[Path, str]:
-    path = Path(path)
-    with _writing(path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
-        os.close(fd)
-    return path, tmp
-
-
-def _commit(tmp: str, path: Path) -> None:
-    with _writing(path):
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Writes text so that readers see the old file or the new one, never a partial one.
-
-    Raises:
-        RunDirError: when the file cannot be written (a full disk, no permission); the old
-            file is then untouched.
-    """
-    path, tmp = _atomic_target(path)
-    try:
-        with _writing(path), open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-        _commit(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def atomic_write_json(path: str | os.PathLike, data: Any) -> None:
-    """`atomic_write_text` of indented JSON."""
-    atomic_write_text(path, json.dumps(to_jsonable(data), indent=2, sort_keys=True) + "\n")
-
-
-def atomic_save_model(model: keras.Model, path: str | os.PathLike) -> None:
-    """`model.save` to a temporary `.keras` file, then rename over `path`.
-
-    Raises:
-        RunDirError: when the file cannot be written (a full disk, no permission); the
-            previous model at `path` is then untouched.
-    """
-    path, tmp = _atomic_target(path)
-    try:
-        with _writing(path):
-            model.save(tmp)
-        _commit(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def to_jsonable(value: Any) -> Any:
-    """Converts numpy scalars and arrays, tuples and paths into plain JSON values."""
-    if isinstance(value, dict):
-        return {str(k): to_jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [to_jsonable(v) for v in value]
-    # Through to_jsonable again, so that a numpy NaN becomes None like a Python one.
-    if isinstance(value, np.ndarray):
-        return to_jsonable(value.tolist())
-    if isinstance(value, np.generic):
-        return to_jsonable(value.item())
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, float) and not math.isfinite(value):
-        return None if math.isnan(value) else value
-    return value
 
 
 def current_learning_rate(model: keras.Model) -> float | None:
@@ -190,49 +44,6 @@ def current_learning_rate(model: keras.Model) -> float | None:
     if callable(lr):
         lr = lr(optimizer.iterations)
     return float(keras.ops.convert_to_numpy(lr))
-
-
-def _h5_readable(path: Path) -> bool:
-    """True when every dataset of an HDF5 file reads back."""
-
-    def read(name, obj):
-        if isinstance(obj, h5py.Dataset):
-            obj[()]
-        return None  # visititems stops at the first value that is not None
-
-    try:
-        import h5py
-
-        with h5py.File(path, "r") as f:
-            f.visititems(read)
-    except Exception:  # OSError for a truncated file, KeyError / ValueError for a damaged one
-        return False
-    return True
-
-
-def discard_damaged_backup(backup_dir: str | os.PathLike) -> bool:
-    """Removes a BackupAndRestore folder whose weights cannot be read back and that holds no
-    readable previous copy, so that the same command starts that fit over instead of failing.
-
-    That happens when the disk filled up, or the process was killed, while the first backup
-    was written. With a readable previous copy (`.bkp`), BackupAndRestore falls back to it.
-
-    Returns:
-        True when the folder was removed.
-    """
-    weights = Path(backup_dir) / BACKUP_WEIGHTS
-    if not weights.exists() or _h5_readable(weights):
-        return False
-    previous = weights.with_name(weights.name + ".bkp")
-    if previous.exists() and _h5_readable(previous):
-        return False
-    log.warning(
-        "The backup in %s cannot be read (was the disk full, or the run killed, while it was written?); "
-        "this fit starts over",
-        backup_dir,
-    )
-    shutil.rmtree(backup_dir, ignore_errors=True)
-    return True
 
 
 # --------------------------------------------------------------------------- callbacks
@@ -262,14 +73,6 @@ class HistoryLogger(keras.callbacks.Callback):
         self._epoch_start = 0.0
         self._first_epoch_seen = False
 
-    @property
-    def jsonl_path(self) -> Path:
-        return self.run_dir / HISTORY_JSONL
-
-    @property
-    def csv_path(self) -> Path:
-        return self.run_dir / HISTORY_CSV
-
     def on_train_begin(self, logs=None):
         self._first_epoch_seen = False
 
@@ -293,10 +96,7 @@ class HistoryLogger(keras.callbacks.Callback):
         self._write(records)
 
     def _read(self) -> list[dict[str, Any]]:
-        # Without history.jsonl, read history.csv back: otherwise csv-only logging keeps one row.
-        if self.jsonl_log:
-            return read_history(self.run_dir)
-        return _read_csv_history(self.csv_path)
+        return rundir.read_history(self.run_dir)
 
     def _truncate(self, epoch: int) -> None:
         records = self._read()
@@ -306,48 +106,7 @@ class HistoryLogger(keras.callbacks.Callback):
             self._write(kept)
 
     def _write(self, records: list[dict[str, Any]]) -> None:
-        if self.jsonl_log:
-            atomic_write_text(self.jsonl_path, "".join(json.dumps(to_jsonable(r)) + "\n" for r in records))
-        if self.csv_log:
-            atomic_write_text(self.csv_path, records_to_csv(records))
-
-
-def read_history(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
-    """Reads history.jsonl (one dict per epoch), or [] when there is none yet."""
-    path = Path(run_dir) / HISTORY_JSONL
-    if not path.exists():
-        return []
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-def _read_csv_history(path: Path) -> list[dict[str, Any]]:
-    """Reads history.csv back into records: empty cells dropped, numbers parsed."""
-    if not path.exists():
-        return []
-    with open(path, encoding="utf-8", newline="") as f:
-        return [{k: _parse_cell(v) for k, v in row.items() if v != ""} for row in csv.DictReader(f)]
-
-
-def _parse_cell(text: str) -> Any:
-    for parse in (int, float):
-        try:
-            return parse(text)
-        except ValueError:
-            pass
-    return text
-
-
-def records_to_csv(records: list[dict[str, Any]]) -> str:
-    """CSV text with the union of keys as header, in first-seen order."""
-    columns: list[str] = []
-    for record in records:
-        columns.extend(k for k in record if k not in columns)
-    out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=columns, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(records)
-    return out.getvalue()
+        rundir.write_history(self.run_dir, records, csv_log=self.csv_log, jsonl_log=self.jsonl_log)
 
 
 class BestModelCheckpoint(keras.callbacks.Callback):
@@ -397,7 +156,7 @@ class BestModelCheckpoint(keras.callbacks.Callback):
         value = float(value)
         if math.isfinite(value) and self._improved(value):
             self.best, self.best_epoch = value, epoch
-            atomic_save_model(self.save_model or self.model, self.filepath)
+            rundir.atomic_save_model(self.save_model or self.model, self.filepath)
 
 
 class NaNGuard(keras.callbacks.Callback):
@@ -508,9 +267,9 @@ class DiskSpaceGuard(keras.callbacks.Callback):
             return  # cannot tell: the writers say so if they fail
         if free < self.needed:
             raise RunDirError(
-                f"The disk holding {self.run_dir} is full ({_free_space(self.run_dir)} free, one epoch's checkpoints "
-                f"need {self.needed / 1024**2:,.1f} MB), so epoch {epoch + 1} is not saved and the files written "
-                f"before are kept; free some space or choose a --run-dir on another disk, then run the same "
+                f"The disk holding {self.run_dir} is full ({rundir.free_space(self.run_dir)} free, one epoch's "
+                f"checkpoints need {self.needed / 1024**2:,.1f} MB), so epoch {epoch + 1} is not saved and the files "
+                f"written before are kept; free some space or choose a --run-dir on another disk, then run the same "
                 f"command to resume. Received: free_bytes={free}"
             )
 
@@ -616,17 +375,19 @@ def standard_callbacks(
     if csv_log or jsonl_log:
         callbacks.append(HistoryLogger(run_dir, stage=stage, csv_log=csv_log, jsonl_log=jsonl_log))
     if checkpoint:
-        callbacks.append(BestModelCheckpoint(run_dir / BEST_MODEL, monitor=monitor, best=best, save_model=save_model))
+        callbacks.append(
+            BestModelCheckpoint(run_dir / rundir.BEST_MODEL, monitor=monitor, best=best, save_model=save_model)
+        )
     if early_stopping:
         callbacks.append(
             keras.callbacks.EarlyStopping(monitor=monitor, patience=patience, restore_best_weights=True, verbose=1)
         )
     if tensorboard:
         callbacks.append(
-            keras.callbacks.TensorBoard(str(run_dir / TENSORBOARD_DIR), write_graph=False, profile_batch=0)
+            keras.callbacks.TensorBoard(str(run_dir / rundir.TENSORBOARD_DIR), write_graph=False, profile_batch=0)
         )
     if backup:
-        backup_dir = run_dir / BACKUP_DIR / (stage or "fit")
-        discard_damaged_backup(backup_dir)
+        backup_dir = run_dir / rundir.BACKUP_DIR / (stage or "fit")
+        rundir.discard_damaged_backup(backup_dir)
         callbacks.append(keras.callbacks.BackupAndRestore(str(backup_dir), double_checkpoint=True))
     return callbacks

@@ -17,27 +17,25 @@ from __future__ import annotations
 import base64
 import dataclasses
 import html
-import json
 import logging
 import math
 import os
 import platform
 import resource
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-from kerastune_flow import analysis
-from kerastune_flow import callbacks as cb
+from kerastune_flow import analysis, inference, models, plots, rundir
 from kerastune_flow import data as data_lib
-from kerastune_flow import models
-from kerastune_flow.config import make_config
 from kerastune_flow.errors import ConfigError
-from kerastune_flow.train import load_saved, train_and_evaluate
+from kerastune_flow.recipes import get_recipe, make_config
+from kerastune_flow.train import train_and_evaluate
 
 log = logging.getLogger(__name__)
 
@@ -89,27 +87,15 @@ def source_accuracy(
 
     Returns None when the run directory does not say what its data was.
     """
-    saved = load_saved(source, unsafe_deserialization=unsafe_deserialization)
+    saved = inference.load_saved(source, unsafe_deserialization=unsafe_deserialization)
     if saved.config is None:
         return None
     model = saved.model
     if base is not None:
         for layer in base.layers:
-            if layer.weights and layer.name in {l.name for l in model.layers}:
+            if layer.weights and layer.name in {inner.name for inner in model.layers}:
                 model.get_layer(layer.name).set_weights(layer.get_weights())
-    cfg = saved.config
-    splits = data_lib.load_data(
-        cfg.data.data,
-        image_size=saved.image_shape[:2],
-        channels=saved.image_shape[2],
-        validation_fraction=cfg.data.validation_fraction,
-        test_fraction=cfg.data.test_fraction,
-        data_dir=cfg.data.data_dir,
-        manual_dir=cfg.data.manual_dir,
-        max_examples=cfg.data.max_examples,
-        seed=cfg.train.seed,
-        skip_bad_images=cfg.data.skip_bad_images,
-    )
+    splits = inference.test_split(saved)
     test = data_lib.prepare(
         splits.test, batch_size=64, label_mode=saved.head.label_mode, num_classes=len(saved.class_names), cache=False
     )
@@ -171,14 +157,14 @@ def compare(
             step += 1
             recipe, _ = APPROACHES[approach]
             shared = dict(common)
-            if approach == "scratch":
+            if not get_recipe(recipe).transfer:  # from scratch: no base
                 shared.pop("base", None)
                 shared.pop("base_output", None)
             config = make_config(recipe, preset, data=data, train_fraction=fraction, **shared)
             name = approach if len(train_fractions) == 1 else f"{approach}_{fraction:g}"
             log.info("[%d/%d] %s (%s), %g of the training data: starting", step, total, approach, recipe, fraction)
             run = train_and_evaluate(config, run_dir / name, overwrite=True)
-            meta = json.loads((run.run_dir / "config.json").read_text())
+            meta = rundir.read_json(run.run_dir / rundir.CONFIG_JSON)
             epoch_times = [r["epoch_seconds"] for r in run.history if "epoch_seconds" in r]
             after = None
             if approach == "finetune" and source_before is not None:
@@ -213,7 +199,7 @@ def compare(
                 result.epochs_run,
             )
             keras.backend.clear_session()
-    class_names = json.loads((Path(results[0].run_dir) / "config.json").read_text())["class_names"]
+    class_names = rundir.read_json(Path(results[0].run_dir) / rundir.CONFIG_JSON)["class_names"]
     weights = overrides.get("weights", make_config("vgg16_features", preset).model.weights)
     report = {
         "data": data,
@@ -226,7 +212,7 @@ def compare(
         "results": [dataclasses.asdict(r) for r in results],
     }
     report["recommendation"] = recommend(report)
-    cb.atomic_write_json(run_dir / "results.json", report)
+    rundir.atomic_write_json(run_dir / rundir.RESULTS_JSON, report)
     write_report(report, run_dir)
     return report
 
@@ -234,7 +220,8 @@ def compare(
 def _hardware() -> str:
     gpus = tf.config.list_physical_devices("GPU")
     accel = f"{len(gpus)} GPU(s)" if gpus else "no GPU or TPU"
-    return f"{platform.machine()}, {os.cpu_count()} CPU cores, {accel}; TensorFlow {tf.__version__}, Keras {keras.__version__}"
+    versions = f"TensorFlow {tf.__version__}, Keras {keras.__version__}"
+    return f"{platform.machine()}, {os.cpu_count()} CPU cores, {accel}; {versions}"
 
 
 def _pretrained_description(base: str | None, weights: str | None) -> str:
@@ -292,63 +279,13 @@ def recommend(report: dict[str, Any]) -> list[str]:
         for r in after:
             lines.append(
                 f"Forgetting: on its own task the base went from {100 * report['source_accuracy_before']:.1f} % to "
-                f"{100 * r['source_accuracy_after']:.1f} % after {r['approach']}; feature extraction leaves it unchanged."
+                f"{100 * r['source_accuracy_after']:.1f} % after {r['approach']}; feature extraction leaves it "
+                "unchanged."
             )
     return lines
 
 
 # --------------------------------------------------------------------------- report
-
-
-def _plots(report: dict[str, Any], run_dir: Path) -> dict[str, Path]:
-    from matplotlib.figure import Figure
-
-    rows = report["results"]
-    full = max(r["fraction"] for r in rows)
-    at_full = [r for r in rows if r["fraction"] == full]
-    paths = {}
-
-    fig = Figure(figsize=(7, 4), layout="constrained")
-    ax = fig.subplots()
-    for r in at_full:
-        xs = [h["epoch"] + 1 for h in r["history"]]
-        key = "val_accuracy" if any("val_accuracy" in h for h in r["history"]) else "accuracy"
-        ax.plot(xs, [h.get(key, np.nan) for h in r["history"]], "-o", markersize=3, label=r["approach"])
-    ax.set(xlabel="epoch", ylabel="validation accuracy", title="Learning curves")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    paths["curves"] = run_dir / "curves.png"
-    fig.savefig(paths["curves"], dpi=100)
-
-    fig = Figure(figsize=(6, 4), layout="constrained")
-    ax = fig.subplots()
-    for r in at_full:
-        ax.scatter(r["train_seconds"], 100 * r["test_accuracy"], s=60)
-        ax.annotate(r["approach"], (r["train_seconds"], 100 * r["test_accuracy"]), xytext=(5, 5), textcoords="offset points")
-    ax.set(xlabel="training time (s)", ylabel="test accuracy (%)", title="Accuracy vs time")
-    ax.grid(alpha=0.3)
-    paths["accuracy_vs_time"] = run_dir / "accuracy_vs_time.png"
-    fig.savefig(paths["accuracy_vs_time"], dpi=100)
-
-    for r in at_full:
-        fig = analysis.plot_confusion(
-            np.array(r["confusion"]), report["class_names"], title=f"{r['approach']}: {100 * r['test_accuracy']:.1f} %"
-        )
-        paths[f"confusion_{r['approach']}"] = run_dir / f"confusion_{r['approach']}.png"
-        fig.savefig(paths[f"confusion_{r['approach']}"], dpi=100)
-
-    if len({r["fraction"] for r in rows}) > 1:
-        fig = Figure(figsize=(6, 4), layout="constrained")
-        ax = fig.subplots()
-        for approach in dict.fromkeys(r["approach"] for r in rows):
-            points = sorted((r["train_images"], 100 * r["test_accuracy"]) for r in rows if r["approach"] == approach)
-            ax.plot(*zip(*points), "-o", label=approach)
-        ax.set(xlabel="training images", ylabel="test accuracy (%)", title="Accuracy vs data size")
-        ax.grid(alpha=0.3)
-        ax.legend()
-        paths["sweep"] = run_dir / "sweep.png"
-        fig.savefig(paths["sweep"], dpi=100)
-    return paths
 
 
 _COLUMNS = (
@@ -375,13 +312,17 @@ def _table_rows(report: dict[str, Any]) -> list[list[str]]:
 def write_report(report: dict[str, Any], run_dir: str | Path) -> tuple[Path, Path]:
     """Writes report.md and a self-contained report.html (plots inlined as data URIs)."""
     run_dir = Path(run_dir)
-    plots = _plots(report, run_dir)
+    plots_written = plots.comparison_plots(report, run_dir)
     header = [title for _, title, _ in _COLUMNS]
     rows = _table_rows(report)
-    caution = "" if report["meaningful"] else (
-        "\n**This comparison is meaningless for transfer learning: no pre-trained weights were "
-        "available, so the transfer approaches started from random weights.**\n"
-    )  # fmt: skip
+    caution = (
+        ""
+        if report["meaningful"]
+        else (
+            "\n**This comparison is meaningless for transfer learning: no pre-trained weights were "
+            "available, so the transfer approaches started from random weights.**\n"
+        )
+    )
     md = [
         f"# Comparison on {report['data']}",
         "",
@@ -396,9 +337,9 @@ def write_report(report: dict[str, Any], run_dir: str | Path) -> tuple[Path, Pat
         "Peak RSS is the process's peak resident memory so far (it never decreases), after each approach.",
         "",
     ]
-    md += [f"![{name}]({path.name})" for name, path in plots.items()]
+    md += [f"![{name}]({path.name})" for name, path in plots_written.items()]
     md_path = run_dir / "report.md"
-    cb.atomic_write_text(md_path, "\n".join(md) + "\n")
+    rundir.atomic_write_text(md_path, "\n".join(md) + "\n")
 
     def img(path: Path) -> str:
         encoded = base64.b64encode(path.read_bytes()).decode("ascii")
@@ -413,7 +354,10 @@ def write_report(report: dict[str, Any], run_dir: str | Path) -> tuple[Path, Pat
         "<table><thead><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr></thead><tbody>",
         *["<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows],
         "</tbody></table>",
-        *[f"<figure>{img(path)}<figcaption>{html.escape(name)}</figcaption></figure>" for name, path in plots.items()],
+        *[
+            f"<figure>{img(path)}<figcaption>{html.escape(name)}</figcaption></figure>"
+            for name, path in plots_written.items()
+        ],
     ]
     page = (
         "<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'><title>kerastune_flow comparison</title>"
@@ -422,5 +366,5 @@ def write_report(report: dict[str, Any], run_dir: str | Path) -> tuple[Path, Pat
         "figure{display:inline-block;margin:1em}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n"
     )
     html_path = run_dir / "report.html"
-    cb.atomic_write_text(html_path, page)
+    rundir.atomic_write_text(html_path, page)
     return md_path, html_path

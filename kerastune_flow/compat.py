@@ -23,10 +23,17 @@ each stands down by itself once Keras is fixed upstream.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 
 import tensorflow as tf
+from keras import tree
+
+try:  # Keras' private trainer module: where the two problems live
+    from keras.src.backend.tensorflow import trainer as _trainer
+except ImportError:  # another Keras layout: nothing to fix here
+    _trainer = None
 
 log = logging.getLogger(__name__)
 
@@ -41,23 +48,21 @@ def _needs_symbolic_build_fix(trainer_cls) -> bool:
     return "distribute_strategy.reduce(" in source
 
 
+def _local(strategy, value):
+    """Replica 0's part of a distributed value; any other value as it is."""
+    if isinstance(value, tf.distribute.DistributedValues):
+        return strategy.experimental_local_results(value)[0]
+    return value
+
+
 def _maybe_symbolic_build(self, iterator=None, data_batch=None):
     """`TensorFlowTrainer._maybe_symbolic_build` without the cross-replica reduction."""
-    from keras import tree
-
     if self._distribute_strategy is None:
         return
     if iterator is not None:
         for _, _, it in iterator:
             batch = next(it)
-            strategy = self.distribute_strategy
-
-            def local(value):
-                if isinstance(value, tf.distribute.DistributedValues):
-                    return strategy.experimental_local_results(value)[0]
-                return value
-
-            data_batch = tree.map_structure(local, batch)
+            data_batch = tree.map_structure(functools.partial(_local, self.distribute_strategy), batch)
             break
     with self.distribute_strategy.scope():
         self._symbolic_build(data_batch=data_batch)
@@ -74,7 +79,6 @@ def _needs_scalar_reduce_fix(module) -> bool:
 def _scalar_safe_reduce_per_replica(original, module):
     """Wraps `reduce_per_replica`: under multi-worker collectives, scalars are averaged across
     replicas with axis=None; everything else goes to the original."""
-    from keras import tree
 
     def reduce_per_replica(values, strategy, reduction):
         multi_worker = module._collective_all_reduce_multi_worker(strategy)
@@ -97,9 +101,8 @@ def apply() -> bool:
     global _applied
     if _applied:
         return True
-    try:
-        from keras.src.backend.tensorflow import trainer as module
-    except ImportError:  # another Keras layout: nothing to fix here
+    module = _trainer
+    if module is None:
         return False
     if _needs_symbolic_build_fix(module.TensorFlowTrainer):
         module.TensorFlowTrainer._maybe_symbolic_build = _maybe_symbolic_build

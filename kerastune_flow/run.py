@@ -1,20 +1,32 @@
-"""Command line: `python -m kerastune_flow.run {list,train,evaluate,predict} ...`.
+"""Command line: `python -m kerastune_flow.run {list,train,compare,evaluate,predict} ...`.
 
-The only module that parses arguments or prints. A user error ends with one sentence on stderr
-and exit code 2; an unexpected error (a bug) with one line and exit code 1, and its traceback
-with KERASTUNE_FLOW_DEBUG=1; Ctrl-C ends with exit code 130 and a resumable run directory.
+The only module that parses arguments or prints. The flags of `train` and `compare` are
+generated from the config's fields (`config.setting`), so a setting's name, help and choices
+are written once. A user error ends with one sentence on stderr and exit code 2; an unexpected
+error (a bug) with one line and exit code 1, and its traceback with KERASTUNE_FLOW_DEBUG=1;
+Ctrl-C ends with exit code 130 and a resumable run directory.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import logging
 import os
 import sys
 import time
+from collections.abc import Iterable
+from typing import Any
 
+from kerastune_flow import config as config_lib
+from kerastune_flow.compare import APPROACHES, compare
+from kerastune_flow.config import PRESETS, SECTIONS
+from kerastune_flow.errors import ConfigError, KerastuneFlowError
+from kerastune_flow.inference import evaluate_saved, predict_images
+from kerastune_flow.recipes import RECIPES, make_config
+from kerastune_flow.train import train_and_evaluate
 
 EXAMPLES = """\
 examples:
@@ -43,42 +55,10 @@ curves.png; `tensorboard --logdir RUN_DIR/tensorboard` shows the curves live. Ru
 train command again after a crash or Ctrl-C and it resumes at the last finished epoch.
 """
 
-
-def _image_size(text: str) -> tuple[int, int]:
-    try:
-        parts = [int(p) for p in text.lower().replace(",", "x").split("x")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected N or HxW, such as 32 or 150x150, not {text!r}") from None
-    if len(parts) == 1:
-        parts *= 2
-    if len(parts) != 2 or min(parts) < 1:
-        raise argparse.ArgumentTypeError(f"expected N or HxW with positive sizes, not {text!r}")
-    return (parts[0], parts[1])
-
-
-def _augment(text: str) -> tuple[str, ...]:
-    return tuple(p.strip() for p in text.split(",") if p.strip())
-
-
-def _weights(text: str) -> str:
-    return text.lower() if text.lower() in ("none", "imagenet") else text
-
-
-def _fractions(text: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(p) for p in text.split(",") if p.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected fractions such as 0.1,0.3,1.0, not {text!r}") from None
-
-
-def _bool(text: str) -> str:
-    if text.lower() not in ("auto", "true", "false"):
-        raise argparse.ArgumentTypeError(f"expected auto, true or false, not {text!r}")
-    return text.lower()
-
-
 DEBUG_ENV = "KERASTUNE_FLOW_DEBUG"
-UNSAFE_HELP = "load a .keras model holding Lambda layers: their Python code runs, so only for files you trust"
+SECTION_TITLES = {"data": "data", "model": "model", "train": "training"}
+# Flags of `compare` that are its own, not config fields shared by every approach.
+COMPARE_OWN = ("data", "train_fraction")
 
 
 class UsageError(Exception):
@@ -92,19 +72,76 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{message}; run `{self.prog} --help` for the flags and their values")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argparse parser of every sub-command (flags map one to one onto config fields)."""
-    from kerastune_flow.config import (
-        AUGMENTATIONS,
-        BACKBONE_NAMES,
-        CACHE_POLICIES,
-        INITIALIZER_NAMES,
-        OPTIMIZER_NAMES,
-        PRESETS,
-        RECIPES,
-        STRATEGY_NAMES,
-    )
+def _text_type(parse) -> Any:
+    """An argparse type from a config parser: its ValueError becomes argparse's message."""
 
+    def convert(text: str) -> Any:
+        try:
+            return parse(text)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+
+    convert.__name__ = getattr(parse, "__name__", "value")
+    return convert
+
+
+def _value_type(field: dataclasses.Field) -> Any:
+    """The parser of a field's flag: its own `parse`, else int or float by its annotation."""
+    if field.metadata["parse"] is not None:
+        return _text_type(field.metadata["parse"])
+    first = str(field.type).split("|")[0].strip()
+    return {"int": int, "float": float}.get(first, str)
+
+
+def _flag_name(field: dataclasses.Field) -> str:
+    """The flag of a setting: its own, else `--name-with-dashes`, or `--no-name` for a boolean
+    that is on by default."""
+    if field.metadata["flag"]:
+        return field.metadata["flag"]
+    dashed = field.name.replace("_", "-")
+    return f"--no-{dashed}" if field.default is True else f"--{dashed}"
+
+
+def add_config_flags(parser: argparse.ArgumentParser, *, skip: Iterable[str] = ()) -> list[str]:
+    """Adds a flag for every config setting that has one, grouped by section.
+
+    Every flag defaults to None, meaning "not given": the recipe's defaults apply.
+
+    Returns:
+        The field names that got a flag.
+    """
+    names = []
+    for section, section_cls in SECTIONS.items():
+        group = parser.add_argument_group(SECTION_TITLES[section])
+        for f in dataclasses.fields(section_cls):
+            meta = f.metadata
+            if meta["flag"] is None or f.name in skip:
+                continue
+            shown = meta["shown"] or (", ".join(f.default) if isinstance(f.default, tuple) else f.default)
+            kwargs: dict[str, Any] = dict(dest=f.name, default=None)
+            if meta["store"] is not None:
+                kwargs.update(action="store_const", const=meta["store"])
+                help_text = f"{meta['help']} (default: {shown})"
+            elif isinstance(f.default, bool):
+                kwargs["action"] = "store_false" if f.default else "store_true"
+                help_text = f"no {meta['help']} (on by default)" if f.default else meta["help"]
+            else:
+                kwargs["type"] = _value_type(f)
+                if meta["choices"]:
+                    help_text = f"{meta['help']}: {', '.join(meta['choices'])} (default: {shown})"
+                    if not isinstance(f.default, tuple):  # a list's items are checked by the config
+                        kwargs["choices"] = meta["choices"]
+                else:
+                    help_text = f"{meta['help']} (default: {shown})"
+                if meta["bare"] is not None:
+                    kwargs.update(nargs="?", const=meta["bare"])
+            group.add_argument(_flag_name(f), help=help_text, **kwargs)
+            names.append(f.name)
+    return names
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argparse parser of every sub-command."""
     parser = _Parser(
         prog="python -m kerastune_flow.run",
         description="Train from scratch, train fully, or transfer and fine-tune with Keras 3.",
@@ -115,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("list", help="list the recipes and what each trains")
 
-    recipes = "\n".join(f"  {name:<16}{text}" for name, text in RECIPES.items())
+    recipes = "\n".join(f"  {name:<16}{spec.description}" for name, spec in RECIPES.items())
     train = sub.add_parser(
         "train",
         help="train a recipe and write a run directory",
@@ -124,90 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Flags left out take the recipe's reference value (shown by `list`).",
     )
     train.add_argument("recipe", choices=list(RECIPES), metavar="RECIPE", help=", ".join(RECIPES))
-    g = train.add_argument_group("data")
-    g.add_argument(
-        "--data",
-        default="data/digits",
-        help="tfds name (mnist, cifar10) or an image folder: train/ and test/ with a folder per class, "
-        "or class folders directly (default: data/digits, shipped with the project)",
-    )
-    g.add_argument("--image-size", type=_image_size, help="N or HxW; default: the recipe's (28, 32 or 150)")
-    g.add_argument("--batch-size", type=int, help="per replica; the global batch is this x replicas (default 64/32)")
-    g.add_argument("--augment", type=_augment, help=f"comma list of {', '.join(AUGMENTATIONS)} (default none)")
-    g.add_argument("--validation-fraction", type=float, help="share of train held out for validation (0.1)")
-    g.add_argument("--test-fraction", type=float, help="share held out for test when there is no test/ (0.1)")
-    g.add_argument("--data-dir", help="tfds data directory (default ~/tensorflow_datasets)")
-    g.add_argument("--manual-dir", help="folder with the original tfds archives: prepare without a download")
-    g.add_argument("--max-examples", type=int, help="use at most N examples of each split (quick tries)")
-    g.add_argument("--cache", choices=CACHE_POLICIES, help="keep decoded images in memory (auto: if they fit)")
-    g.add_argument(
-        "--skip-bad-images",
-        action="store_true",
-        default=None,
-        help="leave out image files that cannot be decoded, with a warning naming each (default: refuse the folder)",
-    )
-    g = train.add_argument_group("model")
-    g.add_argument("--weights", type=_weights, help="VGG16 recipes: imagenet (default), none, or a local file")
-    g.add_argument("--learning-rate", type=float, help="1e-3 by default (the head's, for vgg16_finetune)")
-    g.add_argument("--lr-schedule", choices=("constant", "cosine"), help="cosine: decay to 0 over the epochs")
-    g.add_argument("--optimizer", choices=OPTIMIZER_NAMES, help="adam (default), sgd with momentum 0.9, ...")
-    g.add_argument("--initializer", choices=INITIALIZER_NAMES, help="kernel initializer (glorot_uniform)")
-    g.add_argument("--dropout", type=float, help="dropout rate in the dense part (0)")
-    g.add_argument("--l1", type=float, help="L1 weight penalty (0)")
-    g.add_argument("--l2", type=float, help="L2 weight penalty (0)")
-    g.add_argument("--dense-units", type=int, help="transfer head width (256)")
-    g = train.add_argument_group("transfer learning (vgg16_features, vgg16_finetune)")
-    g.add_argument("--backbone", choices=BACKBONE_NAMES, help="the pre-trained base (vgg16)")
-    g.add_argument(
-        "--base",
-        help="your own pre-trained model instead: a .keras file or a run directory (e.g. of cifar10_cnn)",
-    )
-    g.add_argument("--base-output", help="the layer of --base to cut at (default: the one before its head)")
-    g.add_argument("--unsafe-deserialization", action="store_true", default=None, help=UNSAFE_HELP)
-    g.add_argument("--pooling", choices=("auto", "flatten", "avg"), help="after the base (auto: the backbone's)")
-    g.add_argument(
-        "--unfreeze-at",
-        help="stage 2 unfreezes the base from here: layer index, layer name or fraction "
-        "(default: the last block, block5_conv1 = 15 for VGG16)",
-    )
-    g.add_argument("--head-epochs", type=int, help="stage 1 epochs, head on the frozen base (5)")
-    g.add_argument("--finetune-lr", dest="finetune_learning_rate", type=float, help="stage 2 rate (1e-5)")
-    g.add_argument(
-        "--progressive",
-        help="stage 2 in steps EPOCH:UNFREEZE_AT:LR,... counted from its start, e.g. "
-        "0:block5_conv1:1e-5,3:block4_conv1:5e-6",
-    )
-    g.add_argument(
-        "--base-lr-multiplier",
-        type=float,
-        help="discriminative rates: the base trains at finetune-lr x this (e.g. 0.1), the head at finetune-lr",
-    )
-    g.add_argument(
-        "--no-feature-cache",
-        dest="feature_cache",
-        action="store_const",
-        const="off",
-        help="always run the frozen base forward (by default its features are computed once)",
-    )
-    g = train.add_argument_group("training")
+    add_config_flags(train)
+    g = train.add_argument_group("the run")
     g.add_argument("--preset", default="reference", choices=list(PRESETS), help="smoke: tiny, offline, seconds")
-    g.add_argument("--epochs", type=int, help="epochs (stage 2 epochs for vgg16_finetune); default 10")
-    g.add_argument("--strategy", choices=STRATEGY_NAMES, help="tf.distribute strategy (auto)")
-    g.add_argument("--seed", type=int, help="seed for weights, shuffling and splits (0)")
-    g.add_argument("--patience", type=int, help="early stopping patience in epochs (3)")
-    g.add_argument("--no-early-stopping", dest="early_stopping", action="store_false", default=None)
-    g.add_argument("--monitor", help="metric for early stopping and the best model (val_loss)")
-    g.add_argument("--steps-per-execution", type=int, help="steps per graph call (default 32 on TPU, 16 on CPU, 1 on GPU)")
-    g.add_argument(
-        "--mixed-precision",
-        nargs="?",
-        const="auto",
-        choices=("off", "auto", "bfloat16", "float16"),
-        help="mixed precision; alone: bfloat16 on TPU, float16 on GPU (output layers stay float32)",
-    )
-    g.add_argument("--jit-compile", type=_bool, help="XLA: auto (on for GPU/TPU, off on CPU), true, false")
-    g.add_argument("--no-tensorboard", dest="tensorboard", action="store_false", default=None)
-    g.add_argument("--no-backup", dest="backup", action="store_false", default=None, help="no resume state")
     g.add_argument("--run-dir", help="output folder (default runs/RECIPE-DATE-TIME)")
     g.add_argument("--overwrite", action="store_true", help="replace a finished run in --run-dir")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -216,41 +172,43 @@ def build_parser() -> argparse.ArgumentParser:
         "compare",
         help="train from scratch, feature extraction and fine-tuning on the same data, and report",
         description="Trains each approach on the same split and budget, then writes report.md, a self-contained "
-        "report.html and results.json in --run-dir, with a recommendation computed from the measured numbers.",
+        "report.html and results.json in --run-dir, with a recommendation computed from the measured numbers. "
+        "The config flags apply to every approach that has the setting.",
     )
     comp.add_argument("--data", required=True, help="tfds name or image folder, as for train")
-    comp.add_argument("--approaches", type=_augment, default=("scratch", "features", "finetune"),
-                      help="comma list of scratch, features, finetune (default all)")  # fmt: skip
-    comp.add_argument("--train-fraction", type=_fractions, default=(1.0,),
-                      help="comma list of shares of the training data, e.g. 0.1,0.3,1.0 (a data-size sweep)")  # fmt: skip
-    comp.add_argument("--run-dir", help="output folder (default runs/compare-DATE-TIME)")
-    comp.add_argument("--preset", default="reference", choices=list(PRESETS))
-    comp.add_argument("--backbone", choices=BACKBONE_NAMES)
-    comp.add_argument("--base", help="your own pre-trained model (a .keras file or a run directory)")
-    comp.add_argument("--base-output", help="the layer of --base to cut at")
-    comp.add_argument("--weights", type=_weights, help="imagenet (default), none, or a local file")
-    comp.add_argument("--image-size", type=_image_size)
-    comp.add_argument("--batch-size", type=int)
-    comp.add_argument("--epochs", type=int, help="max epochs per approach (stage 2 of the fine-tune)")
-    comp.add_argument("--head-epochs", type=int)
-    comp.add_argument("--learning-rate", type=float, help="the from-scratch model's and the heads' rate")
-    comp.add_argument("--finetune-lr", dest="finetune_learning_rate", type=float, help="stage 2 rate (1e-5)")
-    comp.add_argument("--patience", type=int)
-    comp.add_argument("--seed", type=int)
-    comp.add_argument("--max-examples", type=int)
-    comp.add_argument("--strategy", choices=STRATEGY_NAMES)
-    comp.add_argument("--skip-bad-images", action="store_true", default=None, help="as for train")
-    comp.add_argument("--unsafe-deserialization", action="store_true", default=None, help="as for train (--base)")
+    comp.add_argument(
+        "--approaches",
+        type=_text_type(config_lib.parse_names),
+        default=tuple(APPROACHES),
+        help=f"comma list of {', '.join(APPROACHES)} (default all)",
+    )
+    comp.add_argument(
+        "--train-fraction",
+        type=_text_type(config_lib.parse_fractions),
+        default=(1.0,),
+        help="comma list of shares of the training data, e.g. 0.1,0.3,1.0 (a data-size sweep)",
+    )
+    add_config_flags(comp, skip=COMPARE_OWN)
+    g = comp.add_argument_group("the comparison")
+    g.add_argument("--run-dir", help="output folder (default runs/compare-DATE-TIME)")
+    g.add_argument("--preset", default="reference", choices=list(PRESETS))
 
-    evaluate = sub.add_parser("evaluate", help="test metrics of a saved model, as JSON")
+    unsafe_help = config_lib.field_help("unsafe_deserialization")
+    evaluate = sub.add_parser(
+        "evaluate",
+        help="test metrics of a saved model, as JSON",
+        description="Test metrics of a run directory or .keras file, with the number of test images and which "
+        "they were. A run directory is evaluated on its own test split (of --data, default the run's data); "
+        "a .keras file without config.json needs --data with a test split of its own.",
+    )
     evaluate.add_argument("model", metavar="RUN_DIR_OR_MODEL")
-    evaluate.add_argument("--data", required=True, help="tfds name or image folder; its test split is used")
+    evaluate.add_argument("--data", help="tfds name or image folder (default: the run's); its test split is used")
     evaluate.add_argument("--batch-size", type=int, default=64)
     evaluate.add_argument("--data-dir")
     evaluate.add_argument("--manual-dir")
     evaluate.add_argument("--max-examples", type=int)
     evaluate.add_argument("--skip-bad-images", action="store_true", help="leave out undecodable images, with a warning")
-    evaluate.add_argument("--unsafe-deserialization", action="store_true", help=UNSAFE_HELP)
+    evaluate.add_argument("--unsafe-deserialization", action="store_true", help=unsafe_help)
 
     predict = sub.add_parser(
         "predict",
@@ -263,34 +221,31 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--json", action="store_true", help="JSON instead of a table")
     predict.add_argument("--weights", help="imagenet or a local file: use stock VGG16, every path is an image")
     predict.add_argument("--skip-bad-images", action="store_true", help="leave out undecodable images, with a warning")
-    predict.add_argument("--unsafe-deserialization", action="store_true", help=UNSAFE_HELP)
+    predict.add_argument("--unsafe-deserialization", action="store_true", help=unsafe_help)
     return parser
 
 
-_TRAIN_FIELDS = (
-    "data", "image_size", "batch_size", "augment", "validation_fraction", "test_fraction", "data_dir",
-    "manual_dir", "max_examples", "cache", "learning_rate", "optimizer", "initializer", "dropout", "l1",
-    "l2", "dense_units", "unfreeze_at", "finetune_learning_rate", "epochs", "head_epochs", "strategy",
-    "seed", "patience", "early_stopping", "monitor", "steps_per_execution", "jit_compile", "tensorboard",
-    "backup", "weights", "backbone", "base", "base_output", "pooling", "progressive", "base_lr_multiplier",
-    "feature_cache", "lr_schedule", "mixed_precision", "skip_bad_images", "unsafe_deserialization",
-)  # fmt: skip
+def config_overrides(args: argparse.Namespace, *, skip: Iterable[str] = ()) -> dict[str, Any]:
+    """The config fields given on the command line (flags left out are None: not given)."""
+    out = {}
+    for f in config_lib.fields():
+        if f.name in skip or f.metadata["flag"] is None:
+            continue
+        value = getattr(args, f.name, None)
+        if value is not None:
+            out[f.name] = value
+    return out
 
 
-def _cmd_list(args) -> int:
-    from kerastune_flow.config import RECIPE_DEFAULTS, RECIPES
-
-    for name, text in RECIPES.items():
-        defaults = ", ".join(f"{k}={v}" for k, v in RECIPE_DEFAULTS[name].items())
-        print(f"{name:<16}{text}\n{'':<16}defaults: {defaults}")
+def _cmd_list(args: argparse.Namespace) -> int:
+    for name, spec in RECIPES.items():
+        defaults = ", ".join(f"{k}={v}" for k, v in spec.defaults.items())
+        print(f"{name:<16}{spec.description}\n{'':<16}defaults: {defaults}")
     return 0
 
 
-def _cmd_train(args) -> int:
-    from kerastune_flow.config import make_config
-    from kerastune_flow.train import train_and_evaluate
-
-    overrides = {name: getattr(args, name) for name in _TRAIN_FIELDS if getattr(args, name) is not None}
+def _cmd_train(args: argparse.Namespace) -> int:
+    overrides = config_overrides(args)
     if args.quiet:
         overrides["verbose"] = 0
     config = make_config(args.recipe, args.preset, **overrides)
@@ -302,17 +257,7 @@ def _cmd_train(args) -> int:
     return 0
 
 
-_COMPARE_FIELDS = (
-    "backbone", "base", "base_output", "weights", "image_size", "batch_size", "epochs", "head_epochs",
-    "patience", "seed", "max_examples", "strategy", "learning_rate", "finetune_learning_rate", "skip_bad_images",
-    "unsafe_deserialization",
-)  # fmt: skip
-
-
-def _cmd_compare(args) -> int:
-    from kerastune_flow.compare import compare
-
-    overrides = {name: getattr(args, name) for name in _COMPARE_FIELDS if getattr(args, name) is not None}
+def _cmd_compare(args: argparse.Namespace) -> int:
     run_dir = args.run_dir or os.path.join("runs", f"compare-{time.strftime('%Y%m%d-%H%M%S')}")
     with contextlib.redirect_stdout(sys.stderr):
         report = compare(
@@ -321,16 +266,14 @@ def _cmd_compare(args) -> int:
             approaches=args.approaches,
             train_fractions=args.train_fraction,
             preset=args.preset,
-            **overrides,
+            **config_overrides(args, skip=COMPARE_OWN),
         )
     print("\n".join(report["recommendation"]))
     print(f"report: {os.path.join(run_dir, 'report.html')}")
     return 0
 
 
-def _cmd_evaluate(args) -> int:
-    from kerastune_flow.train import evaluate_saved
-
+def _cmd_evaluate(args: argparse.Namespace) -> int:
     with contextlib.redirect_stdout(sys.stderr):
         metrics = evaluate_saved(
             args.model,
@@ -346,15 +289,11 @@ def _cmd_evaluate(args) -> int:
     return 0
 
 
-def _cmd_predict(args) -> int:
-    from kerastune_flow.train import predict_images
-
+def _cmd_predict(args: argparse.Namespace) -> int:
     if args.weights:
         model, images = None, args.paths
     else:
         if len(args.paths) < 2:
-            from kerastune_flow.errors import ConfigError
-
             raise ConfigError(
                 "predict needs a run directory (or .keras file) and at least one image, or --weights imagenet "
                 f"and images. Received: {' '.join(args.paths)}"
@@ -406,11 +345,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {_one_line(error)}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="[kerastune_flow] %(message)s", stream=sys.stderr)
-    try:
-        from kerastune_flow.errors import KerastuneFlowError
-    except ImportError as error:  # TensorFlow missing: the package says which extra to install
-        print(f"error: {_one_line(error)}", file=sys.stderr)
-        return 2
     try:
         return COMMANDS[args.command](args)
     except KerastuneFlowError as error:

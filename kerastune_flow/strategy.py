@@ -8,7 +8,9 @@
 `auto` picks a TPU when one is reachable, MirroredStrategy over two or more GPUs,
 MultiWorkerMirroredStrategy when TF_CONFIG names a cluster of several workers, and the default
 strategy otherwise (one GPU or the CPU). A name that cannot be honoured raises StrategyError:
-there is no silent fallback.
+there is no silent fallback. `device_settings` says what each kind of device asks of the
+pipelines and the model. (Process-wide settings that must precede the strategy, such as the CPU
+thread count, are `runtime.prepare_process`.)
 """
 
 from __future__ import annotations
@@ -20,8 +22,7 @@ import os
 
 import tensorflow as tf
 
-from kerastune_flow import compat
-from kerastune_flow.config import STRATEGY_NAMES
+from kerastune_flow.config import MIXED_PRECISION, STRATEGY_NAMES
 from kerastune_flow.errors import ConfigError, StrategyError
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,7 @@ def _cached(key: tuple, factory) -> tf.distribute.Strategy:
     if key not in _STRATEGIES:
         _STRATEGIES[key] = factory()
     return _STRATEGIES[key]
+
 
 # Environment variables that say a TPU may be attached (Colab, Cloud TPU VM, GKE).
 _TPU_HINTS = ("TPU_NAME", "COLAB_TPU_ADDR", "TPU_ACCELERATOR_TYPE", "KUBE_GOOGLE_CLOUD_TPU_ENDPOINTS")
@@ -96,41 +98,6 @@ def _mirrored_devices() -> list[str]:
     return [d.name for d in tf.config.list_logical_devices("CPU")]
 
 
-# Inter-op threads run independent graph ops side by side, each op itself using every core
-# (intra-op). On a CPU that oversubscribes the cores: with one inter-op thread the CIFAR-10 CNN
-# trains faster on 2 cores and its system time (threads waiting on each other) falls more than
-# tenfold (benchmarks/RESULTS.md); one per socket is also Intel's advice for oneDNN. GPUs and
-# TPUs keep TensorFlow's default.
-CPU_INTER_OP_THREADS = 1
-
-
-def prefer_cpu_threads() -> bool:
-    """Sets TensorFlow's inter-op threads to `CPU_INTER_OP_THREADS` for CPU training, unless the
-    user chose a number (TF_NUM_INTEROP_THREADS or `tf.config.threading`) or TensorFlow has
-    already started, when it can no longer change (then it logs how to get it).
-
-    Returns:
-        True when the setting is in effect.
-    """
-    if os.environ.get("TF_NUM_INTEROP_THREADS"):
-        return False
-    current = tf.config.threading.get_inter_op_parallelism_threads()
-    if current == CPU_INTER_OP_THREADS:
-        return True
-    if current != 0:
-        return False
-    try:
-        tf.config.threading.set_inter_op_parallelism_threads(CPU_INTER_OP_THREADS)
-    except RuntimeError:
-        log.info(
-            "TensorFlow started before the strategy was chosen, so it keeps its default inter-op threads; "
-            "CPU training is faster with TF_NUM_INTEROP_THREADS=%d set before Python starts",
-            CPU_INTER_OP_THREADS,
-        )
-        return False
-    return True
-
-
 def get_strategy(name: str = "auto", *, tpu_address: str | None = None) -> tf.distribute.Strategy:
     """Returns the tf.distribute strategy for a name.
 
@@ -153,7 +120,6 @@ def get_strategy(name: str = "auto", *, tpu_address: str | None = None) -> tf.di
         raise ConfigError(
             f"Unknown strategy {name!r}; choose one of {', '.join(STRATEGY_NAMES)}. Received: strategy={name}"
         )
-    compat.apply()  # Keras' symbolic build under tf.distribute; a no-op once Keras is fixed
     cluster = tf_config_cluster()
     if name == "auto":
         if tpu_hinted():
@@ -163,14 +129,10 @@ def get_strategy(name: str = "auto", *, tpu_address: str | None = None) -> tf.di
                 log.warning("TPU hinted by the environment but not reachable, continuing without: %s", error)
         if _cluster_size(cluster) > 1:
             return get_strategy("multiworker")
-        gpus = len(tf.config.list_physical_devices("GPU"))
-        if gpus >= 2:
+        if len(tf.config.list_physical_devices("GPU")) >= 2:
             return get_strategy("mirrored")
-        if gpus == 0:
-            prefer_cpu_threads()
         return tf.distribute.get_strategy()
     if name == "cpu":
-        prefer_cpu_threads()
         return tf.distribute.OneDeviceStrategy("/cpu:0")
     if name == "gpu":
         if not tf.config.list_physical_devices("GPU"):
@@ -230,16 +192,6 @@ def uses_gpu(strategy: tf.distribute.Strategy) -> bool:
     return any("GPU" in d.upper() for d in devices)
 
 
-def default_jit_compile(strategy: tf.distribute.Strategy, requested: str | bool = "auto") -> bool:
-    """Chooses XLA per device: on for TPU and GPU, off on the CPU (measured slower there).
-
-    Args:
-        strategy: the run's strategy.
-        requested: "auto", or an explicit True/False (or "true"/"false") that wins.
-    """
-    return device_settings(device_kind(strategy), jit_compile=requested).jit_compile
-
-
 def describe(strategy: tf.distribute.Strategy) -> str:
     """One line for logs: the strategy's public name and its replicas."""
     if is_multi_worker(strategy):
@@ -255,7 +207,6 @@ TPU_STEPS_PER_EXECUTION = 32  # amortises the host round trip of each TPU call
 # On the CPU, 16 steps per call into the graph train the small reference networks faster than one
 # (benchmarks/RESULTS.md). GPUs keep 1: not measured on one.
 CPU_STEPS_PER_EXECUTION = 16
-MIXED_PRECISION = ("off", "auto", "bfloat16", "float16")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -280,7 +231,7 @@ class DeviceSettings:
 
 
 def device_kind(strategy: tf.distribute.Strategy) -> str:
-    """"tpu", "gpu" or "cpu": where the strategy computes."""
+    """ "tpu", "gpu" or "cpu": where the strategy computes."""
     return "tpu" if is_tpu(strategy) else "gpu" if uses_gpu(strategy) else "cpu"
 
 

@@ -23,12 +23,12 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-
 from conftest import REPO, write_image_folder
+
 from kerastune_flow import callbacks as cb
-from kerastune_flow import data, models, run, train
-from kerastune_flow.config import make_config
-from kerastune_flow.errors import ConfigError, DataError, KerastuneFlowError, RunDirError
+from kerastune_flow import data, inference, models, run, rundir, train
+from kerastune_flow.errors import ConfigError, DataError, RunDirError
+from kerastune_flow.recipes import make_config
 
 PER_CLASS = 4
 SIZE = 16  # pixels of the generated images
@@ -63,22 +63,22 @@ def _tiny_classifier(input_shape=(SIZE, SIZE, 3), num_classes=3, lambda_layer=Fa
 def _write_run_dir(folder: Path, model: keras.Model, *, finished: bool) -> Path:
     """A run directory as `train` leaves it, without training (the corpus needs only its files)."""
     folder.mkdir(parents=True)
-    model.save(folder / cb.BEST_MODEL)
+    model.save(folder / rundir.BEST_MODEL)
     meta = {
         "config": make_config("cifar10_cnn", image_size=(SIZE, SIZE)).to_dict(),
         "class_names": list(CLASSES),
         "image_shape": [SIZE, SIZE, 3],
         "head": {"units": 3, "activation": None, "label_mode": "int"},
     }
-    (folder / train.CONFIG_JSON).write_text(json.dumps(meta))
-    (folder / cb.HISTORY_JSONL).write_text('{"epoch": 0, "loss": 1.0}\n')
-    (folder / cb.HISTORY_CSV).write_text("epoch,loss\n0,1.0\n")
+    (folder / rundir.CONFIG_JSON).write_text(json.dumps(meta))
+    (folder / rundir.HISTORY_JSONL).write_text('{"epoch": 0, "loss": 1.0}\n')
+    (folder / rundir.HISTORY_CSV).write_text("epoch,loss\n0,1.0\n")
     if finished:
-        (folder / train.RESULTS_JSON).write_text('{"test": {"accuracy": 0.5}}')
-        (folder / train.CURVES_PNG).write_bytes(b"\x89PNG not really")
+        (folder / rundir.RESULTS_JSON).write_text('{"test": {"accuracy": 0.5}}')
+        (folder / rundir.CURVES_PNG).write_bytes(b"\x89PNG not really")
     else:  # interrupted: the backup BackupAndRestore resumes from
-        (folder / cb.BACKUP_DIR / "fit").mkdir(parents=True)
-        (folder / cb.BACKUP_DIR / "fit" / "checkpoint").write_text("epoch 1")
+        (folder / rundir.BACKUP_DIR / "fit").mkdir(parents=True)
+        (folder / rundir.BACKUP_DIR / "fit" / "checkpoint").write_text("epoch 1")
     return folder
 
 
@@ -87,6 +87,8 @@ def corpus(tmp_path_factory) -> Path:
     """Bad (and a few good) folders, model files and run directories, made once."""
     root = tmp_path_factory.mktemp("corpus")
     good = write_image_folder(root / "good", classes=CLASSES, per_class=PER_CLASS, size=SIZE)
+    for split, seed in (("train", 1), ("test", 2)):  # a folder with its own test split
+        write_image_folder(root / "good_split" / split, classes=CLASSES, per_class=PER_CLASS, size=SIZE, seed=seed)
     (root / "empty").mkdir()
     for name in CLASSES:  # class folders holding no image at all
         (root / "no_images" / name).mkdir(parents=True)
@@ -127,7 +129,7 @@ def corpus(tmp_path_factory) -> Path:
     _write_run_dir(root / "finished", _tiny_classifier(), finished=True)
     _write_run_dir(root / "interrupted", _tiny_classifier(), finished=False)
     damaged = _write_run_dir(root / "damaged_config", _tiny_classifier(), finished=True)
-    (damaged / train.CONFIG_JSON).write_text('{"config": ')
+    (damaged / rundir.CONFIG_JSON).write_text('{"config": ')
     _write_run_dir(root / "three_classes", _tiny_classifier(), finished=True)
     write_image_folder(root / "two_classes", classes=("a", "b"), per_class=PER_CLASS, size=SIZE)
     assert good.is_dir()
@@ -207,13 +209,25 @@ CASES = [
     ("evaluate-segmenter", "evaluate {segmenter.keras} --data {good}", r"does not end in one layer of class scores"),
     ("evaluate-damaged-config", "evaluate {damaged_config} --data {good}", r"config\.json is damaged"),
     ("evaluate-lambda", "evaluate {lambda.keras} --data {good}", r"Lambda layer.*pass --unsafe-deserialization"),
+    # A bare .keras file does not say how its data was split: its "test" images could be training images.
+    (
+        "evaluate-bare-model-flat-folder",
+        "evaluate {classifier.keras} --data {good}",
+        r"no config\.json beside it.*test/",
+    ),
+    ("evaluate-bare-model-no-data", "evaluate {classifier.keras}", r"no config\.json beside it.*Received: data=None"),
     ("predict-lambda", "predict {lambda.keras} {good}/circle/000.png", r"Lambda layer.*pass --unsafe-deserialization"),
     ("base-lambda", f"{FEATURES} --base {{lambda.keras}}", r"Lambda layer.*pass --unsafe-deserialization"),
     # names, environment, divergence
     ("unknown-recipe", "train resnet --data {good}", r"invalid choice: 'resnet' \(choose from .*cifar10_cnn"),
     ("unknown-backbone", f"{FEATURES} --backbone alexnet", r"invalid choice: 'alexnet' \(choose from .*mobilenetv2"),
     ("unknown-strategy", f"{CNN} --strategy cluster", r"invalid choice: 'cluster' \(choose from .*multiworker"),
-    ("unknown-augmentation", f"{CNN} --augment blur", r"Unknown augmentation 'blur'; choose from flip"),
+    ("unknown-augmentation", f"{CNN} --augment blur", r"augment must be one of flip, .*Received: augment='blur'"),
+    (
+        "jit-compile-not-a-choice",
+        f"{CNN} --jit-compile yes",
+        r"--jit-compile: invalid choice: 'yes' \(choose from 'auto', 'true', 'false'\)",
+    ),
     ("unknown-approach", "compare --approaches scratch,magic --data {good} --run-dir {run}", r"'magic'; choose"),
     ("tf-config-not-json", CNN, r"TF_CONFIG is not valid JSON", _bad_tf_config),
     ("loss-diverges", "train scratch_mlp --optimizer sgd --learning-rate 1e30", r"loss became \S+ at epoch 1, batch"),
@@ -301,21 +315,31 @@ def test_mixed_modes_and_formats_train_as_rgb(corpus, tmp_path, capsys):
 
     assert run.main(argv) == 0, capsys.readouterr().err
 
-    meta = json.loads((run_dir / train.CONFIG_JSON).read_text())
+    meta = json.loads((run_dir / rundir.CONFIG_JSON).read_text())
     assert meta["image_shape"] == [32, 32, 3] and sum(meta["sizes"].values()) == 18
 
 
 def test_skip_bad_images_trains_on_the_rest_and_names_each_skipped_file(corpus, tmp_path, capsys, caplog):
     run_dir = tmp_path / "run"
-    argv = [T, "cifar10_cnn", "--data", str(corpus / "truncated_png"), "--image-size", "32", "--run-dir", str(run_dir),
-            "--skip-bad-images", *FAST]  # fmt: skip
+    argv = [
+        T,
+        "cifar10_cnn",
+        "--data",
+        str(corpus / "truncated_png"),
+        "--image-size",
+        "32",
+        "--run-dir",
+        str(run_dir),
+        "--skip-bad-images",
+        *FAST,
+    ]
 
     with caplog.at_level("WARNING"):
         assert run.main(argv) == 0, capsys.readouterr().err
 
     skipped = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
     assert skipped == [f"  skipped {corpus / 'truncated_png' / 'square' / '001.png'} (corrupt or truncated PNG)"]
-    meta = json.loads((run_dir / train.CONFIG_JSON).read_text())
+    meta = json.loads((run_dir / rundir.CONFIG_JSON).read_text())
     assert sum(meta["sizes"].values()) == len(CLASSES) * PER_CLASS - 1
     assert meta["config"]["data"]["skip_bad_images"] is True
 
@@ -323,12 +347,13 @@ def test_skip_bad_images_trains_on_the_rest_and_names_each_skipped_file(corpus, 
 def test_unsafe_deserialization_loads_a_lambda_model_when_asked(corpus, capsys):
     model = str(corpus / "lambda.keras")
     image = str(corpus / "good" / "circle" / "000.png")
-    with pytest.raises(RunDirError, match="Lambda layer") as info:  # the Python API: refused by default
-        train.load_saved(model)
-    assert isinstance(info.value, (KerastuneFlowError, OSError))
+    with pytest.raises(RunDirError, match="Lambda layer"):  # the Python API: refused by default
+        inference.load_saved(model)
 
-    assert run.main([E, model, "--data", str(corpus / "good"), "--unsafe-deserialization"]) == 0
-    assert json.loads(capsys.readouterr().out)["examples"] > 0
+    assert run.main([E, model, "--data", str(corpus / "good_split"), "--unsafe-deserialization"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["examples"] == len(CLASSES) * PER_CLASS
+    assert out["test_split"] == str(corpus / "good_split" / "test")
     assert run.main([P, model, image, "--json", "--unsafe-deserialization"]) == 0
     assert json.loads(capsys.readouterr().out)[0]["file"] == image
     base = models.cut_base(model, "flatten", unsafe_deserialization=True)
@@ -350,9 +375,17 @@ def test_predict_skips_bad_images_when_asked(corpus, capsys):
 
 
 def test_scan_names_every_bad_file_with_its_reason(corpus):
-    paths = [str(corpus / name / "square" / f"001.{fmt}") for name, fmt in [
-        ("not_an_image", "png"), ("empty_file", "jpg"), ("truncated_jpeg", "jpg"), ("truncated_png", "png"),
-        ("one_bit_bmp", "bmp"), ("good", "png")]]  # fmt: skip
+    paths = [
+        str(corpus / name / "square" / f"001.{fmt}")
+        for name, fmt in [
+            ("not_an_image", "png"),
+            ("empty_file", "jpg"),
+            ("truncated_jpeg", "jpg"),
+            ("truncated_png", "png"),
+            ("one_bit_bmp", "bmp"),
+            ("good", "png"),
+        ]
+    ]
 
     scan = data.scan_images(paths)
 
@@ -435,15 +468,6 @@ def test_the_scan_is_fast_on_thousands_of_files(tmp_path):
 # --------------------------------------------------------------------------- labels and classes
 
 
-def test_check_labels_names_the_first_label_out_of_range():
-    with pytest.raises(DataError, match=r"Label 5 at position 2 is not a class index in \[0, 3\) \(2 such"):
-        data.check_labels(np.array([0, 2, 5, 1, -1]), 3)
-    ds = tf.data.Dataset.from_tensor_slices((np.zeros((4, 2)), np.array([0, 1, 2, 3])))
-    with pytest.raises(DataError, match=r"Label 3 at position 3"):
-        data.check_labels(ds, 3)
-    data.check_labels(np.array([0, 1, 2]), 3)
-
-
 def test_the_pipeline_stops_at_a_label_out_of_range_for_every_head():
     ds = tf.data.Dataset.from_tensor_slices((np.zeros((4, 2), "float32"), np.array([0, 1, 7, 1], "int32")))
     for label_mode in ("int", "binary", "categorical"):
@@ -463,9 +487,9 @@ def test_labels_out_of_range_from_tfds_end_the_cli_with_one_sentence(tmp_path, m
     def fake_tfds(name, **kwargs):
         ds = tf.data.Dataset.from_tensor_slices((images, labels))
         sizes = {"train": 16, "validation": 16, "test": 16}
-        return data.DataSplits(ds, ds, ds, ["0", "1", "2"], (28, 28, 1), sizes, name)
+        return data.DataSplits(ds, ds, ds, ["0", "1", "2"], (28, 28, 1), sizes, name, "the test split")
 
-    monkeypatch.setattr(data, "load_tfds", fake_tfds)
+    monkeypatch.setattr(data.loading, "load_tfds", fake_tfds)
     argv = [T, "scratch_mlp", "--data", "mnist", "--run-dir", str(tmp_path / "run"), *FAST, "--batch-size", "4"]
 
     assert run.main(argv) == 2
@@ -491,7 +515,7 @@ def _fail_second_save(monkeypatch, *, code=errno.ENOSPC):
         seen["calls"] = seen.get("calls", 0) + 1
         if seen["calls"] == 1:
             return real_save(self, filepath, *args, **kwargs)
-        seen["best_before"] = hashlib.sha256((Path(filepath).parent / cb.BEST_MODEL).read_bytes()).hexdigest()
+        seen["best_before"] = hashlib.sha256((Path(filepath).parent / rundir.BEST_MODEL).read_bytes()).hexdigest()
         Path(filepath).write_bytes(b"PK\x03\x04 half a model")
         raise OSError(code, os.strerror(code))
 
@@ -514,13 +538,13 @@ def test_a_full_disk_while_saving_the_best_model_keeps_the_previous_one(corpus, 
         r"disk, then run the same command to resume\. Received: \[Errno 28\] No space left on device\n",
         err,
     )
-    assert hashlib.sha256((run_dir / cb.BEST_MODEL).read_bytes()).hexdigest() == seen["best_before"]
-    assert keras.saving.load_model(run_dir / cb.BEST_MODEL).output_shape == (None, 3)
+    assert hashlib.sha256((run_dir / rundir.BEST_MODEL).read_bytes()).hexdigest() == seen["best_before"]
+    assert keras.saving.load_model(run_dir / rundir.BEST_MODEL).output_shape == (None, 3)
     assert not [p.name for p in run_dir.iterdir() if p.name.startswith(".")]  # no temporary file left
     # The epoch whose model could not be saved is logged but not backed up: the same command
     # resumes at it, and the history logger drops its record then.
-    assert [r["epoch"] for r in cb.read_history(run_dir)] == [0, 1]
-    assert (run_dir / cb.BACKUP_DIR / "fit").is_dir()
+    assert [r["epoch"] for r in rundir.read_history(run_dir)] == [0, 1]
+    assert (run_dir / rundir.BACKUP_DIR / "fit").is_dir()
 
 
 def test_a_disk_too_full_for_the_next_epoch_stops_before_writing_anything(corpus, tmp_path, monkeypatch, capsys):
@@ -541,7 +565,7 @@ def test_a_disk_too_full_for_the_next_epoch_stops_before_writing_anything(corpus
     class Snapshot(keras.callbacks.Callback):  # what the run directory held when epoch 1 ended
         def on_epoch_begin(self, epoch, logs=None):
             if epoch == 1:
-                before.update(snapshot(run_dir, exclude=run_dir / cb.TENSORBOARD_DIR))
+                before.update(snapshot(run_dir, exclude=run_dir / rundir.TENSORBOARD_DIR))
 
     original = cb.standard_callbacks
     monkeypatch.setattr(cb, "standard_callbacks", lambda *a, **k: [Snapshot(), *original(*a, **k)])
@@ -551,38 +575,38 @@ def test_a_disk_too_full_for_the_next_epoch_stops_before_writing_anything(corpus
     err = capsys.readouterr().err
     assert err.startswith(f"error: The disk holding {run_dir} is full (10.0 KB free, one epoch's checkpoints need ")
     assert "so epoch 2 is not saved and the files written before are kept" in err and len(err.splitlines()) == 1
-    assert snapshot(run_dir, exclude=run_dir / cb.TENSORBOARD_DIR) == before  # not one byte written for epoch 2
-    assert [r["epoch"] for r in cb.read_history(run_dir)] == [0]
+    assert snapshot(run_dir, exclude=run_dir / rundir.TENSORBOARD_DIR) == before  # not one byte written for epoch 2
+    assert [r["epoch"] for r in rundir.read_history(run_dir)] == [0]
 
 
 def test_a_backup_that_cannot_be_read_back_is_discarded_so_the_run_starts_over(tmp_path, caplog):
     import h5py
 
-    folder = tmp_path / cb.BACKUP_DIR / "fit"
+    folder = tmp_path / rundir.BACKUP_DIR / "fit"
     folder.mkdir(parents=True)
-    weights = folder / cb.BACKUP_WEIGHTS
+    weights = folder / rundir.BACKUP_WEIGHTS
     with h5py.File(weights, "w") as f:
         f["kernel"] = np.arange(100_000, dtype="float32")
-    assert not cb.discard_damaged_backup(folder)  # readable: kept
+    assert not rundir.discard_damaged_backup(folder)  # readable: kept
 
-    (folder / (cb.BACKUP_WEIGHTS + ".bkp")).write_bytes(weights.read_bytes())
+    (folder / (rundir.BACKUP_WEIGHTS + ".bkp")).write_bytes(weights.read_bytes())
     _truncate(weights)
-    assert not cb.discard_damaged_backup(folder)  # BackupAndRestore falls back to the readable .bkp
+    assert not rundir.discard_damaged_backup(folder)  # BackupAndRestore falls back to the readable .bkp
 
-    _truncate(folder / (cb.BACKUP_WEIGHTS + ".bkp"))
+    _truncate(folder / (rundir.BACKUP_WEIGHTS + ".bkp"))
     with caplog.at_level("WARNING"):
-        assert cb.discard_damaged_backup(folder)
+        assert rundir.discard_damaged_backup(folder)
     assert not folder.exists() and "this fit starts over" in caplog.text
 
 
 def test_a_read_only_file_system_while_saving_is_a_run_dir_error(tmp_path, monkeypatch):
     _fail_second_save(monkeypatch, code=errno.EROFS)
     model = _tiny_classifier()
-    cb.atomic_save_model(model, tmp_path / cb.BEST_MODEL)
+    rundir.atomic_save_model(model, tmp_path / rundir.BEST_MODEL)
 
     with pytest.raises(RunDirError, match=r"Cannot write model\.keras in .*\(Read-only file system\)"):
-        cb.atomic_save_model(model, tmp_path / cb.BEST_MODEL)
-    assert os.listdir(tmp_path) == [cb.BEST_MODEL]
+        rundir.atomic_save_model(model, tmp_path / rundir.BEST_MODEL)
+    assert os.listdir(tmp_path) == [rundir.BEST_MODEL]
 
 
 def test_a_full_disk_in_a_checkpoint_or_log_names_the_disk_and_other_errors_pass(tmp_path):
@@ -608,11 +632,12 @@ def test_overwrite_replaces_a_finished_run_only_once_the_new_one_can_start(corpu
     before = snapshot(finished)
 
     with pytest.raises(DataError):
-        train.train_and_evaluate(make_config("cifar10_cnn", "smoke", data=str(corpus / "truncated_jpeg")), finished,
-                                 overwrite=True)  # fmt: skip
+        train.train_and_evaluate(
+            make_config("cifar10_cnn", "smoke", data=str(corpus / "truncated_jpeg")), finished, overwrite=True
+        )
     assert snapshot(finished) == before
 
-    train.clear_finished_run(finished)
+    rundir.clear_finished_run(finished)
     assert sorted(p.name for p in finished.iterdir()) == []
 
 

@@ -1,4 +1,4 @@
-"""The standard callback set and the atomic writers, on a one-layer model and 32 examples."""
+"""The standard callback set, on a one-layer model and 32 examples."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ import csv
 import json
 import logging
 import math
-import os
 from pathlib import Path
 
 import keras
@@ -15,27 +14,25 @@ import pytest
 import tensorflow as tf
 
 from kerastune_flow import callbacks as callbacks_lib
+from kerastune_flow import rundir
 from kerastune_flow.callbacks import (
-    BACKUP_DIR,
-    BEST_MODEL,
-    HISTORY_CSV,
-    HISTORY_JSONL,
-    TENSORBOARD_DIR,
     BestModelCheckpoint,
     DiskSpaceGuard,
     HistoryLogger,
     NaNGuard,
     ProgressBar,
-    atomic_save_model,
-    atomic_write_json,
-    atomic_write_text,
     current_learning_rate,
-    read_history,
-    records_to_csv,
     standard_callbacks,
-    to_jsonable,
 )
-from kerastune_flow.errors import KerastuneFlowError, RunDirError, TrainingDivergedError
+from kerastune_flow.errors import KerastuneFlowError, TrainingDivergedError
+from kerastune_flow.rundir import (
+    BACKUP_DIR,
+    BEST_MODEL,
+    HISTORY_CSV,
+    HISTORY_JSONL,
+    TENSORBOARD_DIR,
+    read_history,
+)
 
 NUM_SAMPLES = 32
 NUM_FEATURES = 4
@@ -217,7 +214,7 @@ def test_fit_with_standard_callbacks_writes_the_run_directory(tmp_path):
 
     rows = _read_csv(run_dir / HISTORY_CSV)
     assert len(rows) == EPOCHS
-    for row, record in zip(rows, records):
+    for row, record in zip(rows, records, strict=True):
         assert set(row) == set(record)
         assert int(row["epoch"]) == record["epoch"]
         assert {k: float(v) for k, v in row.items()} == pytest.approx(record)
@@ -265,8 +262,8 @@ OLD_RUN = [{"epoch": epoch, "loss": 1000.0 + epoch, "run": "old"} for epoch in r
 
 @pytest.mark.parametrize("csv_log, jsonl_log", [(True, True), (True, False), (False, True)])
 def test_history_logger_drops_epochs_a_resume_repeats(tmp_path, csv_log, jsonl_log):
-    atomic_write_text(tmp_path / HISTORY_JSONL, "".join(json.dumps(r) + "\n" for r in OLD_RUN))
-    atomic_write_text(tmp_path / HISTORY_CSV, records_to_csv(OLD_RUN))
+    rundir.atomic_write_text(tmp_path / HISTORY_JSONL, "".join(json.dumps(r) + "\n" for r in OLD_RUN))
+    rundir.atomic_write_text(tmp_path / HISTORY_CSV, rundir.records_to_csv(OLD_RUN))
     if not jsonl_log:
         (tmp_path / HISTORY_JSONL).unlink()
     if not csv_log:
@@ -316,7 +313,7 @@ def test_history_logger_appends_across_two_fits(tmp_path):
 def saves(monkeypatch):
     """Counts atomic_save_model calls instead of writing files."""
     calls = []
-    monkeypatch.setattr(callbacks_lib, "atomic_save_model", lambda model, path: calls.append(Path(path)))
+    monkeypatch.setattr(rundir, "atomic_save_model", lambda model, path: calls.append(Path(path)))
     return calls
 
 
@@ -405,98 +402,6 @@ def test_checkpoint_file_changes_only_when_the_model_improves(tmp_path):
     assert _temp_files(tmp_path) == []
 
 
-# --------------------------------------------------------------------------- atomic writes
-
-
-def test_atomic_write_text_creates_and_replaces(tmp_path):
-    path = tmp_path / "nested" / "dir" / "notes.txt"
-
-    atomic_write_text(path, "first\n")
-    assert path.read_text(encoding="utf-8") == "first\n"
-    atomic_write_text(path, "second, ünïcode\n")
-
-    assert path.read_text(encoding="utf-8") == "second, ünïcode\n"
-    assert os.listdir(path.parent) == ["notes.txt"]
-
-
-def test_atomic_write_text_failing_midway_keeps_the_old_file(tmp_path):
-    path = tmp_path / "notes.txt"
-    atomic_write_text(path, "old\n")
-
-    # A lone surrogate cannot be encoded, so the write fails after the temporary file was opened.
-    with pytest.raises(UnicodeEncodeError):
-        atomic_write_text(path, "new text that breaks here: \ud800 and never ends")
-
-    assert path.read_text(encoding="utf-8") == "old\n"
-    assert os.listdir(tmp_path) == ["notes.txt"]
-
-
-def test_atomic_write_text_failing_at_rename_keeps_the_old_file(tmp_path, monkeypatch):
-    path = tmp_path / "notes.txt"
-    atomic_write_text(path, "old\n")
-
-    def no_replace(src, dst):
-        raise PermissionError("read-only file system")
-
-    monkeypatch.setattr(os, "replace", no_replace)
-    with pytest.raises(RunDirError, match="read-only"):
-        atomic_write_text(path, "new\n")
-
-    assert path.read_text(encoding="utf-8") == "old\n"
-    assert os.listdir(tmp_path) == ["notes.txt"]
-
-
-def test_atomic_write_json_converts_and_sorts(tmp_path):
-    path = tmp_path / "results.json"
-
-    atomic_write_json(path, {"b": np.float32(0.5), "a": (1, 2), "dir": tmp_path})
-
-    assert json.loads(path.read_text()) == {"a": [1, 2], "b": 0.5, "dir": str(tmp_path)}
-    assert path.read_text().startswith('{\n  "a"')
-
-
-def test_atomic_write_json_that_cannot_serialise_keeps_the_old_file(tmp_path):
-    path = tmp_path / "results.json"
-    atomic_write_json(path, {"ok": 1})
-
-    with pytest.raises(TypeError):
-        atomic_write_json(path, {"ok": 2, "bad": object()})
-
-    assert json.loads(path.read_text()) == {"ok": 1}
-    assert os.listdir(tmp_path) == ["results.json"]
-
-
-def test_atomic_save_model_failing_midway_keeps_the_previous_model(tmp_path, monkeypatch):
-    path = tmp_path / BEST_MODEL
-    model = _model()
-    atomic_save_model(model, path)
-    saved_kernel = _kernel(model)
-    model.layers[0].kernel.assign(saved_kernel + 1.0)
-
-    def partial_save(filepath, *args, **kwargs):
-        Path(filepath).write_bytes(b"PK\x03\x04 half a zip file")
-        raise OSError("No space left on device")
-
-    monkeypatch.setattr(model, "save", partial_save)
-    with pytest.raises(OSError, match="No space left"):
-        atomic_save_model(model, path)
-
-    assert os.listdir(tmp_path) == [BEST_MODEL]
-    np.testing.assert_array_equal(_kernel(keras.saving.load_model(path)), saved_kernel)
-
-
-def test_atomic_save_model_replaces_the_model(tmp_path):
-    path = tmp_path / BEST_MODEL
-    model = _model()
-    atomic_save_model(model, path)
-    model.layers[0].kernel.assign(_kernel(model) + 1.0)
-
-    atomic_save_model(model, path)
-
-    np.testing.assert_array_equal(_kernel(keras.saving.load_model(path)), _kernel(model))
-    assert os.listdir(tmp_path) == [BEST_MODEL]
-
-
 # --------------------------------------------------------------------------- NaNGuard
 
 
@@ -565,48 +470,6 @@ def test_nan_guard_lets_finite_or_missing_loss_pass(logs):
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-@pytest.mark.parametrize(
-    "value, expected",
-    [
-        (np.float32(0.5), 0.5),
-        (np.float64(2.25), 2.25),
-        (np.int64(7), 7),
-        (np.bool_(True), True),
-        (np.array([[1, 2], [3, 4]]), [[1, 2], [3, 4]]),
-        ((1, (2, 3)), [1, [2, 3]]),
-        (Path("runs") / "a", os.path.join("runs", "a")),
-        ({1: np.float32(0.5), "k": [np.int32(3)]}, {"1": 0.5, "k": [3]}),
-        (float("nan"), None),
-        (np.float64("nan"), None),
-        (np.array([1.0, np.nan]), [1.0, None]),
-        ("text", "text"),
-        (None, None),
-    ],
-)
-def test_to_jsonable(value, expected):
-    converted = to_jsonable(value)
-
-    assert converted == expected
-    assert type(converted) is type(expected)
-    assert json.loads(json.dumps(converted, allow_nan=False)) == expected
-
-
-def test_records_to_csv_unions_columns_in_first_seen_order():
-    text = records_to_csv([{"epoch": 0, "loss": 1.5}, {"epoch": 1, "stage": "ft", "loss": 1.0}])
-
-    assert text == "epoch,loss,stage\n0,1.5,\n1,1.0,ft\n"
-
-
-def test_read_history_of_a_missing_dir_is_empty(tmp_path):
-    assert read_history(tmp_path / "does-not-exist") == []
-
-
-def test_read_history_skips_blank_lines(tmp_path):
-    (tmp_path / HISTORY_JSONL).write_text('{"epoch": 0}\n\n{"epoch": 1}\n   \n', encoding="utf-8")
-
-    assert read_history(tmp_path) == [{"epoch": 0}, {"epoch": 1}]
 
 
 def test_current_learning_rate_of_a_constant_rate():

@@ -8,8 +8,8 @@ import pytest
 
 from kerastune_flow import compare as compare_lib
 from kerastune_flow import run, train
-from kerastune_flow.config import make_config
 from kerastune_flow.errors import ConfigError
+from kerastune_flow.recipes import make_config
 
 
 class _Collector(HTMLParser):
@@ -97,8 +97,19 @@ def test_compare_rejects_unknown_approaches_and_fractions(image_folder, tmp_path
 
 
 def test_compare_from_the_cli(image_folder, tmp_path, capsys):
-    argv = ["compare", "--data", str(image_folder), "--preset", "smoke", "--approaches", "scratch,features",
-            "--epochs", "1", "--run-dir", str(tmp_path / "cmp")]  # fmt: skip
+    argv = [
+        "compare",
+        "--data",
+        str(image_folder),
+        "--preset",
+        "smoke",
+        "--approaches",
+        "scratch,features",
+        "--epochs",
+        "1",
+        "--run-dir",
+        str(tmp_path / "cmp"),
+    ]
     assert run.main(argv) == 0
     out = capsys.readouterr().out
     assert out.startswith("Best test accuracy:") and str(tmp_path / "cmp" / "report.html") in out

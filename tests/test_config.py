@@ -1,28 +1,65 @@
-"""Config: recipe defaults, presets, overrides, validation, JSON round trip."""
+"""Config and recipes: recipe defaults, presets, overrides, validation from the fields' choices,
+the recipe records, JSON round trip."""
 
+import dataclasses
 import json
 
 import pytest
 
-from kerastune_flow.config import PRESETS, RECIPE_DEFAULTS, RECIPES, Config, field_section, make_config
+from kerastune_flow import config as config_lib
+from kerastune_flow.config import PRESETS, Config, DataConfig, ModelConfig, TrainConfig, field_section
 from kerastune_flow.errors import ConfigError
+from kerastune_flow.recipes import RECIPES, check_image_size, get_recipe, make_config
 
 
 @pytest.mark.parametrize("recipe", list(RECIPES))
 def test_recipe_defaults_are_applied(recipe):
     config = make_config(recipe)
     assert config.model.recipe == recipe
-    for name, value in RECIPE_DEFAULTS[recipe].items():
+    for name, value in RECIPES[recipe].defaults.items():
         section = getattr(config, field_section(name))
         assert getattr(section, name) == value
 
 
 def test_reference_values_of_the_articles():
     mlp = make_config("scratch_mlp")
-    assert (mlp.data.image_size, mlp.data.batch_size, mlp.model.learning_rate, mlp.train.epochs) == ((28, 28), 64, 1e-3, 10)
+    assert (mlp.data.image_size, mlp.data.batch_size, mlp.model.learning_rate, mlp.train.epochs) == (
+        (28, 28),
+        64,
+        1e-3,
+        10,
+    )
     ft = make_config("vgg16_finetune")
     assert (ft.model.backbone, ft.model.finetune_learning_rate, ft.model.weights) == ("vgg16", 1e-5, "imagenet")
     assert ft.model.unfreeze_at is None  # the backbone's own boundary: block5_conv1 (15) for VGG16
+
+
+def test_the_recipe_records_say_what_each_recipe_is():
+    assert [(r.name, r.transfer, r.staged) for r in RECIPES.values()] == [
+        ("scratch_mlp", False, False),
+        ("cifar10_cnn", False, False),
+        ("vgg16_features", True, False),
+        ("vgg16_finetune", True, True),
+    ]
+    assert get_recipe("cifar10_cnn").head(10).activation is None  # logits, as the reference
+    assert get_recipe("vgg16_features").head(2).units == 1  # one sigmoid unit for two classes
+    with pytest.raises(ConfigError, match="scratch_mlp, cifar10_cnn"):
+        get_recipe("resnet")
+
+
+@pytest.mark.parametrize("backbone", ["vgg16", "resnet50", "mobilenetv2", "efficientnetb0"])
+def test_the_minimum_image_size_is_the_backbones_and_named_in_the_message(backbone):
+    config = make_config("vgg16_finetune", backbone=backbone)
+    check_image_size(config, (32, 32))
+    with pytest.raises(ConfigError, match=f"vgg16_finetune on {backbone} needs images of at least 32x32"):
+        check_image_size(config, (31, 40))
+
+
+def test_the_cnn_minimum_is_its_own():
+    config = make_config("cifar10_cnn", image_size=(17, 17))
+    with pytest.raises(ConfigError, match="cifar10_cnn needs images of at least 18x18"):
+        check_image_size(config)
+    check_image_size(make_config("cifar10_cnn", image_size=(18, 18)))
 
 
 def test_smoke_preset_is_tiny_and_offline():
@@ -43,12 +80,12 @@ def test_overrides_win_and_none_is_a_value_only_where_it_means_something():
 
 
 def test_field_names_are_unique_across_sections():
-    import dataclasses
-
-    from kerastune_flow.config import DataConfig, ModelConfig, TrainConfig
-
     names = [f.name for cls in (DataConfig, ModelConfig, TrainConfig) for f in dataclasses.fields(cls)]
     assert len(names) == len(set(names))
+
+
+def test_every_field_has_help_text():
+    assert all(f.metadata["help"].strip() for f in config_lib.fields())
 
 
 @pytest.mark.parametrize(
@@ -59,11 +96,17 @@ def test_field_names_are_unique_across_sections():
         (dict(learning_rate=-1.0), "learning_rate must be positive"),
         (dict(validation_fraction=0.6, test_fraction=0.5), "leave some training data"),
         (dict(dropout=1.0), "dropout"),
-        (dict(augment=("blur",)), "Unknown augmentation"),
+        (dict(augment=("flip", "blur")), "augment must be one of flip, rotation, zoom, crop. Received: augment='blur'"),
         (dict(strategy="cluster"), "strategy must be one of"),
         (dict(optimizer="lamb"), "optimizer must be one of"),
         (dict(image_size=(0, 4)), "image_size"),
         (dict(nonsense=1), "Unknown setting"),
+        (dict(jit_compile="yes"), "jit_compile must be one of auto, true, false. Received: jit_compile='yes'"),
+        (dict(jit_compile="True"), "jit_compile must be one of auto, true, false"),
+        (dict(mixed_precision="fp8"), "mixed_precision must be one of off, auto, bfloat16, float16"),
+        (dict(pooling="max"), "pooling must be one of auto, flatten, avg"),
+        (dict(lr_schedule="step"), "lr_schedule must be one of constant, cosine"),
+        (dict(cache="disk"), "cache must be one of auto, memory, none"),
     ],
 )
 def test_invalid_values_are_clear_errors(overrides, match):
@@ -71,11 +114,27 @@ def test_invalid_values_are_clear_errors(overrides, match):
         make_config("cifar10_cnn", **overrides)
 
 
+def test_every_choice_of_every_field_is_accepted():
+    for f in config_lib.fields():
+        for choice in f.metadata["choices"] or ():
+            value = (choice,) if isinstance(f.default, tuple) else choice
+            assert (
+                getattr(getattr(make_config("cifar10_cnn", **{f.name: value}), field_section(f.name)), f.name) == value
+            )
+
+
 def test_unknown_recipe_and_preset_list_the_valid_ones():
     with pytest.raises(ConfigError, match="scratch_mlp, cifar10_cnn"):
         make_config("resnet")
     with pytest.raises(ConfigError, match="reference, smoke"):
         make_config("cifar10_cnn", "huge")
+
+
+def test_replace_routes_each_field_to_its_section():
+    config = make_config("cifar10_cnn").replace(epochs=3, dropout=0.5, batch_size=16)
+    assert (config.train.epochs, config.model.dropout, config.data.batch_size) == (3, 0.5, 16)
+    with pytest.raises(ConfigError, match="Unknown setting"):
+        config.replace(nonsense=1)
 
 
 def test_json_round_trip():

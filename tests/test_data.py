@@ -19,8 +19,17 @@ NUM_IMAGES = NUM_CLASSES * IMAGES_PER_CLASS  # 36 in the `image_folder` fixture
 IMAGE_SIZE = (16, 16)
 NUM_MOCK_EXAMPLES = 8
 CIFAR10_NAMES = [
-    "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
-]  # fmt: skip
+    "airplane",
+    "automobile",
+    "bird",
+    "cat",
+    "deer",
+    "dog",
+    "frog",
+    "horse",
+    "ship",
+    "truck",
+]
 MNIST_NAMES = [str(i) for i in range(10)]
 SPLITS = ("train", "validation", "test")
 
@@ -69,9 +78,7 @@ def test_folder_class_names_are_sorted_and_sizes_add_up(tmp_path):
 
 
 def test_folder_split_is_stratified(image_folder):
-    splits = data.load_image_folder(
-        image_folder, image_size=IMAGE_SIZE, validation_fraction=0.25, test_fraction=0.25
-    )
+    splits = data.load_image_folder(image_folder, image_size=IMAGE_SIZE, validation_fraction=0.25, test_fraction=0.25)
 
     assert label_counts(splits.validation) == {0: 3, 1: 3, 2: 3}
     assert label_counts(splits.test) == {0: 3, 1: 3, 2: 3}
@@ -80,9 +87,7 @@ def test_folder_split_is_stratified(image_folder):
 
 def test_folder_small_fraction_still_puts_every_class_in_every_split(image_folder):
     # round(12 * 0.02) = 0, but a class with enough images still gives one to each split.
-    splits = data.load_image_folder(
-        image_folder, image_size=IMAGE_SIZE, validation_fraction=0.02, test_fraction=0.02
-    )
+    splits = data.load_image_folder(image_folder, image_size=IMAGE_SIZE, validation_fraction=0.02, test_fraction=0.02)
 
     for name in SPLITS:
         assert set(label_counts(getattr(splits, name))) == {0, 1, 2}, name
@@ -140,9 +145,7 @@ def test_folder_default_image_size_is_32(image_folder):
 
 
 def test_folder_zero_validation_fraction_gives_an_empty_validation_split(image_folder):
-    splits = data.load_image_folder(
-        image_folder, image_size=IMAGE_SIZE, validation_fraction=0.0, test_fraction=0.25
-    )
+    splits = data.load_image_folder(image_folder, image_size=IMAGE_SIZE, validation_fraction=0.0, test_fraction=0.25)
 
     assert splits.sizes == {"train": 27, "validation": 0, "test": 9}
     assert count(splits.validation) == 0
@@ -428,11 +431,7 @@ def test_drop_remainder_gives_a_static_batch_dimension():
 def test_training_reshuffles_every_epoch_with_a_seed():
     def two_epochs(seed):
         ds = data.prepare(synthetic(16), batch_size=16, training=True, seed=seed)
-        return [
-            tuple(int(i) for i in images[:, 0, 0, 0])
-            for _ in range(2)
-            for images, _ in ds.as_numpy_iterator()
-        ]
+        return [tuple(int(i) for i in images[:, 0, 0, 0]) for _ in range(2) for images, _ in ds.as_numpy_iterator()]
 
     first, second = two_epochs(seed=1)
 
@@ -468,7 +467,7 @@ def test_should_cache_policies(monkeypatch):
     assert data.should_cache(1, (2, 2, 1), "none") is False
     assert data.should_cache(64, (32, 32, 3), "auto") is True
     assert data.should_cache(10**12, (224, 224, 3), "auto") is False
-    monkeypatch.setattr(data, "_memory_budget", lambda: 10 * 4 * 2 * 2 * 1)
+    monkeypatch.setattr(data.pipeline, "_memory_budget", lambda: 10 * 4 * 2 * 2 * 1)
     assert data.should_cache(10, (2, 2, 1)) is True  # exactly fills the budget
     assert data.should_cache(11, (2, 2, 1)) is False
 
@@ -583,15 +582,11 @@ def _sliced_as_dataset(self, split, decoders=None, read_config=None, shuffle_fil
     ],
     ids=["validation_0.1", "validation_0"],
 )
-def test_tfds_prepared_metadata_holds_out_the_end_of_train(
-    tfds, tmp_path, validation_fraction, sizes
-):
+def test_tfds_prepared_metadata_holds_out_the_end_of_train(tfds, tmp_path, validation_fraction, sizes):
     _write_cifar10_metadata(tfds, tmp_path / "tfds", train=20, test=6)
 
     with tfds.testing.mock_data(data_dir=str(tmp_path / "tfds"), as_dataset_fn=_sliced_as_dataset):
-        splits = data.load_data(
-            "cifar10", data_dir=str(tmp_path / "tfds"), validation_fraction=validation_fraction
-        )
+        splits = data.load_data("cifar10", data_dir=str(tmp_path / "tfds"), validation_fraction=validation_fraction)
         contents = {split: examples(getattr(splits, split)) for split in SPLITS}
 
     assert splits.class_names == CIFAR10_NAMES
@@ -625,15 +620,11 @@ def test_manual_dir_without_the_archives_names_them(tmp_path):
 @pytest.mark.needs_shared
 @pytest.mark.skipif(not (SHARED_DATASETS / "mnist").is_dir(), reason="no ../shared/datasets/mnist")
 def test_tfds_real_mnist_from_manual_dir(tmp_path):
-    splits = data.load_data(
-        "mnist", data_dir=str(tmp_path / "tfds"), manual_dir=str(SHARED_DATASETS / "mnist")
-    )
+    splits = data.load_data("mnist", data_dir=str(tmp_path / "tfds"), manual_dir=str(SHARED_DATASETS / "mnist"))
 
     assert splits.sizes == {"train": 54000, "validation": 6000, "test": 10000}
     assert splits.class_names == MNIST_NAMES
     assert count(splits.validation) == 6000
-    no_validation = data.load_data(
-        "mnist", data_dir=str(tmp_path / "tfds"), validation_fraction=0.0
-    )
+    no_validation = data.load_data("mnist", data_dir=str(tmp_path / "tfds"), validation_fraction=0.0)
     assert no_validation.sizes == {"train": 60000, "validation": 0, "test": 10000}
     assert count(no_validation.validation) == 0

@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from kerastune_flow import data, models, train
-from kerastune_flow.config import make_config
+from kerastune_flow import data, finetune, models, train
 from kerastune_flow.errors import ConfigError
+from kerastune_flow.fitting import FitContext
+from kerastune_flow.recipes import get_recipe, make_config
 from kerastune_flow.strategy import (
     CPU_STEPS_PER_EXECUTION,
     TPU_STEPS_PER_EXECUTION,
@@ -32,27 +33,25 @@ def test_device_defaults(kind, drop, steps, policy, jit, autotune):
     assert s.data_autotune is autotune
 
 
-def test_pipelines_on_the_cpu_run_without_tf_data_autotuning(image_folder):
+def test_pipelines_on_the_cpu_run_without_tf_data_autotuning(image_folder, tmp_path):
     # With it, TensorFlow 2.21 waits seconds for the autotuning thread each time Keras discards an
     # epoch's iterator (benchmarks/RESULTS.md); GPU and TPU keep TensorFlow's default.
     assert data_autotune() is False  # the default strategy here computes on the CPU
     config = make_config("cifar10_cnn", "smoke", data=str(image_folder))
-    splits = train.load_splits(config)
-    head = models.head_for("cifar10_cnn", splits.num_classes)
-    pipes = train.make_pipelines(splits, config, head, tf.distribute.get_strategy())
+    splits = data.load_splits(config)
+    context = FitContext(config, tmp_path, tf.distribute.get_strategy(), device_settings("cpu"), steps_per_epoch=1)
+    pipes = train.make_pipelines(splits, context, get_recipe("cifar10_cnn").head(splits.num_classes))
     for name, ds in pipes.items():
         assert ds.options().autotune.enabled is False, name
     assert data.prepare(splits.train, batch_size=8, autotune=True).options().autotune.enabled is True
     features = keras.Sequential([keras.Input((32, 32, 3)), keras.layers.GlobalAveragePooling2D()])
-    cached = train.cached_feature_pipelines(features, pipes, batch_size=8, seed=0)
+    cached = finetune.cached_feature_pipelines(features, pipes, batch_size=8, seed=0)
     assert cached["train"].options().autotune.enabled is False
     images, labels = next(iter(pipes["train"]))  # still a working pipeline
     assert images.shape[1:] == (32, 32, 3) and labels.shape[0] == images.shape[0]
 
 
-@pytest.mark.parametrize(
-    "kind, policy", [("tpu", "mixed_bfloat16"), ("gpu", "mixed_float16"), ("cpu", "float32")]
-)
+@pytest.mark.parametrize("kind, policy", [("tpu", "mixed_bfloat16"), ("gpu", "mixed_float16"), ("cpu", "float32")])
 def test_auto_mixed_precision_per_device(kind, policy):
     assert device_settings(kind, mixed_precision="auto").dtype_policy == policy
 

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from kerastune_flow import callbacks as cb
-from kerastune_flow import models, train
-from kerastune_flow.config import make_config
+from kerastune_flow import finetune, models, train
 from kerastune_flow.errors import ConfigError, RunDirError
+from kerastune_flow.recipes import make_config
 
 SMALL_RGB = (32, 32, 3)
 
@@ -41,7 +41,7 @@ class _Probe(keras.callbacks.Callback):
 
 def _add_callbacks(monkeypatch, *extra):
     original = cb.standard_callbacks
-    monkeypatch.setattr(train.cb, "standard_callbacks", lambda *a, **k: original(*a, **k) + list(extra))
+    monkeypatch.setattr(cb, "standard_callbacks", lambda *a, **k: original(*a, **k) + list(extra))
 
 
 # --------------------------------------------------------------------------- backbones
@@ -61,7 +61,7 @@ def test_other_backbones_build_with_their_own_preprocessing(name, preprocess):
     assert base.name == name and not base.trainable
     assert model.get_layer("pool").__class__.__name__ == "GlobalAveragePooling2D"
     x = np.random.default_rng(0).uniform(0, 255, (2, *SMALL_RGB)).astype("float32")
-    layer = next((l for l in model.layers if isinstance(l, models.ImagenetPreprocessing)), None)
+    layer = next((lay for lay in model.layers if isinstance(lay, models.ImagenetPreprocessing)), None)
     ours = np.asarray(layer(x)) if layer is not None else x
     np.testing.assert_allclose(ours, preprocess(x.copy()), rtol=1e-5, atol=1e-4)
     boundary = models.resolve_unfreeze_at(base, models.default_unfreeze_at(base))
@@ -115,8 +115,11 @@ def test_batchnorm_statistics_do_not_move_while_the_block_learns(image_folder, t
 
     def pick(model):
         base = models.find_base(model)
-        return [base.get_layer("bn_top").moving_mean, base.get_layer("bn_top").moving_variance,
-                base.get_layer("conv_top").kernel]  # fmt: skip
+        return [
+            base.get_layer("bn_top").moving_mean,
+            base.get_layer("bn_top").moving_variance,
+            base.get_layer("conv_top").kernel,
+        ]
 
     probe = _Probe(pick)
     _add_callbacks(monkeypatch, probe)
@@ -159,7 +162,7 @@ def test_a_full_training_run_becomes_the_base_of_a_fine_tune(image_folder, tmp_p
     assert base.name == models.CUSTOM_BASE_NAME and base.layers[-1].name == "dense"
     np.testing.assert_array_equal(probe.begin[-1][0], saved.get_layer("conv_3").get_weights()[0])  # pre-trained
     # default boundary for a user's base: its last two weighted layers (conv_3 and dense) train
-    assert [l.name for l in base.layers if l.trainable and l.weights] == ["conv_3", "dense"]
+    assert [layer.name for layer in base.layers if layer.trainable and layer.weights] == ["conv_3", "dense"]
     assert result.results["stage_boundaries"] == [1]
 
 
@@ -188,7 +191,7 @@ def test_cached_features_train_the_same_head_as_the_full_forward_pass(image_fold
 
 def test_a_head_trained_on_features_is_the_full_models_head(image_folder):
     model = models.build_vgg16_feature_extractor(input_shape=SMALL_RGB, weights=None, num_classes=3)
-    features, head = train.split_at_base(model)
+    features, head = finetune.split_at_base(model)
     x = np.random.default_rng(3).uniform(0, 255, (4, *SMALL_RGB)).astype("float32")
     np.testing.assert_allclose(head(features(x)), model(x), atol=1e-6)
     head.get_layer("predictions").kernel.assign(np.ones(head.get_layer("predictions").kernel.shape))
@@ -205,7 +208,7 @@ def test_the_best_model_saved_from_cached_training_is_the_full_model(image_folde
 
 
 def test_augmentation_falls_back_to_the_full_pass_and_says_so(image_folder, tmp_path, caplog):
-    with caplog.at_level(logging.INFO, logger="kerastune_flow.train"):
+    with caplog.at_level(logging.INFO, logger="kerastune_flow"):
         train.train_and_evaluate(smoke("vgg16_features", image_folder, augment=("flip",)), tmp_path / "run")
     assert "full forward pass (no feature cache)" in caplog.text
     assert "Cached the frozen base's features" not in caplog.text
@@ -237,12 +240,15 @@ def test_progressive_unfreezing_recompiles_at_each_step(image_folder, tmp_path):
 )
 def test_progressive_spec_errors(spec, match):
     with pytest.raises(ConfigError, match=match):
-        train.parse_progressive(spec)
+        finetune.parse_progressive(spec)
 
 
 def test_progressive_spec_parses():
-    assert train.parse_progressive("0:15:1e-5, 3:0.5:1e-6") == [(0, "15", 1e-5), (3, "0.5", 1e-6)]
-    assert train.parse_progressive(None) == []
+    assert finetune.parse_progressive("0:15:1e-5, 3:0.5:1e-6") == [
+        finetune.FinetuneStep(0, "15", 1e-5),
+        finetune.FinetuneStep(3, "0.5", 1e-6),
+    ]
+    assert finetune.parse_progressive(None) == []
 
 
 # --------------------------------------------------------------------------- discriminative rates
@@ -253,7 +259,12 @@ def _one_sgd_step(base_multiplier):
     model = models.build_vgg16_feature_extractor(input_shape=SMALL_RGB, weights=None, compile=False)
     models.unfreeze_from(models.find_base(model), models.VGG16_UNFREEZE_AT)
     models.compile_model(
-        model, models.transfer_head(2), optimizer="sgd", learning_rate=1e-3, base_multiplier=base_multiplier
+        model,
+        models.transfer_head(2),
+        optimizer="sgd",
+        learning_rate=1e-3,
+        base_variables=models.find_base(model).trainable_variables,
+        base_multiplier=base_multiplier,
     )
     base_kernel = models.find_base(model).get_layer("block5_conv3").kernel
     head_kernel = model.get_layer("predictions").kernel
@@ -305,7 +316,7 @@ def test_a_crash_in_stage_two_resumes_without_redoing_stage_one(image_folder, tm
         _add_callbacks(m, _CrashOnce(stage_epoch=2))
         with pytest.raises(KeyboardInterrupt):
             train.train_and_evaluate(config, tmp_path / "run")
-    with caplog.at_level(logging.INFO, logger="kerastune_flow.train"):
+    with caplog.at_level(logging.INFO, logger="kerastune_flow"):
         result = train.train_and_evaluate(config, tmp_path / "run")
     assert "Stage 1 (head) finished in an earlier attempt" in caplog.text
     assert [(r["epoch"], r["stage"]) for r in result.history] == [

@@ -72,7 +72,7 @@ def test_vgg16_head_follows_the_class_count(num_classes, units, activation, loss
 
 def test_vgg16_feature_extractor_freezes_the_whole_base():
     model = models.build_vgg16_feature_extractor(input_shape=SMALL_RGB, weights=None)
-    base = model.get_layer(models.VGG16_BASE_NAME)
+    base = model.get_layer("vgg16")
     assert not base.trainable
     assert base.count_params() == VGG16_NOTOP_PARAMS
     head = 512 * 256 + 256 + 256 + 1  # Flatten(1x1x512) -> Dense 256 -> Dense 1
@@ -81,7 +81,7 @@ def test_vgg16_feature_extractor_freezes_the_whole_base():
 
 
 def test_vgg16_unfreeze_index_lands_on_block5():
-    base = models.vgg16_base(input_shape=SMALL_RGB, weights=None)
+    base = models.backbone_base("vgg16", input_shape=SMALL_RGB, weights=None)
     assert base.layers[models.VGG16_UNFREEZE_AT].name == "block5_conv1"
     assert base.layers[models.VGG16_UNFREEZE_AT - 1].name == "block4_pool"
 
@@ -90,7 +90,7 @@ def test_vgg16_finetune_unfreezes_block5_and_lowers_the_rate():
     stage1 = models.build_vgg16_feature_extractor(input_shape=SMALL_RGB, weights=None)
     head_trainable = models.count_params(stage1)["trainable_params"]
     model = models.build_vgg16_finetune(model=stage1)
-    base = model.get_layer(models.VGG16_BASE_NAME)
+    base = model.get_layer("vgg16")
     trainable = [layer.name for layer in base.layers if layer.trainable and layer.weights]
     assert trainable == ["block5_conv1", "block5_conv2", "block5_conv3"]
     assert all(not layer.trainable for layer in base.layers[: models.VGG16_UNFREEZE_AT])
@@ -100,7 +100,7 @@ def test_vgg16_finetune_unfreezes_block5_and_lowers_the_rate():
 
 def test_finetune_trains_only_the_unfrozen_layers():
     model = models.build_vgg16_finetune(input_shape=SMALL_RGB, weights=None, learning_rate=1e-2)
-    base = model.get_layer(models.VGG16_BASE_NAME)
+    base = model.get_layer("vgg16")
     frozen_before = base.get_layer("block4_conv3").get_weights()[0].copy()
     open_before = base.get_layer("block5_conv3").get_weights()[0].copy()
     x = np.random.default_rng(0).uniform(0, 255, (8, *SMALL_RGB)).astype("float32")
@@ -110,15 +110,49 @@ def test_finetune_trains_only_the_unfrozen_layers():
     assert not np.allclose(base.get_layer("block5_conv3").get_weights()[0], open_before)
 
 
-@pytest.mark.parametrize("value, expected", [(15, 15), ("15", 15), ("block5_conv1", 15), (0.5, 10), ("1.0", 19)])
+# 0.5 of VGG16's 19 layers is layer 10 (block3_pool): snapped to block4_conv1 (11).
+@pytest.mark.parametrize("value, expected", [(15, 15), ("15", 15), ("block5_conv1", 15), (0.5, 11), ("1.0", 19)])
 def test_unfreeze_at_accepts_index_name_and_fraction(value, expected):
-    base = models.vgg16_base(input_shape=SMALL_RGB, weights=None)
+    base = models.backbone_base("vgg16", input_shape=SMALL_RGB, weights=None)
     assert models.resolve_unfreeze_at(base, value) == expected
+
+
+@pytest.mark.parametrize(
+    "backbone, fraction, layer",
+    [
+        ("resnet50", 0.3, "conv3_block3_1_conv"),  # 0.3 x 175 = layer 52, inside conv3_block2
+        ("resnet50", 0.9, "conv5_block3_1_conv"),
+        ("mobilenetv2", 0.3, "block_6_expand"),
+        ("efficientnetb0", 0.3, "block4a_expand_conv"),
+        ("efficientnetb0", 0.9, "block7a_expand_conv"),
+    ],
+)
+def test_a_fraction_never_cuts_a_block_in_half(backbone, fraction, layer):
+    base = models.backbone_base(backbone, input_shape=SMALL_RGB, weights=None)
+    index = models.resolve_unfreeze_at(base, fraction)
+
+    assert base.layers[index].name == layer
+    starts = models.block_starts(base)
+    assert index in starts
+    asked = round(len(base.layers) * fraction)
+    assert index >= asked and not [s for s in starts if asked <= s < index]  # the nearest at or after
+    assert models.describe_layer(base, index) == f"{index} ({layer})"
+
+
+def test_a_users_base_snaps_to_layers_with_weights():
+    inputs = keras.Input(SMALL_RGB)
+    x = keras.layers.Conv2D(4, 3, name="conv_1")(inputs)
+    x = keras.layers.MaxPooling2D(name="pool_1")(x)
+    x = keras.layers.Conv2D(4, 3, name="conv_2")(x)
+    base = keras.Model(inputs, keras.layers.Flatten(name="flat")(x), name="base")
+
+    assert models.block_starts(base) == [1, 3]
+    assert base.layers[models.resolve_unfreeze_at(base, 0.4)].name == "conv_2"  # 0.4 x 5 = 2, the pooling
 
 
 @pytest.mark.parametrize("value, match", [(19, "from 0 to 18"), ("block9_conv1", "no layer named"), (1.5, r"\[0, 1\]")])
 def test_unfreeze_at_out_of_range_is_a_clear_error(value, match):
-    base = models.vgg16_base(input_shape=SMALL_RGB, weights=None)
+    base = models.backbone_base("vgg16", input_shape=SMALL_RGB, weights=None)
     with pytest.raises(ConfigError, match=match):
         models.resolve_unfreeze_at(base, value)
 
@@ -143,14 +177,14 @@ def test_vgg16_preprocessing_matches_keras_applications():
 
 def test_vgg16_rejects_small_or_gray_inputs():
     with pytest.raises(ConfigError, match="at least 32x32"):
-        models.vgg16_base(input_shape=(28, 28, 3), weights=None)
+        models.backbone_base("vgg16", input_shape=(28, 28, 3), weights=None)
     with pytest.raises(ConfigError, match="RGB"):
-        models.vgg16_base(input_shape=(32, 32, 1), weights=None)
+        models.backbone_base("vgg16", input_shape=(32, 32, 1), weights=None)
 
 
 def test_vgg16_missing_weights_file_is_a_clear_error(tmp_path):
     with pytest.raises(WeightsError, match="does not exist"):
-        models.vgg16_base(input_shape=SMALL_RGB, weights=str(tmp_path / "nope.h5"))
+        models.backbone_base("vgg16", input_shape=SMALL_RGB, weights=str(tmp_path / "nope.h5"))
 
 
 def test_vgg16_imagenet_without_network_names_the_file(monkeypatch):
@@ -159,12 +193,12 @@ def test_vgg16_imagenet_without_network_names_the_file(monkeypatch):
 
     monkeypatch.setattr(keras.applications, "VGG16", offline)
     with pytest.raises(WeightsError, match=models.VGG16_NOTOP_FILE) as info:
-        models.vgg16_base(input_shape=SMALL_RGB, weights="imagenet")
+        models.backbone_base("vgg16", input_shape=SMALL_RGB, weights="imagenet")
     assert "58,889,256 bytes" in str(info.value) and ".keras" in str(info.value)
 
 
 def test_vgg16_loads_a_local_weights_file(tmp_path):
-    source = models.vgg16_base(input_shape=SMALL_RGB, weights=None)
+    source = models.backbone_base("vgg16", input_shape=SMALL_RGB, weights=None)
     path = tmp_path / "vgg16_notop.weights.h5"
     source.save_weights(path)
     model = models.build_vgg16_feature_extractor(input_shape=SMALL_RGB, weights=str(path))

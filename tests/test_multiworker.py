@@ -7,7 +7,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import REPO
 
 
@@ -25,9 +24,25 @@ def test_two_workers_train_in_step_and_only_the_chief_writes(image_folder, tmp_p
     ports = _free_ports(2)
     cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
     run_dir = tmp_path / "run"
-    argv = [sys.executable, "-m", "kerastune_flow.run", "train", "scratch_mlp", "--data", str(image_folder),
-            "--preset", "smoke", "--epochs", "2", "--strategy", "multiworker", "--run-dir", str(run_dir),
-            "--quiet", "--no-early-stopping"]  # fmt: skip
+    argv = [
+        sys.executable,
+        "-m",
+        "kerastune_flow.run",
+        "train",
+        "scratch_mlp",
+        "--data",
+        str(image_folder),
+        "--preset",
+        "smoke",
+        "--epochs",
+        "2",
+        "--strategy",
+        "multiworker",
+        "--run-dir",
+        str(run_dir),
+        "--quiet",
+        "--no-early-stopping",
+    ]
     procs = []
     for index in range(2):
         env = {

@@ -4,7 +4,6 @@ import ast
 
 import nbformat
 import pytest
-
 from conftest import REPO
 
 NOTEBOOKS = REPO / "notebooks"

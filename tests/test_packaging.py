@@ -3,8 +3,8 @@
 import re
 import subprocess
 import sys
-import tomllib
 
+import tomllib
 from conftest import REPO
 
 
@@ -25,7 +25,8 @@ def test_ci_runs_exactly_the_readme_test_command():
 def test_make_targets_create_the_venv_and_install_first():
     makefile = (REPO / "Makefile").read_text()
     assert re.search(r"^demo: \$\(STAMP\)", makefile, flags=re.M)
-    assert re.search(r"^test: \$\(STAMP\)", makefile, flags=re.M)
+    assert re.search(r"^lint: \$\(STAMP\)", makefile, flags=re.M)
+    assert re.search(r"^test: lint$", makefile, flags=re.M)
     assert "-m venv $(VENV)" in makefile and "pip install" in makefile
     dry = subprocess.run(["make", "-n", "test"], cwd=REPO, capture_output=True, text=True)
     assert dry.returncode == 0 and "pytest" in dry.stdout
@@ -42,7 +43,10 @@ def test_tensorflow_is_an_extra_not_a_base_dependency():
 
 
 def test_import_without_tensorflow_names_the_extra():
-    code = "import sys; sys.modules['tensorflow'] = None\ntry:\n import kerastune_flow\nexcept ImportError as e:\n print(e)"
+    code = (
+        "import sys; sys.modules['tensorflow'] = None\n"
+        "try:\n import kerastune_flow\nexcept ImportError as e:\n print(e)"
+    )
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
     message = proc.stdout.strip()
     assert "pip install 'kerastune_flow[cpu]'" in message
@@ -57,3 +61,25 @@ def test_shipped_digits_are_a_complete_image_folder():
     assert sum(counts) == 1797 and min(counts) >= 170
     readme = (REPO / "data" / "README.md").read_text()
     assert "CC BY 4.0" in readme and "make_digits.py" in readme
+
+
+def test_the_version_is_written_once():
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())
+    assert "version" not in project["project"] and project["project"]["dynamic"] == ["version"]
+    assert project["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "kerastune_flow.__version__"}
+    init = (REPO / "kerastune_flow" / "__init__.py").read_text()
+    written = re.findall(r'^__version__ = "([^"]+)"$', init, flags=re.M)
+    assert len(written) == 1
+    from importlib.metadata import version
+
+    assert version("kerastune_flow") == written[0]  # the installed metadata reads it from there
+
+
+def test_make_test_lints_first():
+    dry = subprocess.run(["make", "-n", "test"], cwd=REPO, capture_output=True, text=True)
+    lines = dry.stdout.splitlines()
+    ruff = [i for i, line in enumerate(lines) if "ruff" in line]
+    pytest_line = next(i for i, line in enumerate(lines) if "pytest" in line)
+    assert any("ruff check" in lines[i] for i in ruff) and any("ruff format --check" in lines[i] for i in ruff)
+    assert max(ruff) < pytest_line
+    assert "flake8" not in (REPO / "setup.cfg").read_text()

@@ -6,8 +6,8 @@ import tarfile
 import keras
 import numpy as np
 import pytest
-
 from conftest import SHARED_DATASETS
+
 from kerastune_flow import data, models
 from kerastune_flow.errors import WeightsError
 
@@ -40,7 +40,7 @@ def test_the_cifar10_jpeg_folder_loads_with_its_classes_and_counts(cifar10_folde
 
 
 def test_a_local_notop_weights_file_is_loaded(tmp_path):
-    source = models.vgg16_base(input_shape=(32, 32, 3), weights=None)
+    source = models.backbone_base("vgg16", input_shape=(32, 32, 3), weights=None)
     path = tmp_path / "vgg16_notop.weights.h5"
     source.save_weights(path)
     model = models.build_vgg16_feature_extractor(input_shape=(32, 32, 3), weights=str(path))
@@ -52,8 +52,10 @@ def test_a_local_notop_weights_file_is_loaded(tmp_path):
 def test_weights_of_another_architecture_are_a_clear_error(tmp_path):
     path = tmp_path / "mobilenet.weights.h5"
     keras.applications.MobileNetV2(include_top=False, weights=None, input_shape=(32, 32, 3)).save_weights(path)
-    with pytest.raises(WeightsError, match="is not a vgg16 weights file.*vgg16_weights_tf_dim_ordering_tf_kernels_notop"):
-        models.vgg16_base(input_shape=(32, 32, 3), weights=str(path))
+    with pytest.raises(
+        WeightsError, match="is not a vgg16 weights file.*vgg16_weights_tf_dim_ordering_tf_kernels_notop"
+    ):
+        models.backbone_base("vgg16", input_shape=(32, 32, 3), weights=str(path))
 
 
 def test_weights_with_the_classifier_top_are_a_clear_error(tmp_path):
@@ -61,4 +63,4 @@ def test_weights_with_the_classifier_top_are_a_clear_error(tmp_path):
     top = keras.applications.VGG16(include_top=True, weights=None, input_shape=(32, 32, 3), classes=2)
     top.save_weights(path)
     with pytest.raises(WeightsError, match=r"holds the classifier top \(include_top=True\)"):
-        models.vgg16_base(input_shape=(32, 32, 3), weights=str(path))
+        models.backbone_base("vgg16", input_shape=(32, 32, 3), weights=str(path))

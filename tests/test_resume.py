@@ -10,22 +10,38 @@ import time
 
 import keras
 import pytest
-
 from conftest import REPO
-from kerastune_flow.callbacks import read_history
+
+from kerastune_flow.rundir import read_history
 
 EPOCHS = 25
 
 
 def _command(folder, run_dir):
-    return [sys.executable, "-m", "kerastune_flow.run", "train", "cifar10_cnn", "--data", str(folder),
-            "--preset", "smoke", "--epochs", str(EPOCHS), "--no-early-stopping", "--run-dir", str(run_dir),
-            "--quiet"]  # fmt: skip
+    return [
+        sys.executable,
+        "-m",
+        "kerastune_flow.run",
+        "train",
+        "cifar10_cnn",
+        "--data",
+        str(folder),
+        "--preset",
+        "smoke",
+        "--epochs",
+        str(EPOCHS),
+        "--no-early-stopping",
+        "--run-dir",
+        str(run_dir),
+        "--quiet",
+    ]
 
 
 def _start(folder, run_dir):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.Popen(_command(folder, run_dir), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        _command(folder, run_dir), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
 
 
 def _backed_up_epoch(run_dir):
@@ -52,8 +68,13 @@ def _finish_and_check(folder, run_dir, killed_at):
     backed_up = _backed_up_epoch(run_dir)
     assert 2 <= backed_up < EPOCHS  # killed in the middle, not after the end
     restart = time.time()
-    proc = subprocess.run(_command(folder, run_dir), env={**os.environ, "PYTHONPATH": str(REPO)},
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    proc = subprocess.run(
+        _command(folder, run_dir),
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout)
     assert result["resumed"] is True and result["epochs_run"] == EPOCHS

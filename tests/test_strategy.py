@@ -19,13 +19,16 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from kerastune_flow import compat
 from kerastune_flow import strategy as strategy_lib
 from kerastune_flow.config import STRATEGY_NAMES
 from kerastune_flow.errors import ConfigError, StrategyError
+from kerastune_flow.runtime import prepare_process
 from kerastune_flow.strategy import (
     _cluster_size,
-    default_jit_compile,
     describe,
+    device_kind,
+    device_settings,
     get_strategy,
     global_batch_size,
     is_tpu,
@@ -315,21 +318,23 @@ def test_strategies_on_this_cpu_neither_tpu_nor_gpu(name):
 
     assert not is_tpu(strategy)
     assert not uses_gpu(strategy)
-    assert default_jit_compile(strategy) is False
-    assert default_jit_compile(strategy, "auto") is False
+    assert device_kind(strategy) == "cpu"
+    assert device_settings(device_kind(strategy)).jit_compile is False
+    assert device_settings(device_kind(strategy), jit_compile="auto").jit_compile is False
 
 
 @pytest.mark.parametrize("requested, expected", [(True, True), (False, False), ("true", True), ("false", False)])
 def test_explicit_jit_compile_wins(requested, expected):
-    assert default_jit_compile(get_strategy("auto"), requested) is expected
-    assert default_jit_compile(_fake_gpu_strategy(), requested) is expected
+    for strategy in (get_strategy("auto"), _fake_gpu_strategy()):
+        assert device_settings(device_kind(strategy), jit_compile=requested).jit_compile is expected
 
 
 def test_uses_gpu_and_jit_for_a_gpu_strategy():
     fake = _fake_gpu_strategy()
 
     assert uses_gpu(fake)
-    assert default_jit_compile(fake) is True
+    assert device_kind(fake) == "gpu"
+    assert device_settings(device_kind(fake)).jit_compile is True
 
 
 def test_default_strategy_uses_gpu_when_tensorflow_sees_one(monkeypatch):
@@ -384,9 +389,11 @@ _THREADS_SCRIPT = """
 import logging, os, sys
 logging.basicConfig(level=logging.INFO, format="%(message)s")
 import tensorflow as tf
+from kerastune_flow.runtime import prepare_process
 from kerastune_flow.strategy import get_strategy
 if sys.argv[1] == "started":
     tf.constant(1.0)  # TensorFlow's runtime starts here, before the strategy
+prepare_process(sys.argv[2])
 get_strategy(sys.argv[2])
 print("inter-op", tf.config.threading.get_inter_op_parallelism_threads())
 """
@@ -412,3 +419,24 @@ def test_cpu_training_uses_one_inter_op_thread_when_it_still_can(when, name, env
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert f"inter-op {expected}" in proc.stdout
     assert ("TF_NUM_INTEROP_THREADS=1 set before Python starts" in proc.stderr) == (when == "started")
+
+
+def test_get_strategy_alone_changes_no_process_setting():
+    proc = subprocess.run(
+        [sys.executable, "-c", _THREADS_SCRIPT.replace("prepare_process(sys.argv[2])\n", ""), "fresh", "cpu"],
+        capture_output=True,
+        text=True,
+        env={k: v for k, v in os.environ.items() if k != "TF_NUM_INTEROP_THREADS"},
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "inter-op 0" in proc.stdout  # TensorFlow's default: only prepare_process sets it
+
+
+def test_prepare_process_installs_the_keras_fixes():
+    from keras.src.backend.tensorflow import trainer
+
+    prepare_process("mirrored")
+
+    assert trainer.TensorFlowTrainer._maybe_symbolic_build is compat._maybe_symbolic_build
+    assert trainer.reduce_per_replica.__wrapped__ is not None

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from kerastune_flow import callbacks as cb
-from kerastune_flow import train
-from kerastune_flow.config import RECIPES, make_config
+from kerastune_flow import inference, rundir, train
 from kerastune_flow.errors import DataError, RunDirError
+from kerastune_flow.recipes import RECIPES, make_config
 
 RUN_FILES = ("config.json", "history.csv", "history.jsonl", "model.keras", "results.json", "curves.png")
 
@@ -96,7 +96,7 @@ def _add_callbacks(monkeypatch, *extra):
     def patched(*args, **kwargs):
         return original(*args, **kwargs) + list(extra)
 
-    monkeypatch.setattr(train.cb, "standard_callbacks", patched)
+    monkeypatch.setattr(cb, "standard_callbacks", patched)
 
 
 def test_a_crashed_run_resumes_at_the_next_epoch(image_folder, tmp_path, monkeypatch):
@@ -106,7 +106,7 @@ def test_a_crashed_run_resumes_at_the_next_epoch(image_folder, tmp_path, monkeyp
         with pytest.raises(KeyboardInterrupt):
             train.train_and_evaluate(config, tmp_path / "run")
     assert (tmp_path / "run" / "backup").is_dir()
-    assert [r["epoch"] for r in cb.read_history(tmp_path / "run")] == [0, 1]
+    assert [r["epoch"] for r in rundir.read_history(tmp_path / "run")] == [0, 1]
 
     seen = []
     _add_callbacks(monkeypatch, _EpochRecorder(seen))
@@ -149,11 +149,11 @@ def test_staged_finetune_is_one_continuous_run(image_folder, tmp_path, monkeypat
 
 def test_evaluate_and_predict_use_the_saved_run(image_folder, tmp_path):
     result = train.train_and_evaluate(smoke("cifar10_cnn", image_folder), tmp_path / "run")
-    metrics = train.evaluate_saved(tmp_path / "run", str(image_folder))
+    metrics = inference.evaluate_saved(tmp_path / "run", str(image_folder))
     assert metrics["accuracy"] == pytest.approx(result.test_metrics["accuracy"], abs=1e-6)
     assert metrics["examples"] == 3
 
-    rows = train.predict_images(tmp_path / "run", [str(image_folder / "square")], top_k=2)
+    rows = inference.predict_images(tmp_path / "run", [str(image_folder / "square")], top_k=2)
     assert len(rows) == 12
     for row in rows:
         assert len(row["predictions"]) == 2
@@ -168,7 +168,7 @@ def test_evaluate_refuses_data_with_other_classes(image_folder, tmp_path):
     train.train_and_evaluate(smoke("scratch_mlp", image_folder), tmp_path / "run")
     other = write_image_folder(tmp_path / "two", classes=("a", "b"))
     with pytest.raises(DataError, match="2 classes but the model was trained on 3"):
-        train.evaluate_saved(tmp_path / "run", str(other))
+        inference.evaluate_saved(tmp_path / "run", str(other))
 
 
 def test_a_batch_larger_than_the_data_is_a_clear_error(image_folder, tmp_path):
@@ -180,10 +180,10 @@ def test_probabilities_for_every_head():
     from kerastune_flow.models import Head
 
     logits = np.array([[2.0, 0.0, -1.0]])
-    p = train.probabilities(logits, Head(3, None, "int"))
+    p = inference.probabilities(logits, Head(3, None, "int"))
     np.testing.assert_allclose(p.sum(axis=1), 1.0)
     assert p.argmax() == 0
-    np.testing.assert_allclose(train.probabilities(np.array([[0.8]]), Head(1, "sigmoid", "binary")), [[0.2, 0.8]])
+    np.testing.assert_allclose(inference.probabilities(np.array([[0.8]]), Head(1, "sigmoid", "binary")), [[0.2, 0.8]])
 
 
 def test_no_validation_split_watches_the_training_loss(image_folder, tmp_path):

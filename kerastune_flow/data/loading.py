@@ -1,0 +1,124 @@
+"""`load_data`: a tfds data set by name or an image folder by path, as train/validation/test
+splits; `load_splits`: the same for the data a Config names.
+
+The splits are unbatched (image, label) pairs with float32 images in 0..255 and int32 labels;
+each model does its own scaling, so a saved model takes raw pixels.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from kerastune_flow.config import Config
+from kerastune_flow.data.folders import load_image_folder
+from kerastune_flow.data.sources import DataSplits, is_tfds_name, load_tfds
+
+
+def load_data(
+    source: str,
+    *,
+    image_size: tuple[int, int] | None = None,
+    channels: int | None = None,
+    validation_fraction: float = 0.1,
+    test_fraction: float = 0.1,
+    data_dir: str | None = None,
+    manual_dir: str | None = None,
+    max_examples: int | None = None,
+    train_fraction: float = 1.0,
+    seed: int = 0,
+    skip_bad_images: bool = False,
+) -> DataSplits:
+    """Loads a tfds data set by name or an image folder by path.
+
+    Args:
+        source: "mnist", "cifar10", or a path to an image folder.
+        image_size: (height, width) to resize to; None keeps a tfds set's native size, and
+            a folder's images are then resized to 32x32.
+        channels: 1 or 3 to convert to; None keeps the data's own (a folder of grayscale
+            images gives 1).
+        validation_fraction: share of the training data held out for validation.
+        test_fraction: share held out for test when the source has no test split.
+        data_dir: tfds data directory (default ~/tensorflow_datasets).
+        manual_dir: folder with the original archives, so tfds prepares without a download.
+        max_examples: keep at most this many examples of each split (smoke runs).
+        train_fraction: keep this share of the training split (data-size sweeps); the
+            validation and test splits stay whole, so results stay comparable.
+        seed: seeds the split of a folder without train/ and test/.
+        skip_bad_images: leave out a folder's files that cannot be decoded, with a warning
+            naming each, instead of refusing the folder.
+
+    Returns:
+        DataSplits.
+
+    Raises:
+        DataError: a folder that is missing, empty, has one class, holds files that cannot
+            be decoded (unless `skip_bad_images`), or a tfds set that cannot be prepared.
+    """
+    if is_tfds_name(source):
+        splits = load_tfds(
+            source,
+            image_size=image_size,
+            channels=channels,
+            validation_fraction=validation_fraction,
+            data_dir=data_dir,
+            manual_dir=manual_dir,
+        )
+    else:
+        splits = load_image_folder(
+            source,
+            image_size=image_size or (32, 32),
+            channels=channels,
+            validation_fraction=validation_fraction,
+            test_fraction=test_fraction,
+            seed=seed,
+            skip_bad_images=skip_bad_images,
+        )
+    if max_examples:
+        if splits.sizes["test"] > max_examples:
+            splits.test_source += f" (its first {max_examples})"
+        for name in ("train", "validation", "test"):
+            setattr(splits, name, getattr(splits, name).take(max_examples))
+            splits.sizes[name] = min(splits.sizes[name], max_examples)
+    if train_fraction < 1.0:
+        keep = max(1, int(round(splits.sizes["train"] * train_fraction)))
+        splits.train = splits.train.take(keep)  # the split is shuffled across classes already
+        splits.sizes["train"] = keep
+    return splits
+
+
+def has_test_split(source: str) -> bool:
+    """True when `source` brings its own test split: a tfds data set, or a folder with train/ and test/."""
+    return is_tfds_name(source) or all((Path(source) / part).is_dir() for part in ("train", "test"))
+
+
+def load_splits(
+    config: Config, *, image_size: tuple[int, int] | None = None, channels: int | None = None, **changes: Any
+) -> DataSplits:
+    """Loads the data a Config names, split as its run splits it (fractions and seed).
+
+    Args:
+        config: the run's settings.
+        image_size: the size the model takes; None: the config's (then the data's own).
+        channels: 1 or 3, what the model takes; None: the data's own.
+        **changes: fields of the config's DataConfig to change first, e.g. `data=` to
+            evaluate on another source or `max_examples=`.
+
+    Raises:
+        DataError: see `load_data`.
+    """
+    d = dataclasses.replace(config.data, **changes)
+    return load_data(
+        d.data,
+        image_size=image_size or d.image_size,
+        channels=channels,
+        validation_fraction=d.validation_fraction,
+        test_fraction=d.test_fraction,
+        data_dir=d.data_dir,
+        manual_dir=d.manual_dir,
+        max_examples=d.max_examples,
+        train_fraction=d.train_fraction,
+        seed=config.train.seed,
+        skip_bad_images=d.skip_bad_images,
+    )

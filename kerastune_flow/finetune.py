@@ -1,0 +1,312 @@
+"""Learning on a frozen base, and the staged fine-tune.
+
+The frozen stage trains the head on the base's features, computed once when nothing random
+touches the images (`split_at_base`, `cached_feature_pipelines`). The staged fine-tune is two
+(or, with `progressive`, more) `fit()` calls with a `compile()` between them: `trainable` only
+takes effect at compile time. A finished stage is recorded in the stage ledger, so a resumed run
+starts at the next one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from kerastune_flow import data as data_lib
+from kerastune_flow import fitting, models, rundir
+from kerastune_flow.config import Config
+from kerastune_flow.errors import ConfigError
+from kerastune_flow.fitting import FitContext
+
+log = logging.getLogger(__name__)
+
+SHUFFLE_BUFFER = 10_000  # as `data.prepare`, so cached batches are the batches of the full pass
+
+
+# --------------------------------------------------------------------------- feature caching
+
+
+def split_at_base(model: keras.Model) -> tuple[keras.Model, keras.Model]:
+    """Splits a transfer model into (features, head) sharing the same layers and weights.
+
+    `features` maps pixels to the frozen base's output (preprocessing included); `head` maps
+    those features to predictions. Training `head` trains the full model's head, because the
+    layers are the same objects. Works for the linear models of `models.build_transfer_model`.
+    """
+    base = models.find_base(model)
+    index = model.layers.index(base)
+    pixels = keras.Input(shape=model.input_shape[1:], name="pixels")
+    x = pixels
+    for layer in model.layers[1 : index + 1]:
+        x = layer(x, training=False) if layer is base else layer(x)
+    features = keras.Model(pixels, x, name="features")
+    feature_input = keras.Input(shape=tuple(x.shape[1:]), name="features")
+    y = feature_input
+    for layer in model.layers[index + 1 :]:
+        y = layer(y)
+    return features, keras.Model(feature_input, y, name="head")
+
+
+def extract_features(features: keras.Model, ds: tf.data.Dataset) -> tuple[np.ndarray, np.ndarray]:
+    """One pass of the frozen base over a batched, unshuffled (images, labels) data set."""
+    feats = features.predict(ds.map(lambda x, y: x), verbose=0)
+    labels = np.concatenate([y.numpy() for y in ds.map(lambda x, y: y)]) if feats.shape[0] else np.zeros((0,))
+    return feats, labels
+
+
+def cached_feature_pipelines(
+    features: keras.Model,
+    pipes: dict[str, tf.data.Dataset | None],
+    *,
+    batch_size: int,
+    seed: int,
+    drop_remainder: bool = False,
+    autotune: bool | None = None,
+) -> dict[str, tf.data.Dataset | None]:
+    """Computes the base's features once for train and validation and serves them from memory.
+
+    The training features are shuffled with the same seed and buffer as `data.prepare`, so a
+    head trained on them sees the batches the uncached path would.
+
+    Args:
+        features: the model from pixels to the base's output (see `split_at_base`).
+        pipes: "train_ordered" and "validation_ordered": batched, unshuffled, unaugmented.
+        batch_size: the global batch size.
+        seed: the shuffle seed.
+        drop_remainder: static batch shapes (TPUs).
+        autotune: tf.data's autotuning; None: the device's choice.
+    """
+    out: dict[str, tf.data.Dataset | None] = {"validation": None}
+    for name in ("train", "validation"):
+        if pipes[f"{name}_ordered"] is None:
+            continue
+        feats, labels = extract_features(features, pipes[f"{name}_ordered"])
+        ds = tf.data.Dataset.from_tensor_slices((feats, labels))
+        if name == "train":
+            ds = ds.shuffle(SHUFFLE_BUFFER, seed=seed, reshuffle_each_iteration=True)
+        ds = ds.batch(batch_size, drop_remainder=drop_remainder and name == "train").prefetch(tf.data.AUTOTUNE)
+        out[name] = data_lib.with_autotune(ds, autotune)
+    return out
+
+
+def fit_frozen(
+    model: keras.Model,
+    pipes: dict[str, tf.data.Dataset | None],
+    context: FitContext,
+    *,
+    epochs: int,
+    stage: str | None,
+) -> tuple[int, float | None]:
+    """Trains the head on the frozen base, on cached features when that gives the same result.
+
+    Features are cached when `feature_cache` is "auto" and no random augmentation is on (with
+    augmentation every epoch sees new images, so the full forward pass is needed, and the log
+    says so). The head model shares the full model's layers, so nothing needs copying back.
+
+    Returns:
+        (the epoch the stage ended at, the best monitored value).
+    """
+    config = context.config
+    if config.model.feature_cache != "auto" or config.data.augment:
+        if config.data.augment and config.model.feature_cache == "auto":
+            log.info("Random augmentation is on: training the head with the full forward pass (no feature cache)")
+        callbacks = fitting.stage_callbacks(context, stage=stage)
+        end = fitting.fit(model, pipes["train"], pipes["validation"], context, callbacks, epochs=epochs)
+        return end, fitting.best_so_far(callbacks)
+    start = time.perf_counter()
+    features, head = split_at_base(model)
+    cached = cached_feature_pipelines(
+        features,
+        pipes,
+        batch_size=context.global_batch_size,
+        seed=config.train.seed,
+        drop_remainder=context.settings.drop_remainder,
+        autotune=context.settings.data_autotune,
+    )
+    log.info("Cached the frozen base's features of train and validation in %.1f s", time.perf_counter() - start)
+    with context.strategy.scope():
+        models.compile_model(
+            head,
+            models.transfer_head(max(2, model.output_shape[-1])),
+            learning_rate=fitting.learning_rate(context, config.model.learning_rate, epochs=epochs),
+            **fitting.compile_kwargs(context),
+        )
+    callbacks = fitting.stage_callbacks(context, stage=stage, save_model=model)
+    end = fitting.fit(head, cached["train"], cached["validation"], context, callbacks, epochs=epochs)
+    return end, fitting.best_so_far(callbacks)
+
+
+# --------------------------------------------------------------------------- the staged fine-tune
+
+
+@dataclasses.dataclass(frozen=True)
+class FinetuneStep:
+    """One step of stage two: from `offset` epochs after its start, the base is unfrozen from
+    `unfreeze_at` and trains at `learning_rate`."""
+
+    offset: int
+    unfreeze_at: int | float | str
+    learning_rate: float
+
+
+def parse_progressive(spec: str | None) -> list[FinetuneStep]:
+    """Parses progressive unfreezing steps "EPOCH:UNFREEZE_AT:LR,...", epochs counted from the
+    start of stage two; the first step must start at 0.
+
+    Raises:
+        ConfigError: naming the malformed step.
+    """
+    if not spec:
+        return []
+    steps = []
+    for part in spec.split(","):
+        fields = part.strip().split(":")
+        try:
+            if len(fields) != 3:
+                raise ValueError
+            epoch, at, lr = int(fields[0]), fields[1], float(fields[2])
+            if epoch < 0 or lr <= 0:
+                raise ValueError
+        except ValueError:
+            raise ConfigError(
+                "--progressive takes EPOCH:UNFREEZE_AT:LR steps separated by commas, such as "
+                f"0:block5_conv1:1e-5,3:block4_conv1:5e-6. Received: {part.strip()!r}"
+            ) from None
+        steps.append(FinetuneStep(epoch, at, lr))
+    epochs = [step.offset for step in steps]
+    if epochs[0] != 0 or epochs != sorted(set(epochs)):
+        raise ConfigError(f"--progressive steps must start at epoch 0 and increase. Received: epochs={epochs}")
+    return steps
+
+
+def finetune_steps(config: Config, base: keras.Model) -> list[FinetuneStep]:
+    """The steps of stage two: `progressive`'s, or one step from `unfreeze_at` (default: the
+    base's last block) at `finetune_learning_rate`."""
+    m = config.model
+    unfreeze_at = m.unfreeze_at if m.unfreeze_at is not None else models.default_unfreeze_at(base)
+    return parse_progressive(m.progressive) or [FinetuneStep(0, unfreeze_at, m.finetune_learning_rate)]
+
+
+def resolve_steps(config: Config, base: keras.Model) -> list[dict[str, Any]]:
+    """Resolves every fine-tune boundary on the built base before stage one trains, so that an
+    `unfreeze_at` out of range or a layer name that does not exist fails at once.
+
+    Returns:
+        Per step: the stage name, what was asked ("at"), the layer index and name it resolved
+        to (a fraction snapped to a block start), and the learning rate: for config.json.
+
+    Raises:
+        ConfigError: from `models.resolve_unfreeze_at`.
+    """
+    out = []
+    for i, step in enumerate(finetune_steps(config, base)):
+        index = models.resolve_unfreeze_at(base, step.unfreeze_at)
+        layer = base.layers[index].name if index < len(base.layers) else None
+        out.append(
+            {"stage": _stage_name(i), "at": step.unfreeze_at, "index": index, "layer": layer, "lr": step.learning_rate}
+        )
+    return out
+
+
+def _stage_name(i: int) -> str:
+    return "finetune" if i == 0 else f"finetune_{i + 1}"
+
+
+class StageLedger:
+    """Remembers finished stages (weights and where they ended) under backup/, so a resumed run
+    skips them; removed with the backup when the run finishes."""
+
+    def __init__(self, run_dir: Path, enabled: bool):
+        self.folder = Path(run_dir) / rundir.BACKUP_DIR / "stages"
+        self.enabled = enabled
+
+    def done(self, stage: str, model: keras.Model) -> dict | None:
+        """The state recorded when `stage` finished (its weights loaded into `model`), or None."""
+        marker = self.folder / f"{stage}.json"
+        if not (self.enabled and marker.exists()):
+            return None
+        model.load_weights(self.folder / f"{stage}.weights.h5")
+        return rundir.read_json(marker)
+
+    def record(self, stage: str, model: keras.Model, **state: Any) -> None:
+        """Records that `stage` finished, with the model's weights and `state`."""
+        if self.enabled:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            model.save_weights(self.folder / f"{stage}.weights.h5")
+            rundir.atomic_write_json(self.folder / f"{stage}.json", state)
+
+
+def fit_staged(model: keras.Model, pipes: dict[str, tf.data.Dataset | None], context: FitContext) -> list[int]:
+    """The staged fine-tune: head on the frozen base, then unfreeze and continue at a low rate.
+
+    Stage one trains the head for up to `head_epochs` (feature-cached when possible, early
+    stopping with the best weights restored). Stage two unfreezes the base from `unfreeze_at`
+    (default: the backbone's last block, block5_conv1 = 15 for VGG16), recompiles (trainable
+    changes take effect only at compile time) with `finetune_learning_rate`, and continues with
+    `initial_epoch` where stage one stopped, for `epochs` more, so the history is one
+    continuous run. With `progressive`, stage two is several steps, each unfreezing more and
+    recompiling. A finished stage is recorded, so a resumed run starts at the next one.
+
+    Returns:
+        The first epoch of each fine-tune step (the stage boundaries).
+    """
+    m, t = context.config.model, context.config.train
+    base = models.find_base(model)
+    head_spec = models.transfer_head(max(2, model.output_shape[-1]))
+    ledger = StageLedger(context.run_dir, t.backup)
+    state = ledger.done("head", model)
+    if state is None:
+        log.info("Stage 1: training the head on the frozen base for up to %d epoch(s)", t.head_epochs)
+        end, best = fit_frozen(model, pipes, context, epochs=t.head_epochs, stage="head")
+        ledger.record("head", model, end=end, best=best)
+    else:
+        end, best = state["end"], state["best"]
+        log.info("Stage 1 (head) finished in an earlier attempt: continuing at epoch %d", end + 1)
+    plan = finetune_steps(context.config, base)
+    stage2_start, final = end, end + t.epochs
+    boundaries = []
+    for i, step in enumerate(plan):
+        stage = _stage_name(i)
+        start = max(end, stage2_start + step.offset)
+        stop = stage2_start + plan[i + 1].offset if i + 1 < len(plan) else final
+        boundaries.append(start)
+        with context.strategy.scope():
+            index = models.unfreeze_from(base, step.unfreeze_at)
+            models.compile_model(
+                model,
+                head_spec,
+                learning_rate=fitting.learning_rate(context, step.learning_rate, epochs=stop - start),
+                base_variables=base.trainable_variables if m.base_lr_multiplier is not None else None,
+                base_multiplier=m.base_lr_multiplier,
+                **fitting.compile_kwargs(context),
+            )
+        state = ledger.done(stage, model)
+        if state is not None:
+            end, best = state["end"], state["best"]
+            continue
+        if start >= stop:
+            log.info("Step %s has no epochs left (stage ends at epoch %d): skipped", stage, stop)
+            continue
+        log.info(
+            "Stage %s: base layers from %s unfrozen, learning rate %g%s, epochs %d to %d",
+            stage,
+            models.describe_layer(base, index),
+            step.learning_rate,
+            f" (base x{m.base_lr_multiplier:g})" if m.base_lr_multiplier else "",
+            start + 1,
+            stop,
+        )
+        callbacks = fitting.stage_callbacks(context, stage=stage, best=best)
+        end = fitting.fit(
+            model, pipes["train"], pipes["validation"], context, callbacks, epochs=stop, initial_epoch=start
+        )
+        best = fitting.best_so_far(callbacks)
+        ledger.record(stage, model, end=end, best=best)
+    return boundaries

@@ -1,0 +1,122 @@
+"""One fit of one stage: its learning rate, steps per epoch, callbacks, and the `fit` call.
+
+Both `train.py` (single-stage recipes) and `finetune.py` (the frozen stage and the staged
+fine-tune) fit through here, so neither imports the other.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import keras
+import tensorflow as tf
+
+from kerastune_flow import callbacks as cb
+from kerastune_flow.config import Config
+from kerastune_flow.strategy import DeviceSettings, global_batch_size
+
+
+@dataclasses.dataclass(frozen=True)
+class FitContext:
+    """What every fit of a run shares.
+
+    Attributes:
+        config: the run's settings (with the device's steps per execution filled in).
+        run_dir: where the callbacks write.
+        strategy: the strategy whose scope builds and compiles.
+        settings: the device's settings (XLA, static batches, steps per execution).
+        steps_per_epoch: training steps in one epoch at the global batch size.
+    """
+
+    config: Config
+    run_dir: Path
+    strategy: tf.distribute.Strategy
+    settings: DeviceSettings
+    steps_per_epoch: int
+
+    @property
+    def global_batch_size(self) -> int:
+        return global_batch_size(self.config.data.batch_size, self.strategy)
+
+
+def steps_per_epoch(num_train: int, batch_size: int, settings: DeviceSettings) -> int:
+    """Training steps in one epoch of `num_train` examples at the global `batch_size` (a partial
+    last batch counts, unless the device drops it)."""
+    return num_train // batch_size if settings.drop_remainder else -(-num_train // batch_size)
+
+
+def learning_rate(context: FitContext, rate: float, *, epochs: int) -> Any:
+    """The rate, or with `lr_schedule="cosine"` a CosineDecay from it to 0 over `epochs`."""
+    if context.config.model.lr_schedule == "cosine" and context.steps_per_epoch:
+        return keras.optimizers.schedules.CosineDecay(rate, decay_steps=max(1, epochs * context.steps_per_epoch))
+    return rate
+
+
+def compile_kwargs(context: FitContext) -> dict[str, Any]:
+    """The compile settings every stage shares: optimizer, XLA, steps per execution."""
+    t = context.config.train
+    return dict(
+        optimizer=context.config.model.optimizer,
+        jit_compile=context.settings.jit_compile,
+        steps_per_execution=t.steps_per_execution,
+    )
+
+
+def stage_callbacks(
+    context: FitContext,
+    *,
+    stage: str | None = None,
+    best: float | None = None,
+    save_model: keras.Model | None = None,
+) -> list[keras.callbacks.Callback]:
+    """The standard callbacks of one stage, as the config switches them."""
+    t = context.config.train
+    return cb.standard_callbacks(
+        context.run_dir,
+        stage=stage,
+        monitor=t.monitor,
+        csv_log=t.csv_log,
+        jsonl_log=t.jsonl_log,
+        tensorboard=t.tensorboard,
+        early_stopping=t.early_stopping,
+        patience=t.patience,
+        checkpoint=t.checkpoint,
+        backup=t.backup,
+        terminate_on_nan=t.terminate_on_nan,
+        best=best,
+        save_model=save_model,
+    )
+
+
+def best_so_far(callbacks: list[keras.callbacks.Callback]) -> float | None:
+    """The best monitored value the stage's checkpoint reached, to hand on to the next stage."""
+    for callback in callbacks:
+        if isinstance(callback, cb.BestModelCheckpoint):
+            return callback.best
+    return None
+
+
+def fit(
+    model: keras.Model,
+    train_ds: tf.data.Dataset,
+    val_ds: tf.data.Dataset | None,
+    context: FitContext,
+    callbacks: list[keras.callbacks.Callback],
+    *,
+    epochs: int,
+    initial_epoch: int = 0,
+) -> int:
+    """`model.fit` with the package's progress bar; returns the epoch the fit ended at
+    (`epochs`, or earlier when early stopping stopped it)."""
+    history = model.fit(
+        train_ds,
+        validation_data=val_ds,
+        epochs=epochs,
+        initial_epoch=initial_epoch,
+        callbacks=[*callbacks, cb.ProgressBar()],  # Keras' bar, counting the steps run (verbose only)
+        verbose=context.config.train.verbose,
+        shuffle=False,  # the pipeline shuffles; Keras would only warn that it cannot
+    )
+    return (history.epoch[-1] + 1) if history.epoch else epochs

@@ -1,0 +1,74 @@
+"""The models: heads and compiling, the from-scratch builders, the pre-trained backbones, and the
+transfer helpers (build on a frozen base, cut a user's model, unfreeze from a block).
+
+    heads.py      Head, optimizers (discriminative rates), compile_model, count_params
+    scratch.py    build_scratch_mlp, build_cifar10_cnn
+    backbones.py  the keras.applications backbones, their preprocessing and blocks
+    transfer.py   build_transfer_model, cut_base, find_base, unfreeze_from, ...
+    saving.py     load_keras_model (safe mode unless asked)
+"""
+
+from kerastune_flow.models.backbones import (
+    BACKBONES,
+    VGG16_NOTOP_FILE,
+    VGG16_UNFREEZE_AT,
+    Backbone,
+    ImagenetPreprocessing,
+    backbone_base,
+    get_backbone,
+)
+from kerastune_flow.models.heads import (
+    Head,
+    compile_model,
+    count_params,
+    logits_head,
+    make_optimizer,
+    transfer_head,
+)
+from kerastune_flow.models.saving import UNSAFE_FLAG, load_keras_model
+from kerastune_flow.models.scratch import CNN_MIN_SIZE, build_cifar10_cnn, build_scratch_mlp
+from kerastune_flow.models.transfer import (
+    CUSTOM_BASE_NAME,
+    block_starts,
+    build_transfer_model,
+    build_vgg16_feature_extractor,
+    build_vgg16_finetune,
+    cut_base,
+    default_unfreeze_at,
+    describe_layer,
+    find_base,
+    resolve_unfreeze_at,
+    unfreeze_from,
+)
+
+__all__ = [
+    "BACKBONES",
+    "CNN_MIN_SIZE",
+    "CUSTOM_BASE_NAME",
+    "UNSAFE_FLAG",
+    "VGG16_NOTOP_FILE",
+    "VGG16_UNFREEZE_AT",
+    "Backbone",
+    "Head",
+    "ImagenetPreprocessing",
+    "backbone_base",
+    "block_starts",
+    "build_cifar10_cnn",
+    "build_scratch_mlp",
+    "build_transfer_model",
+    "build_vgg16_feature_extractor",
+    "build_vgg16_finetune",
+    "compile_model",
+    "count_params",
+    "cut_base",
+    "default_unfreeze_at",
+    "describe_layer",
+    "find_base",
+    "get_backbone",
+    "load_keras_model",
+    "logits_head",
+    "make_optimizer",
+    "resolve_unfreeze_at",
+    "transfer_head",
+    "unfreeze_from",
+]

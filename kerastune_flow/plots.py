@@ -1,0 +1,178 @@
+"""Plots: learning curves, confusion matrices, misclassified images, and the comparison's plots.
+
+Every plot uses matplotlib's object API (no pyplot state), so it works headless and in threads;
+files are written atomically (`rundir.atomic_file`). A `Plot` shows itself in Jupyter as a PNG.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from kerastune_flow import rundir
+
+if TYPE_CHECKING:  # for the annotation only: analysis sits above plots
+    from kerastune_flow.analysis import SplitPredictions
+
+DPI = 100
+
+
+class Plot:
+    """A matplotlib Figure that shows itself in Jupyter (as PNG) without pyplot's global state.
+
+    Attributes:
+        figure: the `matplotlib.figure.Figure`.
+    """
+
+    def __init__(self, figure: Figure):
+        self.figure = figure
+
+    def _repr_png_(self) -> bytes:
+        buffer = io.BytesIO()
+        self.figure.savefig(buffer, format="png", dpi=DPI)
+        return buffer.getvalue()
+
+    def savefig(self, path: str | os.PathLike) -> Path:
+        """Writes the figure as a PNG file, atomically; returns the path."""
+        return save_figure(self.figure, path)
+
+
+def save_figure(figure: Figure, path: str | os.PathLike) -> Path:
+    """Writes `figure` to a PNG file through `rundir.atomic_file`; returns the path."""
+    with rundir.atomic_file(path) as tmp:
+        figure.savefig(tmp, format="png", dpi=DPI)
+    return Path(path)
+
+
+def save_curves(history: list[dict[str, Any]], path: str | os.PathLike, *, title: str = "") -> Path:
+    """Plots loss and accuracy per epoch (train and validation); marks every stage change."""
+    epochs = [r["epoch"] + 1 for r in history]
+    changes = [
+        (cur["epoch"] + 1, cur["stage"])
+        for prev, cur in itertools.pairwise(history)
+        if cur.get("stage") and cur.get("stage") != prev.get("stage")
+    ]
+    fig = Figure(figsize=(10, 4), layout="constrained")
+    for ax, metric in zip(fig.subplots(1, 2), ("loss", "accuracy"), strict=True):
+        for prefix, style in (("", "-o"), ("val_", "--s")):
+            key = prefix + metric
+            values = [r.get(key) for r in history]
+            if any(v is not None for v in values):
+                ax.plot(epochs, [np.nan if v is None else v for v in values], style, label=key, markersize=3)
+        for i, (epoch, stage) in enumerate(changes):
+            label = "fine-tune starts" if i == 0 else None
+            ax.axvline(epoch - 0.5, color="grey", linestyle=":", label=label)
+            ax.annotate(
+                stage,
+                (epoch - 0.5, 1),
+                xycoords=("data", "axes fraction"),
+                fontsize=8,
+                color="grey",
+                xytext=(3, -12),
+                textcoords="offset points",
+            )
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(metric)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    if title:
+        fig.suptitle(title)
+    return save_figure(fig, path)
+
+
+def plot_confusion(matrix: np.ndarray, class_names: list[str], *, title: str = "") -> Plot:
+    """A confusion-matrix heat map with the counts written in."""
+    n = len(class_names)
+    fig = Figure(figsize=(1.2 + 0.5 * n, 1.0 + 0.45 * n), layout="constrained")
+    ax = fig.subplots()
+    ax.imshow(matrix, cmap="Blues")
+    for (i, j), v in np.ndenumerate(matrix):
+        ax.text(j, i, str(v), ha="center", va="center", fontsize=8)
+    ax.set(xticks=range(n), yticks=range(n), xlabel="predicted", ylabel="true", title=title)
+    ax.set_xticklabels(class_names, rotation=45, ha="right", fontsize=8)
+    ax.set_yticklabels(class_names, fontsize=8)
+    return Plot(fig)
+
+
+def plot_misclassified(predictions: SplitPredictions, *, limit: int = 16) -> Plot:
+    """A grid of misclassified test images (see `analysis.predict_test_split`), titled
+    "true -> predicted (probability)"."""
+    labels, predicted, names = predictions.labels, predictions.predicted, predictions.class_names
+    wrong = np.flatnonzero(labels != predicted)[:limit]
+    cols = 4
+    rows = max(1, -(-len(wrong) // cols))
+    fig = Figure(figsize=(2.2 * cols, 2.4 * rows), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(rows, cols)).ravel()
+    for ax in axes:
+        ax.axis("off")
+    for ax, i in zip(axes, wrong, strict=False):  # more axes than images
+        image = predictions.images[i]
+        ax.imshow(image[..., 0] if image.shape[-1] == 1 else image.astype("uint8"), cmap="gray")
+        p = predictions.probabilities[i, predicted[i]]
+        ax.set_title(f"{names[labels[i]]} -> {names[predicted[i]]} ({p:.2f})", fontsize=8)
+    if not len(wrong):
+        axes[0].text(0.5, 0.5, "no misclassified images", ha="center", va="center")
+    return Plot(fig)
+
+
+# --------------------------------------------------------------------------- the comparison
+
+
+def comparison_plots(report: dict[str, Any], run_dir: str | os.PathLike) -> dict[str, Path]:
+    """Writes the plots of a `compare` report into `run_dir`: validation curves of every approach,
+    accuracy against training time, a confusion matrix per approach and, with several training
+    fractions, accuracy against data size.
+
+    Returns:
+        {name: path} of each PNG written.
+    """
+    run_dir = Path(run_dir)
+    rows = report["results"]
+    full = max(r["fraction"] for r in rows)
+    at_full = [r for r in rows if r["fraction"] == full]
+    paths = {}
+
+    fig = Figure(figsize=(7, 4), layout="constrained")
+    ax = fig.subplots()
+    for r in at_full:
+        xs = [h["epoch"] + 1 for h in r["history"]]
+        key = "val_accuracy" if any("val_accuracy" in h for h in r["history"]) else "accuracy"
+        ax.plot(xs, [h.get(key, np.nan) for h in r["history"]], "-o", markersize=3, label=r["approach"])
+    ax.set(xlabel="epoch", ylabel="validation accuracy", title="Learning curves")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    paths["curves"] = save_figure(fig, run_dir / "curves.png")
+
+    fig = Figure(figsize=(6, 4), layout="constrained")
+    ax = fig.subplots()
+    for r in at_full:
+        point = (r["train_seconds"], 100 * r["test_accuracy"])
+        ax.scatter(*point, s=60)
+        ax.annotate(r["approach"], point, xytext=(5, 5), textcoords="offset points")
+    ax.set(xlabel="training time (s)", ylabel="test accuracy (%)", title="Accuracy vs time")
+    ax.grid(alpha=0.3)
+    paths["accuracy_vs_time"] = save_figure(fig, run_dir / "accuracy_vs_time.png")
+
+    for r in at_full:
+        plot = plot_confusion(
+            np.array(r["confusion"]), report["class_names"], title=f"{r['approach']}: {100 * r['test_accuracy']:.1f} %"
+        )
+        paths[f"confusion_{r['approach']}"] = plot.savefig(run_dir / f"confusion_{r['approach']}.png")
+
+    if len({r["fraction"] for r in rows}) > 1:
+        fig = Figure(figsize=(6, 4), layout="constrained")
+        ax = fig.subplots()
+        for approach in dict.fromkeys(r["approach"] for r in rows):
+            points = sorted((r["train_images"], 100 * r["test_accuracy"]) for r in rows if r["approach"] == approach)
+            ax.plot(*zip(*points, strict=True), "-o", label=approach)
+        ax.set(xlabel="training images", ylabel="test accuracy (%)", title="Accuracy vs data size")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        paths["sweep"] = save_figure(fig, run_dir / "sweep.png")
+    return paths

@@ -1,0 +1,171 @@
+"""The recipes: one frozen record each, and `make_config`, which starts a Config from one.
+
+A recipe is one of the reference examples: which builder makes its model, which head it puts
+on the classes, the smallest image it takes, its reference settings, and whether it learns on a
+pre-trained base (`transfer`) and in two stages (`staged`). Training, comparing and the command
+line branch on these fields, never on a recipe's name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import keras
+
+from kerastune_flow import config as config_lib
+from kerastune_flow.config import PRESETS, Config
+from kerastune_flow.errors import ConfigError
+from kerastune_flow.models import (
+    CNN_MIN_SIZE,
+    Head,
+    build_cifar10_cnn,
+    build_scratch_mlp,
+    build_transfer_model,
+    get_backbone,
+    logits_head,
+    transfer_head,
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """One reference example.
+
+    Attributes:
+        name: what `train RECIPE` takes.
+        description: one line for `list` and `--help`.
+        build: the keyword-only builder of its model (stage one's model for a staged recipe).
+        head: the head it puts on a number of classes.
+        min_image_size: the smallest height and width its model takes; None: the backbone's.
+        defaults: its reference settings, as config fields.
+        transfer: a frozen pre-trained base (a backbone or the user's `base`) under a new head.
+        staged: a second stage unfreezes the top of the base at a lower rate.
+    """
+
+    name: str
+    description: str
+    build: Callable[..., keras.Model]
+    head: Callable[[int], Head]
+    min_image_size: int | None
+    defaults: Mapping[str, Any]
+    transfer: bool = False
+    staged: bool = False
+
+    def min_size(self, backbone: str) -> int:
+        """The smallest height and width for this recipe on `backbone`."""
+        return self.min_image_size if self.min_image_size is not None else get_backbone(backbone).min_size
+
+    def model_name(self, backbone: str) -> str:
+        """How messages name the model: "vgg16_finetune on resnet50" for a transfer recipe."""
+        return f"{self.name} on {backbone}" if self.transfer else self.name
+
+
+def _defaults(**values: Any) -> Mapping[str, Any]:
+    return types.MappingProxyType(values)
+
+
+RECIPES: dict[str, Recipe] = {
+    recipe.name: recipe
+    for recipe in (
+        Recipe(
+            "scratch_mlp",
+            "MLP from scratch (Flatten-Dense128-Dense64-Dense10, ReLU, Adam 1e-3), MNIST.",
+            build_scratch_mlp,
+            logits_head,
+            1,
+            _defaults(image_size=(28, 28), batch_size=64, learning_rate=1e-3, epochs=10),
+        ),
+        Recipe(
+            "cifar10_cnn",
+            "Small CNN trained fully (Conv32-Pool-Conv64-Pool-Conv64-Dense64), CIFAR-10.",
+            build_cifar10_cnn,
+            logits_head,
+            CNN_MIN_SIZE,
+            _defaults(image_size=(32, 32), batch_size=64, learning_rate=1e-3, epochs=10),
+        ),
+        Recipe(
+            "vgg16_features",
+            "A frozen pre-trained base (VGG16, or --backbone, or your own --base) with a new Dense256 head.",
+            build_transfer_model,
+            transfer_head,
+            None,
+            _defaults(image_size=(150, 150), batch_size=32, learning_rate=1e-3, epochs=10),
+            transfer=True,
+        ),
+        Recipe(
+            "vgg16_finetune",
+            "Staged fine-tune: the head on the frozen base, then its last block unfrozen at a low rate.",
+            build_transfer_model,
+            transfer_head,
+            None,
+            _defaults(
+                image_size=(150, 150),
+                batch_size=32,
+                learning_rate=1e-3,
+                head_epochs=5,
+                epochs=10,
+                finetune_learning_rate=1e-5,
+            ),
+            transfer=True,
+            staged=True,
+        ),
+    )
+}
+
+
+def get_recipe(name: str) -> Recipe:
+    """Looks a recipe up by name.
+
+    Raises:
+        ConfigError: listing the recipes.
+    """
+    if name not in RECIPES:
+        raise ConfigError(f"Unknown recipe {name!r}; choose one of {', '.join(RECIPES)}. Received: recipe={name}")
+    return RECIPES[name]
+
+
+def make_config(recipe: str, preset: str = "reference", **overrides: Any) -> Config:
+    """Builds the Config of a recipe: recipe defaults, then a preset, then overrides.
+
+    Args:
+        recipe: one of `RECIPES`.
+        preset: one of `config.PRESETS`; "smoke" is a tiny offline run for tests and first tries.
+        **overrides: any field of DataConfig, ModelConfig or TrainConfig, taken as given
+            (`weights=None` means random weights; leave a field out to keep its default).
+
+    Returns:
+        A validated, frozen Config.
+
+    Raises:
+        ConfigError: for an unknown recipe, preset, field or an invalid value.
+    """
+    spec = get_recipe(recipe)
+    if preset not in PRESETS:
+        raise ConfigError(f"Unknown preset {preset!r}; choose one of {', '.join(PRESETS)}. Received: preset={preset}")
+    return config_lib.from_values({"recipe": spec.name, **spec.defaults, **PRESETS[preset], **overrides})
+
+
+def check_image_size(config: Config, image_size: Sequence[int] | None = None) -> None:
+    """Refuses an image size below what the recipe's model takes, before any data is read.
+
+    Args:
+        config: the run's config (its recipe and backbone; a user's `base` decides its own size).
+        image_size: the size to check; None: the config's.
+
+    Raises:
+        ConfigError: naming the minimum and the flag that sets the size.
+    """
+    size = image_size if image_size is not None else config.data.image_size
+    if size is None or config.model.base:
+        return
+    spec = get_recipe(config.model.recipe)
+    minimum = spec.min_size(config.model.backbone)
+    if min(size) < minimum:
+        raise ConfigError(
+            f"{spec.model_name(config.model.backbone)} needs images of at least {minimum}x{minimum} pixels; pass "
+            f"--image-size {max(minimum, 32)} or larger (smaller images are upscaled). "
+            f"Received: image_size={tuple(size)}"
+        )

@@ -1,0 +1,341 @@
+"""The run directory: its file names, creating and clearing it, atomic writes, the history files.
+
+A run directory holds:
+
+    config.json     the Config, class names, image shape, head, strategy, versions
+    history.csv     one row per epoch (history.jsonl: the same as JSON lines)
+    model.keras     the best model (by the monitored metric)
+    results.json    test metrics, wall time, parameter counts, best epoch
+    curves.png      loss and accuracy per epoch, the fine-tune boundary marked
+    tensorboard/    TensorBoard event files
+    backup/         the resume state; removed when the run finishes
+
+Every file is replaced atomically (written beside, then renamed), so a kill at any moment leaves
+the previous complete version, never a truncated one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import errno
+import io
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import h5py
+import keras
+import numpy as np
+
+from kerastune_flow.errors import KerastuneFlowError, RunDirError
+
+log = logging.getLogger(__name__)
+
+CONFIG_JSON = "config.json"
+RESULTS_JSON = "results.json"
+CURVES_PNG = "curves.png"
+BEST_MODEL = "model.keras"
+HISTORY_CSV = "history.csv"
+HISTORY_JSONL = "history.jsonl"
+BACKUP_DIR = "backup"
+TENSORBOARD_DIR = "tensorboard"
+BACKUP_WEIGHTS = "latest.weights.h5"  # what keras.callbacks.BackupAndRestore writes in its folder
+RUN_FILES = (CONFIG_JSON, RESULTS_JSON, CURVES_PNG, BEST_MODEL, HISTORY_CSV, HISTORY_JSONL, BACKUP_DIR, TENSORBOARD_DIR)
+
+
+# --------------------------------------------------------------------------- the directory
+
+
+def prepare_run_dir(workdir: str | os.PathLike, *, overwrite: bool = False) -> bool:
+    """Creates the run directory; returns True when an interrupted run is resumed.
+
+    A finished run that `overwrite` replaces is left in place here: `clear_finished_run`
+    removes it once the new run's data and model are known to be good, so a bad input never
+    costs the previous results.
+
+    Raises:
+        RunDirError: when it holds a finished run and `overwrite` is False, or is not writable.
+    """
+    workdir = Path(workdir)
+    if (workdir / RESULTS_JSON).exists() and not overwrite:
+        raise RunDirError(
+            f"{workdir} already holds a finished run; pass --overwrite to replace it or choose another "
+            f"--run-dir. Received: run_dir={workdir}"
+        )
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        probe = workdir / ".write_test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as error:
+        raise RunDirError(
+            f"Cannot write to the run directory {workdir} ({error.strerror}); choose a writable --run-dir. "
+            f"Received: run_dir={workdir}"
+        ) from None
+    return (workdir / BACKUP_DIR).exists() and not (workdir / RESULTS_JSON).exists()
+
+
+def clear_finished_run(workdir: str | os.PathLike) -> None:
+    """Removes the files of a finished run (the caller asked to overwrite it); no-op otherwise.
+
+    Raises:
+        RunDirError: when a file cannot be removed.
+    """
+    workdir = Path(workdir)
+    if not (workdir / RESULTS_JSON).exists():
+        return
+    try:
+        for name in RUN_FILES:
+            target = workdir / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+    except OSError as error:
+        raise RunDirError(
+            f"Cannot replace the finished run in {workdir} ({error.strerror}); make it writable or choose another "
+            f"--run-dir. Received: {error.filename}"
+        ) from None
+
+
+def worker_run_dir(chief_dir: str | os.PathLike) -> Path:
+    """A non-chief worker's private run directory: the same files are written, then thrown
+    away. It starts from the chief's backup, if any, so a restarted cluster resumes in step."""
+    chief_dir = Path(chief_dir)
+    private = Path(tempfile.mkdtemp(prefix="kerastune_flow_worker_"))
+    if (chief_dir / BACKUP_DIR).is_dir():
+        shutil.copytree(chief_dir / BACKUP_DIR, private / BACKUP_DIR)
+    return private
+
+
+# --------------------------------------------------------------------------- write errors
+
+
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+DISK_FULL_TEXTS = ("No space left on device", "Disk quota exceeded")
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """True for an OSError or TensorFlow error that says the disk (or quota) is full."""
+    if isinstance(error, OSError) and error.errno in DISK_FULL_ERRNOS:
+        return True
+    return any(text in str(error) for text in DISK_FULL_TEXTS)
+
+
+def free_space(folder: str | os.PathLike) -> str:
+    """The free space of the disk holding `folder`, for a message ("12.3 MB")."""
+    try:
+        free = float(shutil.disk_usage(folder).free)
+    except OSError:
+        return "unknown space"
+    unit = "bytes"
+    for unit in ("bytes", "KB", "MB", "GB"):  # noqa: B007 (the unit reached is the one used)
+        if free < 1024 or unit == "GB":
+            break
+        free /= 1024
+    return f"{free:,.0f} {unit}" if unit == "bytes" else f"{free:,.1f} {unit}"
+
+
+def write_error(folder: str | os.PathLike, name: str, error: BaseException) -> RunDirError:
+    """The RunDirError for a file `name` in `folder` that could not be written.
+
+    Args:
+        folder: the folder written to (its disk is named in the message).
+        name: the file, or words such as "a checkpoint".
+        error: the OSError or TensorFlow error raised.
+    """
+    folder = Path(folder)
+    received = " ".join(str(error).split())[:160]
+    if is_disk_full(error):
+        return RunDirError(
+            f"The disk holding {folder} is full ({free_space(folder)} free), so {name} could not be written and "
+            f"the files written before are kept; free some space or choose a --run-dir on another disk, then run "
+            f"the same command to resume. Received: {received}"
+        )
+    reason = getattr(error, "strerror", None) or received
+    return RunDirError(
+        f"Cannot write {name} in {folder} ({reason}), so the files written before are kept; make the run "
+        f"directory writable or choose another --run-dir. Received: {received}"
+    )
+
+
+@contextlib.contextmanager
+def _writing(path: Path) -> Iterator[None]:
+    """Turns an OSError while writing `path` into a RunDirError that says what to do."""
+    try:
+        yield
+    except KerastuneFlowError:
+        raise
+    except OSError as error:
+        raise write_error(path.parent, path.name, error) from None
+
+
+# --------------------------------------------------------------------------- atomic writes
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
+    """Yields a temporary path beside `path`; when the block ends without an error, the file
+    is synced to disk and renamed over `path`, so readers see the old file or the new one.
+
+    The temporary name keeps the suffix of `path` (Keras wants ".keras" to save a model).
+
+    Raises:
+        RunDirError: when the file cannot be written (a full disk, no permission); the old
+            file is then untouched and the temporary one removed.
+    """
+    path = Path(path)
+    with _writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
+        os.close(fd)
+    try:
+        with _writing(path):
+            yield Path(tmp)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Writes text through `atomic_file`."""
+    with atomic_file(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def atomic_write_json(path: str | os.PathLike, data: Any) -> None:
+    """`atomic_write_text` of indented JSON (numpy values and paths converted, see `to_jsonable`)."""
+    atomic_write_text(path, json.dumps(to_jsonable(data), indent=2, sort_keys=True) + "\n")
+
+
+def atomic_save_model(model: keras.Model, path: str | os.PathLike) -> None:
+    """`model.save` through `atomic_file`: a kill during the save leaves the previous model."""
+    with atomic_file(path) as tmp:
+        model.save(tmp)
+
+
+def to_jsonable(value: Any) -> Any:
+    """Converts numpy scalars and arrays, tuples and paths into plain JSON values."""
+    if isinstance(value, dict):
+        return {str(k): to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_jsonable(v) for v in value]
+    # Through to_jsonable again, so that a numpy NaN becomes None like a Python one.
+    if isinstance(value, np.ndarray):
+        return to_jsonable(value.tolist())
+    if isinstance(value, np.generic):
+        return to_jsonable(value.item())
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return None if math.isnan(value) else value
+    return value
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    """Reads a JSON file written by this package."""
+    return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+# --------------------------------------------------------------------------- history files
+
+
+def read_history(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """The epochs logged so far, one dict each: from history.jsonl, or from history.csv when
+    JSON-lines logging is off; [] when neither exists yet."""
+    run_dir = Path(run_dir)
+    jsonl = run_dir / HISTORY_JSONL
+    if jsonl.exists():
+        with open(jsonl, encoding="utf-8") as f:
+            return [json.loads(line) for line in f if line.strip()]
+    path = run_dir / HISTORY_CSV
+    if not path.exists():
+        return []
+    with open(path, encoding="utf-8", newline="") as f:
+        return [{k: _parse_cell(v) for k, v in row.items() if v != ""} for row in csv.DictReader(f)]
+
+
+def _parse_cell(text: str) -> Any:
+    for parse in (int, float):
+        try:
+            return parse(text)
+        except ValueError:
+            pass
+    return text
+
+
+def write_history(
+    run_dir: str | os.PathLike, records: list[dict[str, Any]], *, csv_log: bool = True, jsonl_log: bool = True
+) -> None:
+    """Replaces history.csv and/or history.jsonl with `records`, atomically."""
+    run_dir = Path(run_dir)
+    if jsonl_log:
+        atomic_write_text(run_dir / HISTORY_JSONL, "".join(json.dumps(to_jsonable(r)) + "\n" for r in records))
+    if csv_log:
+        atomic_write_text(run_dir / HISTORY_CSV, records_to_csv(records))
+
+
+def records_to_csv(records: list[dict[str, Any]]) -> str:
+    """CSV text with the union of keys as header, in first-seen order."""
+    columns: list[str] = []
+    for record in records:
+        columns.extend(k for k in record if k not in columns)
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(records)
+    return out.getvalue()
+
+
+# --------------------------------------------------------------------------- the backup
+
+
+def _h5_readable(path: Path) -> bool:
+    """True when every dataset of an HDF5 file reads back."""
+
+    def read(name, obj):
+        if isinstance(obj, h5py.Dataset):
+            obj[()]
+        return None  # visititems stops at the first value that is not None
+
+    try:
+        with h5py.File(path, "r") as f:
+            f.visititems(read)
+    except Exception:  # OSError for a truncated file, KeyError / ValueError for a damaged one
+        return False
+    return True
+
+
+def discard_damaged_backup(backup_dir: str | os.PathLike) -> bool:
+    """Removes a BackupAndRestore folder whose weights cannot be read back and that holds no
+    readable previous copy, so that the same command starts that fit over instead of failing.
+
+    That happens when the disk filled up, or the process was killed, while the first backup
+    was written. With a readable previous copy (`.bkp`), BackupAndRestore falls back to it.
+
+    Returns:
+        True when the folder was removed.
+    """
+    weights = Path(backup_dir) / BACKUP_WEIGHTS
+    if not weights.exists() or _h5_readable(weights):
+        return False
+    previous = weights.with_name(weights.name + ".bkp")
+    if previous.exists() and _h5_readable(previous):
+        return False
+    log.warning(
+        "The backup in %s cannot be read (was the disk full, or the run killed, while it was written?); "
+        "this fit starts over",
+        backup_dir,
+    )
+    shutil.rmtree(backup_dir, ignore_errors=True)
+    return True

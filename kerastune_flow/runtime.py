@@ -1,0 +1,74 @@
+"""Process-wide settings that must be made before the strategy is built and TensorFlow starts.
+
+    runtime.prepare_process("auto")   # then strategy.get_strategy("auto"), then build and fit
+
+It installs the narrow fixes to Keras under tf.distribute (`compat.apply`) and, when the process
+will compute on the CPU, sets TensorFlow to one inter-op thread. `train_and_evaluate` calls it
+first; call it yourself before `get_strategy` when you build and fit a model with your own code.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import tensorflow as tf
+
+from kerastune_flow import compat
+from kerastune_flow.strategy import tpu_hinted
+
+log = logging.getLogger(__name__)
+
+# Inter-op threads run independent graph ops side by side, each op itself using every core
+# (intra-op). On a CPU that oversubscribes the cores: with one inter-op thread the CIFAR-10 CNN
+# trains faster on 2 cores and its system time (threads waiting on each other) falls more than
+# tenfold (benchmarks/RESULTS.md); one per socket is also Intel's advice for oneDNN. GPUs and
+# TPUs keep TensorFlow's default.
+CPU_INTER_OP_THREADS = 1
+
+
+def prefer_cpu_threads() -> bool:
+    """Sets TensorFlow's inter-op threads to `CPU_INTER_OP_THREADS` for CPU training, unless the
+    user chose a number (TF_NUM_INTEROP_THREADS or `tf.config.threading`) or TensorFlow has
+    already started, when it can no longer change (then it logs how to get it).
+
+    Returns:
+        True when the setting is in effect.
+    """
+    if os.environ.get("TF_NUM_INTEROP_THREADS"):
+        return False
+    current = tf.config.threading.get_inter_op_parallelism_threads()
+    if current == CPU_INTER_OP_THREADS:
+        return True
+    if current != 0:
+        return False
+    try:
+        tf.config.threading.set_inter_op_parallelism_threads(CPU_INTER_OP_THREADS)
+    except RuntimeError:
+        log.info(
+            "TensorFlow started before the strategy was chosen, so it keeps its default inter-op threads; "
+            "CPU training is faster with TF_NUM_INTEROP_THREADS=%d set before Python starts",
+            CPU_INTER_OP_THREADS,
+        )
+        return False
+    return True
+
+
+def computes_on_cpu(strategy_name: str) -> bool:
+    """True when `get_strategy(strategy_name)` will train on the CPU: "cpu", or "auto" on a machine
+    without a GPU or a TPU. "mirrored" over logical CPU devices keeps TensorFlow's threads (its
+    replicas run side by side)."""
+    if strategy_name == "cpu":
+        return True
+    return strategy_name == "auto" and not tpu_hinted() and not tf.config.list_physical_devices("GPU")
+
+
+def prepare_process(strategy_name: str = "auto") -> None:
+    """Applies the process-wide settings for a strategy name, before the strategy exists.
+
+    Installs the Keras fixes of `compat` (each a no-op once Keras is fixed) and, for CPU
+    training, one inter-op thread (see `prefer_cpu_threads`). Safe to call more than once.
+    """
+    compat.apply()
+    if computes_on_cpu(strategy_name):
+        prefer_cpu_threads()
