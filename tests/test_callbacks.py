@@ -24,7 +24,7 @@ from kerastune_flow.callbacks import (
     current_learning_rate,
     standard_callbacks,
 )
-from kerastune_flow.errors import KerastuneFlowError, TrainingDivergedError
+from kerastune_flow.errors import TrainingDivergedError
 from kerastune_flow.rundir import (
     BACKUP_DIR,
     BEST_MODEL,
@@ -207,7 +207,9 @@ def test_fit_with_standard_callbacks_writes_the_run_directory(tmp_path):
         assert RECORD_KEYS <= set(record)
         assert "stage" not in record
         assert record["learning_rate"] == pytest.approx(LEARNING_RATE)
-        assert record["epoch_seconds"] >= 0
+        assert 0 < record["epoch_seconds"] < 60
+    for before, after in zip(records, records[1:], strict=False):  # each epoch ran between two wall times
+        assert after["wall_time"] - before["wall_time"] >= after["epoch_seconds"] - 0.01
     assert [r["loss"] for r in records] == pytest.approx(history.history["loss"])
     assert [r["val_loss"] for r in records] == pytest.approx(history.history["val_loss"])
     assert [r["wall_time"] for r in records] == sorted(r["wall_time"] for r in records)
@@ -425,9 +427,8 @@ def test_nan_guard_on_nan_inputs_names_the_first_bad_batch(tmp_path):
     x, y = _data(0)
     x[2 * BATCH_SIZE + 3, 0] = np.nan  # in the third batch of each epoch
 
-    with pytest.raises(TrainingDivergedError, match=r"at epoch 1, batch 3;") as excinfo:
+    with pytest.raises(TrainingDivergedError, match=r"at epoch 1, batch 3;"):
         _model().fit(x, y, batch_size=BATCH_SIZE, epochs=2, shuffle=False, verbose=0, callbacks=[NaNGuard()])
-    assert isinstance(excinfo.value, (KerastuneFlowError, ArithmeticError))
 
 
 def test_nan_guard_names_the_group_of_batches_under_steps_per_execution():

@@ -9,7 +9,8 @@ import sys
 import pytest
 from conftest import REPO
 
-from kerastune_flow import run
+from kerastune_flow import config as config_lib
+from kerastune_flow import run, rundir
 
 
 def _cli(*args, timeout=120):
@@ -197,3 +198,94 @@ def test_predict_with_stock_imagenet_vgg16_offline_is_one_sentence(monkeypatch, 
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "vgg16_weights_tf_dim_ordering_tf_kernels.h5" in err
     assert "~/.keras/models/" in err and len(err.strip().splitlines()) == 1
+
+
+# --------------------------------------------------------------------------- flags generated from the config
+
+
+def _flags(parser_name):
+    sub = next(a for a in run.build_parser()._actions if a.dest == "command").choices[parser_name]
+    return {a.dest: a for a in sub._actions}
+
+
+@pytest.mark.parametrize("command, skip", [("train", ()), ("compare", run.COMPARE_OWN)])
+def test_every_setting_has_one_flag_with_the_configs_help_and_choices(command, skip):
+    flags = _flags(command)
+    assert "verbose" not in flags  # a setting without a flag (--quiet sets it)
+    for field in config_lib.fields():
+        meta = field.metadata
+        if meta["flag"] is None or field.name in skip:
+            continue
+        action = flags[field.name]
+        assert action.default is None, field.name  # not given: the recipe's default applies
+        assert meta["help"] in action.help, field.name
+        if meta["store"] is not None:
+            assert action.const == meta["store"] and action.const in meta["choices"], field.name
+        elif isinstance(field.default, tuple):  # a comma list: its items are checked by the config
+            assert ", ".join(meta["choices"] or ()) in action.help, field.name
+        elif meta["choices"]:
+            assert tuple(action.choices) == meta["choices"], field.name
+
+
+def test_generated_flags_parse_into_config_values():
+    parser = run.build_parser()
+    args = parser.parse_args(
+        ["train", "vgg16_finetune", "--image-size", "40x48", "--augment", "flip, crop", "--weights", "None"]
+        + ["--unfreeze-at", "0.5", "--no-feature-cache", "--mixed-precision", "--no-jsonl-log", "--skip-bad-images"]
+        + ["--train-fraction", "0.5", "--finetune-lr", "1e-4", "--steps-per-execution", "4"]
+    )
+    assert run.config_overrides(args) == {
+        "image_size": (40, 48),
+        "augment": ("flip", "crop"),
+        "weights": "none",
+        "unfreeze_at": "0.5",
+        "feature_cache": "off",
+        "mixed_precision": "auto",
+        "jsonl_log": False,
+        "skip_bad_images": True,
+        "train_fraction": 0.5,
+        "finetune_learning_rate": 1e-4,
+        "steps_per_execution": 4,
+    }
+
+
+def test_a_staged_fine_tune_with_a_cosine_schedule_runs_both_stages(image_folder, tmp_path, capsys):
+    # Stage 2 used to get the progressive plan (a list) as its steps per epoch: "'>' not supported
+    # between instances of 'list' and 'int'" after stage 1 had trained.
+    argv = ["train", "vgg16_finetune", "--data", str(image_folder), "--weights", "none", "--image-size", "32"]
+    argv += ["--head-epochs", "1", "--epochs", "2", "--lr-schedule", "cosine", "--no-early-stopping"]
+    argv += [
+        "--batch-size",
+        "8",
+        "--max-examples",
+        "24",
+        "--no-tensorboard",
+        "--quiet",
+        "--run-dir",
+        str(tmp_path / "r"),
+    ]
+
+    assert run.main(argv) == 0, capsys.readouterr().err[-2000:]
+    history = [json.loads(line) for line in (tmp_path / "r" / "history.jsonl").read_text().splitlines()]
+    assert [r["stage"] for r in history] == ["head", "finetune", "finetune"]
+    # Each stage's own cosine, logged at the end of each epoch: stage 1 from 1e-3 to 0 in its one
+    # epoch, stage 2 from the fine-tune rate 1e-5, half-way (5e-6) after one of its two epochs.
+    assert [r["learning_rate"] for r in history] == pytest.approx([0.0, 5e-6, 0.0], abs=1e-9)
+
+
+def test_without_json_lines_the_results_still_count_the_epochs(image_folder, tmp_path, capsys):
+    run_dir = tmp_path / "r"
+    argv = ["train", "scratch_mlp", "--data", str(image_folder), "--preset", "smoke", "--epochs", "3"]
+    argv += ["--patience", "5", "--no-jsonl-log", "--quiet", "--run-dir", str(run_dir)]
+
+    assert run.main(argv) == 0
+    results = json.loads(capsys.readouterr().out)
+    assert not (run_dir / "history.jsonl").exists()
+    assert (
+        results["epochs_run"] == 3
+        and results["examples_seen"] == 3 * json.loads((run_dir / "config.json").read_text())["sizes"]["train"]
+    )
+    history = rundir.read_history(run_dir)
+    losses = [r["val_loss"] for r in history]
+    assert results["best_epoch"] == losses.index(min(losses)) + 1
+    assert (run_dir / "curves.png").stat().st_size > 10_000

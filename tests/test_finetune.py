@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from kerastune_flow import callbacks as cb
-from kerastune_flow import finetune, models, train
+from kerastune_flow import finetune, models, rundir, train
 from kerastune_flow.errors import ConfigError, RunDirError
 from kerastune_flow.recipes import make_config
 
@@ -73,17 +73,25 @@ def test_unknown_backbone_lists_the_valid_ones():
         models.build_transfer_model(backbone="alexnet", input_shape=SMALL_RGB, weights=None)
 
 
-def test_mobilenetv2_keeps_its_batchnorm_frozen_when_unfrozen(image_folder, tmp_path, monkeypatch):
+def test_mobilenetv2_keeps_its_batchnorm_frozen_when_unfrozen(image_folder, tmp_path, monkeypatch, caplog):
     def pick(model):
         return [models.find_base(model).get_layer("block_16_expand_BN").moving_mean]
 
     probe = _Probe(pick)
     _add_callbacks(monkeypatch, probe)
-    config = smoke("vgg16_finetune", image_folder, backbone="mobilenetv2", head_epochs=1, epochs=1)
-    result = train.train_and_evaluate(config, tmp_path / "run")
+    # 0.9 of MobileNetV2's 154 layers is layer 139, inside block 15: snapped to block 16's first layer.
+    config = smoke("vgg16_finetune", image_folder, backbone="mobilenetv2", head_epochs=1, epochs=1, unfreeze_at="0.9")
+    with caplog.at_level(logging.INFO, logger="kerastune_flow"):
+        result = train.train_and_evaluate(config, tmp_path / "run")
     base = models.find_base(result.model)
     assert base.get_layer("block_16_expand").trainable and not base.get_layer("block_16_expand_BN").trainable
+    assert not base.get_layer("block_15_project").trainable
     np.testing.assert_array_equal(probe.end[-1][0], probe.begin[-1][0])
+    meta = rundir.read_json(tmp_path / "run" / rundir.CONFIG_JSON)
+    assert meta["unfreeze"] == [
+        {"stage": "finetune", "at": "0.9", "index": 143, "layer": "block_16_expand", "lr": 1e-5}
+    ]
+    assert "base layers from 143 (block_16_expand) unfrozen" in caplog.text
 
 
 def _bn_base(path):

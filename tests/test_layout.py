@@ -1,0 +1,111 @@
+"""The package's layout: one job per module, none over 500 lines, imports at the top and one way."""
+
+import ast
+
+import pytest
+from conftest import REPO
+
+PACKAGE = REPO / "kerastune_flow"
+MAX_LINES = 500
+# Each module imports only modules of a lower rank: errors and config at the bottom, run at the top.
+RANKS = {
+    "errors": 0,
+    "config": 1,
+    "compat": 2,
+    "strategy": 2,
+    "rundir": 2,
+    "callbacks": 3,
+    "runtime": 3,
+    "plots": 3,
+    "data.sources": 3,
+    "data.pipeline": 3,
+    "data.images": 4,
+    "data.folders": 5,
+    "data.loading": 6,
+    "data": 7,
+    "models.heads": 3,
+    "models.saving": 3,
+    "models.backbones": 3,
+    "models.scratch": 4,
+    "models.transfer": 4,
+    "models": 5,
+    "fitting": 4,
+    "recipes": 6,
+    "finetune": 8,
+    "inference": 8,
+    "train": 9,
+    "analysis": 9,
+    "compare": 10,
+    "run": 11,
+    "": 12,  # kerastune_flow/__init__.py: the public names
+}
+
+
+def _modules():
+    for path in sorted(PACKAGE.rglob("*.py")):
+        parts = path.relative_to(PACKAGE).with_suffix("").parts
+        name = ".".join(p for p in parts if p != "__init__")
+        yield name, path
+
+
+def _package_imports(tree: ast.Module) -> set[str]:
+    """kerastune_flow modules imported at module level (not for type annotations only)."""
+    found = set()
+    for node in tree.body:
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            continue
+        for sub in ast.walk(node):
+            if isinstance(sub, ast.ImportFrom) and sub.module and sub.module.startswith("kerastune_flow"):
+                base = sub.module.removeprefix("kerastune_flow").lstrip(".")
+                for alias in sub.names:
+                    candidate = f"{base}.{alias.name}".lstrip(".")
+                    found.add(candidate if candidate in RANKS else base)
+            elif isinstance(sub, ast.Import):
+                found.update(
+                    a.name.removeprefix("kerastune_flow.") for a in sub.names if a.name.startswith("kerastune_")
+                )
+    return found
+
+
+def test_every_module_has_a_rank():
+    assert sorted(name for name, _ in _modules()) == sorted(RANKS)
+
+
+@pytest.mark.parametrize("name, path", list(_modules()), ids=lambda v: str(v))
+def test_no_module_is_over_500_lines(name, path):
+    assert len(path.read_text().splitlines()) <= MAX_LINES
+
+
+@pytest.mark.parametrize("name, path", list(_modules()), ids=lambda v: str(v))
+def test_imports_flow_one_way(name, path):
+    upward = {m: RANKS[m] for m in _package_imports(ast.parse(path.read_text())) if RANKS[m] >= RANKS[name]}
+    assert not upward, f"{name} (rank {RANKS[name]}) imports {upward}"
+
+
+@pytest.mark.parametrize("name, path", list(_modules()), ids=lambda v: str(v))
+def test_no_import_hides_inside_a_function(name, path):
+    tree = ast.parse(path.read_text())
+    hidden = [
+        f"line {sub.lineno}: {ast.unparse(sub)}"
+        for node in ast.walk(tree)
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+        for sub in ast.walk(node)
+        if isinstance(sub, (ast.Import, ast.ImportFrom))
+    ]
+    assert not hidden
+
+
+def test_no_branch_on_a_recipe_name():
+    # Recipes are told apart by their record's fields (transfer, staged, head, ...), not by name.
+    offenders = []
+    for name, path in _modules():
+        if name in ("recipes", "compare"):  # the records themselves; compare's table of approaches
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Compare) and any(
+                isinstance(c, ast.Constant)
+                and c.value in ("scratch_mlp", "cifar10_cnn", "vgg16_features", "vgg16_finetune")
+                for c in [node.left, *node.comparators]
+            ):
+                offenders.append(f"{name}:{node.lineno}")
+    assert not offenders
