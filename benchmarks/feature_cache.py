@@ -27,7 +27,8 @@ sys.path.insert(0, str(REPO))
 
 import keras  # noqa: E402
 
-from kerastune_flow import data, models, train  # noqa: E402
+from kerastune_flow import data, finetune, models  # noqa: E402
+from kerastune_flow.runtime import prepare_process  # noqa: E402
 from kerastune_flow.strategy import get_strategy, global_batch_size  # noqa: E402
 
 
@@ -50,6 +51,7 @@ def main(argv=None) -> int:
     repeats = args.repeats or (3 if args.quick else 5)
 
     keras.utils.set_random_seed(0)
+    prepare_process("auto")
     strategy = get_strategy("auto")
     splits = data.load_data(str(REPO / "data" / "digits"), image_size=(size, size), channels=3, max_examples=examples)
     head_spec = models.transfer_head(splits.num_classes)
@@ -64,10 +66,10 @@ def main(argv=None) -> int:
         model = models.build_vgg16_feature_extractor(
             input_shape=(size, size, 3), num_classes=splits.num_classes, weights=None
         )
-    features, head = train.split_at_base(model)
+    features, head = finetune.split_at_base(model)
     cached: dict = {}
     extract_seconds = _time(
-        lambda: cached.update(train.cached_feature_pipelines(features, pipes, batch_size=batch, seed=0))
+        lambda: cached.update(finetune.cached_feature_pipelines(features, pipes, batch_size=batch, seed=0))
     )
     with strategy.scope():
         models.compile_model(head, head_spec)

@@ -22,8 +22,8 @@ the call outside the epochs (setting up; at the end, tearing down the data itera
 tf.data's autotuning on, discarding an epoch's iterator waits for the autotuning thread: seconds
 per epoch for the CNN here, inside the next epoch or at the end of `fit`.
 
-The process starts as a run does, with `get_strategy("auto")`, which on the CPU gives TensorFlow one
-inter-op thread; `--inter-op 0` keeps TensorFlow's default instead (the setting is per process, so
+The process starts as a run does, with `prepare_process("auto")`, which on the CPU gives TensorFlow
+one inter-op thread; `--inter-op 0` keeps TensorFlow's default instead (the setting is per process, so
 compare two commands). Data are random pixels: throughput does not depend on their values.
 """
 
@@ -45,6 +45,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from kerastune_flow import data, models  # noqa: E402
+from kerastune_flow.runtime import prepare_process  # noqa: E402
 from kerastune_flow.strategy import device_kind, device_settings, get_strategy  # noqa: E402
 
 SHAPES = {"mlp": (28, 28, 1), "cnn": (32, 32, 3)}
@@ -133,7 +134,8 @@ def main(argv=None) -> int:
         os.environ["TF_NUM_INTEROP_THREADS"] = str(args.inter_op)
     if args.intra_op:
         tf.config.threading.set_intra_op_parallelism_threads(args.intra_op)
-    strategy = get_strategy("auto")  # as a run does, first: on the CPU it chooses TensorFlow's threads
+    prepare_process("auto")  # as a run does, first: on the CPU it chooses TensorFlow's threads
+    strategy = get_strategy("auto")
     shape = SHAPES[args.model]
     n = args.examples or (
         (12_000 if args.model == "mlp" else 3_000) if args.quick else (60_000 if args.model == "mlp" else 20_000)

@@ -83,6 +83,7 @@ def setting(
     store: Any = None,
     bare: Any = None,
     shown: str | None = None,
+    metavar: str | None = None,
 ) -> Any:
     """A config field with what the command line needs to know about it.
 
@@ -95,8 +96,11 @@ def setting(
         store: the flag takes no value and stores this (`--no-feature-cache` stores "off").
         bare: the value of the flag given without a value (`--mixed-precision` alone).
         shown: the default as `--help` shows it, when the recipe decides it.
+        metavar: what `--help` shows for the flag's value.
     """
-    metadata = dict(help=help, choices=choices, parse=parse, flag=flag, store=store, bare=bare, shown=shown)
+    metadata = dict(
+        help=help, choices=choices, parse=parse, flag=flag, store=store, bare=bare, shown=shown, metavar=metavar
+    )
     return dataclasses.field(default=default, metadata=metadata)
 
 
@@ -111,13 +115,13 @@ class DataConfig:
         shown="data/digits, shipped with the project",
     )
     image_size: tuple[int, int] | None = setting(
-        None, "N or HxW to resize to", parse=parse_image_size, shown="the recipe's: 28, 32 or 150"
+        None, "N or HxW to resize to", parse=parse_image_size, shown="the recipe's: 28, 32 or 150", metavar="N|HxW"
     )
     batch_size: int = setting(64, "per replica; the global batch is this x replicas", shown="the recipe's: 64 or 32")
     validation_fraction: float = setting(0.1, "share of train held out for validation")
     test_fraction: float = setting(0.1, "share held out for test when the data has no test split")
     augment: tuple[str, ...] = setting(
-        (), "comma list of random augmentations", choices=AUGMENTATIONS, parse=parse_names, shown="none"
+        (), "comma list of random augmentations", choices=AUGMENTATIONS, parse=parse_names, metavar="NAME,..."
     )
     data_dir: str | None = setting(None, "tfds data directory", shown="~/tensorflow_datasets")
     manual_dir: str | None = setting(None, "folder with the original tfds archives: prepare without a download")
@@ -135,7 +139,10 @@ class ModelConfig:
 
     recipe: str = setting("cifar10_cnn", "the recipe (see `list`)", flag=None)
     weights: str | None = setting(
-        "imagenet", "transfer recipes: imagenet, none, or a local weights file", parse=parse_weights
+        "imagenet",
+        "transfer recipes: imagenet, none, or a local weights file",
+        parse=parse_weights,
+        metavar="imagenet|none|PATH",
     )
     initializer: str = setting("glorot_uniform", "kernel initializer", choices=INITIALIZER_NAMES)
     dropout: float = setting(0.0, "dropout rate in the dense part")
@@ -157,6 +164,7 @@ class ModelConfig:
         "(snapped to the start of a block)",
         parse=str,
         shown="the last block, block5_conv1 = 15 for VGG16",
+        metavar="INDEX|NAME|FRACTION",
     )
     finetune_learning_rate: float = setting(1e-5, "stage 2 learning rate", flag="--finetune-lr")
     progressive: str | None = setting(

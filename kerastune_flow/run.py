@@ -93,6 +93,13 @@ def _value_type(field: dataclasses.Field) -> Any:
     return {"int": int, "float": float}.get(first, str)
 
 
+def _shown(default: Any) -> str:
+    """A default as `--help` shows it."""
+    if default is None or default == ():
+        return "none"
+    return ", ".join(default) if isinstance(default, tuple) else str(default)
+
+
 def _flag_name(field: dataclasses.Field) -> str:
     """The flag of a setting: its own, else `--name-with-dashes`, or `--no-name` for a boolean
     that is on by default."""
@@ -102,22 +109,18 @@ def _flag_name(field: dataclasses.Field) -> str:
     return f"--no-{dashed}" if field.default is True else f"--{dashed}"
 
 
-def add_config_flags(parser: argparse.ArgumentParser, *, skip: Iterable[str] = ()) -> list[str]:
-    """Adds a flag for every config setting that has one, grouped by section.
+def add_config_flags(parser: argparse.ArgumentParser, *, skip: Iterable[str] = ()) -> None:
+    """Adds a flag for every config setting that has one (but those in `skip`), grouped by section.
 
     Every flag defaults to None, meaning "not given": the recipe's defaults apply.
-
-    Returns:
-        The field names that got a flag.
     """
-    names = []
     for section, section_cls in SECTIONS.items():
         group = parser.add_argument_group(SECTION_TITLES[section])
         for f in dataclasses.fields(section_cls):
             meta = f.metadata
             if meta["flag"] is None or f.name in skip:
                 continue
-            shown = meta["shown"] or (", ".join(f.default) if isinstance(f.default, tuple) else f.default)
+            shown = meta["shown"] or _shown(f.default)
             kwargs: dict[str, Any] = dict(dest=f.name, default=None)
             if meta["store"] is not None:
                 kwargs.update(action="store_const", const=meta["store"])
@@ -126,18 +129,16 @@ def add_config_flags(parser: argparse.ArgumentParser, *, skip: Iterable[str] = (
                 kwargs["action"] = "store_false" if f.default else "store_true"
                 help_text = f"no {meta['help']} (on by default)" if f.default else meta["help"]
             else:
-                kwargs["type"] = _value_type(f)
-                if meta["choices"]:
-                    help_text = f"{meta['help']}: {', '.join(meta['choices'])} (default: {shown})"
-                    if not isinstance(f.default, tuple):  # a list's items are checked by the config
-                        kwargs["choices"] = meta["choices"]
-                else:
-                    help_text = f"{meta['help']} (default: {shown})"
+                kwargs.update(type=_value_type(f), metavar=meta["metavar"])
+                help_text = meta["help"]
+                if meta["choices"] and isinstance(f.default, tuple):  # a list: the config checks its items
+                    help_text += f": {', '.join(meta['choices'])}"
+                elif meta["choices"]:  # argparse checks the value and shows the choices
+                    kwargs["choices"] = meta["choices"]
+                help_text += f" (default: {shown})"
                 if meta["bare"] is not None:
                     kwargs.update(nargs="?", const=meta["bare"])
             group.add_argument(_flag_name(f), help=help_text, **kwargs)
-            names.append(f.name)
-    return names
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -22,7 +22,7 @@ import os
 
 import tensorflow as tf
 
-from kerastune_flow.config import MIXED_PRECISION, STRATEGY_NAMES
+from kerastune_flow.config import JIT_COMPILE, MIXED_PRECISION, STRATEGY_NAMES
 from kerastune_flow.errors import ConfigError, StrategyError
 
 log = logging.getLogger(__name__)
@@ -268,8 +268,8 @@ def device_settings(
             TensorFlow 2.21 fail with "You must feed a value for placeholder tensor".
 
     Raises:
-        ConfigError: for an unknown mixed_precision value, or steps_per_execution > 1 with
-            several CPU replicas.
+        ConfigError: for an unknown mixed_precision or jit_compile value, or
+            steps_per_execution > 1 with several CPU replicas.
     """
     if kind == "cpu" and replicas > 1 and (steps_per_execution or 1) > 1:
         raise ConfigError(
@@ -285,10 +285,12 @@ def device_settings(
     policy = {"off": "float32", "auto": auto_policy, "bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}[
         mixed_precision
     ]
-    if isinstance(jit_compile, bool) or jit_compile in ("true", "false"):
-        jit = jit_compile if isinstance(jit_compile, bool) else jit_compile == "true"
+    if isinstance(jit_compile, bool):
+        jit = jit_compile
+    elif jit_compile in JIT_COMPILE:
+        jit = kind in ("tpu", "gpu") if jit_compile == "auto" else jit_compile == "true"
     else:
-        jit = kind in ("tpu", "gpu")
+        raise ConfigError(f"jit_compile must be one of {', '.join(JIT_COMPILE)}. Received: jit_compile={jit_compile!r}")
     return DeviceSettings(
         kind=kind,
         drop_remainder=kind == "tpu",

@@ -62,6 +62,8 @@ def test_explicit_settings_win():
     assert device_settings("cpu", mixed_precision="bfloat16").dtype_policy == "mixed_bfloat16"
     with pytest.raises(ConfigError, match="mixed_precision"):
         device_settings("cpu", mixed_precision="int8")
+    with pytest.raises(ConfigError, match="jit_compile must be one of auto, true, false. Received: jit_compile='yes'"):
+        device_settings("gpu", jit_compile="yes")  # used to mean auto, without a word
 
 
 @pytest.fixture

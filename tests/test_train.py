@@ -153,6 +153,8 @@ def test_evaluate_and_predict_use_the_saved_run(image_folder, tmp_path):
     metrics = inference.evaluate_saved(tmp_path / "run", str(image_folder))
     assert metrics["accuracy"] == pytest.approx(result.test_metrics["accuracy"], abs=1e-6)
     assert metrics["examples"] == 3
+    assert metrics["test_split"] == f"0.1 of {image_folder} per class, held out with seed 0"
+    assert inference.evaluate_saved(tmp_path / "run") == metrics  # the run's own data by default
 
     rows = inference.predict_images(tmp_path / "run", [str(image_folder / "square")], top_k=2)
     assert len(rows) == 12

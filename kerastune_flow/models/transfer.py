@@ -17,6 +17,7 @@ from typing import Any
 import keras
 from keras import layers
 
+from kerastune_flow.config import POOLINGS
 from kerastune_flow.errors import ConfigError, RunDirError
 from kerastune_flow.models.backbones import (
     BACKBONES,
@@ -92,9 +93,9 @@ def build_transfer_model(
     else:
         input_shape = tuple(int(d) for d in base.input_shape[1:])
         preprocessing, auto_pooling = "none", "flatten"
+    if pooling not in POOLINGS:
+        raise ConfigError(f"pooling must be one of {', '.join(POOLINGS)}. Received: pooling={pooling}")
     pooling = auto_pooling if pooling == "auto" else pooling
-    if pooling not in ("flatten", "avg"):
-        raise ConfigError(f"pooling must be flatten, avg or auto. Received: pooling={pooling}")
     base.trainable = False
     inputs = keras.Input(shape=tuple(input_shape), name="pixels")
     x = inputs
