@@ -7,7 +7,7 @@ writes, in `run_dir`:
     history.csv, history.jsonl   one row / one JSON object per epoch: metrics, lr, wall time
     model.keras                  the best model so far (by `monitor`), replaced atomically
     tensorboard/                 TensorBoard event files
-    backup/                      BackupAndRestore state, so the same command resumes after a crash
+    backup/                      the resume state (`resume.RunBackup`): the same command continues exactly
 Every file is replaced atomically (see `rundir.atomic_file`), so a kill at any moment leaves the
 previous complete version, never a truncated one.
 """
@@ -29,7 +29,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from kerastune_flow import rundir
+from kerastune_flow import resume, rundir
 from kerastune_flow.errors import RunDirError, RunInterrupted, TrainingDivergedError
 
 log = logging.getLogger(__name__)
@@ -55,7 +55,7 @@ class HistoryLogger(keras.callbacks.Callback):
     Each record holds the epoch, every metric, the learning rate, the epoch's wall time and the
     time since the run started, plus `stage` when given (the staged fine-tune logs two stages
     into one continuous history). On the first epoch of a `fit` it drops records of that epoch
-    and later ones, so a run resumed by BackupAndRestore does not log an epoch twice.
+    and later ones, so a resumed run does not log an epoch twice.
 
     Args:
         run_dir: where the two files live.
@@ -148,6 +148,13 @@ class BestModelCheckpoint(keras.callbacks.Callback):
             return True
         return value < self.best if self.mode == "min" else value > self.best
 
+    def get_state(self, save_arrays) -> dict[str, Any]:
+        """The best value and epoch so far, for `resume.RunBackup`."""
+        return {"best": self.best, "best_epoch": self.best_epoch}
+
+    def set_state(self, state: dict[str, Any], load_arrays) -> None:
+        self.best, self.best_epoch = state["best"], state["best_epoch"]
+
     def on_epoch_end(self, epoch, logs=None):
         value = (logs or {}).get(self.monitor)
         if value is None:
@@ -157,6 +164,61 @@ class BestModelCheckpoint(keras.callbacks.Callback):
         if math.isfinite(value) and self._improved(value):
             self.best, self.best_epoch = value, epoch
             rundir.atomic_save_model(self.save_model or self.model, self.filepath)
+
+
+class EarlyStopping(keras.callbacks.EarlyStopping):
+    """Keras' early stopping, with a state a resumed fit takes back (`resume.RunBackup`): the best
+    value and epoch, the epochs waited, whether it has stopped, and the best weights."""
+
+    def get_state(self, save_arrays) -> dict[str, Any]:
+        best_file = None
+        if self.restore_best_weights and self.best_weights is not None:
+            best_file = save_arrays("best", self.best_weights, self.best_epoch)
+        return {
+            "wait": self.wait,
+            "best": None if self.best is None else float(self.best),
+            "best_epoch": self.best_epoch,
+            "stopped_epoch": self.stopped_epoch,
+            "best_weights_file": best_file,
+        }
+
+    def set_state(self, state: dict[str, Any], load_arrays) -> None:
+        self.wait, self.best = state["wait"], state["best"]
+        self.best_epoch, self.stopped_epoch = state["best_epoch"], state["stopped_epoch"]
+        if state["best_weights_file"]:
+            self.best_weights = load_arrays(state["best_weights_file"])
+
+    @property
+    def stopped(self) -> bool:
+        """True once it has stopped the fit (then a resumed fit has nothing left to train)."""
+        return self.stopped_epoch > 0
+
+
+class EpochSeeds(keras.callbacks.Callback):
+    """Makes an epoch's randomness a function of (seed, epoch) alone, when the epoch begins.
+
+    It sets the run's epoch clock, which the training pipeline reads to order and augment the
+    epoch (see `data.EpochClock`), and moves every random layer's seed (Dropout) to a point that
+    depends on the epoch only: Keras saves no seed state with the weights, so a resumed fit
+    would otherwise draw the masks of epoch 0 again.
+
+    Args:
+        clock: the run's `data.EpochClock`, or None for a pipeline without one.
+    """
+
+    STRIDE = 1 << 24  # random draws per epoch and layer before two epochs could overlap
+
+    def __init__(self, clock=None):
+        super().__init__()
+        self.clock = clock
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if self.clock is not None:
+            self.clock.set(epoch)
+        for layer in self.model._flatten_layers(include_self=True, recursive=True):
+            for generator in getattr(layer, "_seed_generators", ()):
+                state = keras.ops.convert_to_numpy(generator.state)
+                generator.state.assign(np.array([state[0], epoch * self.STRIDE], dtype=state.dtype))
 
 
 class NaNGuard(keras.callbacks.Callback):
@@ -336,12 +398,13 @@ def standard_callbacks(
     terminate_on_nan: bool = True,
     best: float | None = None,
     save_model: keras.Model | None = None,
+    clock=None,
 ) -> list[keras.callbacks.Callback]:
     """The callbacks of a run directory; each can be switched off.
 
     Order matters: DiskSpaceGuard comes before every writer, so a full disk stops the epoch
-    before any file is touched; BackupAndRestore comes last, so that an epoch is marked done in
-    the backup only after its log records and best model are written.
+    before any file is touched; RunBackup comes last, so that an epoch is marked done in the
+    backup only after its log records and best model are written.
 
     Args:
         run_dir: the run directory (created if missing).
@@ -354,17 +417,20 @@ def standard_callbacks(
             weights.
         patience: epochs without improvement before stopping.
         checkpoint: model.keras, the best model so far.
-        backup: BackupAndRestore under backup/, so the same command resumes after a crash.
+        backup: `resume.RunBackup` under backup/, so the same command resumes after a crash
+            (call its `restore` before `fit`, as `fitting.fit` does).
         terminate_on_nan: stop on a NaN or infinite loss.
         best: best monitored value reached by an earlier stage, so the checkpoint keeps it.
         save_model: the model the checkpoint saves, if not the one being fitted.
+        clock: the run's `data.EpochClock` (see `EpochSeeds`), or None.
 
     Returns:
         A list of callbacks for `model.fit`.
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    callbacks: list[keras.callbacks.Callback] = []
+    callbacks: list[keras.callbacks.Callback] = [EpochSeeds(clock)]
+    stateful: dict[str, Any] = {}
     guard = _ACTIVE_GUARD.get()
     if guard is not None:
         callbacks.append(guard)
@@ -375,19 +441,19 @@ def standard_callbacks(
     if csv_log or jsonl_log:
         callbacks.append(HistoryLogger(run_dir, stage=stage, csv_log=csv_log, jsonl_log=jsonl_log))
     if checkpoint:
-        callbacks.append(
-            BestModelCheckpoint(run_dir / rundir.BEST_MODEL, monitor=monitor, best=best, save_model=save_model)
+        stateful["checkpoint"] = BestModelCheckpoint(
+            run_dir / rundir.BEST_MODEL, monitor=monitor, best=best, save_model=save_model
         )
+        callbacks.append(stateful["checkpoint"])
     if early_stopping:
-        callbacks.append(
-            keras.callbacks.EarlyStopping(monitor=monitor, patience=patience, restore_best_weights=True, verbose=1)
+        stateful["early_stopping"] = EarlyStopping(
+            monitor=monitor, patience=patience, restore_best_weights=True, verbose=1
         )
+        callbacks.append(stateful["early_stopping"])
     if tensorboard:
         callbacks.append(
             keras.callbacks.TensorBoard(str(run_dir / rundir.TENSORBOARD_DIR), write_graph=False, profile_batch=0)
         )
     if backup:
-        backup_dir = run_dir / rundir.BACKUP_DIR / (stage or "fit")
-        rundir.discard_damaged_backup(backup_dir)
-        callbacks.append(keras.callbacks.BackupAndRestore(str(backup_dir), double_checkpoint=True))
+        callbacks.append(resume.RunBackup(run_dir / rundir.BACKUP_DIR / (stage or "fit"), stateful))
     return callbacks

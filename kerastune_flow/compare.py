@@ -33,6 +33,7 @@ import tensorflow as tf
 
 from kerastune_flow import analysis, inference, models, plots, rundir
 from kerastune_flow import data as data_lib
+from kerastune_flow.config import new_seed
 from kerastune_flow.errors import ConfigError
 from kerastune_flow.recipes import get_recipe, make_config
 from kerastune_flow.train import train_and_evaluate
@@ -135,6 +136,11 @@ def compare(
         raise ConfigError(f"Training fractions must lie in (0, 1]. Received: {list(train_fractions)}")
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    if overrides.get("seed") is None:  # one seed for every approach: the same split of a folder
+        overrides["seed"] = make_config("cifar10_cnn", preset).train.seed
+        if overrides["seed"] is None:
+            overrides["seed"] = new_seed()
+            log.info("No --seed given: the comparison's seed is %d", overrides["seed"])
     base = overrides.get("base")
     results: list[ApproachResult] = []
     total = len(approaches) * len(train_fractions)

@@ -10,7 +10,11 @@ names are unique across the three sections, so `make_config(recipe, **overrides)
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+import secrets
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 from kerastune_flow.errors import ConfigError
@@ -195,7 +199,16 @@ class TrainConfig:
     epochs: int = setting(10, "epochs (stage 2 epochs for a fine-tune)")
     head_epochs: int = setting(5, "stage 1 epochs of a fine-tune: the head on the frozen base")
     strategy: str = setting("auto", "tf.distribute strategy", choices=STRATEGY_NAMES)
-    seed: int = setting(0, "seed for weights, shuffling and splits")
+    seed: int | None = setting(
+        None,
+        "seed for weights, splits, data order, augmentation and dropout",
+        shown="a new one, recorded in config.json and results.json",
+    )
+    deterministic: bool = setting(
+        False,
+        "TensorFlow's op determinism (tf.config.experimental.enable_op_determinism): the same result on a GPU "
+        "too, at some speed; the CPU is deterministic without it",
+    )
     early_stopping: bool = setting(True, "early stopping when the monitored metric stops improving")
     patience: int = setting(3, "early stopping patience in epochs")
     monitor: str = setting("val_loss", "metric for early stopping and the best model")
@@ -266,6 +279,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         head_epochs=1,
         weights=None,
         tensorboard=False,
+        seed=0,
     ),
 }
 
@@ -286,6 +300,47 @@ def field_section(name: str) -> str:
         if name in {f.name for f in dataclasses.fields(section_cls)}:
             return section
     raise ConfigError(f"Unknown setting {name!r}. Received: {name}=...")
+
+
+def new_seed() -> int:
+    """A seed for a run that was given none (recorded, so the run can be replayed)."""
+    return secrets.randbelow(2**31)
+
+
+def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
+    """The settings in a run's config.json, or in any JSON of the same shape
+    ({"data": {...}, "model": {...}, "train": {...}}), as field values by name.
+
+    Raises:
+        ConfigError: when the file is missing, is not JSON, or names a setting that does not exist.
+    """
+    path = Path(path)
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(
+            f"Config file {path} does not exist; pass a run's config.json. Received: config={path}"
+        ) from None
+    except (OSError, ValueError) as error:
+        raise ConfigError(
+            f"Config file {path} is not readable JSON ({' '.join(str(error).split())[:80]}); pass a run's "
+            f"config.json. Received: config={path}"
+        ) from None
+    sections = raw.get("config", raw) if isinstance(raw, dict) else None
+    if not isinstance(sections, dict) or not set(sections) <= set(SECTIONS) or not sections:
+        raise ConfigError(
+            f"Config file {path} holds no settings: it needs data, model and train sections, as a run's config.json "
+            f"does. Received: keys={sorted(raw) if isinstance(raw, dict) else type(raw).__name__}"
+        )
+    values: dict[str, Any] = {}
+    for name, section in sections.items():
+        for key, value in dict(section).items():
+            if field_section(key) != name:
+                raise ConfigError(
+                    f"Config file {path} puts {key!r} under {name!r}; it belongs in {field_section(key)!r}."
+                )
+            values[key] = tuple(value) if isinstance(value, list) else value
+    return values
 
 
 def field_help(name: str) -> str:

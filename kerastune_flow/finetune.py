@@ -27,8 +27,6 @@ from kerastune_flow.fitting import FitContext
 
 log = logging.getLogger(__name__)
 
-SHUFFLE_BUFFER = 10_000  # as `data.prepare`, so cached batches are the batches of the full pass
-
 
 # --------------------------------------------------------------------------- feature caching
 
@@ -69,11 +67,14 @@ def cached_feature_pipelines(
     seed: int,
     drop_remainder: bool = False,
     autotune: bool | None = None,
+    clock: data_lib.EpochClock | None = None,
+    epochs: int | None = None,
 ) -> dict[str, tf.data.Dataset | None]:
     """Computes the base's features once for train and validation and serves them from memory.
 
-    The training features are shuffled with the same seed and buffer as `data.prepare`, so a
-    head trained on them sees the batches the uncached path would.
+    The training features are shuffled as `data.prepare` shuffles the images (the same seeds,
+    buffer and, with a clock, the same order per epoch), so a head trained on them sees the
+    batches the uncached path would.
 
     Args:
         features: the model from pixels to the base's output (see `split_at_base`).
@@ -82,6 +83,8 @@ def cached_feature_pipelines(
         seed: the shuffle seed.
         drop_remainder: static batch shapes (TPUs).
         autotune: tf.data's autotuning; None: the device's choice.
+        clock: the run's epoch clock; `epochs` is then the most epochs (see `data.epoch_ordered`).
+        epochs: with `clock`, how many epochs the run has at most.
     """
     out: dict[str, tf.data.Dataset | None] = {"validation": None}
     for name in ("train", "validation"):
@@ -89,10 +92,20 @@ def cached_feature_pipelines(
             continue
         feats, labels = extract_features(features, pipes[f"{name}_ordered"])
         ds = tf.data.Dataset.from_tensor_slices((feats, labels))
-        if name == "train":
-            ds = ds.shuffle(SHUFFLE_BUFFER, seed=seed, reshuffle_each_iteration=True)
-        ds = ds.batch(batch_size, drop_remainder=drop_remainder and name == "train").prefetch(tf.data.AUTOTUNE)
-        out[name] = data_lib.with_autotune(ds, autotune)
+        training = name == "train"
+
+        def batch(d: tf.data.Dataset, epoch: int | None = None, training: bool = training) -> tf.data.Dataset:
+            return d.batch(batch_size, drop_remainder=drop_remainder and training)
+
+        if training and clock is not None:
+            ds = data_lib.epoch_ordered(
+                ds, clock=clock, epochs=epochs, seed=seed, shuffle_buffer=data_lib.SHUFFLE_BUFFER, per_epoch=batch
+            )
+        elif training:
+            ds = batch(ds.shuffle(data_lib.SHUFFLE_BUFFER, seed=seed, reshuffle_each_iteration=True))
+        else:
+            ds = batch(ds)
+        out[name] = data_lib.with_autotune(ds.prefetch(tf.data.AUTOTUNE), autotune)
     return out
 
 
@@ -129,6 +142,8 @@ def fit_frozen(
         seed=config.train.seed,
         drop_remainder=context.settings.drop_remainder,
         autotune=context.settings.data_autotune,
+        clock=context.clock,
+        epochs=context.epochs,
     )
     log.info("Cached the frozen base's features of train and validation in %.1f s", time.perf_counter() - start)
     with context.strategy.scope():

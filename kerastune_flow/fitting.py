@@ -14,7 +14,9 @@ import keras
 import tensorflow as tf
 
 from kerastune_flow import callbacks as cb
+from kerastune_flow import resume
 from kerastune_flow.config import Config
+from kerastune_flow.data.pipeline import EpochClock
 from kerastune_flow.strategy import DeviceSettings, global_batch_size
 
 
@@ -28,6 +30,8 @@ class FitContext:
         strategy: the strategy whose scope builds and compiles.
         settings: the device's settings (XLA, static batches, steps per execution).
         steps_per_epoch: training steps in one epoch at the global batch size.
+        clock: the epoch clock the training pipelines read (see `data.EpochClock`).
+        epochs: the most epochs the run has (all stages), which the pipelines are built for.
     """
 
     config: Config
@@ -35,6 +39,8 @@ class FitContext:
     strategy: tf.distribute.Strategy
     settings: DeviceSettings
     steps_per_epoch: int
+    clock: EpochClock
+    epochs: int
 
     @property
     def global_batch_size(self) -> int:
@@ -87,6 +93,7 @@ def stage_callbacks(
         terminate_on_nan=t.terminate_on_nan,
         best=best,
         save_model=save_model,
+        clock=context.clock,
     )
 
 
@@ -108,8 +115,25 @@ def fit(
     epochs: int,
     initial_epoch: int = 0,
 ) -> int:
-    """`model.fit` with the package's progress bar; returns the epoch the fit ended at
-    (`epochs`, or earlier when early stopping stopped it)."""
+    """`model.fit` with the package's progress bar, continuing from the stage's backup if there
+    is one; returns the epoch the fit ended at (`epochs`, or earlier when early stopping
+    stopped it).
+
+    A backup (`resume.RunBackup` among the callbacks) is read before `fit` starts: the model
+    gets its weights and optimizer state back and the fit continues at the epoch after the last
+    one saved. A fit that had already ended (early stopping stopped it, or every epoch was done)
+    is not started again: the best weights are put back as early stopping would have.
+    """
+    backup = next((c for c in callbacks if isinstance(c, resume.RunBackup)), None)
+    saved = backup.restore(model) if backup is not None else None
+    if saved is not None:
+        initial_epoch = max(initial_epoch, saved)
+        stopper = next((c for c in callbacks if isinstance(c, cb.EarlyStopping)), None)
+        backup.apply_states()
+        if initial_epoch >= epochs or (stopper is not None and stopper.stopped):
+            if stopper is not None and stopper.restore_best_weights and stopper.best_weights is not None:
+                model.set_weights(stopper.best_weights)
+            return stopper.stopped_epoch + 1 if stopper is not None and stopper.stopped else initial_epoch
     history = model.fit(
         train_ds,
         validation_data=val_ds,

@@ -164,6 +164,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("recipe", choices=list(RECIPES), metavar="RECIPE", help=", ".join(RECIPES))
     add_config_flags(train)
     g = train.add_argument_group("the run")
+    g.add_argument(
+        "--config",
+        metavar="FILE",
+        help="take every setting from a run's config.json (or JSON of the same shape); flags typed here win",
+    )
     g.add_argument("--preset", default="reference", choices=list(PRESETS), help="smoke: tiny, offline, seconds")
     g.add_argument("--run-dir", help="output folder (default runs/RECIPE-DATE-TIME)")
     g.add_argument("--overwrite", action="store_true", help="replace a finished run in --run-dir")
@@ -246,7 +251,10 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    overrides = config_overrides(args)
+    overrides = config_lib.load_config_file(args.config) if args.config else {}
+    if overrides.pop("recipe", args.recipe) != args.recipe:
+        logging.getLogger(__name__).info("Training %s with the settings of %s", args.recipe, args.config)
+    overrides.update(config_overrides(args))
     if args.quiet:
         overrides["verbose"] = 0
     config = make_config(args.recipe, args.preset, **overrides)

@@ -8,7 +8,7 @@ A run directory holds:
     results.json    test metrics, wall time, parameter counts, best epoch
     curves.png      loss and accuracy per epoch, the fine-tune boundary marked
     tensorboard/    TensorBoard event files
-    backup/         the resume state; removed when the run finishes
+    backup/         the resume state (see `resume.py`); removed when the run finishes
 
 Every file is replaced atomically (written beside, then renamed), so a kill at any moment leaves
 the previous complete version, never a truncated one.
@@ -30,7 +30,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import h5py
 import keras
 import numpy as np
 
@@ -46,7 +45,6 @@ HISTORY_CSV = "history.csv"
 HISTORY_JSONL = "history.jsonl"
 BACKUP_DIR = "backup"
 TENSORBOARD_DIR = "tensorboard"
-BACKUP_WEIGHTS = "latest.weights.h5"  # what keras.callbacks.BackupAndRestore writes in its folder
 RUN_FILES = (CONFIG_JSON, RESULTS_JSON, CURVES_PNG, BEST_MODEL, HISTORY_CSV, HISTORY_JSONL, BACKUP_DIR, TENSORBOARD_DIR)
 
 
@@ -80,6 +78,17 @@ def prepare_run_dir(workdir: str | os.PathLike, *, overwrite: bool = False) -> b
             f"Received: run_dir={workdir}"
         ) from None
     return (workdir / BACKUP_DIR).exists() and not (workdir / RESULTS_JSON).exists()
+
+
+def interrupted_run_seed(workdir: str | os.PathLike) -> int | None:
+    """The seed an interrupted run in `workdir` recorded (it has a backup and no results), or None."""
+    workdir = Path(workdir)
+    if (workdir / RESULTS_JSON).exists() or not (workdir / BACKUP_DIR).exists():
+        return None
+    try:
+        return read_json(workdir / CONFIG_JSON)["config"]["train"]["seed"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def clear_finished_run(workdir: str | os.PathLike) -> None:
@@ -185,7 +194,7 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     """Yields a temporary path beside `path`; when the block ends without an error, the file
     is synced to disk and renamed over `path`, so readers see the old file or the new one.
 
-    The temporary name keeps the suffix of `path` (Keras wants ".keras" to save a model).
+    The temporary name keeps the suffixes of `path`.
 
     Raises:
         RunDirError: when the file cannot be written (a full disk, no permission); the old
@@ -194,7 +203,8 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     with _writing(path):
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
+        # The whole suffix: Keras wants ".keras" to save a model and ".weights.h5" to save weights.
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + "".join(path.suffixes), dir=path.parent)
         os.close(fd)
     try:
         with _writing(path):
@@ -295,47 +305,3 @@ def records_to_csv(records: list[dict[str, Any]]) -> str:
     writer.writeheader()
     writer.writerows(records)
     return out.getvalue()
-
-
-# --------------------------------------------------------------------------- the backup
-
-
-def _h5_readable(path: Path) -> bool:
-    """True when every dataset of an HDF5 file reads back."""
-
-    def read(name, obj):
-        if isinstance(obj, h5py.Dataset):
-            obj[()]
-        return None  # visititems stops at the first value that is not None
-
-    try:
-        with h5py.File(path, "r") as f:
-            f.visititems(read)
-    except Exception:  # OSError for a truncated file, KeyError / ValueError for a damaged one
-        return False
-    return True
-
-
-def discard_damaged_backup(backup_dir: str | os.PathLike) -> bool:
-    """Removes a BackupAndRestore folder whose weights cannot be read back and that holds no
-    readable previous copy, so that the same command starts that fit over instead of failing.
-
-    That happens when the disk filled up, or the process was killed, while the first backup
-    was written. With a readable previous copy (`.bkp`), BackupAndRestore falls back to it.
-
-    Returns:
-        True when the folder was removed.
-    """
-    weights = Path(backup_dir) / BACKUP_WEIGHTS
-    if not weights.exists() or _h5_readable(weights):
-        return False
-    previous = weights.with_name(weights.name + ".bkp")
-    if previous.exists() and _h5_readable(previous):
-        return False
-    log.warning(
-        "The backup in %s cannot be read (was the disk full, or the run killed, while it was written?); "
-        "this fit starts over",
-        backup_dir,
-    )
-    shutil.rmtree(backup_dir, ignore_errors=True)
-    return True

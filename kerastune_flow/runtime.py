@@ -63,12 +63,16 @@ def computes_on_cpu(strategy_name: str) -> bool:
     return strategy_name == "auto" and not tpu_hinted() and not tf.config.list_physical_devices("GPU")
 
 
-def prepare_process(strategy_name: str = "auto") -> None:
+def prepare_process(strategy_name: str = "auto", *, deterministic: bool = False) -> None:
     """Applies the process-wide settings for a strategy name, before the strategy exists.
 
     Installs the Keras fixes of `compat` (each a no-op once Keras is fixed) and, for CPU
-    training, one inter-op thread (see `prefer_cpu_threads`). Safe to call more than once.
+    training, one inter-op thread (see `prefer_cpu_threads`). With `deterministic`, turns on
+    TensorFlow's op determinism for the rest of the process (GPU kernels otherwise may sum in
+    a different order each run). Safe to call more than once.
     """
     compat.apply()
     if computes_on_cpu(strategy_name):
         prefer_cpu_threads()
+    if deterministic:
+        tf.config.experimental.enable_op_determinism()

@@ -178,6 +178,22 @@ def barrier(strategy: tf.distribute.Strategy) -> None:
         strategy.reduce("SUM", strategy.run(lambda: tf.constant(1.0)), axis=None)
 
 
+def broadcast_from_first_replica(strategy: tf.distribute.Strategy, value: int) -> int:
+    """The integer replica 0 holds, on every worker (a seed one machine picked, for all of them).
+
+    Replica 0 is on worker 0, the chief of a cluster of workers. Without several workers it is
+    `value` itself.
+    """
+    if not is_multi_worker(strategy):
+        return value
+
+    def contribute():
+        first = tf.distribute.get_replica_context().replica_id_in_sync_group == 0
+        return tf.where(first, tf.constant(value, tf.int64), tf.constant(0, tf.int64))
+
+    return int(strategy.reduce("SUM", strategy.run(contribute), axis=None))
+
+
 def is_tpu(strategy: tf.distribute.Strategy) -> bool:
     """True for TPUStrategy (which needs static shapes)."""
     return isinstance(strategy, tf.distribute.TPUStrategy)

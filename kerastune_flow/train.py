@@ -26,13 +26,14 @@ import tensorflow as tf
 from kerastune_flow import callbacks as cb
 from kerastune_flow import data as data_lib
 from kerastune_flow import finetune, fitting, models, plots, rundir, runtime
-from kerastune_flow.config import Config
+from kerastune_flow.config import Config, new_seed
 from kerastune_flow.errors import DataError, KerastuneFlowError
 from kerastune_flow.fitting import FitContext
 from kerastune_flow.recipes import check_image_size, get_recipe
 from kerastune_flow.strategy import (
     DeviceSettings,
     barrier,
+    broadcast_from_first_replica,
     describe,
     device_kind,
     device_settings,
@@ -125,7 +126,7 @@ def make_pipelines(
             f"The training split has {splits.sizes['train']} examples, fewer than one global batch of {batch}; "
             f"lower --batch-size or add data. Received: batch_size={config.data.batch_size}"
         )
-    augmenter = data_lib.make_augmenter(config.data.augment, splits.image_shape, seed=config.train.seed)
+    augmenter = data_lib.make_augmenter(config.data.augment, splits.image_shape)
     common = dict(
         batch_size=batch, label_mode=head.label_mode, num_classes=splits.num_classes, autotune=settings.data_autotune
     )
@@ -141,6 +142,8 @@ def make_pipelines(
             augmenter=augmenter if training else None,
             drop_remainder=training and settings.drop_remainder,
             seed=config.train.seed,
+            clock=context.clock if training else None,
+            epochs=context.epochs,
             **common,
         )
     if is_multi_worker(context.strategy):
@@ -185,8 +188,9 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, overwrite: bool =
     Raises:
         KerastuneFlowError: (a subclass) for every user error: data, weights, strategy, run dir.
     """
-    runtime.prepare_process(config.train.strategy)
+    runtime.prepare_process(config.train.strategy, deterministic=config.train.deterministic)
     strategy = get_strategy(config.train.strategy)  # first: multi-worker collectives precede any op
+    config = with_seed(config, workdir, strategy)
     keras.utils.set_random_seed(config.train.seed)
     if is_chief(strategy):
         run_dir = Path(workdir)
@@ -220,6 +224,19 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, overwrite: bool =
         keras.config.set_dtype_policy(previous_policy)
         if not is_chief(strategy):
             shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def with_seed(config: Config, workdir: str | Path, strategy: tf.distribute.Strategy) -> Config:
+    """The config with a seed: its own; else an interrupted run's in `workdir`, so that the same
+    command resumes the same run; else a new one (the same on every worker). It is recorded in
+    config.json and results.json, so every run can be replayed."""
+    if config.train.seed is not None:
+        return config
+    recorded = rundir.interrupted_run_seed(workdir) if is_chief(strategy) else None
+    seed = broadcast_from_first_replica(strategy, new_seed() if recorded is None else recorded)
+    if recorded is None:
+        log.info("No --seed given: this run's seed is %d (pass --seed %d to repeat it)", seed, seed)
+    return config.replace(seed=seed)
 
 
 def _translate_runtime_error(error: Exception, run_dir: Path) -> KerastuneFlowError | None:
@@ -264,6 +281,8 @@ def _train_and_evaluate(
         strategy=strategy,
         settings=settings,
         steps_per_epoch=fitting.steps_per_epoch(splits.sizes["train"], batch, settings),
+        clock=data_lib.EpochClock(),
+        epochs=config.train.head_epochs + config.train.epochs if recipe.staged else config.train.epochs,
     )
     pipes = make_pipelines(splits, context, head)
     log.info(
@@ -329,6 +348,7 @@ def _train_and_evaluate(
         **models.count_params(model),
         "strategy": describe(strategy),
         "resumed": resumed,
+        "seed": config.train.seed,
         "weights_sha256": weights_digest(model),
     }
     rundir.atomic_write_json(run_dir / rundir.RESULTS_JSON, results)

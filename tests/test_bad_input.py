@@ -26,7 +26,7 @@ import tensorflow as tf
 from conftest import REPO, write_image_folder
 
 from kerastune_flow import callbacks as cb
-from kerastune_flow import data, inference, models, run, rundir, train
+from kerastune_flow import data, inference, models, resume, run, rundir, train
 from kerastune_flow.errors import ConfigError, DataError, RunDirError
 from kerastune_flow.recipes import make_config
 
@@ -76,9 +76,9 @@ def _write_run_dir(folder: Path, model: keras.Model, *, finished: bool) -> Path:
     if finished:
         (folder / rundir.RESULTS_JSON).write_text('{"test": {"accuracy": 0.5}}')
         (folder / rundir.CURVES_PNG).write_bytes(b"\x89PNG not really")
-    else:  # interrupted: the backup BackupAndRestore resumes from
+    else:  # interrupted: a backup to resume from (one that cannot be read: the fit starts over)
         (folder / rundir.BACKUP_DIR / "fit").mkdir(parents=True)
-        (folder / rundir.BACKUP_DIR / "fit" / "checkpoint").write_text("epoch 1")
+        (folder / rundir.BACKUP_DIR / "fit" / "state.json").write_text('{"epoch": 1, "weights": "w.weights.h5"}')
     return folder
 
 
@@ -579,23 +579,31 @@ def test_a_disk_too_full_for_the_next_epoch_stops_before_writing_anything(corpus
     assert [r["epoch"] for r in rundir.read_history(run_dir)] == [0]
 
 
-def test_a_backup_that_cannot_be_read_back_is_discarded_so_the_run_starts_over(tmp_path, caplog):
-    import h5py
-
+def test_a_backup_that_cannot_be_read_back_falls_back_or_starts_over(tmp_path, caplog):
     folder = tmp_path / rundir.BACKUP_DIR / "fit"
-    folder.mkdir(parents=True)
-    weights = folder / rundir.BACKUP_WEIGHTS
-    with h5py.File(weights, "w") as f:
-        f["kernel"] = np.arange(100_000, dtype="float32")
-    assert not rundir.discard_damaged_backup(folder)  # readable: kept
+    model = _tiny_classifier()
+    model.compile("sgd", "mse")
+    backup = resume.RunBackup(folder)
+    backup.set_model(model)
+    kernel = model.layers[-1].kernel
+    for epoch in range(3):  # three epochs: the folder keeps the last two
+        kernel.assign(np.full(kernel.shape, epoch, "float32"))
+        backup.on_epoch_end(epoch)
+    assert sorted(p.name for p in folder.iterdir()) == ["state.json", "weights-2.weights.h5", "weights-3.weights.h5"]
 
-    (folder / (rundir.BACKUP_WEIGHTS + ".bkp")).write_bytes(weights.read_bytes())
-    _truncate(weights)
-    assert not rundir.discard_damaged_backup(folder)  # BackupAndRestore falls back to the readable .bkp
+    kernel.assign(np.zeros(kernel.shape, "float32"))
+    assert resume.RunBackup(folder).restore(model) == 3
+    np.testing.assert_array_equal(kernel.numpy(), 2.0)
 
-    _truncate(folder / (rundir.BACKUP_WEIGHTS + ".bkp"))
+    _truncate(folder / "weights-3.weights.h5")  # killed, or the disk full, while the last was written
     with caplog.at_level("WARNING"):
-        assert rundir.discard_damaged_backup(folder)
+        assert resume.RunBackup(folder).restore(model) == 2
+    np.testing.assert_array_equal(kernel.numpy(), 1.0)
+    assert "resuming from the one before" in caplog.text
+
+    _truncate(folder / "weights-2.weights.h5")
+    with caplog.at_level("WARNING"):
+        assert resume.RunBackup(folder).restore(model) is None
     assert not folder.exists() and "this fit starts over" in caplog.text
 
 

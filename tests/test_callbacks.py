@@ -18,6 +18,8 @@ from kerastune_flow import rundir
 from kerastune_flow.callbacks import (
     BestModelCheckpoint,
     DiskSpaceGuard,
+    EarlyStopping,
+    EpochSeeds,
     HistoryLogger,
     NaNGuard,
     ProgressBar,
@@ -25,6 +27,7 @@ from kerastune_flow.callbacks import (
     standard_callbacks,
 )
 from kerastune_flow.errors import TrainingDivergedError
+from kerastune_flow.resume import RunBackup
 from kerastune_flow.rundir import (
     BACKUP_DIR,
     BEST_MODEL,
@@ -43,13 +46,14 @@ LEARNING_RATE = 0.05
 TRUE_WEIGHTS = np.array([[1.0], [-2.0], [0.5], [3.0]], dtype="float32")
 
 STANDARD_ORDER = [
+    EpochSeeds,
     NaNGuard,
     DiskSpaceGuard,
     HistoryLogger,
     BestModelCheckpoint,
-    keras.callbacks.EarlyStopping,
+    EarlyStopping,
     keras.callbacks.TensorBoard,
-    keras.callbacks.BackupAndRestore,
+    RunBackup,
 ]
 RECORD_KEYS = {"epoch", "loss", "val_loss", "learning_rate", "epoch_seconds", "wall_time"}
 
@@ -142,9 +146,9 @@ def test_standard_callbacks_order(tmp_path):
     [
         ("terminate_on_nan", NaNGuard),
         ("checkpoint", BestModelCheckpoint),
-        ("early_stopping", keras.callbacks.EarlyStopping),
+        ("early_stopping", EarlyStopping),
         ("tensorboard", keras.callbacks.TensorBoard),
-        ("backup", keras.callbacks.BackupAndRestore),
+        ("backup", RunBackup),
     ],
 )
 def test_each_flag_switches_its_callback_off(tmp_path, flag, removed):
@@ -179,16 +183,18 @@ def test_standard_callbacks_pass_their_settings_on(tmp_path):
         "max",
         0.8,
     )
-    stopping = by_type[keras.callbacks.EarlyStopping]
+    stopping = by_type[EarlyStopping]
     assert (stopping.monitor, stopping.patience, stopping.restore_best_weights) == ("val_accuracy", 7, True)
     assert Path(by_type[keras.callbacks.TensorBoard].log_dir) == tmp_path / TENSORBOARD_DIR
-    assert Path(by_type[keras.callbacks.BackupAndRestore].backup_dir) == tmp_path / BACKUP_DIR / "head"
+    backup = by_type[RunBackup]
+    assert backup.folder == tmp_path / BACKUP_DIR / "head"
+    assert backup.stateful == {"checkpoint": checkpoint, "early_stopping": stopping}
 
 
 def test_backup_without_stage_goes_to_fit_folder(tmp_path):
     backup = standard_callbacks(tmp_path)[-1]
 
-    assert Path(backup.backup_dir) == tmp_path / BACKUP_DIR / "fit"
+    assert backup.folder == tmp_path / BACKUP_DIR / "fit"
 
 
 # --------------------------------------------------------------------------- a fit with the standard set
@@ -229,9 +235,18 @@ def test_fit_with_standard_callbacks_writes_the_run_directory(tmp_path):
     assert best.evaluate(x_val, y_val, verbose=0) == pytest.approx(history.history["val_loss"][best_epoch], rel=1e-5)
 
     assert list((run_dir / TENSORBOARD_DIR).rglob("events.out.tfevents.*"))
-    # BackupAndRestore deletes its folder (backup/fit) when the fit finishes; backup/ is left empty.
-    assert not (run_dir / BACKUP_DIR / "fit").exists()
-    assert not [p for p in (run_dir / BACKUP_DIR).rglob("*") if p.is_file()]
+    # The backup stays until the run is over (train_and_evaluate removes it): one epoch and the one before.
+    state = json.loads((run_dir / BACKUP_DIR / "fit" / "state.json").read_text())
+    assert (state["epoch"], state["previous"]["epoch"]) == (EPOCHS, EPOCHS - 1)
+    assert state["callbacks"]["checkpoint"] == {"best": min(history.history["val_loss"]), "best_epoch": best_epoch}
+    best_files = {s["callbacks"]["early_stopping"]["best_weights_file"] for s in (state, state["previous"])}
+    assert f"best-{best_epoch}.npz" == state["callbacks"]["early_stopping"]["best_weights_file"]
+    assert {p.name for p in (run_dir / BACKUP_DIR / "fit").iterdir()} == {
+        "state.json",
+        f"weights-{EPOCHS}.weights.h5",
+        f"weights-{EPOCHS - 1}.weights.h5",
+        *best_files,
+    }  # older epochs' files are pruned
     assert _temp_files(run_dir) == []
 
 
@@ -248,7 +263,7 @@ def test_a_killed_fit_resumes_and_logs_each_epoch_once(tmp_path):
 
     history = _fit(_model(), standard_callbacks(run_dir, tensorboard=False, early_stopping=False), epochs=4)
 
-    assert history.epoch == [2, 3]  # BackupAndRestore resumed after the last backed-up epoch
+    assert history.epoch == [2, 3]  # resumed after the last backed-up epoch, by a plain model.fit
     records = read_history(run_dir)
     assert [r["epoch"] for r in records] == [0, 1, 2, 3]
     assert records[:2] == logged_before[:2]

@@ -441,9 +441,9 @@ def test_training_reshuffles_every_epoch_with_a_seed():
     assert two_epochs(seed=1) == [first, second]  # the same seed, the same epochs
 
 
-def test_augmenter_keeps_the_image_shape_and_changes_training_images():
+def test_augmenter_keeps_the_image_shape_and_changes_training_images_only():
     shape = (16, 16, 3)
-    augmenter = data.make_augmenter(("flip", "rotation", "zoom", "crop"), shape, seed=1)
+    augmenter = data.make_augmenter(("flip", "rotation", "zoom", "crop"), shape)
     rng = np.random.default_rng(0)
     images = rng.uniform(0, 255, size=(8, *shape)).astype(np.float32)
     ds = tf.data.Dataset.from_tensor_slices((images, np.zeros(8, np.int32)))
@@ -451,15 +451,10 @@ def test_augmenter_keeps_the_image_shape_and_changes_training_images():
     augmented = data.prepare(ds, batch_size=8, training=True, augmenter=augmenter, shuffle_buffer=1)
     evaluated = data.prepare(ds, batch_size=8, training=False, augmenter=augmenter)
 
-    assert len(augmenter.layers) == 5  # pad + crop, flip, rotation, zoom
     out, _ = next(iter(augmented))
     assert out.shape == (8, *shape) and out.dtype == tf.float32
     assert not np.allclose(out.numpy(), images)
     np.testing.assert_array_equal(next(iter(evaluated))[0].numpy(), images)
-
-
-def test_make_augmenter_with_no_names_is_none():
-    assert data.make_augmenter((), (16, 16, 3)) is None
 
 
 def test_should_cache_policies(monkeypatch):

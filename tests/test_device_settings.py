@@ -39,7 +39,9 @@ def test_pipelines_on_the_cpu_run_without_tf_data_autotuning(image_folder, tmp_p
     assert data_autotune() is False  # the default strategy here computes on the CPU
     config = make_config("cifar10_cnn", "smoke", data=str(image_folder))
     splits = data.load_splits(config)
-    context = FitContext(config, tmp_path, tf.distribute.get_strategy(), device_settings("cpu"), steps_per_epoch=1)
+    context = FitContext(
+        config, tmp_path, tf.distribute.get_strategy(), device_settings("cpu"), 1, data.EpochClock(), epochs=2
+    )
     pipes = train.make_pipelines(splits, context, get_recipe("cifar10_cnn").head(splits.num_classes))
     for name, ds in pipes.items():
         assert ds.options().autotune.enabled is False, name

@@ -45,7 +45,7 @@ def _start(folder, run_dir):
 
 
 def _backed_up_epoch(run_dir):
-    meta = run_dir / "backup" / "fit" / "training_metadata.json"
+    meta = run_dir / "backup" / "fit" / "state.json"
     try:
         return json.loads(meta.read_text())["epoch"]
     except (OSError, ValueError, KeyError):

@@ -4,13 +4,16 @@
     folders.py   image folders: indexed, split per class, scanned for bad files up front
     images.py    decoding, the parallel scan, reading files for prediction
     loading.py   load_data (either source) and load_splits (the data a Config names)
-    pipeline.py  the tf.data tail: cache, shuffle, batch, augment, encode labels, prefetch
+    augment.py   random augmentation as a function of a seed (stateless), batch by batch
+    pipeline.py  the tf.data tail: cache, shuffle, batch, augment, encode labels, prefetch; the
+                 epoch clock that makes each epoch's order and augmentation follow from (seed, epoch)
 
 An image folder is either `train/` and `test/` sub-folders with one folder per class each (the
 validation set is then taken from train), or class folders directly (validation and test are then
 taken per class, seeded, so every class appears in every split).
 """
 
+from kerastune_flow.data.augment import make_augmenter
 from kerastune_flow.data.folders import index_image_folder, load_image_folder
 from kerastune_flow.data.images import (
     IMAGE_EXTENSIONS,
@@ -24,9 +27,12 @@ from kerastune_flow.data.images import (
 from kerastune_flow.data.loading import has_test_split, load_data, load_splits
 from kerastune_flow.data.pipeline import (
     LABEL_RANGE_MARKER,
+    SHUFFLE_BUFFER,
+    EpochClock,
     encode_labels,
+    epoch_ordered,
+    epoch_seed,
     label_range_error,
-    make_augmenter,
     prepare,
     should_cache,
     with_autotune,
@@ -36,13 +42,17 @@ from kerastune_flow.data.sources import TFDS_ARCHIVES, TFDS_NAMES, DataSplits, i
 __all__ = [
     "IMAGE_EXTENSIONS",
     "LABEL_RANGE_MARKER",
+    "SHUFFLE_BUFFER",
     "TFDS_ARCHIVES",
     "TFDS_NAMES",
     "DataSplits",
+    "EpochClock",
     "ImageScan",
     "check_images",
     "detect_channels",
     "encode_labels",
+    "epoch_ordered",
+    "epoch_seed",
     "expand_image_arguments",
     "has_test_split",
     "index_image_folder",

@@ -6,43 +6,77 @@ import os
 import re
 from collections.abc import Callable, Sequence
 
-import keras
+import numpy as np
 import tensorflow as tf
 
 from kerastune_flow import strategy as strategy_lib
+from kerastune_flow.data.augment import Augmenter
 from kerastune_flow.errors import ConfigError, DataError
 
 LABEL_MODES = ("int", "binary", "categorical")
 # Marks the in-pipeline label check, so that a failing fit can be told from other errors.
 LABEL_RANGE_MARKER = "kerastune_flow: label out of range"
 _DEFAULT_CACHE_BUDGET = 2 * 1024**3
+SHUFFLE_BUFFER = 10_000  # examples
 
 
-def make_augmenter(names: Sequence[str], image_shape: tuple[int, int, int], seed: int = 0):
-    """Returns a Keras Sequential of random preprocessing layers, or None for no augmentation.
+class EpochClock:
+    """The epoch a run is in, for the training pipeline to read when an epoch's data begins.
+
+    Keras makes the next epoch's iterator before the epoch begins, and a resumed run starts at an
+    epoch the pipeline cannot count to, so the pipeline asks the clock: `callbacks.EpochSeeds`
+    sets it as each epoch begins, and tf.data reads it when the epoch's first batch is made (its
+    threads start at the first request, after `on_epoch_begin`).
+
+    Attributes:
+        variable: the epoch, a scalar int64 `tf.Variable`.
+    """
+
+    def __init__(self):
+        self.variable = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch_clock")
+
+    def set(self, epoch: int) -> None:
+        self.variable.assign(epoch)
+
+
+def epoch_seed(seed: int, epoch: int, purpose: str = "order") -> int:
+    """A 31-bit seed for one epoch of a run: the same (seed, epoch, purpose), the same number."""
+    words = [seed & 0xFFFFFFFF, epoch, sum(purpose.encode())]
+    return int(np.random.SeedSequence(words).generate_state(1)[0] & 0x7FFFFFFF)
+
+
+def epoch_ordered(
+    ds: tf.data.Dataset,
+    *,
+    clock: EpochClock,
+    epochs: int,
+    seed: int,
+    shuffle_buffer: int,
+    per_epoch: Callable[[tf.data.Dataset, int], tf.data.Dataset] = lambda ds, epoch: ds,
+) -> tf.data.Dataset:
+    """One epoch of `ds` in an order that depends only on (seed, epoch): the epoch the clock shows.
+
+    For each epoch there is its own seeded shuffle of `ds` (then `per_epoch(shuffled, epoch)`,
+    e.g. batching and augmenting with the epoch's seed); the clock picks which one the iterator
+    serves. So epoch 7 is the same whether the run got there in one go or was resumed at it.
 
     Args:
-        names: any of "flip", "rotation", "zoom", "crop" (pad by 1/8, then random crop back).
-        image_shape: (height, width, channels) of the images.
-        seed: seeds every layer.
+        ds: the (cached) examples.
+        clock: the run's epoch clock.
+        epochs: how many epochs the run has at most.
+        seed: the run's seed.
+        shuffle_buffer: examples in the shuffle buffer.
+        per_epoch: what follows the shuffle, given the epoch.
     """
-    if not names:
-        return None
-    height, width = image_shape[:2]
-    layers = []
-    if "crop" in names:
-        pad_h, pad_w = max(1, height // 8), max(1, width // 8)
-        layers += [
-            keras.layers.ZeroPadding2D((pad_h, pad_w)),
-            keras.layers.RandomCrop(height, width, seed=seed),
-        ]
-    if "flip" in names:
-        layers.append(keras.layers.RandomFlip("horizontal", seed=seed))
-    if "rotation" in names:
-        layers.append(keras.layers.RandomRotation(0.1, seed=seed))
-    if "zoom" in names:
-        layers.append(keras.layers.RandomZoom(0.1, seed=seed))
-    return keras.Sequential(layers, name="augmentation")
+    epoch_data = [
+        per_epoch(ds.shuffle(shuffle_buffer, seed=epoch_seed(seed, e), reshuffle_each_iteration=False), e)
+        for e in range(epochs)
+    ]
+    choice = tf.data.Dataset.from_tensors(0).repeat().map(lambda _: clock.variable.read_value())
+    ds = tf.data.Dataset.choose_from_datasets(epoch_data, choice, stop_on_empty_dataset=True)
+    steps = int(epoch_data[0].cardinality())
+    # Keras counts an epoch's steps from the cardinality; choosing hides it, every epoch has it.
+    return ds.apply(tf.data.experimental.assert_cardinality(steps)) if steps >= 0 else ds
 
 
 def _memory_budget() -> int:
@@ -115,13 +149,20 @@ def prepare(
     num_classes: int | None = None,
     training: bool = False,
     cache: bool = True,
-    augmenter: Callable | None = None,
-    shuffle_buffer: int = 10_000,
+    augmenter: Augmenter | None = None,
+    shuffle_buffer: int = SHUFFLE_BUFFER,
     drop_remainder: bool = False,
     seed: int = 0,
+    clock: EpochClock | None = None,
+    epochs: int | None = None,
     autotune: bool | None = None,
 ) -> tf.data.Dataset:
     """The pipeline tail: cache, shuffle (training only), batch, augment, encode labels, prefetch.
+
+    A training pipeline with a `clock` serves each epoch in an order, and with augmentation,
+    that follow from (seed, epoch) alone (see `epoch_ordered`), so that a resumed run repeats
+    the epochs of an uninterrupted one; without one, it reshuffles every time it is iterated
+    (reproducible from the seed for a run in one go).
 
     Args:
         ds: unbatched (image, int label) examples.
@@ -131,10 +172,12 @@ def prepare(
             checked to hold labels in [0, num_classes).
         training: shuffle every epoch and apply the augmenter.
         cache: keep decoded examples in memory after the first epoch.
-        augmenter: a callable (e.g. `make_augmenter`) applied to training batches.
+        augmenter: `augment.make_augmenter`'s function, applied to training batches.
         shuffle_buffer: examples in the shuffle buffer.
         drop_remainder: static batch shapes, as TPUs need.
-        seed: shuffle seed.
+        seed: the seed of the order and the augmentation.
+        clock: the run's epoch clock (training only); `epochs` is then the most epochs.
+        epochs: with `clock`, how many epochs the run has at most.
         autotune: tf.data's autotuning for the whole pipeline; None: the device's choice
             (`strategy.data_autotune`: off on the CPU, where it slows every epoch).
 
@@ -143,13 +186,39 @@ def prepare(
     """
     if cache:
         ds = ds.cache()
-    if training:
+    parallel = tf.data.AUTOTUNE
+
+    def batch_and_augment(examples: tf.data.Dataset, batch_seed: tf.data.Dataset) -> tf.data.Dataset:
+        batches = examples.batch(batch_size, drop_remainder=drop_remainder, num_parallel_calls=parallel)
+        if augmenter is None:
+            return batches
+        return tf.data.Dataset.zip(batches, batch_seed).map(
+            lambda xy, s: (augmenter(xy[0], s), xy[1]), num_parallel_calls=parallel
+        )
+
+    if training and clock is not None:
+        if epochs is None:
+            raise ValueError("A training pipeline with a clock needs epochs. Received: epochs=None")
+        ds = epoch_ordered(
+            ds,
+            clock=clock,
+            epochs=epochs,
+            seed=seed,
+            shuffle_buffer=shuffle_buffer,
+            per_epoch=lambda shuffled, e: batch_and_augment(shuffled, _batch_seeds(epoch_seed(seed, e, "augment"))),
+        )
+    elif training:
         ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
-    ds = ds.batch(batch_size, drop_remainder=drop_remainder, num_parallel_calls=tf.data.AUTOTUNE)
-    if training and augmenter is not None:
-        ds = ds.map(lambda x, y: (augmenter(x, training=True), y), num_parallel_calls=tf.data.AUTOTUNE)
-    ds = ds.map(encode_labels(label_mode, num_classes), num_parallel_calls=tf.data.AUTOTUNE)
+        ds = batch_and_augment(ds, tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2))
+    else:
+        ds = ds.batch(batch_size, drop_remainder=drop_remainder, num_parallel_calls=parallel)
+    ds = ds.map(encode_labels(label_mode, num_classes), num_parallel_calls=parallel)
     return with_autotune(ds.prefetch(tf.data.AUTOTUNE), autotune)
+
+
+def _batch_seeds(seed: int) -> tf.data.Dataset:
+    """The stateless seed of each batch of an epoch: (epoch seed, batch index)."""
+    return tf.data.Dataset.range(1 << 62).map(lambda i: tf.stack([tf.constant(seed, tf.int64), i]))
 
 
 def with_autotune(ds: tf.data.Dataset, autotune: bool | None = None) -> tf.data.Dataset:

@@ -1,0 +1,195 @@
+"""Resume: what a fit saves at the end of every epoch, and how the same command continues it exactly.
+
+At the end of each epoch `RunBackup` writes, into the fit's folder under backup/:
+
+    weights-N.weights.h5   the model's weights and the optimizer's state (its step count, so a
+                           learning-rate schedule continues where it was) after N epochs
+    state.json             N, the weights file, and the state of every callback that has one
+                           (the best value so far, early stopping's wait count and best epoch),
+                           with the previous epoch's entry kept as a fallback
+    best-N.npz             early stopping's best weights, when they changed
+
+Each file is written beside and renamed, and state.json is renamed last: a kill at any moment
+leaves the previous epoch's state whole. `RunBackup.restore`, called before `fit` (or by the
+callback itself when the fit begins), loads the newest entry whose files read back (else the
+previous one, else none: the fit starts over) and says where the fit continues; the callbacks
+get their state back in `on_train_begin`. The data
+order, the augmentation and dropout follow from (seed, epoch) (see `data.EpochClock`), so the
+resumed epochs are the uninterrupted run's epochs, bit for bit on the same machine and versions.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+import h5py
+import keras
+import numpy as np
+
+from kerastune_flow import rundir
+
+log = logging.getLogger(__name__)
+
+STATE_JSON = "state.json"
+
+
+class Stateful(Protocol):
+    """A callback whose state a resumed fit needs (see `callbacks.BestModelCheckpoint`).
+
+    `get_state(save_arrays)` returns a JSON-ready dict; arrays (such as best weights) go through
+    `save_arrays(name, arrays, key)`, which returns the file to name under a key ending in
+    "_file". `set_state(state, load_arrays)` takes the dict back; `load_arrays(file)` reads them.
+    """
+
+    def get_state(self, save_arrays: Callable[[str, list[np.ndarray], int], str]) -> dict[str, Any]: ...
+
+    def set_state(self, state: dict[str, Any], load_arrays: Callable[[str], list[np.ndarray]]) -> None: ...
+
+
+def _readable(path: Path) -> bool:
+    """True when every dataset of an HDF5 or npz file reads back."""
+
+    def read(name, obj):
+        if isinstance(obj, h5py.Dataset):
+            obj[()]
+        return None  # visititems stops at the first value that is not None
+
+    try:
+        if path.suffix == ".npz":
+            with np.load(path) as arrays:
+                for key in arrays.files:
+                    arrays[key]
+            return True
+        with h5py.File(path, "r") as f:
+            f.visititems(read)
+    except Exception:  # OSError for a truncated file, KeyError / ValueError for a damaged one
+        return False
+    return True
+
+
+class RunBackup(keras.callbacks.Callback):
+    """Saves what a resumed fit needs at the end of every epoch; `restore` reads it back.
+
+    Put it last among the callbacks, so that an epoch counts as done only once its log records
+    and best model are written (the resumed fit repeats an epoch that was logged but not saved).
+
+    Args:
+        folder: the fit's folder (backup/<stage>).
+        stateful: the callbacks whose state is saved, by a name that stays the same between runs.
+    """
+
+    def __init__(self, folder: str | os.PathLike, stateful: dict[str, Stateful] | None = None):
+        super().__init__()
+        self.folder = Path(folder)
+        self.stateful = dict(stateful or {})
+        self._restored: dict[str, Any] | None = None
+        self._tried = False
+
+    # ------------------------------------------------------------------ saving
+
+    def on_epoch_end(self, epoch, logs=None):
+        done = epoch + 1
+        self.folder.mkdir(parents=True, exist_ok=True)
+        weights = f"weights-{done}.weights.h5"
+        with rundir.atomic_file(self.folder / weights) as tmp:
+            self.model.save_weights(tmp)
+        previous = self._read_state()
+        entry = {
+            "epoch": done,
+            "weights": weights,
+            "callbacks": {name: c.get_state(self._save_arrays) for name, c in self.stateful.items()},
+        }
+        if previous is not None:
+            previous.pop("previous", None)
+            entry["previous"] = previous
+        rundir.atomic_write_json(self.folder / STATE_JSON, entry)
+        self._prune(entry)
+
+    def _save_arrays(self, name: str, arrays: list[np.ndarray], key: int) -> str:
+        """Writes `arrays` to `name-key.npz` unless it is there already; returns the file name."""
+        file = f"{name}-{key}.npz"
+        if not (self.folder / file).exists():
+            with rundir.atomic_file(self.folder / file) as tmp:
+                np.savez(tmp, *arrays)
+        return file
+
+    def _prune(self, entry: dict[str, Any]) -> None:
+        """Removes the files neither this epoch's entry nor the previous one needs."""
+        keep = {STATE_JSON, *_files(entry), *_files(entry.get("previous") or {})}
+        for path in self.folder.iterdir():
+            if path.name not in keep and not path.name.startswith("."):
+                path.unlink(missing_ok=True)
+
+    def _read_state(self) -> dict[str, Any] | None:
+        try:
+            return rundir.read_json(self.folder / STATE_JSON)
+        except (OSError, ValueError):
+            return None
+
+    # ------------------------------------------------------------------ restoring
+
+    def restore(self, model: keras.Model) -> int | None:
+        """Loads the newest readable state into `model` (weights and optimizer state) and keeps
+        the callbacks' states for `on_train_begin`.
+
+        Returns:
+            The number of epochs the state holds (where the fit continues), or None when there
+            is nothing to resume from (then the folder is cleared and the fit starts over).
+        """
+        self._tried = True
+        state = self._read_state()
+        for entry in (state, (state or {}).get("previous")):
+            if entry and all(_readable(self.folder / f) for f in _files(entry)):
+                optimizer = getattr(model, "optimizer", None)
+                if optimizer is not None and not optimizer.built:
+                    optimizer.build(model.trainable_variables)
+                model.load_weights(self.folder / entry["weights"])
+                self._restored = entry
+                if entry is not state:
+                    log.warning("The last backup in %s cannot be read back: resuming from the one before", self.folder)
+                return int(entry["epoch"])
+        if self.folder.exists():
+            log.warning(
+                "The backup in %s cannot be read (was the disk full, or the run killed, while it was written?); "
+                "this fit starts over",
+                self.folder,
+            )
+            shutil.rmtree(self.folder, ignore_errors=True)
+        return None
+
+    def apply_states(self) -> None:
+        """Hands the restored states to the callbacks (their `on_train_begin` resets them first)."""
+        if self._restored is None:
+            return
+        for name, callback in self.stateful.items():
+            if name in self._restored["callbacks"]:
+                callback.set_state(self._restored["callbacks"][name], self._load_arrays)
+
+    def _load_arrays(self, file: str) -> list[np.ndarray]:
+        with np.load(self.folder / file) as arrays:
+            return [arrays[f"arr_{i}"] for i in range(len(arrays.files))]
+
+    def on_train_begin(self, logs=None):
+        # A plain `model.fit` with these callbacks resumes too, as with keras.callbacks.BackupAndRestore:
+        # the trainer reads `_initial_epoch` after on_train_begin. `fitting.fit` restores first instead,
+        # so that a fit that had ended is not started again.
+        if not self._tried:
+            epoch = self.restore(self.model)
+            if epoch is not None:
+                self.model._initial_epoch = epoch
+        self.apply_states()
+
+
+def _files(entry: dict[str, Any]) -> list[str]:
+    """The files a state entry needs: its weights and any arrays its callbacks keep."""
+    if not entry:
+        return []
+    files = [entry["weights"]]
+    for state in entry.get("callbacks", {}).values():
+        files.extend(v for k, v in state.items() if k.endswith("_file") and v)
+    return files
