@@ -12,9 +12,13 @@ printed, so a reader can reproduce it) and reads its results.json:
   transfer_*      cat vs dog with 2,000 training images: a CNN from scratch, feature extraction on
                   a base pre-trained here on the other eight CIFAR-10 classes, and the staged
                   fine-tune of that base (no ImageNet weights exist on this machine)
+  *_defaults_sN   the recipes as a newcomer types them, defaults only (`train scratch_mlp --data
+                  mnist --epochs 10`, `train cifar10_cnn --data CIFAR10_FOLDER --epochs 10`), seeds
+                  0, 1 and 2: their mean must reach the reference code's own figure (REFERENCE_CODE)
 
+    python benchmarks/accuracy.py --only defaults     # the six defaults rows: about 15 minutes
     python benchmarks/accuracy.py --only mlp_reference,mlp_improved
-    python benchmarks/accuracy.py            # everything: about an hour on 2 CPU cores
+    python benchmarks/accuracy.py                     # everything: about an hour and a half on 2 CPU cores
 
 Needs ../shared/datasets (MNIST archives and the CIFAR-10 JPEG archive); not part of the tests.
 """
@@ -23,8 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import shlex
 import subprocess
 import sys
@@ -32,11 +34,16 @@ import tarfile
 import time
 from pathlib import Path
 
+import machine
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "datasets"
 CIFAR_TAR = SHARED / "cifar10_jpeg" / "cifar10-jpeg.tar.gz"
 TRANSFER_CLASSES = ("cat", "dog")
 TRANSFER_TRAIN_PER_CLASS = 1000
+DEFAULT_SEEDS = (0, 1, 2)
+# The reference articles' own code, run on this machine (2026-11-22): the figures the defaults must reach.
+REFERENCE_CODE = {"mlp": 0.972, "cnn": 0.682}
 
 
 def _cli(args: list[str], log_path: Path) -> tuple[dict, float, str]:
@@ -162,7 +169,13 @@ def main(argv=None) -> int:
             "1e-4",
         ],
     }
+    for seed in DEFAULT_SEEDS:  # typed as a newcomer would: the recipe, its data, 10 epochs, nothing else
+        rows[f"mlp_defaults_s{seed}"] = ["scratch_mlp", *mnist, "--epochs", "10", "--seed", str(seed), "--quiet"]
+        rows[f"cnn_defaults_s{seed}"] = ["cifar10_cnn", "--data", str(cifar), "--epochs", "10", "--seed", str(seed)]
+        rows[f"cnn_defaults_s{seed}"].append("--quiet")
     wanted = args.only.split(",") if args.only else list(rows)
+    if wanted == ["defaults"]:
+        wanted = [name for name in rows if "_defaults_" in name]
     results = json.loads(Path(args.out).read_text()) if Path(args.out).exists() else {}
     for name in wanted:
         run_dir = base if name == "transfer_pretrain_8_classes" else str(runs / name)
@@ -175,7 +188,7 @@ def main(argv=None) -> int:
             "train_seconds": result["train_seconds"],
             "wall_seconds": round(seconds, 1),
             "date": time.strftime("%Y-%m-%d"),
-            "hardware": f"{platform.machine()}, {os.cpu_count()} CPU cores, no accelerator",
+            "hardware": machine.describe(),
         }
         print(
             f"{name}: test accuracy {result['test']['accuracy']:.4f}, {result['epochs_run']} epochs, "
@@ -183,10 +196,36 @@ def main(argv=None) -> int:
             flush=True,
         )
         Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    print(f"\n# {machine.describe()}")
     print("\n| run | test accuracy | epochs | training s |\n| --- | --- | --- | --- |")
     for name, r in results.items():
         print(f"| {name} | {100 * r['test_accuracy']:.1f} % | {r['epochs_run']} | {r['train_seconds']:.0f} |")
+    summary = defaults_summary(results)
+    if summary:
+        print("\n| recipe, defaults only | mean | spread (min-max) | seeds | the reference code |")
+        print("| --- | --- | --- | --- | --- |")
+        for key, row in summary.items():
+            verdict = "reached" if row["mean"] >= REFERENCE_CODE[key] else "NOT REACHED"
+            print(
+                f"| {key} | {100 * row['mean']:.2f} % | {100 * row['min']:.2f}-{100 * row['max']:.2f} % | "
+                f"{len(row['runs'])} | {100 * REFERENCE_CODE[key]:.1f} % ({verdict}) |"
+            )
     return 0
+
+
+def defaults_summary(results: dict) -> dict[str, dict]:
+    """Mean, min and max test accuracy of the defaults rows, per recipe ("mlp", "cnn")."""
+    out = {}
+    for key in REFERENCE_CODE:
+        accuracies = [r["test_accuracy"] for name, r in results.items() if name.startswith(f"{key}_defaults_s")]
+        if accuracies:
+            out[key] = {
+                "mean": sum(accuracies) / len(accuracies),
+                "min": min(accuracies),
+                "max": max(accuracies),
+                "runs": accuracies,
+            }
+    return out
 
 
 if __name__ == "__main__":

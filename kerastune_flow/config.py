@@ -210,7 +210,9 @@ class TrainConfig:
         "too, at some speed; the CPU is deterministic without it",
     )
     early_stopping: bool = setting(True, "early stopping when the monitored metric stops improving")
-    patience: int = setting(3, "early stopping patience in epochs")
+    patience: int | None = setting(
+        None, "early stopping patience in epochs", shown="half of each fit's epochs, at least 3"
+    )
     monitor: str = setting("val_loss", "metric for early stopping and the best model")
     steps_per_execution: int | None = setting(
         None, "training steps per graph call", shown="32 on TPU, 16 on one CPU device, 1 on GPU"
@@ -401,7 +403,7 @@ def validate(config: Config) -> Config:
         (m.base_output is None or m.base, "base_output needs base (the model to cut)", m.base_output),
         (t.epochs >= 1, "epochs must be at least 1", t.epochs),
         (t.head_epochs >= 1, "head_epochs must be at least 1", t.head_epochs),
-        (t.patience >= 0, "patience must not be negative", t.patience),
+        (t.patience is None or t.patience >= 0, "patience must not be negative", t.patience),
         (
             t.steps_per_execution is None or t.steps_per_execution >= 1,
             "steps_per_execution must be at least 1",

@@ -130,7 +130,7 @@ def fit_frozen(
     if config.model.feature_cache != "auto" or config.data.augment:
         if config.data.augment and config.model.feature_cache == "auto":
             log.info("Random augmentation is on: training the head with the full forward pass (no feature cache)")
-        callbacks = fitting.stage_callbacks(context, stage=stage)
+        callbacks = fitting.stage_callbacks(context, epochs=epochs, stage=stage)
         end = fitting.fit(model, pipes["train"], pipes["validation"], context, callbacks, epochs=epochs)
         return end, fitting.best_so_far(callbacks)
     start = time.perf_counter()
@@ -153,7 +153,7 @@ def fit_frozen(
             learning_rate=fitting.learning_rate(context, config.model.learning_rate, epochs=epochs),
             **fitting.compile_kwargs(context),
         )
-    callbacks = fitting.stage_callbacks(context, stage=stage, save_model=model)
+    callbacks = fitting.stage_callbacks(context, epochs=epochs, stage=stage, save_model=model)
     end = fitting.fit(head, cached["train"], cached["validation"], context, callbacks, epochs=epochs)
     return end, fitting.best_so_far(callbacks)
 
@@ -318,7 +318,7 @@ def fit_staged(model: keras.Model, pipes: dict[str, tf.data.Dataset | None], con
             start + 1,
             stop,
         )
-        callbacks = fitting.stage_callbacks(context, stage=stage, best=best)
+        callbacks = fitting.stage_callbacks(context, epochs=stop - start, stage=stage, best=best)
         end = fitting.fit(
             model, pipes["train"], pipes["validation"], context, callbacks, epochs=stop, initial_epoch=start
         )

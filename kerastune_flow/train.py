@@ -330,7 +330,7 @@ def _train_and_evaluate(
             pipes["train"],
             pipes["validation"],
             context,
-            fitting.stage_callbacks(context),
+            fitting.stage_callbacks(context, epochs=config.train.epochs),
             epochs=config.train.epochs,
         )
     train_seconds = time.perf_counter() - start

@@ -289,3 +289,47 @@ def test_without_json_lines_the_results_still_count_the_epochs(image_folder, tmp
     losses = [r["val_loss"] for r in history]
     assert results["best_epoch"] == losses.index(min(losses)) + 1
     assert (run_dir / "curves.png").stat().st_size > 10_000
+
+
+# --------------------------------------------------------------------------- seeds and replays
+
+
+def test_a_run_without_a_seed_records_the_one_it_picked_and_config_replays_it(image_folder, tmp_path, capsys):
+    small = ["--data", str(image_folder), "--image-size", "32", "--batch-size", "8", "--epochs", "2"]
+    small += ["--no-tensorboard", "--quiet"]
+    assert run.main(["train", "cifar10_cnn", *small, "--run-dir", str(tmp_path / "a")]) == 0
+    first = json.loads(capsys.readouterr().out)
+    recorded = json.loads((tmp_path / "a" / "config.json").read_text())["config"]["train"]["seed"]
+    assert isinstance(recorded, int) and first["seed"] == recorded
+
+    config = str(tmp_path / "a" / "config.json")
+    assert run.main(["train", "cifar10_cnn", "--config", config, "--quiet", "--run-dir", str(tmp_path / "b")]) == 0
+    replay = json.loads(capsys.readouterr().out)
+    assert (replay["seed"], replay["weights_sha256"], replay["test"]) == (
+        recorded,
+        first["weights_sha256"],
+        first["test"],
+    )
+
+    argv = ["train", "cifar10_cnn", "--config", config, "--epochs", "1", "--quiet", "--run-dir", str(tmp_path / "c")]
+    assert run.main(argv) == 0
+    assert json.loads(capsys.readouterr().out)["epochs_run"] == 1  # a typed flag wins over the file
+
+
+@pytest.mark.parametrize(
+    "content, match",
+    [
+        (None, "does not exist"),
+        ("{not json", "is not readable JSON"),
+        ('{"results": {}}', "holds no settings"),
+        ('{"train": {"learning_rate": 0.1}}', "puts 'learning_rate' under 'train'; it belongs in 'model'"),
+        ('{"model": {"nonsense": 1}}', "Unknown setting 'nonsense'"),
+    ],
+)
+def test_a_config_file_that_cannot_be_used_is_one_sentence(content, match, tmp_path, capsys):
+    path = tmp_path / "config.json"
+    if content is not None:
+        path.write_text(content)
+    assert run.main(["train", "cifar10_cnn", "--config", str(path), "--run-dir", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and match in err and len(err.splitlines()) == 1

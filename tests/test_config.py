@@ -7,6 +7,7 @@ import json
 import pytest
 
 from kerastune_flow import config as config_lib
+from kerastune_flow import fitting
 from kerastune_flow.config import PRESETS, Config, DataConfig, ModelConfig, TrainConfig, field_section
 from kerastune_flow.errors import ConfigError
 from kerastune_flow.recipes import RECIPES, check_image_size, get_recipe, make_config
@@ -141,3 +142,10 @@ def test_json_round_trip():
     config = make_config("vgg16_finetune", augment=("flip", "zoom"), unfreeze_at="block5_conv1")
     again = Config.from_dict(json.loads(json.dumps(config.to_dict())))
     assert again == config
+
+
+def test_early_stoppings_patience_is_half_of_each_fits_epochs_unless_given():
+    config = make_config("scratch_mlp")
+    assert config.train.patience is None
+    assert [fitting.patience(config, epochs) for epochs in (2, 6, 10, 40)] == [3, 3, 5, 20]
+    assert fitting.patience(make_config("scratch_mlp", patience=2), 40) == 2

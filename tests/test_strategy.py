@@ -440,3 +440,12 @@ def test_prepare_process_installs_the_keras_fixes():
 
     assert trainer.TensorFlowTrainer._maybe_symbolic_build is compat._maybe_symbolic_build
     assert trainer.reduce_per_replica.__wrapped__ is not None
+
+
+def test_deterministic_turns_on_tensorflows_op_determinism(monkeypatch):
+    calls = []
+    monkeypatch.setattr(tf.config.experimental, "enable_op_determinism", lambda: calls.append(True))
+    prepare_process("cpu")
+    assert calls == []
+    prepare_process("cpu", deterministic=True)
+    assert calls == [True]

@@ -1,0 +1,30 @@
+"""The recipes as a newcomer types them, defaults only, reach the reference code's accuracy
+(issue 16): the mean of three seeds, on the real MNIST and CIFAR-10 files. About 15 minutes on
+2 CPU cores, so it runs with `make slow`, not in the default suite."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO, SHARED_DATASETS
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.needs_shared,
+    pytest.mark.skipif(not SHARED_DATASETS.is_dir(), reason="needs ../shared/datasets"),
+]
+
+
+def test_the_defaults_never_lose_to_the_reference_code(tmp_path):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import accuracy
+
+    out = tmp_path / "accuracy.json"
+    command = [sys.executable, str(REPO / "benchmarks" / "accuracy.py"), "--only", "defaults", "--out", str(out)]
+    subprocess.run([*command, "--work", str(tmp_path / "work")], check=True, timeout=3600)
+    summary = accuracy.defaults_summary(json.loads(out.read_text()))
+    assert set(summary) == set(accuracy.REFERENCE_CODE)
+    for key, row in summary.items():
+        assert len(row["runs"]) == len(accuracy.DEFAULT_SEEDS)
+        assert row["mean"] >= accuracy.REFERENCE_CODE[key], (key, row)

@@ -1,0 +1,257 @@
+"""A run is a function of its seed: two runs agree, and a run killed anywhere and resumed ends
+bit-identical to the run never interrupted (weights and every logged number but the timings)."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import keras
+import numpy as np
+import pytest
+from conftest import REPO, write_image_folder
+
+from kerastune_flow import callbacks as cb
+from kerastune_flow import finetune, models, rundir, train
+from kerastune_flow.recipes import make_config
+
+TIMINGS = ("epoch_seconds", "wall_time")
+# Augmentation, dropout and early stopping on: every kind of randomness and state a resume needs.
+RANDOM = dict(augment=("flip", "crop"), dropout=0.3, epochs=6, patience=2, steps_per_execution=1)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return write_image_folder(tmp_path_factory.mktemp("data") / "images", per_class=16)
+
+
+def _config(folder, recipe="cifar10_cnn", **overrides):
+    return make_config(recipe, "smoke", data=str(folder), max_examples=None, **{**RANDOM, **overrides})
+
+
+def _outcome(run_dir):
+    results = rundir.read_json(run_dir / rundir.RESULTS_JSON)
+    history = [{k: v for k, v in r.items() if k not in TIMINGS} for r in rundir.read_history(run_dir)]
+    return results["weights_sha256"], results["test"], history
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(folder, tmp_path_factory):
+    """The CNN run never interrupted, once for the module."""
+    run_dir = tmp_path_factory.mktemp("runs") / "uninterrupted"
+    keras.utils.set_random_seed(0)
+    train.train_and_evaluate(_config(folder), run_dir)
+    return _outcome(run_dir)
+
+
+class _KillOnce(keras.callbacks.Callback):
+    """Raises KeyboardInterrupt (as a kill would end the process) at one point, once per test."""
+
+    def __init__(self, fired, *, epoch, batch=None, at="epoch_end"):
+        super().__init__()
+        self.fired, self.epoch, self.batch, self.at = fired, epoch, batch, at
+
+    def _kill(self, epoch, batch=None):
+        if not self.fired and epoch == self.epoch and batch == self.batch:
+            self.fired.append((epoch, batch))
+            raise KeyboardInterrupt
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._current = epoch
+        if self.at == "epoch_begin":
+            self._kill(epoch)
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.at == "batch":
+            self._kill(self._current, batch)
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.at == "epoch_end":
+            self._kill(epoch)
+
+
+def _with_kill(monkeypatch, kill, *, before_backup=True):
+    original = cb.standard_callbacks
+
+    def patched(*args, **kwargs):
+        callbacks = original(*args, **kwargs)
+        callbacks.insert(len(callbacks) - 1 if before_backup else len(callbacks), kill)  # RunBackup is last
+        return callbacks
+
+    monkeypatch.setattr(cb, "standard_callbacks", patched)
+
+
+def _killed_then_resumed(config, run_dir, monkeypatch, kill_setup, *, after_an_epoch=True):
+    fired = []
+    with monkeypatch.context() as m:
+        kill_setup(m, fired)
+        with pytest.raises(KeyboardInterrupt):
+            train.train_and_evaluate(config, run_dir)
+    assert fired, "the kill never came"
+    assert not (run_dir / rundir.RESULTS_JSON).exists()
+    assert (run_dir / rundir.BACKUP_DIR).is_dir() == after_an_epoch  # else nothing to resume: it starts over
+    result = train.train_and_evaluate(config, run_dir)
+    assert result.results["resumed"] is after_an_epoch
+    return _outcome(run_dir)
+
+
+def test_two_runs_with_one_seed_are_identical(folder, tmp_path, uninterrupted):
+    # Augmentation used to draw from Keras layers' seed generators in a parallel map: epoch 0 differed.
+    train.train_and_evaluate(_config(folder), tmp_path / "again")
+    assert _outcome(tmp_path / "again") == uninterrupted
+    train.train_and_evaluate(_config(folder, seed=1), tmp_path / "other")
+    assert _outcome(tmp_path / "other")[0] != uninterrupted[0]
+
+
+KILLS = {
+    # After epoch 2's backup: the next epoch had begun.
+    "between-epochs": lambda m, fired: _with_kill(m, _KillOnce(fired, epoch=3, at="epoch_begin")),
+    # In the middle of epoch 2: its batches so far are lost and redone.
+    "mid-epoch": lambda m, fired: _with_kill(m, _KillOnce(fired, epoch=2, batch=1, at="batch")),
+    # Epoch 2 logged and its best model saved, its backup not yet written: the epoch is redone.
+    "before-the-backup": lambda m, fired: _with_kill(m, _KillOnce(fired, epoch=2, at="epoch_end")),
+    # Training over, the final evaluation under way: nothing is trained again.
+    "final-evaluation": lambda m, fired: _kill_evaluation(m, fired),
+}
+
+
+def _kill_evaluation(monkeypatch, fired):
+    original = keras.Model.evaluate
+
+    def evaluate(self, *args, **kwargs):
+        if not fired and "_use_cached_eval_dataset" not in kwargs:  # the test split, not fit's validation
+            fired.append("evaluate")
+            raise KeyboardInterrupt
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(keras.Model, "evaluate", evaluate)
+
+
+@pytest.mark.parametrize("where", list(KILLS))
+def test_a_run_killed_anywhere_ends_as_the_uninterrupted_one(where, folder, tmp_path, monkeypatch, uninterrupted):
+    assert _killed_then_resumed(_config(folder), tmp_path / "run", monkeypatch, KILLS[where]) == uninterrupted
+
+
+def test_a_resumed_run_keeps_early_stoppings_state(folder, tmp_path, monkeypatch):
+    # With patience 1 the run stops early; a kill after the stop must not train on.
+    config = _config(folder, epochs=12, patience=1, learning_rate=3e-2)
+    train.train_and_evaluate(config, tmp_path / "whole")
+    whole = _outcome(tmp_path / "whole")
+    assert len(whole[2]) < 12  # it did stop early
+    stop = len(whole[2]) - 1
+    kill = lambda m, fired: _with_kill(m, _KillOnce(fired, epoch=stop, at="epoch_end"), before_backup=False)  # noqa: E731
+    assert _killed_then_resumed(config, tmp_path / "run", monkeypatch, kill) == whole
+
+
+# --------------------------------------------------------------------------- the staged fine-tune
+
+
+@pytest.fixture(scope="module")
+def base_model(tmp_path_factory):
+    """A user's own base: a CNN saved by Keras, cut before its old head."""
+    keras.utils.set_random_seed(5)
+    path = tmp_path_factory.mktemp("base") / "cnn.keras"
+    models.build_cifar10_cnn(input_shape=(32, 32, 3), num_classes=4).save(path)
+    return path
+
+
+def _staged(folder, base_model, **overrides):
+    settings = dict(
+        head_epochs=3, epochs=3, base=str(base_model), base_output="dense", augment=(), unfreeze_at="conv_3"
+    )
+    return _config(folder, "vgg16_finetune", **{**settings, **overrides})
+
+
+def _kill_feature_pass(monkeypatch, fired):
+    original = finetune.extract_features
+
+    def extract(*args, **kwargs):
+        if not fired:
+            fired.append("features")
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(finetune, "extract_features", extract)
+
+
+STAGED_KILLS = {
+    "stage-1": lambda m, fired: _with_kill(m, _KillOnce(fired, epoch=1, at="epoch_end")),
+    "stage-2": lambda m, fired: _with_kill(m, _KillOnce(fired, epoch=4, at="epoch_begin")),
+    "feature-cache-pass": _kill_feature_pass,
+}
+
+
+@pytest.fixture(scope="module")
+def staged_uninterrupted(folder, base_model, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("runs") / "staged"
+    train.train_and_evaluate(_staged(folder, base_model), run_dir)
+    return _outcome(run_dir)
+
+
+@pytest.mark.parametrize("where", list(STAGED_KILLS))
+def test_a_fine_tune_killed_in_any_stage_ends_as_the_uninterrupted_one(
+    where, folder, base_model, tmp_path, monkeypatch, staged_uninterrupted
+):
+    assert [r["stage"] for r in staged_uninterrupted[2]] == ["head"] * 3 + ["finetune"] * 3
+    config = _staged(folder, base_model)
+    first_epoch = where != "feature-cache-pass"  # the features are computed before stage 1's first epoch
+    outcome = _killed_then_resumed(
+        config, tmp_path / "run", monkeypatch, STAGED_KILLS[where], after_an_epoch=first_epoch
+    )
+    assert outcome == staged_uninterrupted
+
+
+# --------------------------------------------------------------------------- chaos: SIGKILL at random moments
+
+
+def _command(folder, run_dir):
+    flags = ["--preset", "smoke", "--max-examples", "64", "--augment", "flip,crop", "--dropout", "0.3"]
+    flags += ["--epochs", "8", "--patience", "3", "--steps-per-execution", "1", "--seed", "4", "--quiet"]
+    return [sys.executable, "-m", "kerastune_flow.run", "train", "cifar10_cnn", "--data", str(folder), *flags] + [
+        "--run-dir",
+        str(run_dir),
+    ]
+
+
+def _run(folder, run_dir, *, kill_after=None):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(_command(folder, run_dir), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    if kill_after is None:
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err.decode()[-3000:]
+        return json.loads(out)
+    time.sleep(kill_after)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    return None
+
+
+def test_chaos_five_sigkills_at_random_moments_end_as_the_uninterrupted_run(folder, tmp_path):
+    whole = _run(folder, tmp_path / "whole")
+    rng = random.Random(2026)  # seeded: the same moments on every run of the test
+    run_dir = tmp_path / "chaos"
+    backed_up = []
+    for _ in range(5):
+        _run(folder, run_dir, kill_after=rng.uniform(3.0, 9.0))  # from the imports to the last epoch
+        state = run_dir / rundir.BACKUP_DIR / "fit" / "state.json"
+        backed_up.append(rundir.read_json(state)["epoch"] if state.exists() else 0)
+    assert sum(0 < e < whole["epochs_run"] for e in backed_up) >= 2, backed_up  # kills in mid-run, resumed
+    resumed = _run(folder, run_dir)
+    assert resumed["weights_sha256"] == whole["weights_sha256"]
+    assert resumed["test"] == whole["test"]
+    assert _outcome(run_dir)[2] == _outcome(tmp_path / "whole")[2]
+    keras.saving.load_model(run_dir / rundir.BEST_MODEL)  # every file whole
+    np.testing.assert_equal(resumed["epochs_run"], whole["epochs_run"])
+
+
+def test_a_run_without_a_seed_resumes_with_the_seed_it_picked(folder, tmp_path, monkeypatch):
+    config = _config(folder, seed=None, epochs=4)
+    kill = lambda m, fired: _with_kill(m, _KillOnce(fired, epoch=2, at="epoch_begin"))  # noqa: E731
+    outcome = _killed_then_resumed(config, tmp_path / "run", monkeypatch, kill)
+    seed = rundir.read_json(tmp_path / "run" / rundir.RESULTS_JSON)["seed"]
+    assert rundir.read_json(tmp_path / "run" / rundir.CONFIG_JSON)["config"]["train"]["seed"] == seed
+    train.train_and_evaluate(_config(folder, seed=seed, epochs=4), tmp_path / "replay")
+    assert _outcome(tmp_path / "replay") == outcome
