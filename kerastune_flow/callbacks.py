@@ -303,7 +303,8 @@ def state_bytes(model: keras.Model) -> int:
 
 class DiskSpaceGuard(keras.callbacks.Callback):
     """Stops with a RunDirError before an epoch's files are written when the disk cannot hold
-    them: the best model (written beside, then renamed) and the backup, twice the model's state.
+    them: the best model (written beside, then renamed), the backup's new weights and optimizer
+    state, and early stopping's best weights: three times the model's state at the most.
 
     Writing into a full disk fails half-way (and HDF5 then reports the file it cannot close
     as a traceback); stopping first keeps every file as it was, and the same command resumes
@@ -322,7 +323,7 @@ class DiskSpaceGuard(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         # Measured now, not at train begin: the optimizer creates its variables on the first step.
-        self.needed = 2 * state_bytes(self.save_model or self.model) + DISK_MARGIN_BYTES
+        self.needed = 3 * state_bytes(self.save_model or self.model) + DISK_MARGIN_BYTES
         try:
             free = shutil.disk_usage(self.run_dir).free
         except OSError:

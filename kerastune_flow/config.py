@@ -122,7 +122,11 @@ class DataConfig:
         None, "N or HxW to resize to", parse=parse_image_size, shown="the recipe's: 28, 32 or 150", metavar="N|HxW"
     )
     batch_size: int = setting(64, "per replica; the global batch is this x replicas", shown="the recipe's: 64 or 32")
-    validation_fraction: float = setting(0.1, "share of train held out for validation")
+    validation_fraction: float = setting(
+        0.1,
+        "share of train held out for validation (early stopping and the best model watch it)",
+        shown="the recipe's: 0 from scratch, as their references; 0.1 for transfer",
+    )
     test_fraction: float = setting(0.1, "share held out for test when the data has no test split")
     augment: tuple[str, ...] = setting(
         (), "comma list of random augmentations", choices=AUGMENTATIONS, parse=parse_names, metavar="NAME,..."
@@ -282,6 +286,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         weights=None,
         tensorboard=False,
         seed=0,
+        validation_fraction=0.1,  # validation curves and early stopping on them, whatever the recipe
     ),
 }
 

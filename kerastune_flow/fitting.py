@@ -138,7 +138,8 @@ def fit(
     is not started again: the best weights are put back as early stopping would have.
     """
     backup = next((c for c in callbacks if isinstance(c, resume.RunBackup)), None)
-    saved = backup.restore(model) if backup is not None else None
+    with context.strategy.scope():  # the optimizer's variables are built here when it has none yet
+        saved = backup.restore(model) if backup is not None else None
     if saved is not None:
         initial_epoch = max(initial_epoch, saved)
         stopper = next((c for c in callbacks if isinstance(c, cb.EarlyStopping)), None)

@@ -67,6 +67,12 @@ def _defaults(**values: Any) -> Mapping[str, Any]:
     return types.MappingProxyType(values)
 
 
+# The from-scratch references train on every training image for the epochs asked and keep the last
+# model, so their recipes hold out no validation (measured over seeds, issue 16: a 10 % hold-out cost
+# the CIFAR-10 CNN about a point and gave the MNIST MLP nothing); early stopping then watches the
+# training loss. --validation-fraction 0.1 brings back validation curves and best-epoch selection.
+# The transfer references hold validation out, and so do their recipes.
+
 RECIPES: dict[str, Recipe] = {
     recipe.name: recipe
     for recipe in (
@@ -76,7 +82,7 @@ RECIPES: dict[str, Recipe] = {
             build_scratch_mlp,
             logits_head,
             1,
-            _defaults(image_size=(28, 28), batch_size=64, learning_rate=1e-3, epochs=10),
+            _defaults(image_size=(28, 28), batch_size=64, learning_rate=1e-3, epochs=10, validation_fraction=0.0),
         ),
         Recipe(
             "cifar10_cnn",
@@ -84,7 +90,7 @@ RECIPES: dict[str, Recipe] = {
             build_cifar10_cnn,
             logits_head,
             CNN_MIN_SIZE,
-            _defaults(image_size=(32, 32), batch_size=64, learning_rate=1e-3, epochs=10),
+            _defaults(image_size=(32, 32), batch_size=64, learning_rate=1e-3, epochs=10, validation_fraction=0.0),
         ),
         Recipe(
             "vgg16_features",

@@ -294,6 +294,9 @@ def _train_and_evaluate(
         splits.num_classes,
         "x".join(map(str, splits.image_shape)),
     )
+    # Again, just before the weights are drawn: reading the data may have drawn from the global
+    # generators (tfds preparing a data set does), and the first run must start as every later one.
+    keras.utils.set_random_seed(config.train.seed)
     with strategy.scope():
         model = build_model(context, input_shape=splits.image_shape, num_classes=splits.num_classes, base=base)
     metadata = {
