@@ -184,7 +184,7 @@ def test_the_demo_data_trains(tmp_path, capsys):
     # 26 steps run 16 at a time (the CPU default): the bar counts 16 and 26, never past the epoch
     train = json.loads((tmp_path / "demo" / "config.json").read_text())["sizes"]["train"]
     total = -(-train // 64)
-    assert total == 26 and train == 1617  # no validation held out: the reference CNN trains on all of train
+    assert total == 26 and train == 1618  # no validation held out: the reference CNN trains on all of train
     steps = [tuple(map(int, m)) for m in re.findall(r"(\d+)/(\d+) ", re.sub(r"\x1b\[[0-9;]*m", "", shown.err))]
     assert (16, total) in steps and (total, total) in steps and all(done <= total for done, total in steps)
 
