@@ -216,14 +216,27 @@ def _command(folder, run_dir):
     ]
 
 
-def _run(folder, run_dir, *, kill_after=None):
+def _backed_up(run_dir):
+    state = run_dir / rundir.BACKUP_DIR / "fit" / "state.json"
+    try:
+        return rundir.read_json(state)["epoch"]
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
+def _run(folder, run_dir, *, kill_at=None):
+    """Runs the command to the end, or SIGKILLs it `kill_at` = (epochs backed up, then seconds later)."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen(_command(folder, run_dir), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    if kill_after is None:
+    if kill_at is None:
         out, err = proc.communicate(timeout=300)
         assert proc.returncode == 0, err.decode()[-3000:]
         return json.loads(out)
-    time.sleep(kill_after)
+    epochs, seconds = kill_at
+    deadline = time.time() + 300
+    while _backed_up(run_dir) < epochs and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    time.sleep(seconds)
     proc.send_signal(signal.SIGKILL)
     proc.communicate(timeout=60)
     return None
@@ -231,15 +244,17 @@ def _run(folder, run_dir, *, kill_after=None):
 
 def test_chaos_five_sigkills_at_random_moments_end_as_the_uninterrupted_run(folder, tmp_path):
     whole = _run(folder, tmp_path / "whole")
-    rng = random.Random(2026)  # seeded: the same moments on every run of the test
+    rng = random.Random(2026)  # seeded: the same moments on every run of the test, whatever the machine's speed
+    # Each kill: once so many epochs are backed up (0: from the imports on), then a random fraction
+    # of a second later, so it lands anywhere in an epoch, in a save, or in the start-up.
+    moments = sorted((rng.randrange(whole["epochs_run"]), rng.uniform(0.0, 0.6)) for _ in range(5))
+    assert sum(epochs > 0 for epochs, _ in moments) >= 2  # at least two resumes from a backup
     run_dir = tmp_path / "chaos"
-    backed_up = []
-    for _ in range(5):
-        _run(folder, run_dir, kill_after=rng.uniform(3.0, 9.0))  # from the imports to the last epoch
-        state = run_dir / rundir.BACKUP_DIR / "fit" / "state.json"
-        backed_up.append(rundir.read_json(state)["epoch"] if state.exists() else 0)
-    assert sum(0 < e < whole["epochs_run"] for e in backed_up) >= 2, backed_up  # kills in mid-run, resumed
+    for moment in moments:
+        _run(folder, run_dir, kill_at=moment)
+        assert not (run_dir / rundir.RESULTS_JSON).exists()  # killed before the end
     resumed = _run(folder, run_dir)
+    assert resumed["resumed"] is True
     assert resumed["weights_sha256"] == whole["weights_sha256"]
     assert resumed["test"] == whole["test"]
     assert _outcome(run_dir)[2] == _outcome(tmp_path / "whole")[2]
@@ -255,3 +270,17 @@ def test_a_run_without_a_seed_resumes_with_the_seed_it_picked(folder, tmp_path, 
     assert rundir.read_json(tmp_path / "run" / rundir.CONFIG_JSON)["config"]["train"]["seed"] == seed
     train.train_and_evaluate(_config(folder, seed=seed, epochs=4), tmp_path / "replay")
     assert _outcome(tmp_path / "replay") == outcome
+
+
+def test_the_first_run_after_reading_the_data_starts_as_every_later_one(folder, tmp_path, monkeypatch):
+    # tfds preparing MNIST the first time drew from Python's generator, and the weights came out otherwise.
+    train.train_and_evaluate(_config(folder, epochs=2), tmp_path / "plain")
+    original = train.data_lib.load_splits
+
+    def load_and_draw(*args, **kwargs):
+        random.random(), np.random.rand()  # as a data set being prepared might
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(train.data_lib, "load_splits", load_and_draw)
+    train.train_and_evaluate(_config(folder, epochs=2), tmp_path / "drawn")
+    assert _outcome(tmp_path / "drawn") == _outcome(tmp_path / "plain")
