@@ -153,10 +153,9 @@ def compare(
         cut = models.cut_base(base, overrides.get("base_output"), unsafe_deserialization=unsafe)
         common["image_size"] = tuple(cut.input_shape[1:3])
     defaults = make_config("vgg16_features", preset).data
-    if common.get("image_size") is None:
-        common["image_size"] = defaults.image_size
-    if common.get("batch_size") is None:
-        common["batch_size"] = defaults.batch_size
+    for name in ("image_size", "batch_size", "validation_fraction"):  # one split and one batch for all
+        if common.get(name) is None:
+            common[name] = getattr(defaults, name)
     step = 0
     for fraction in sorted(train_fractions):
         for approach in approaches:
