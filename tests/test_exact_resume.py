@@ -137,10 +137,10 @@ def test_a_run_killed_anywhere_ends_as_the_uninterrupted_one(where, folder, tmp_
 
 def test_a_resumed_run_keeps_early_stoppings_state(folder, tmp_path, monkeypatch):
     # With patience 1 the run stops early; a kill after the stop must not train on.
-    config = _config(folder, epochs=12, patience=1, learning_rate=3e-2)
+    config = _config(folder, epochs=8, patience=1, learning_rate=1e-1)
     train.train_and_evaluate(config, tmp_path / "whole")
     whole = _outcome(tmp_path / "whole")
-    assert len(whole[2]) < 12  # it did stop early
+    assert len(whole[2]) < 8  # it did stop early
     stop = len(whole[2]) - 1
     kill = lambda m, fired: _with_kill(m, _KillOnce(fired, epoch=stop, at="epoch_end"), before_backup=False)  # noqa: E731
     assert _killed_then_resumed(config, tmp_path / "run", monkeypatch, kill) == whole

@@ -301,36 +301,3 @@ def test_finetune_with_discriminative_rates_end_to_end(image_folder, tmp_path):
     result = train.train_and_evaluate(config, tmp_path / "run")
     assert type(result.model.optimizer).__name__ == "DiscriminativeAdam"
     assert (tmp_path / "run" / "model.keras").exists()
-
-
-# --------------------------------------------------------------------------- resume between stages
-
-
-class _CrashOnce(keras.callbacks.Callback):
-    def __init__(self, stage_epoch):
-        super().__init__()
-        self.stage_epoch = stage_epoch
-        self.fired = False
-
-    def on_epoch_end(self, epoch, logs=None):
-        if epoch == self.stage_epoch and not self.fired:
-            self.fired = True
-            raise KeyboardInterrupt
-
-
-def test_a_crash_in_stage_two_resumes_without_redoing_stage_one(image_folder, tmp_path, monkeypatch, caplog):
-    config = smoke("vgg16_finetune", image_folder, head_epochs=2, epochs=2, patience=10)
-    with monkeypatch.context() as m:
-        _add_callbacks(m, _CrashOnce(stage_epoch=2))
-        with pytest.raises(KeyboardInterrupt):
-            train.train_and_evaluate(config, tmp_path / "run")
-    with caplog.at_level(logging.INFO, logger="kerastune_flow"):
-        result = train.train_and_evaluate(config, tmp_path / "run")
-    assert "Stage 1 (head) finished in an earlier attempt" in caplog.text
-    assert [(r["epoch"], r["stage"]) for r in result.history] == [
-        (0, "head"),
-        (1, "head"),
-        (2, "finetune"),
-        (3, "finetune"),
-    ]
-    assert result.results["resumed"] is True
