@@ -148,11 +148,11 @@ class BestModelCheckpoint(keras.callbacks.Callback):
             return True
         return value < self.best if self.mode == "min" else value > self.best
 
-    def get_state(self, save_arrays) -> dict[str, Any]:
+    def get_state(self, weights_file) -> dict[str, Any]:
         """The best value and epoch so far, for `resume.RunBackup`."""
         return {"best": self.best, "best_epoch": self.best_epoch}
 
-    def set_state(self, state: dict[str, Any], load_arrays) -> None:
+    def set_state(self, state: dict[str, Any], load_weights) -> None:
         self.best, self.best_epoch = state["best"], state["best_epoch"]
 
     def on_epoch_end(self, epoch, logs=None):
@@ -170,10 +170,10 @@ class EarlyStopping(keras.callbacks.EarlyStopping):
     """Keras' early stopping, with a state a resumed fit takes back (`resume.RunBackup`): the best
     value and epoch, the epochs waited, whether it has stopped, and the best weights."""
 
-    def get_state(self, save_arrays) -> dict[str, Any]:
-        best_file = None
-        if self.restore_best_weights and self.best_weights is not None:
-            best_file = save_arrays("best", self.best_weights, self.best_epoch)
+    def get_state(self, weights_file) -> dict[str, Any]:
+        # The best weights are the backup's weights of the best epoch, which it keeps for this.
+        keep = self.restore_best_weights and self.best_weights is not None
+        best_file = weights_file(self.best_epoch + 1) if keep else None
         return {
             "wait": self.wait,
             "best": None if self.best is None else float(self.best),
@@ -182,11 +182,11 @@ class EarlyStopping(keras.callbacks.EarlyStopping):
             "best_weights_file": best_file,
         }
 
-    def set_state(self, state: dict[str, Any], load_arrays) -> None:
+    def set_state(self, state: dict[str, Any], load_weights) -> None:
         self.wait, self.best = state["wait"], state["best"]
         self.best_epoch, self.stopped_epoch = state["best_epoch"], state["stopped_epoch"]
         if state["best_weights_file"]:
-            self.best_weights = load_arrays(state["best_weights_file"])
+            self.best_weights = load_weights(state["best_weights_file"])
 
     @property
     def stopped(self) -> bool:
@@ -303,8 +303,8 @@ def state_bytes(model: keras.Model) -> int:
 
 class DiskSpaceGuard(keras.callbacks.Callback):
     """Stops with a RunDirError before an epoch's files are written when the disk cannot hold
-    them: the best model (written beside, then renamed), the backup's new weights and optimizer
-    state, and early stopping's best weights: three times the model's state at the most.
+    them: the best model (written beside, then renamed) and the backup's new weights and optimizer
+    state: twice the model's state.
 
     Writing into a full disk fails half-way (and HDF5 then reports the file it cannot close
     as a traceback); stopping first keeps every file as it was, and the same command resumes
@@ -323,7 +323,7 @@ class DiskSpaceGuard(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         # Measured now, not at train begin: the optimizer creates its variables on the first step.
-        self.needed = 3 * state_bytes(self.save_model or self.model) + DISK_MARGIN_BYTES
+        self.needed = 2 * state_bytes(self.save_model or self.model) + DISK_MARGIN_BYTES
         try:
             free = shutil.disk_usage(self.run_dir).free
         except OSError:

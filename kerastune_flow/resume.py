@@ -3,11 +3,11 @@
 At the end of each epoch `RunBackup` writes, into the fit's folder under backup/:
 
     weights-N.weights.h5   the model's weights and the optimizer's state (its step count, so a
-                           learning-rate schedule continues where it was) after N epochs
+                           learning-rate schedule continues where it was) after N epochs; the
+                           last two are kept, and the best epoch's (early stopping's best weights)
     state.json             N, the weights file, and the state of every callback that has one
                            (the best value so far, early stopping's wait count and best epoch),
                            with the previous epoch's entry kept as a fallback
-    best-N.npz             early stopping's best weights, when they changed
 
 Each file is written beside and renamed, and state.json is renamed last: a kill at any moment
 leaves the previous epoch's state whole. `RunBackup.restore`, called before `fit` (or by the
@@ -41,18 +41,20 @@ STATE_JSON = "state.json"
 class Stateful(Protocol):
     """A callback whose state a resumed fit needs (see `callbacks.BestModelCheckpoint`).
 
-    `get_state(save_arrays)` returns a JSON-ready dict; arrays (such as best weights) go through
-    `save_arrays(name, arrays, key)`, which returns the file to name under a key ending in
-    "_file". `set_state(state, load_arrays)` takes the dict back; `load_arrays(file)` reads them.
+    `get_state(weights_file)` returns a JSON-ready dict. The model's weights of an earlier epoch
+    (early stopping's best) are not written again: `weights_file(epochs)` names the backup's file
+    of the weights after that many epochs, to put under a key ending in "_file", and the backup
+    keeps it. `set_state(state, load_weights)` takes the dict back; `load_weights(file)` gives
+    that file's model weights (as `model.get_weights()` gave them).
     """
 
-    def get_state(self, save_arrays: Callable[[str, list[np.ndarray], int], str]) -> dict[str, Any]: ...
+    def get_state(self, weights_file: Callable[[int], str]) -> dict[str, Any]: ...
 
-    def set_state(self, state: dict[str, Any], load_arrays: Callable[[str], list[np.ndarray]]) -> None: ...
+    def set_state(self, state: dict[str, Any], load_weights: Callable[[str], list[np.ndarray]]) -> None: ...
 
 
 def _readable(path: Path) -> bool:
-    """True when every dataset of an HDF5 or npz file reads back."""
+    """True when every dataset of an HDF5 file reads back."""
 
     def read(name, obj):
         if isinstance(obj, h5py.Dataset):
@@ -60,11 +62,6 @@ def _readable(path: Path) -> bool:
         return None  # visititems stops at the first value that is not None
 
     try:
-        if path.suffix == ".npz":
-            with np.load(path) as arrays:
-                for key in arrays.files:
-                    arrays[key]
-            return True
         with h5py.File(path, "r") as f:
             f.visititems(read)
     except Exception:  # OSError for a truncated file, KeyError / ValueError for a damaged one
@@ -88,6 +85,7 @@ class RunBackup(keras.callbacks.Callback):
         self.folder = Path(folder)
         self.stateful = dict(stateful or {})
         self._restored: dict[str, Any] | None = None
+        self._earlier: dict[str, list[np.ndarray]] = {}
         self._tried = False
 
     # ------------------------------------------------------------------ saving
@@ -95,28 +93,20 @@ class RunBackup(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         done = epoch + 1
         self.folder.mkdir(parents=True, exist_ok=True)
-        weights = f"weights-{done}.weights.h5"
+        weights = weights_file(done)
         with rundir.atomic_file(self.folder / weights) as tmp:
             self.model.save_weights(tmp)
         previous = self._read_state()
         entry = {
             "epoch": done,
             "weights": weights,
-            "callbacks": {name: c.get_state(self._save_arrays) for name, c in self.stateful.items()},
+            "callbacks": {name: c.get_state(weights_file) for name, c in self.stateful.items()},
         }
         if previous is not None:
             previous.pop("previous", None)
             entry["previous"] = previous
         rundir.atomic_write_json(self.folder / STATE_JSON, entry)
         self._prune(entry)
-
-    def _save_arrays(self, name: str, arrays: list[np.ndarray], key: int) -> str:
-        """Writes `arrays` to `name-key.npz` unless it is there already; returns the file name."""
-        file = f"{name}-{key}.npz"
-        if not (self.folder / file).exists():
-            with rundir.atomic_file(self.folder / file) as tmp:
-                np.savez(tmp, *arrays)
-        return file
 
     def _prune(self, entry: dict[str, Any]) -> None:
         """Removes the files neither this epoch's entry nor the previous one needs."""
@@ -148,6 +138,10 @@ class RunBackup(keras.callbacks.Callback):
                 optimizer = getattr(model, "optimizer", None)
                 if optimizer is not None and not optimizer.built:
                     optimizer.build(model.trainable_variables)
+                self._earlier = {}  # the weights of other epochs the callbacks keep (best weights)
+                for file in set(_files(entry)[1:]):  # the callbacks' files (possibly this epoch's own)
+                    model.load_weights(self.folder / file)
+                    self._earlier[file] = model.get_weights()
                 model.load_weights(self.folder / entry["weights"])
                 self._restored = entry
                 if entry is not state:
@@ -168,11 +162,7 @@ class RunBackup(keras.callbacks.Callback):
             return
         for name, callback in self.stateful.items():
             if name in self._restored["callbacks"]:
-                callback.set_state(self._restored["callbacks"][name], self._load_arrays)
-
-    def _load_arrays(self, file: str) -> list[np.ndarray]:
-        with np.load(self.folder / file) as arrays:
-            return [arrays[f"arr_{i}"] for i in range(len(arrays.files))]
+                callback.set_state(self._restored["callbacks"][name], self._earlier.__getitem__)
 
     def on_train_begin(self, logs=None):
         # A plain `model.fit` with these callbacks resumes too, as with keras.callbacks.BackupAndRestore:
@@ -185,8 +175,13 @@ class RunBackup(keras.callbacks.Callback):
         self.apply_states()
 
 
+def weights_file(epochs: int) -> str:
+    """The backup's file of the weights after `epochs` epochs."""
+    return f"weights-{epochs}.weights.h5"
+
+
 def _files(entry: dict[str, Any]) -> list[str]:
-    """The files a state entry needs: its weights and any arrays its callbacks keep."""
+    """The files a state entry needs: its weights first, then the files its callbacks keep."""
     if not entry:
         return []
     files = [entry["weights"]]

@@ -240,13 +240,13 @@ def test_fit_with_standard_callbacks_writes_the_run_directory(tmp_path):
     assert (state["epoch"], state["previous"]["epoch"]) == (EPOCHS, EPOCHS - 1)
     assert state["callbacks"]["checkpoint"] == {"best": min(history.history["val_loss"]), "best_epoch": best_epoch}
     best_files = {s["callbacks"]["early_stopping"]["best_weights_file"] for s in (state, state["previous"])}
-    assert f"best-{best_epoch}.npz" == state["callbacks"]["early_stopping"]["best_weights_file"]
+    assert f"weights-{best_epoch + 1}.weights.h5" == state["callbacks"]["early_stopping"]["best_weights_file"]
     assert {p.name for p in (run_dir / BACKUP_DIR / "fit").iterdir()} == {
         "state.json",
         f"weights-{EPOCHS}.weights.h5",
         f"weights-{EPOCHS - 1}.weights.h5",
         *best_files,
-    }  # older epochs' files are pruned
+    }  # older epochs' files are pruned; the best epoch's weights are kept for early stopping
     assert _temp_files(run_dir) == []
 
 
