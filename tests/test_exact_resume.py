@@ -20,7 +20,7 @@ from kerastune_flow.recipes import make_config
 
 TIMINGS = ("epoch_seconds", "wall_time")
 # Augmentation, dropout and early stopping on: every kind of randomness and state a resume needs.
-RANDOM = dict(augment=("flip", "crop"), dropout=0.3, epochs=6, patience=2, steps_per_execution=1)
+RANDOM = dict(augment=("flip", "crop"), dropout=0.3, epochs=4, patience=2, steps_per_execution=1)
 
 
 @pytest.fixture(scope="module")
@@ -107,12 +107,12 @@ def test_two_runs_with_one_seed_are_identical(folder, tmp_path, uninterrupted):
 
 
 KILLS = {
-    # After epoch 2's backup: the next epoch had begun.
-    "between-epochs": lambda m, fired: _with_kill(m, _KillOnce(fired, epoch=3, at="epoch_begin")),
-    # In the middle of epoch 2: its batches so far are lost and redone.
-    "mid-epoch": lambda m, fired: _with_kill(m, _KillOnce(fired, epoch=2, batch=1, at="batch")),
-    # Epoch 2 logged and its best model saved, its backup not yet written: the epoch is redone.
-    "before-the-backup": lambda m, fired: _with_kill(m, _KillOnce(fired, epoch=2, at="epoch_end")),
+    # After epoch 1's backup: the next epoch had begun.
+    "between-epochs": lambda m, fired: _with_kill(m, _KillOnce(fired, epoch=2, at="epoch_begin")),
+    # In the middle of epoch 1: its batches so far are lost and redone.
+    "mid-epoch": lambda m, fired: _with_kill(m, _KillOnce(fired, epoch=1, batch=1, at="batch")),
+    # Epoch 1 logged and its best model saved, its backup not yet written: the epoch is redone.
+    "before-the-backup": lambda m, fired: _with_kill(m, _KillOnce(fired, epoch=1, at="epoch_end")),
     # Training over, the final evaluation under way: nothing is trained again.
     "final-evaluation": lambda m, fired: _kill_evaluation(m, fired),
 }
@@ -160,7 +160,7 @@ def base_model(tmp_path_factory):
 
 def _staged(folder, base_model, **overrides):
     settings = dict(
-        head_epochs=3, epochs=3, base=str(base_model), base_output="dense", augment=(), unfreeze_at="conv_3"
+        head_epochs=2, epochs=2, base=str(base_model), base_output="dense", augment=(), unfreeze_at="conv_3"
     )
     return _config(folder, "vgg16_finetune", **{**settings, **overrides})
 
@@ -179,7 +179,7 @@ def _kill_feature_pass(monkeypatch, fired):
 
 STAGED_KILLS = {
     "stage-1": lambda m, fired: _with_kill(m, _KillOnce(fired, epoch=1, at="epoch_end")),
-    "stage-2": lambda m, fired: _with_kill(m, _KillOnce(fired, epoch=4, at="epoch_begin")),
+    "stage-2": lambda m, fired: _with_kill(m, _KillOnce(fired, epoch=3, at="epoch_begin")),
     "feature-cache-pass": _kill_feature_pass,
 }
 
@@ -195,7 +195,7 @@ def staged_uninterrupted(folder, base_model, tmp_path_factory):
 def test_a_fine_tune_killed_in_any_stage_ends_as_the_uninterrupted_one(
     where, folder, base_model, tmp_path, monkeypatch, staged_uninterrupted
 ):
-    assert [r["stage"] for r in staged_uninterrupted[2]] == ["head"] * 3 + ["finetune"] * 3
+    assert [r["stage"] for r in staged_uninterrupted[2]] == ["head"] * 2 + ["finetune"] * 2
     config = _staged(folder, base_model)
     first_epoch = where != "feature-cache-pass"  # the features are computed before stage 1's first epoch
     outcome = _killed_then_resumed(
@@ -209,7 +209,7 @@ def test_a_fine_tune_killed_in_any_stage_ends_as_the_uninterrupted_one(
 
 def _command(folder, run_dir):
     flags = ["--preset", "smoke", "--max-examples", "64", "--augment", "flip,crop", "--dropout", "0.3"]
-    flags += ["--epochs", "8", "--patience", "3", "--steps-per-execution", "1", "--seed", "4", "--quiet"]
+    flags += ["--epochs", "6", "--patience", "3", "--steps-per-execution", "1", "--seed", "4", "--quiet"]
     return [sys.executable, "-m", "kerastune_flow.run", "train", "cifar10_cnn", "--data", str(folder), *flags] + [
         "--run-dir",
         str(run_dir),

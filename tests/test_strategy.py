@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from kerastune_flow import compat
+from kerastune_flow import compat, runtime
 from kerastune_flow import strategy as strategy_lib
 from kerastune_flow.config import STRATEGY_NAMES
 from kerastune_flow.errors import ConfigError, StrategyError
@@ -389,6 +389,7 @@ _THREADS_SCRIPT = """
 import logging, os, sys
 logging.basicConfig(level=logging.INFO, format="%(message)s")
 import tensorflow as tf
+from kerastune_flow import runtime
 from kerastune_flow.runtime import prepare_process
 from kerastune_flow.strategy import get_strategy
 if sys.argv[1] == "started":
@@ -402,9 +403,7 @@ print("inter-op", tf.config.threading.get_inter_op_parallelism_threads())
 @pytest.mark.parametrize(
     "when, name, env, expected",
     [
-        ("fresh", "auto", None, 1),  # CPU training: one inter-op thread
-        ("fresh", "cpu", None, 1),
-        ("fresh", "mirrored", None, 0),  # several devices keep TensorFlow's default
+        ("fresh", "auto", None, 1),  # CPU training: one inter-op thread ("cpu" too, see computes_on_cpu)
         ("fresh", "auto", "3", 0),  # the user's TF_NUM_INTEROP_THREADS is left alone
         ("started", "auto", None, 0),  # too late: logged, not raised
     ],
@@ -419,6 +418,12 @@ def test_cpu_training_uses_one_inter_op_thread_when_it_still_can(when, name, env
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert f"inter-op {expected}" in proc.stdout
     assert ("TF_NUM_INTEROP_THREADS=1 set before Python starts" in proc.stderr) == (when == "started")
+
+
+def test_which_strategy_names_compute_on_the_cpu_here():
+    assert runtime.computes_on_cpu("auto") and runtime.computes_on_cpu("cpu")
+    assert not runtime.computes_on_cpu("mirrored")  # several devices keep TensorFlow's default threads
+    assert not runtime.computes_on_cpu("tpu") and not runtime.computes_on_cpu("gpu")
 
 
 def test_get_strategy_alone_changes_no_process_setting():
