@@ -14,6 +14,10 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Each pytest-xdist worker is one process on one of the cores: one thread for each op, instead
+    # of two workers' two threads each spinning on two cores.
+    tf.config.threading.set_intra_op_parallelism_threads(1)
 _cpus = tf.config.list_physical_devices("CPU")
 tf.config.set_logical_device_configuration(
     _cpus[0], [tf.config.LogicalDeviceConfiguration(), tf.config.LogicalDeviceConfiguration()]
