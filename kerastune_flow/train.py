@@ -172,7 +172,9 @@ def check_before_data(config: Config) -> None:
 # --------------------------------------------------------------------------- the run
 
 
-def train_and_evaluate(config: Config, workdir: str | Path, *, overwrite: bool = False) -> RunResult:
+def train_and_evaluate(
+    config: Config, workdir: str | Path, *, overwrite: bool = False, evaluate_test: bool = True
+) -> RunResult:
     """Trains the configured recipe and leaves a complete run directory.
 
     Running the same call again after a crash resumes from the last finished epoch.
@@ -181,6 +183,8 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, overwrite: bool =
         config: what to train and how (see `recipes.make_config`).
         workdir: the run directory.
         overwrite: replace a finished run in `workdir` instead of refusing.
+        evaluate_test: False leaves the test split unseen (`results["test"]` is None): a tuning
+            trial must choose by validation only.
 
     Returns:
         RunResult with the model, history and results.
@@ -212,7 +216,7 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, overwrite: bool =
     keras.config.set_dtype_policy(settings.dtype_policy)
     try:
         with cb.interrupt_guard():
-            return _train_and_evaluate(config, run_dir, strategy, resumed, settings)
+            return _train_and_evaluate(config, run_dir, strategy, resumed, settings, evaluate_test)
     except KerastuneFlowError:
         raise
     except (OSError, tf.errors.OpError) as error:
@@ -250,7 +254,12 @@ def _translate_runtime_error(error: Exception, run_dir: Path) -> KerastuneFlowEr
 
 
 def _train_and_evaluate(
-    config: Config, run_dir: Path, strategy: tf.distribute.Strategy, resumed: bool, settings: DeviceSettings
+    config: Config,
+    run_dir: Path,
+    strategy: tf.distribute.Strategy,
+    resumed: bool,
+    settings: DeviceSettings,
+    evaluate_test: bool,
 ) -> RunResult:
     log.info(
         "Strategy: %s; XLA %s; %s; %d step(s) per execution; inter-op threads %s",
@@ -338,11 +347,11 @@ def _train_and_evaluate(
         )
     train_seconds = time.perf_counter() - start
 
-    test = model.evaluate(pipes["test"], verbose=0, return_dict=True)
+    test = model.evaluate(pipes["test"], verbose=0, return_dict=True) if evaluate_test else None
     history = rundir.read_history(run_dir)
     results = {
         "recipe": config.model.recipe,
-        "test": {k: float(v) for k, v in test.items()},
+        "test": {k: float(v) for k, v in test.items()} if test is not None else None,
         "train_seconds": round(train_seconds, 3),
         "epochs_run": len(history),
         "best_epoch": best_epoch(history, config.train.monitor),
@@ -361,7 +370,8 @@ def _train_and_evaluate(
         rundir.atomic_save_model(model, run_dir / rundir.BEST_MODEL)
     shutil.rmtree(run_dir / rundir.BACKUP_DIR, ignore_errors=True)
     barrier(strategy)
-    log.info("Test %s; run directory %s", ", ".join(f"{k} {v:.4f}" for k, v in results["test"].items()), run_dir)
+    if test is not None:
+        log.info("Test %s; run directory %s", ", ".join(f"{k} {v:.4f}" for k, v in results["test"].items()), run_dir)
     return RunResult(run_dir=run_dir, model=model, history=history, results=results)
 
 
