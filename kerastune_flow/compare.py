@@ -14,7 +14,6 @@ comparison then writes:
 
 from __future__ import annotations
 
-import base64
 import dataclasses
 import html
 import logging
@@ -31,7 +30,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from kerastune_flow import analysis, inference, models, plots, rundir
+from kerastune_flow import analysis, inference, models, plots, reports, rundir
 from kerastune_flow import data as data_lib
 from kerastune_flow.config import new_seed
 from kerastune_flow.errors import ConfigError
@@ -335,9 +334,7 @@ def write_report(report: dict[str, Any], run_dir: str | Path) -> tuple[Path, Pat
         caution,
         f"Hardware: {report['hardware']}. Pre-trained weights: {report['pretrained']}. Date: {report['date']}.",
         "",
-        "| " + " | ".join(header) + " |",
-        "| " + " | ".join("---" for _ in header) + " |",
-        *["| " + " | ".join(row) + " |" for row in rows],
+        *reports.md_table(header, rows),
         "",
         "Peak RSS is the process's peak resident memory so far (it never decreases), after each approach.",
         "",
@@ -346,30 +343,16 @@ def write_report(report: dict[str, Any], run_dir: str | Path) -> tuple[Path, Pat
     md_path = run_dir / "report.md"
     rundir.atomic_write_text(md_path, "\n".join(md) + "\n")
 
-    def img(path: Path) -> str:
-        encoded = base64.b64encode(path.read_bytes()).decode("ascii")
-        return f'<img alt="{html.escape(path.stem)}" src="data:image/png;base64,{encoded}">'
-
     body = [
         f"<h1>Comparison on {html.escape(report['data'])}</h1>",
         "<ul>" + "".join(f"<li>{html.escape(line)}</li>" for line in report["recommendation"]) + "</ul>",
         f"<p class='caution'><strong>{html.escape(caution.strip(' *'))}</strong></p>" if caution else "",
         f"<p>Hardware: {html.escape(report['hardware'])}. Pre-trained weights: "
         f"{html.escape(report['pretrained'])}. Date: {html.escape(report['date'])}.</p>",
-        "<table><thead><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr></thead><tbody>",
-        *["<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows],
-        "</tbody></table>",
-        *[
-            f"<figure>{img(path)}<figcaption>{html.escape(name)}</figcaption></figure>"
-            for name, path in plots_written.items()
-        ],
+        reports.html_table(header, rows),
+        *[reports.html_figure(path, name) for name, path in plots_written.items()],
     ]
-    page = (
-        "<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'><title>kerastune_flow comparison</title>"
-        "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse}"
-        "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}.caution{color:#a00}"
-        "figure{display:inline-block;margin:1em}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n"
-    )
+    page = reports.html_page("kerastune_flow comparison", body)
     html_path = run_dir / "report.html"
     rundir.atomic_write_text(html_path, page)
     return md_path, html_path

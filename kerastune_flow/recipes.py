@@ -43,6 +43,8 @@ class Recipe:
         defaults: its reference settings, as config fields.
         transfer: a frozen pre-trained base (a backbone or the user's `base`) under a new head.
         staged: a second stage unfreezes the top of the base at a lower rate.
+        space: the knobs `tune` searches by default (see `tune.KNOBS`), the ones its article
+            says decide the result.
     """
 
     name: str
@@ -53,6 +55,7 @@ class Recipe:
     defaults: Mapping[str, Any]
     transfer: bool = False
     staged: bool = False
+    space: tuple[str, ...] = ("learning_rate", "dropout", "l2", "optimizer")
 
     def min_size(self, backbone: str) -> int:
         """The smallest height and width for this recipe on `backbone`."""
@@ -83,6 +86,7 @@ RECIPES: dict[str, Recipe] = {
             logits_head,
             1,
             _defaults(image_size=(28, 28), batch_size=64, learning_rate=1e-3, epochs=10, validation_fraction=0.0),
+            space=("learning_rate", "dropout", "l2", "optimizer", "initializer"),
         ),
         Recipe(
             "cifar10_cnn",
@@ -91,6 +95,7 @@ RECIPES: dict[str, Recipe] = {
             logits_head,
             CNN_MIN_SIZE,
             _defaults(image_size=(32, 32), batch_size=64, learning_rate=1e-3, epochs=10, validation_fraction=0.0),
+            space=("learning_rate", "dropout", "l2", "optimizer", "augment"),
         ),
         Recipe(
             "vgg16_features",
@@ -100,6 +105,7 @@ RECIPES: dict[str, Recipe] = {
             None,
             _defaults(image_size=(150, 150), batch_size=32, learning_rate=1e-3, epochs=10),
             transfer=True,
+            space=("learning_rate", "dropout", "l2", "dense_units"),
         ),
         Recipe(
             "vgg16_finetune",
@@ -117,6 +123,8 @@ RECIPES: dict[str, Recipe] = {
             ),
             transfer=True,
             staged=True,
+            # No augmentation by default: it would turn off stage 1's feature cache in every trial.
+            space=("learning_rate", "finetune_lr", "unfreeze_at", "dropout", "l2"),
         ),
     )
 }

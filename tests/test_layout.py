@@ -18,6 +18,7 @@ RANKS = {
     "callbacks": 4,
     "runtime": 3,
     "plots": 3,
+    "reports": 2,
     "data.augment": 2,
     "data.sources": 3,
     "data.pipeline": 3,
