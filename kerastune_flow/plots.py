@@ -1,4 +1,4 @@
-"""Plots: learning curves, confusion matrices, misclassified images, and the comparison's plots.
+"""Plots: learning curves, confusion matrices, misclassified images, the comparison's and the search's.
 
 Every plot uses matplotlib's object API (no pyplot state), so it works headless and in threads;
 files are written atomically (`rundir.atomic_file`). A `Plot` shows itself in Jupyter as a PNG.
@@ -121,6 +121,29 @@ def plot_misclassified(predictions: SplitPredictions, *, limit: int = 16) -> Plo
     return Plot(fig)
 
 
+def plot_lr_find(record: dict[str, Any], *, title: str = "") -> Plot:
+    """A range test (`lr_range.RangeTest.record()`): the smoothed loss against the rate on a log
+    axis, each step's loss faint behind it, the suggestion marked with its rule."""
+    lrs, smoothed = np.asarray(record["lrs"]), np.asarray(record["smoothed"], dtype=float)
+    fig = Figure(figsize=(7, 4), layout="constrained")
+    ax = fig.subplots()
+    ax.plot(lrs, np.asarray(record["losses"], dtype=float), color="C0", alpha=0.25, linewidth=1, label="loss")
+    ax.plot(lrs, smoothed, color="C0", label="smoothed loss")
+    finite = smoothed[np.isfinite(smoothed)]
+    if finite.size:  # the raw losses of the diverging end would flatten the curve
+        low, high = finite.min(), finite.max()
+        ax.set_ylim(low - 0.05 * (high - low + 1e-12), high + 0.05 * (high - low + 1e-12))
+    suggestion = record["suggestion"]
+    ax.axvline(suggestion, color="C3", linestyle="--", label=f"suggestion {suggestion:.2g} ({record['rule']})")
+    if suggestion >= lrs[0]:
+        ax.plot([suggestion], [np.interp(np.log(suggestion), np.log(lrs), smoothed)], "o", color="C3")
+    ax.set_xscale("log")
+    ax.set(xlabel="learning rate", ylabel="training loss", title=title or "Learning-rate range test")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return Plot(fig)
+
+
 # --------------------------------------------------------------------------- the comparison
 
 
@@ -175,4 +198,67 @@ def comparison_plots(report: dict[str, Any], run_dir: str | os.PathLike) -> dict
         ax.grid(alpha=0.3)
         ax.legend()
         paths["sweep"] = save_figure(fig, run_dir / "sweep.png")
+    return paths
+
+
+def tuning_plots(summary: dict[str, Any], run_dir: str | os.PathLike) -> dict[str, Path]:
+    """Writes the plots of a `tune` summary into `run_dir`: the objective over trials with the
+    best so far, each hyperparameter against the objective, and the best against the defaults
+    on the test split.
+
+    Returns:
+        {name: path} of each PNG written.
+    """
+    run_dir = Path(run_dir)
+    objective = summary["objective"]
+    done = [t for t in summary["trials"] if t["objective"] is not None]
+    better = max if summary["direction"] == "max" else min
+    paths = {}
+
+    fig = Figure(figsize=(7, 4), layout="constrained")
+    ax = fig.subplots()
+    xs = [int(t["trial"]) for t in done]
+    ys = [t["objective"] for t in done]
+    ax.scatter(xs, ys, s=30, label="trial")
+    ax.step(xs, list(itertools.accumulate(ys, better)), where="post", color="C1", label="best so far")
+    ax.set(xlabel="trial", ylabel=objective, title=f"{objective} over trials")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    paths["objective_over_trials"] = save_figure(fig, run_dir / "objective_over_trials.png")
+
+    names = summary["space"]
+    if names and done:
+        cols = min(3, len(names))
+        rows = -(-len(names) // cols)
+        fig = Figure(figsize=(4 * cols, 3 * rows), layout="constrained")
+        axes = np.atleast_1d(fig.subplots(rows, cols)).ravel()
+        for ax, name in zip(axes, names, strict=False):
+            values = [t["hyperparameters"].get(name) for t in done]
+            numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+            if numeric:
+                ax.scatter(values, ys, s=30)
+                positive = [v for v in values if v > 0]
+                if positive and max(positive) / min(positive) >= 100:
+                    ax.set_xscale("symlog", linthresh=min(positive)) if 0 in values else ax.set_xscale("log")
+            else:
+                labels = sorted({str(v) for v in values})
+                ax.scatter([labels.index(str(v)) for v in values], ys, s=30)
+                ax.set_xticks(range(len(labels)), labels, rotation=20)
+            ax.set(xlabel=name, ylabel=objective)
+            ax.grid(alpha=0.3)
+        for ax in axes[len(names) :]:
+            ax.set_visible(False)
+        paths["hyperparameters"] = save_figure(fig, run_dir / "hyperparameters.png")
+
+    test = summary.get("test")
+    if test:
+        fig = Figure(figsize=(5, 3.5), layout="constrained")
+        ax = fig.subplots()
+        labels = ["defaults", "tuned"]
+        values = [100 * test["defaults"]["accuracy"], 100 * test["best"]["accuracy"]]
+        bars = ax.bar(labels, values, color=["C7", "C2"])
+        ax.bar_label(bars, fmt="%.2f %%")
+        ax.set(ylabel="test accuracy (%)", title="Best against the defaults, test split")
+        ax.set_ylim(0, min(100, max(values) * 1.15 + 1))
+        paths["best_vs_defaults"] = save_figure(fig, run_dir / "best_vs_defaults.png")
     return paths

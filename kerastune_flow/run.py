@@ -1,4 +1,4 @@
-"""Command line: `python -m kerastune_flow.run {list,train,compare,evaluate,predict} ...`.
+"""Command line: `python -m kerastune_flow.run {list,train,compare,tune,evaluate,predict} ...`.
 
 The only module that parses arguments or prints. The flags of `train` and `compare` are
 generated from the config's fields (`config.setting`), so a setting's name, help and choices
@@ -25,8 +25,11 @@ from kerastune_flow.compare import APPROACHES, compare
 from kerastune_flow.config import PRESETS, SECTIONS
 from kerastune_flow.errors import ConfigError, KerastuneFlowError
 from kerastune_flow.inference import evaluate_saved, predict_images
+from kerastune_flow.lr_find import STAGES, find_lr
 from kerastune_flow.recipes import RECIPES, make_config
 from kerastune_flow.train import train_and_evaluate
+from kerastune_flow.tune import DEFAULT_TRIALS, OBJECTIVES, TUNERS, tune
+from kerastune_flow.tune_space import KNOBS
 
 EXAMPLES = """\
 examples:
@@ -174,6 +177,27 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--overwrite", action="store_true", help="replace a finished run in --run-dir")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
 
+    find = sub.add_parser(
+        "find-lr",
+        help="a learning-rate range test: the rate to train a recipe's stage at",
+        description="A learning-rate range test on one stage of a recipe: the rate grows exponentially step by step "
+        "until the loss diverges, then the model is put back. Writes DIR/lr_find.json (the suggestion, its rule, the "
+        "curve) and DIR/lr_find.png. `train --learning-rate auto` (or --finetune-lr auto) runs it before its fit.",
+    )
+    find.add_argument("recipe", choices=list(RECIPES), metavar="RECIPE", help=", ".join(RECIPES))
+    add_config_flags(find)
+    g = find.add_argument_group("the range test")
+    g.add_argument(
+        "--stage",
+        choices=STAGES,
+        default="head",
+        help="head: the first fit (a transfer recipe's head on cached features); finetune: stage 2 of a staged "
+        "recipe, unfrozen, after training stage 1 (default head)",
+    )
+    g.add_argument("--preset", default="reference", choices=list(PRESETS), help="smoke: tiny, offline, seconds")
+    g.add_argument("--run-dir", help="output folder (default runs/find-lr-RECIPE-DATE-TIME)")
+    g.add_argument("--quiet", action="store_true", help="no progress bars")
+
     comp = sub.add_parser(
         "compare",
         help="train from scratch, feature extraction and fine-tuning on the same data, and report",
@@ -198,6 +222,32 @@ def build_parser() -> argparse.ArgumentParser:
     g = comp.add_argument_group("the comparison")
     g.add_argument("--run-dir", help="output folder (default runs/compare-DATE-TIME)")
     g.add_argument("--preset", default="reference", choices=list(PRESETS))
+
+    tune_cmd = sub.add_parser(
+        "tune",
+        help="search the knobs that decide the result with KerasTuner, and report",
+        description="A KerasTuner search in which every trial is a whole run (DIR/trials/NNN, both stages of a "
+        "fine-tune in one trial), chosen by validation only. Writes DIR/tune.json, DIR/best_config.json (replay it "
+        "with `train RECIPE --config`), report.md and report.html with the best and the recipe's defaults on the "
+        "test split. The same command resumes an interrupted search. Config flags are fixed for every trial; a "
+        "knob given as a flag is not searched. Distributed: set KERASTUNER_TUNER_ID (chief / tuner0, tuner1, ...), "
+        "KERASTUNER_ORACLE_IP and KERASTUNER_ORACLE_PORT and run the same command on each machine.",
+    )
+    tune_cmd.add_argument("recipe", choices=list(RECIPES), metavar="RECIPE", help=", ".join(RECIPES))
+    g = tune_cmd.add_argument_group("the search")
+    g.add_argument("--tuner", choices=TUNERS, default="bayesian", help="KerasTuner's oracle (default bayesian)")
+    g.add_argument("--trials", type=int, default=DEFAULT_TRIALS, help=f"at most N trials (default {DEFAULT_TRIALS})")
+    g.add_argument("--max-minutes", type=float, help="start no trial after this many minutes of searching")
+    g.add_argument(
+        "--space",
+        type=_text_type(config_lib.parse_names),
+        help=f"comma list of knobs to search, of {', '.join(KNOBS)} (default: the recipe's, see `list`)",
+    )
+    g.add_argument("--objective", choices=OBJECTIVES, default="val_accuracy", help="(default val_accuracy)")
+    g.add_argument("--run-dir", help="the search's folder (default runs/tune-RECIPE-DATE-TIME)")
+    g.add_argument("--preset", default="reference", choices=list(PRESETS))
+    g.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_config_flags(tune_cmd)
 
     unsafe_help = config_lib.field_help("unsafe_deserialization")
     evaluate = sub.add_parser(
@@ -246,7 +296,9 @@ def config_overrides(args: argparse.Namespace, *, skip: Iterable[str] = ()) -> d
 def _cmd_list(args: argparse.Namespace) -> int:
     for name, spec in RECIPES.items():
         defaults = ", ".join(f"{k}={v}" for k, v in spec.defaults.items())
-        print(f"{name:<16}{spec.description}\n{'':<16}defaults: {defaults}")
+        print(
+            f"{name:<16}{spec.description}\n{'':<16}defaults: {defaults}\n{'':<16}tune space: {', '.join(spec.space)}"
+        )
     return 0
 
 
@@ -266,6 +318,17 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_find_lr(args: argparse.Namespace) -> int:
+    overrides = {**config_overrides(args), **({"verbose": 0} if args.quiet else {})}
+    config = make_config(args.recipe, args.preset, **overrides)
+    run_dir = args.run_dir or os.path.join("runs", f"find-lr-{args.recipe}-{time.strftime('%Y%m%d-%H%M%S')}")
+    with contextlib.redirect_stdout(sys.stderr):
+        record = find_lr(config, run_dir, stage=args.stage)
+    shown = ("suggestion", "rule", "suggestions", "stage", "steps", "diverged", "json", "png")
+    print(json.dumps({key: record[key] for key in shown}, indent=2))
+    return 0
+
+
 def _cmd_compare(args: argparse.Namespace) -> int:
     run_dir = args.run_dir or os.path.join("runs", f"compare-{time.strftime('%Y%m%d-%H%M%S')}")
     with contextlib.redirect_stdout(sys.stderr):
@@ -279,6 +342,33 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         )
     print("\n".join(report["recommendation"]))
     print(f"report: {os.path.join(run_dir, 'report.html')}")
+    return 0
+
+
+def _cmd_tune(args: argparse.Namespace) -> int:
+    run_dir = args.run_dir or os.path.join("runs", f"tune-{args.recipe}-{time.strftime('%Y%m%d-%H%M%S')}")
+    overrides = config_overrides(args)
+    if args.quiet:
+        overrides["verbose"] = 0
+    with contextlib.redirect_stdout(sys.stderr):
+        summary = tune(
+            args.recipe,
+            run_dir,
+            tuner=args.tuner,
+            trials=args.trials,
+            max_minutes=args.max_minutes,
+            space=args.space,
+            objective=args.objective,
+            preset=args.preset,
+            **overrides,
+        )
+    if "worker" in summary:
+        print(f"worker {summary['worker']}: no trial left")
+        return 0
+    best, test = summary["best"], summary["test"]
+    print(f"Best trial {best['trial']}: {summary['objective']} {best['objective']:.4f}, {best['hyperparameters']}")
+    print(f"Test accuracy {test['best']['accuracy']:.4f} (defaults {test['defaults']['accuracy']:.4f})")
+    print(f"best config: {best['config']}\nreport: {os.path.join(run_dir, 'report.html')}")
     return 0
 
 
@@ -330,7 +420,9 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 COMMANDS = {
     "list": _cmd_list,
     "train": _cmd_train,
+    "find-lr": _cmd_find_lr,
     "compare": _cmd_compare,
+    "tune": _cmd_tune,
     "evaluate": _cmd_evaluate,
     "predict": _cmd_predict,
 }

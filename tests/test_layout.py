@@ -14,6 +14,7 @@ RANKS = {
     "compat": 2,
     "strategy": 2,
     "rundir": 2,
+    "lr_range": 2,
     "resume": 3,
     "callbacks": 4,
     "runtime": 3,
@@ -38,9 +39,13 @@ RANKS = {
     "inference": 8,
     "train": 9,
     "analysis": 9,
+    "lr_find": 10,
     "compare": 10,
-    "run": 11,
-    "": 12,  # kerastune_flow/__init__.py: the public names
+    "tune_space": 10,
+    "tune_report": 4,
+    "tune": 11,
+    "run": 12,
+    "": 13,  # kerastune_flow/__init__.py: the public names
 }
 
 

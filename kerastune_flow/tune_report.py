@@ -1,0 +1,145 @@
+"""What a search leaves for people: DIR/tune.json (every trial with its hyperparameters,
+objective, best epoch, epochs run, seconds and status), DIR/report.md and a self-contained
+DIR/report.html (the trials sorted by objective, the objective over trials, each
+hyperparameter against the objective, the best against the defaults on the test split)."""
+
+from __future__ import annotations
+
+import html
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from kerastune_flow import plots, reports, rundir
+
+TUNE_JSON = "tune.json"
+REPORT_MD = "report.md"
+REPORT_HTML = "report.html"
+TRIALS_DIR = "trials"
+
+
+def trial_run_dir(run_dir: str | os.PathLike, trial_id: str) -> Path:
+    """DIR/trials/NNN: the run directory of one trial."""
+    return Path(run_dir) / TRIALS_DIR / f"{int(trial_id):03d}"
+
+
+def shown_values(trial, knobs: Sequence[Any]) -> dict[str, Any]:
+    """A trial's hyperparameters by knob name (KerasTuner's own "tuner/..." entries left out)."""
+    values = trial.hyperparameters.values
+    return {knob.name: values[knob.name] for knob in knobs if knob.name in values}
+
+
+def trial_records(run_dir: Path, oracle, knobs: Sequence[Any]) -> list[dict[str, Any]]:
+    """One record per trial the oracle started, in the order it started them."""
+    records = []
+    order = list(getattr(oracle, "start_order", [])) or sorted(oracle.trials)
+    for trial_id in order:
+        trial = oracle.trials[trial_id]
+        trial_dir = trial_run_dir(run_dir, trial_id)
+        results_path = trial_dir / rundir.RESULTS_JSON
+        results = rundir.read_json(results_path) if results_path.exists() else {}
+        records.append(
+            {
+                "trial": trial_id,
+                "status": str(trial.status),
+                "hyperparameters": shown_values(trial, knobs),
+                "objective": trial.score,
+                "best_epoch": results.get("best_epoch"),
+                "epochs_run": results.get("epochs_run"),
+                "seconds": results.get("train_seconds"),
+                "run_dir": str(trial_dir),
+            }
+        )
+    return records
+
+
+def write_tune_json(run_dir: Path, oracle, started: dict[str, Any], knobs: Sequence[Any]) -> dict[str, Any]:
+    """Writes DIR/tune.json as the oracle knows the search now; returns it."""
+    run_dir = Path(run_dir)
+    direction = oracle.objective.direction
+    summary = {
+        **started,
+        "direction": direction,
+        "space": [knob.name for knob in knobs],
+        "seconds": round(oracle.spent_seconds(), 1),
+        "updated": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "trials": trial_records(run_dir, oracle, knobs),
+    }
+    rundir.atomic_write_json(run_dir / TUNE_JSON, summary)
+    return summary
+
+
+def _sorted_trials(summary: dict[str, Any]) -> list[dict[str, Any]]:
+    sign = -1 if summary["direction"] == "max" else 1
+    done = [t for t in summary["trials"] if t["objective"] is not None]
+    rest = [t for t in summary["trials"] if t["objective"] is None]
+    return sorted(done, key=lambda t: sign * t["objective"]) + rest
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def _table(summary: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    names = summary["space"]
+    header = ["trial", *names, summary["objective"], "best epoch", "epochs", "seconds", "status"]
+    rows = [
+        [
+            t["trial"],
+            *[_cell(t["hyperparameters"].get(n)) for n in names],
+            _cell(t["objective"]),
+            _cell(t["best_epoch"]),
+            _cell(t["epochs_run"]),
+            _cell(t["seconds"]),
+            t["status"].lower(),
+        ]
+        for t in _sorted_trials(summary)
+    ]
+    return header, rows
+
+
+def summary_lines(summary: dict[str, Any], run_dir: Path) -> list[str]:
+    """The findings in sentences: the best trial, the test figures, the budget, how to replay."""
+    best, test = summary["best"], summary["test"]
+    values = ", ".join(f"{k}={_cell(v)}" for k, v in best["hyperparameters"].items())
+    finished = sum(t["status"] == "COMPLETED" for t in summary["trials"])
+    lines = [
+        f"Best: trial {best['trial']} ({values}), {summary['objective']} {best['objective']:.4f}.",
+        f"Test accuracy: {100 * test['best']['accuracy']:.2f} % tuned against "
+        f"{100 * test['defaults']['accuracy']:.2f} % with the recipe's defaults, on the same "
+        f"{test['best']['examples']} test images (looked at once, after the search).",
+        f"Budget: {finished} trial(s) finished of {summary['trials_asked']} asked"
+        + (f", {summary['max_minutes']:g} minutes allowed" if summary.get("max_minutes") else "")
+        + f"; {summary['seconds'] / 60:.1f} minutes searched; seed {summary['seed']}; tuner {summary['tuner']}.",
+        f"Replay the best: python -m kerastune_flow.run train {summary['recipe']} --config "
+        f"{run_dir / 'best_config.json'}",
+    ]
+    return lines
+
+
+def write_reports(run_dir: str | os.PathLike, summary: dict[str, Any]) -> tuple[Path, Path]:
+    """Writes report.md and report.html (with its plots inlined) beside tune.json."""
+    run_dir = Path(run_dir)
+    figures = plots.tuning_plots(summary, run_dir)
+    header, rows = _table(summary)
+    lines = summary_lines(summary, run_dir)
+    title = f"Tuning {summary['recipe']}"
+    md = [f"# {title}", "", *[f"- {line}" for line in lines], "", *reports.md_table(header, rows), ""]
+    md += [f"![{name}]({path.name})" for name, path in figures.items()]
+    md_path = run_dir / REPORT_MD
+    rundir.atomic_write_text(md_path, "\n".join(md) + "\n")
+    body = [
+        f"<h1>{html.escape(title)}</h1>",
+        "<ul>" + "".join(f"<li>{html.escape(line)}</li>" for line in lines) + "</ul>",
+        reports.html_table(header, rows),
+        *[reports.html_figure(path, name.replace("_", " ")) for name, path in figures.items()],
+    ]
+    html_path = run_dir / REPORT_HTML
+    rundir.atomic_write_text(html_path, reports.html_page(f"kerastune_flow: {title}", body))
+    return md_path, html_path

@@ -1,0 +1,168 @@
+"""`tune` on tiny data: KerasTuner drives the search, each trial is one whole run, the test split is
+looked at once after the search, the best replays with `train --config`, and the files and the
+report are there and agree with the trials."""
+
+import json
+from html.parser import HTMLParser
+
+import keras_tuner as kt
+import pytest
+from conftest import REPO
+
+from kerastune_flow import config as config_lib
+from kerastune_flow import inference, run, rundir, tune_report, tune_space
+from kerastune_flow import tune as tune_lib
+from kerastune_flow.errors import ConfigError
+from kerastune_flow.recipes import get_recipe, make_config
+
+DIGITS = str(REPO / "data" / "digits")
+TINY = dict(data=DIGITS, preset="smoke", epochs=2, verbose=0)
+
+
+@pytest.fixture(scope="module")
+def search(tmp_path_factory):
+    """One Bayesian search of three trials on the shipped digits, for the module."""
+    run_dir = tmp_path_factory.mktemp("tune") / "search"
+    evaluated = []
+    original = inference.evaluate_saved
+
+    def counting(path, *args, **kwargs):
+        evaluated.append(str(path))
+        return original(path, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(inference, "evaluate_saved", counting)
+        summary = tune_lib.tune("scratch_mlp", run_dir, trials=3, **TINY)
+    return run_dir, summary, evaluated
+
+
+def test_every_trial_is_a_whole_run_chosen_by_validation(search):
+    run_dir, summary, evaluated = search
+    trials = summary["trials"]
+    assert [t["trial"] for t in trials] == ["0", "1", "2"]
+    assert all(t["status"] == "COMPLETED" for t in trials)
+    for t in trials:
+        results = rundir.read_json(run_dir / "trials" / f"{int(t['trial']):03d}" / rundir.RESULTS_JSON)
+        assert results["test"] is None  # the test split is never looked at during the search
+        history = rundir.read_history(t["run_dir"])
+        assert t["objective"] == max(r["val_accuracy"] for r in history)
+        assert t["epochs_run"] == len(history) and t["best_epoch"] == results["best_epoch"]
+        assert set(t["hyperparameters"]) == set(get_recipe("scratch_mlp").space)
+    # The first trial is the recipe's defaults, and it is the defaults' run on the test split.
+    assert trials[0]["hyperparameters"] == dict(
+        learning_rate=1e-3, dropout=0.0, l2=0.0, optimizer="adam", initializer="glorot_uniform"
+    )
+    assert summary["defaults"]["run_dir"] == trials[0]["run_dir"]
+    assert len({json.dumps(t["hyperparameters"], sort_keys=True) for t in trials}) == 3
+    best = max(trials, key=lambda t: t["objective"])
+    assert summary["best"]["trial"] == best["trial"] and summary["best"]["objective"] == best["objective"]
+    # The test split: once for the best, once for the defaults, after the search.
+    assert sorted(evaluated) == sorted([best["run_dir"], trials[0]["run_dir"]])
+    assert summary["test"]["best"]["examples"] == summary["test"]["defaults"]["examples"] > 0
+    assert rundir.read_json(run_dir / tune_report.TUNE_JSON) == rundir.to_jsonable(summary)
+
+
+def test_train_with_the_best_config_replays_the_best_trial(search, tmp_path, capsys):
+    run_dir, summary, _ = search
+    assert (
+        run.main(["train", "scratch_mlp", "--config", str(run_dir / "best_config.json"), "--run-dir", str(tmp_path)])
+        == 0
+    )
+    replay = json.loads(capsys.readouterr().out)
+    best = rundir.read_json(run_dir / "trials" / f"{int(summary['best']['trial']):03d}" / rundir.RESULTS_JSON)
+    assert replay["weights_sha256"] == best["weights_sha256"]
+    values = config_lib.load_config_file(run_dir / "best_config.json")
+    for name, value in summary["best"]["hyperparameters"].items():
+        assert values[tune_space.KNOBS[name].field] == value
+
+
+class _Page(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.rows, self.images = 0, []
+
+    def handle_starttag(self, tag, attrs):
+        self.rows += tag == "tr"
+        if tag == "img":
+            self.images.append(dict(attrs)["src"])
+
+
+def test_the_report_shows_the_trials_sorted_and_the_plots(search):
+    run_dir, summary, _ = search
+    markdown = (run_dir / "report.md").read_text()
+    order = [
+        line.split("|")[1].strip() for line in markdown.splitlines() if line.startswith("| ") and "---" not in line
+    ]
+    objectives = {t["trial"]: t["objective"] for t in summary["trials"]}
+    ranked = order[1:]  # after the header
+    assert [objectives[t] for t in ranked] == sorted(objectives.values(), reverse=True)
+    assert "--config" in markdown and "tuned against" in markdown
+    page = _Page()
+    page.feed((run_dir / "report.html").read_text())
+    assert page.rows == 1 + len(summary["trials"])
+    assert len(page.images) == 3 and all(src.startswith("data:image/png;base64,") for src in page.images)
+    for name in ("objective_over_trials.png", "hyperparameters.png", "best_vs_defaults.png"):
+        assert (run_dir / name).stat().st_size > 1000
+
+
+def test_a_finished_search_run_again_trains_nothing(search, monkeypatch):
+    run_dir, summary, _ = search
+    monkeypatch.setattr(tune_lib, "train_and_evaluate", lambda *a, **k: pytest.fail("trained again"))
+    again = tune_lib.tune("scratch_mlp", run_dir, trials=3, **TINY)
+    assert again["trials"] == summary["trials"] and again["best"] == summary["best"]
+
+
+def test_a_search_that_cannot_start_writes_nothing(tmp_path):
+    with pytest.raises(Exception, match="/no/such/folder"):
+        tune_lib.tune("scratch_mlp", tmp_path / "t", trials=2, **{**TINY, "data": "/no/such/folder"})
+    assert not (tmp_path / "t").exists()
+
+
+def test_a_resumed_search_must_be_the_same_search(search):
+    run_dir, _, _ = search
+    with pytest.raises(ConfigError, match="other settings.*dropout"):
+        tune_lib.tune("scratch_mlp", run_dir, trials=3, dropout=0.2, **TINY)
+
+
+def test_the_fine_tune_searches_its_rates_and_unfreeze_points_below_the_heads():
+    recipe = get_recipe("vgg16_finetune")
+    knobs = tune_space.resolve_space(recipe, None)
+    assert [k.name for k in knobs] == list(recipe.space)
+    config = make_config("vgg16_finetune", "smoke")
+    assert tune_space.unfreeze_choices(config) == ["block3_conv1", "block4_conv1", "block5_conv1"]
+    hp = tune_space.SearchSpace(knobs, config, tune_space.unfreeze_choices(config))
+    values = kt.HyperParameters()
+    hp.build(values)
+    finetune, head = values._hps["finetune_lr"][0], values._hps["learning_rate"][0]
+    assert finetune.max_value <= head.min_value  # every fine-tune rate lies below every head rate
+    assert values.get("unfreeze_at") == "block5_conv1"  # the default: the recipe's own boundary
+
+
+@pytest.mark.parametrize(
+    "space, fixed, match",
+    [
+        (("finetune_lr",), (), "scratch_mlp has no tuning knob 'finetune_lr'"),
+        (("magic",), (), "--space takes a comma list of learning_rate"),
+        (("dropout",), ("dropout",), "nothing to search"),
+    ],
+)
+def test_space_errors_name_the_knobs(space, fixed, match):
+    with pytest.raises(ConfigError, match=match):
+        tune_space.resolve_space(get_recipe("scratch_mlp"), space, fixed=fixed)
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--space", "magic"], "has no tuning knob 'magic'"),
+        (["--validation-fraction", "0"], "--validation-fraction must be above 0"),
+        (["--tuner", "grid"], "invalid choice"),
+        (["--trials", "0"], "must be positive"),
+        (["--data", "/no/such/folder"], "/no/such/folder"),
+    ],
+)
+def test_bad_tune_flags_are_one_line_and_exit_2(flags, message, tmp_path, capsys):
+    argv = ["tune", "scratch_mlp", "--data", DIGITS, "--preset", "smoke", "--run-dir", str(tmp_path / "t"), *flags]
+    assert run.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and message in err[0], err
