@@ -194,9 +194,9 @@ def _log_trial(tuner: RunTuner, trial, value: float, seconds: float) -> None:
     shown = ", ".join(f"{k}={_fmt(v)}" for k, v in trial.hyperparameters.values.items() if not k.startswith("tuner/"))
     best = tuner.oracle.get_best_trials(1)
     best_text = f"; best so far {best[0].score:.4f} (trial {best[0].trial_id})" if best and best[0].score else ""
-    oracle = getattr(tuner.oracle, "oracle", tuner.oracle)  # a worker's client wraps the local oracle
+    oracle = getattr(tuner.oracle, "_oracle", tuner.oracle)  # a worker's OracleClient wraps its local oracle
     budget = getattr(oracle, "budget_seconds", None)
-    left = f"; {max(0.0, budget - oracle.spent_seconds()) / 60:.1f} min left" if budget and oracle.trials else ""
+    left = f"; {max(0.0, budget - oracle.spent_seconds()) / 60:.1f} min left" if budget else ""
     log.info(
         "Trial %s: %s -> %s %.4f in %.1f s%s%s", trial.trial_id, shown, tuner.objective, value, seconds, best_text, left
     )
