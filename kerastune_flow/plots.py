@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from kerastune_flow import rundir
 
@@ -222,6 +223,7 @@ def tuning_plots(summary: dict[str, Any], run_dir: str | os.PathLike) -> dict[st
     ax.scatter(xs, ys, s=30, label="trial")
     ax.step(xs, list(itertools.accumulate(ys, better)), where="post", color="C1", label="best so far")
     ax.set(xlabel="trial", ylabel=objective, title=f"{objective} over trials")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     ax.legend()
     paths["objective_over_trials"] = save_figure(fig, run_dir / "objective_over_trials.png")
@@ -234,16 +236,15 @@ def tuning_plots(summary: dict[str, Any], run_dir: str | os.PathLike) -> dict[st
         axes = np.atleast_1d(fig.subplots(rows, cols)).ravel()
         for ax, name in zip(axes, names, strict=False):
             values = [t["hyperparameters"].get(name) for t in done]
-            numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
-            if numeric:
+            scale = summary.get("scales", {}).get(name, "choice")
+            if scale in ("log", "linear"):
                 ax.scatter(values, ys, s=30)
-                positive = [v for v in values if v > 0]
-                if positive and max(positive) / min(positive) >= 100:
-                    ax.set_xscale("symlog", linthresh=min(positive)) if 0 in values else ax.set_xscale("log")
+                ax.set_xscale(scale)
             else:
-                labels = sorted({str(v) for v in values})
+                labels = sorted({str(v) for v in values}, key=lambda v: (len(v), v))
                 ax.scatter([labels.index(str(v)) for v in values], ys, s=30)
                 ax.set_xticks(range(len(labels)), labels, rotation=20)
+                ax.set_xlim(-0.5, len(labels) - 0.5)
             ax.set(xlabel=name, ylabel=objective)
             ax.grid(alpha=0.3)
         for ax in axes[len(names) :]:

@@ -250,9 +250,11 @@ def tune(
         raise ConfigError(f"--trials and --max-minutes must be positive. Received: trials={trials}, {max_minutes=}")
     run_dir = Path(run_dir)
     # The data and the settings checked before anything is written: a typo leaves no search behind.
-    check_before_data(make_config(recipe, preset, **overrides))
-    data_lib.load_splits(make_config(recipe, preset, **overrides))
+    given = make_config(recipe, preset, **overrides)
+    check_before_data(given)
+    data_lib.load_splits(given)
     asked = dict(recipe=recipe, tuner=tuner, objective=objective, preset=preset, space=space, **overrides)
+    asked["seed"] = given.train.seed  # a flag's or the preset's; None: picked once, recorded
     started = _search_record(run_dir, asked, budget=dict(trials_asked=trials, max_minutes=max_minutes))
     fixed = {**overrides, "seed": started["seed"]}
     if objective.startswith("val_") and make_config(recipe, preset, **fixed).data.validation_fraction == 0:
@@ -338,8 +340,8 @@ def _search_record(run_dir: Path, asked: dict[str, Any], *, budget: dict[str, An
     started = rundir.to_jsonable(asked)
     if path.exists():
         previous = {k: v for k, v in rundir.read_json(path).items() if k not in budget}
-        differs = {k for k in set(previous) | set(started) if k != "seed" and previous.get(k) != started.get(k)}
-        if started.get("seed") is None:
+        differs = {k for k in set(previous) | set(started) if previous.get(k) != started.get(k)}
+        if started.get("seed") is None:  # none given: the search's own, picked when it started
             differs.discard("seed")
         if differs:
             key = sorted(differs)[0]

@@ -63,6 +63,7 @@ def write_tune_json(run_dir: Path, oracle, started: dict[str, Any], knobs: Seque
         **started,
         "direction": direction,
         "space": [knob.name for knob in knobs],
+        "scales": {knob.name: knob.scale for knob in knobs},
         "seconds": round(oracle.spent_seconds(), 1),
         "updated": time.strftime("%Y-%m-%d %H:%M:%S"),
         "trials": trial_records(run_dir, oracle, knobs),

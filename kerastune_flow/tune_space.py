@@ -32,6 +32,7 @@ class Knob:
         declare: declares the hyperparameter on KerasTuner's `HyperParameters` (given the
             search's fixed config and the recipe); returns its value.
         to_config: the config value of a hyperparameter value.
+        scale: "log" or "linear" for a number range, "choice" for a set of values.
     """
 
     name: str
@@ -39,6 +40,7 @@ class Knob:
     applies: Callable[[Recipe], bool]
     declare: Callable[[kt.HyperParameters, Config, Sequence[str]], Any]
     to_config: Callable[[Any], Any] = lambda value: value
+    scale: str = "choice"  # how plots lay its values out: "log", "linear" or "choice" (categories)
 
 
 def _always(recipe: Recipe) -> bool:
@@ -66,6 +68,7 @@ KNOBS: dict[str, Knob] = {
             lambda hp, c, _: hp.Float(
                 "learning_rate", 1e-4, 1e-2, sampling="log", default=min(1e-2, max(1e-4, c.model.learning_rate))
             ),
+            scale="log",
         ),
         Knob(
             "finetune_lr",
@@ -74,6 +77,7 @@ KNOBS: dict[str, Knob] = {
             lambda hp, c, _: hp.Float(
                 "finetune_lr", 1e-6, 1e-4, sampling="log", default=min(1e-4, max(1e-6, c.model.finetune_learning_rate))
             ),
+            scale="log",
         ),
         Knob(
             "unfreeze_at",
@@ -86,6 +90,7 @@ KNOBS: dict[str, Knob] = {
             "dropout",
             _always,
             lambda hp, c, _: hp.Float("dropout", 0.0, 0.5, step=0.1, default=min(0.5, round(c.model.dropout, 1))),
+            scale="linear",
         ),
         Knob("l2", "l2", _always, lambda hp, c, _: _choice(hp, "l2", [0.0, 1e-5, 1e-4, 1e-3], c.model.l2)),
         Knob(

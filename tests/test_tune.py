@@ -3,8 +3,10 @@ looked at once after the search, the best replays with `train --config`, and the
 report are there and agree with the trials."""
 
 import json
+import shutil
 from html.parser import HTMLParser
 
+import browser_check
 import keras_tuner as kt
 import pytest
 from conftest import REPO
@@ -16,6 +18,7 @@ from kerastune_flow.errors import ConfigError
 from kerastune_flow.recipes import get_recipe, make_config
 
 DIGITS = str(REPO / "data" / "digits")
+SCREENSHOTS = REPO / "runs" / "screenshots"  # git-ignored, kept for a person
 TINY = dict(data=DIGITS, preset="smoke", epochs=2, verbose=0)
 
 
@@ -166,3 +169,16 @@ def test_bad_tune_flags_are_one_line_and_exit_2(flags, message, tmp_path, capsys
     assert run.main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and message in err[0], err
+
+
+def test_the_report_renders_in_a_browser(search):
+    if browser_check.missing():
+        pytest.skip(browser_check.missing())
+    run_dir, summary, _ = search
+    page = browser_check.check_page(run_dir / "report.html", screenshot=run_dir / "tune_report.png")
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(page.screenshot, SCREENSHOTS / "tune_report.png")  # for a person to look at
+    assert not page.problems(), page.problems()
+    assert page.tables == 1 and page.title == "kerastune_flow: Tuning scratch_mlp"
+    assert len(page.images) == 3 and all(width > 0 for _, _, width in page.images), page.images
+    assert page.overflow_px == 0
