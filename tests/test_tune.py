@@ -7,12 +7,13 @@ import shutil
 from html.parser import HTMLParser
 
 import browser_check
+import keras
 import keras_tuner as kt
 import pytest
 from conftest import REPO
 
 from kerastune_flow import config as config_lib
-from kerastune_flow import inference, run, rundir, tune_report, tune_space
+from kerastune_flow import inference, models, run, rundir, tune_report, tune_space
 from kerastune_flow import tune as tune_lib
 from kerastune_flow.errors import ConfigError
 from kerastune_flow.recipes import get_recipe, make_config
@@ -182,3 +183,47 @@ def test_the_report_renders_in_a_browser(search):
     assert page.tables == 1 and page.title == "kerastune_flow: Tuning scratch_mlp"
     assert len(page.images) == 3 and all(width > 0 for _, _, width in page.images), page.images
     assert page.overflow_px == 0
+
+
+@pytest.fixture(scope="module")
+def user_base(tmp_path_factory):
+    """A user's own base: a small CNN saved by Keras (cut before its head with --base-output dense)."""
+    keras.utils.set_random_seed(5)
+    path = tmp_path_factory.mktemp("base") / "cnn.keras"
+    models.build_cifar10_cnn(input_shape=(32, 32, 3), num_classes=4).save(path)
+    return path
+
+
+def test_both_stages_of_a_fine_tune_are_one_trial(image_folder, user_base, tmp_path):
+    summary = tune_lib.tune(
+        "vgg16_finetune",
+        tmp_path / "search",
+        tuner="random",
+        trials=2,
+        space=("finetune_lr", "unfreeze_at"),
+        data=str(image_folder),
+        preset="smoke",
+        base=str(user_base),
+        base_output="dense",
+        head_epochs=1,
+        epochs=1,
+        verbose=0,
+    )
+    choices = tune_space.unfreeze_choices(
+        make_config("vgg16_finetune", "smoke", base=str(user_base), base_output="dense")
+    )
+    for trial in summary["trials"]:
+        history = rundir.read_history(trial["run_dir"])
+        assert [r["stage"] for r in history] == ["head", "finetune"]
+        assert history[1]["learning_rate"] == pytest.approx(trial["hyperparameters"]["finetune_lr"])
+        assert trial["hyperparameters"]["unfreeze_at"] in choices
+        ran = rundir.read_json(f"{trial['run_dir']}/config.json")["unfreeze"][0]["layer"]
+        assert ran == trial["hyperparameters"]["unfreeze_at"]
+
+
+def test_hyperband_gives_each_trial_its_epochs_and_trains_the_defaults_apart(tmp_path):
+    summary = tune_lib.tune("scratch_mlp", tmp_path / "search", tuner="hyperband", trials=2, **{**TINY, "epochs": 2})
+    assert len(summary["trials"]) == 2 and all(t["status"] == "COMPLETED" for t in summary["trials"])
+    assert all(1 <= t["epochs_run"] <= 2 for t in summary["trials"])  # Hyperband's budget, at most --epochs
+    assert summary["defaults"]["run_dir"] == str(tmp_path / "search" / "defaults")  # no trial is the defaults
+    assert (tmp_path / "search" / "defaults" / rundir.RESULTS_JSON).exists()
