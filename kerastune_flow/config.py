@@ -30,6 +30,7 @@ LR_SCHEDULES = ("constant", "cosine")
 FEATURE_CACHE = ("auto", "off")
 MIXED_PRECISION = ("off", "auto", "bfloat16", "float16")
 JIT_COMPILE = ("auto", "true", "false")
+AUTO = "auto"  # a learning rate found by the range test (`lr_range`) right before its fit
 
 
 # --------------------------------------------------------------------------- parsing flag text
@@ -72,6 +73,27 @@ def parse_fractions(text: str) -> tuple[float, ...]:
 def parse_weights(text: str) -> str:
     """ "imagenet", "none" (any case), or a path kept as typed."""
     return text.lower() if text.lower() in ("none", "imagenet") else text
+
+
+def parse_rate(text: str) -> float | str:
+    """ "1e-3" -> 0.001; "auto" (any case) -> "auto": found by a range test before the fit.
+
+    Raises:
+        ValueError: for anything else.
+    """
+    if text.strip().lower() == AUTO:
+        return AUTO
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"expected a rate such as 1e-3, or auto, not {text!r}") from None
+
+
+def is_rate(value: Any) -> bool:
+    """True for a positive number or "auto" (what a learning-rate setting accepts)."""
+    if value == AUTO:
+        return True
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
 
 
 # --------------------------------------------------------------------------- settings
@@ -157,7 +179,12 @@ class ModelConfig:
     l1: float = setting(0.0, "L1 weight penalty")
     l2: float = setting(0.0, "L2 weight penalty")
     optimizer: str = setting("adam", "optimizer (sgd has momentum 0.9)", choices=OPTIMIZER_NAMES)
-    learning_rate: float = setting(1e-3, "learning rate (the head's, for a fine-tune)")
+    learning_rate: float | str = setting(
+        1e-3,
+        "learning rate (the head's, for a fine-tune); auto: a range test finds it first (see find-lr)",
+        parse=parse_rate,
+        metavar="RATE|auto",
+    )
     lr_schedule: str = setting("constant", "cosine: decay to 0 over each fit's epochs", choices=LR_SCHEDULES)
     dense_units: int = setting(256, "width of the transfer head's hidden layer")
     backbone: str = setting("vgg16", "transfer recipes: the pre-trained base", choices=BACKBONE_NAMES)
@@ -174,7 +201,13 @@ class ModelConfig:
         shown="the last block, block5_conv1 = 15 for VGG16",
         metavar="INDEX|NAME|FRACTION",
     )
-    finetune_learning_rate: float = setting(1e-5, "stage 2 learning rate", flag="--finetune-lr")
+    finetune_learning_rate: float | str = setting(
+        1e-5,
+        "stage 2 learning rate; auto: a range test on the unfrozen model finds it after stage 1",
+        flag="--finetune-lr",
+        parse=parse_rate,
+        metavar="RATE|auto",
+    )
     progressive: str | None = setting(
         None,
         "stage 2 in steps EPOCH:UNFREEZE_AT:LR,... counted from its start, "
@@ -395,8 +428,17 @@ def validate(config: Config) -> Config:
         ),
         (d.max_examples is None or d.max_examples >= 1, "max_examples must be at least 1", d.max_examples),
         (0 < d.train_fraction <= 1, "train_fraction must be in (0, 1]", d.train_fraction),
-        (m.learning_rate > 0, "learning_rate must be positive", m.learning_rate),
-        (m.finetune_learning_rate > 0, "finetune_learning_rate must be positive", m.finetune_learning_rate),
+        (is_rate(m.learning_rate), "learning_rate must be positive, or auto", m.learning_rate),
+        (
+            is_rate(m.finetune_learning_rate),
+            "finetune_learning_rate must be positive, or auto",
+            m.finetune_learning_rate,
+        ),
+        (
+            not (m.finetune_learning_rate == AUTO and m.progressive),
+            "finetune_learning_rate auto finds one rate for stage 2; --progressive gives each step its own",
+            m.progressive,
+        ),
         (0 <= m.dropout < 1, "dropout must be in [0, 1)", m.dropout),
         (m.l1 >= 0 and m.l2 >= 0, "l1 and l2 must not be negative", (m.l1, m.l2)),
         (m.dense_units >= 1, "dense_units must be at least 1", m.dense_units),

@@ -21,7 +21,7 @@ import tensorflow as tf
 
 from kerastune_flow import data as data_lib
 from kerastune_flow import fitting, models, rundir
-from kerastune_flow.config import Config
+from kerastune_flow.config import AUTO, Config
 from kerastune_flow.errors import ConfigError
 from kerastune_flow.fitting import FitContext
 
@@ -109,30 +109,21 @@ def cached_feature_pipelines(
     return out
 
 
-def fit_frozen(
-    model: keras.Model,
-    pipes: dict[str, tf.data.Dataset | None],
-    context: FitContext,
-    *,
-    epochs: int,
-    stage: str | None,
-) -> tuple[int, float | None]:
-    """Trains the head on the frozen base, on cached features when that gives the same result.
+def frozen_stage(
+    model: keras.Model, pipes: dict[str, tf.data.Dataset | None], context: FitContext, *, epochs: int
+) -> tuple[keras.Model, tf.data.Dataset, tf.data.Dataset | None]:
+    """What the frozen stage fits, and on what: (model, train, validation).
 
     Features are cached when `feature_cache` is "auto" and no random augmentation is on (with
     augmentation every epoch sees new images, so the full forward pass is needed, and the log
-    says so). The head model shares the full model's layers, so nothing needs copying back.
-
-    Returns:
-        (the epoch the stage ended at, the best monitored value).
+    says so): then the head alone, compiled at the head's rate for `epochs`, on the cached
+    features; else the whole model (compiled by its builder) on the images.
     """
     config = context.config
     if config.model.feature_cache != "auto" or config.data.augment:
         if config.data.augment and config.model.feature_cache == "auto":
             log.info("Random augmentation is on: training the head with the full forward pass (no feature cache)")
-        callbacks = fitting.stage_callbacks(context, epochs=epochs, stage=stage)
-        end = fitting.fit(model, pipes["train"], pipes["validation"], context, callbacks, epochs=epochs)
-        return end, fitting.best_so_far(callbacks)
+        return model, pipes["train"], pipes["validation"]
     start = time.perf_counter()
     features, head = split_at_base(model)
     cached = cached_feature_pipelines(
@@ -153,8 +144,37 @@ def fit_frozen(
             learning_rate=fitting.learning_rate(context, config.model.learning_rate, epochs=epochs),
             **fitting.compile_kwargs(context),
         )
-    callbacks = fitting.stage_callbacks(context, epochs=epochs, stage=stage, save_model=model)
-    end = fitting.fit(head, cached["train"], cached["validation"], context, callbacks, epochs=epochs)
+    return head, cached["train"], cached["validation"]
+
+
+def fit_frozen(
+    model: keras.Model,
+    pipes: dict[str, tf.data.Dataset | None],
+    context: FitContext,
+    *,
+    epochs: int,
+    stage: str | None,
+) -> tuple[int, float | None]:
+    """Trains the head on the frozen base, on cached features when that gives the same result
+    (see `frozen_stage`). The head model shares the full model's layers, so nothing needs
+    copying back. With `learning_rate="auto"` a range test on what the stage fits finds the rate.
+
+    Returns:
+        (the epoch the stage ended at, the best monitored value).
+    """
+    fit_model, train_ds, val_ds = frozen_stage(model, pipes, context, epochs=epochs)
+    if context.config.model.learning_rate == AUTO:
+        rate = fitting.auto_learning_rate(context, fit_model, train_ds, stage="head")
+        with context.strategy.scope():  # compiled again, at the rate found
+            models.compile_model(
+                fit_model,
+                models.transfer_head(max(2, model.output_shape[-1])),
+                learning_rate=fitting.learning_rate(context, rate, epochs=epochs),
+                **fitting.compile_kwargs(context),
+            )
+    save_model = model if fit_model is not model else None
+    callbacks = fitting.stage_callbacks(context, epochs=epochs, stage=stage, save_model=save_model)
+    end = fitting.fit(fit_model, train_ds, val_ds, context, callbacks, epochs=epochs)
     return end, fitting.best_so_far(callbacks)
 
 
@@ -234,6 +254,30 @@ def _stage_name(i: int) -> str:
     return "finetune" if i == 0 else f"finetune_{i + 1}"
 
 
+def compile_finetune_step(
+    model: keras.Model, context: FitContext, step: FinetuneStep, *, rate: float | str, epochs: int
+) -> int:
+    """Unfreezes the base from `step.unfreeze_at` and compiles the whole model at `rate` for a
+    fit of `epochs` (the base at `rate` x `base_lr_multiplier` when that is given).
+
+    Returns:
+        The index of the first unfrozen layer of the base.
+    """
+    m = context.config.model
+    base = models.find_base(model)
+    with context.strategy.scope():
+        index = models.unfreeze_from(base, step.unfreeze_at)
+        models.compile_model(
+            model,
+            models.transfer_head(max(2, model.output_shape[-1])),
+            learning_rate=fitting.learning_rate(context, rate, epochs=epochs),
+            base_variables=base.trainable_variables if m.base_lr_multiplier is not None else None,
+            base_multiplier=m.base_lr_multiplier,
+            **fitting.compile_kwargs(context),
+        )
+    return index
+
+
 class StageLedger:
     """Remembers finished stages (weights and where they ended) under backup/, so a resumed run
     skips them; removed with the backup when the run finishes."""
@@ -274,7 +318,6 @@ def fit_staged(model: keras.Model, pipes: dict[str, tf.data.Dataset | None], con
     """
     m, t = context.config.model, context.config.train
     base = models.find_base(model)
-    head_spec = models.transfer_head(max(2, model.output_shape[-1]))
     ledger = StageLedger(context.run_dir, t.backup)
     state = ledger.done("head", model)
     if state is None:
@@ -292,16 +335,7 @@ def fit_staged(model: keras.Model, pipes: dict[str, tf.data.Dataset | None], con
         start = max(end, stage2_start + step.offset)
         stop = stage2_start + plan[i + 1].offset if i + 1 < len(plan) else final
         boundaries.append(start)
-        with context.strategy.scope():
-            index = models.unfreeze_from(base, step.unfreeze_at)
-            models.compile_model(
-                model,
-                head_spec,
-                learning_rate=fitting.learning_rate(context, step.learning_rate, epochs=stop - start),
-                base_variables=base.trainable_variables if m.base_lr_multiplier is not None else None,
-                base_multiplier=m.base_lr_multiplier,
-                **fitting.compile_kwargs(context),
-            )
+        index = compile_finetune_step(model, context, step, rate=step.learning_rate, epochs=stop - start)
         state = ledger.done(stage, model)
         if state is not None:
             end, best = state["end"], state["best"]
@@ -309,11 +343,15 @@ def fit_staged(model: keras.Model, pipes: dict[str, tf.data.Dataset | None], con
         if start >= stop:
             log.info("Step %s has no epochs left (stage ends at epoch %d): skipped", stage, stop)
             continue
+        rate = step.learning_rate
+        if rate == AUTO:  # tested on the model as stage 2 trains it: unfrozen, with any base multiplier
+            rate = fitting.auto_learning_rate(context, model, pipes["train"], stage=stage, epoch=start)
+            compile_finetune_step(model, context, step, rate=rate, epochs=stop - start)
         log.info(
             "Stage %s: base layers from %s unfrozen, learning rate %g%s, epochs %d to %d",
             stage,
             models.describe_layer(base, index),
-            step.learning_rate,
+            rate,
             f" (base x{m.base_lr_multiplier:g})" if m.base_lr_multiplier else "",
             start + 1,
             stop,

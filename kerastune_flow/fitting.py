@@ -7,6 +7,7 @@ fine-tune) fit through here, so neither imports the other.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -14,10 +15,12 @@ import keras
 import tensorflow as tf
 
 from kerastune_flow import callbacks as cb
-from kerastune_flow import resume
-from kerastune_flow.config import Config
+from kerastune_flow import lr_range, plots, resume, rundir
+from kerastune_flow.config import AUTO, Config
 from kerastune_flow.data.pipeline import EpochClock
 from kerastune_flow.strategy import DeviceSettings, global_batch_size
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,8 +56,16 @@ def steps_per_epoch(num_train: int, batch_size: int, settings: DeviceSettings) -
     return num_train // batch_size if settings.drop_remainder else -(-num_train // batch_size)
 
 
-def learning_rate(context: FitContext, rate: float, *, epochs: int) -> Any:
-    """The rate, or with `lr_schedule="cosine"` a CosineDecay from it to 0 over `epochs`."""
+# What a model compiled for a rate of "auto" is compiled at: no step ever runs at it, since the range
+# test runs on its own copy of the optimizer and the fit compiles again at the rate found.
+AUTO_PLACEHOLDER_RATE = 1e-3
+
+
+def learning_rate(context: FitContext, rate: float | str, *, epochs: int) -> Any:
+    """The rate, or with `lr_schedule="cosine"` a CosineDecay from it to 0 over `epochs`; for
+    "auto", `AUTO_PLACEHOLDER_RATE` until `auto_learning_rate` has found the rate."""
+    if rate == AUTO:
+        rate = AUTO_PLACEHOLDER_RATE
     if context.config.model.lr_schedule == "cosine" and context.steps_per_epoch:
         return keras.optimizers.schedules.CosineDecay(rate, decay_steps=max(1, epochs * context.steps_per_epoch))
     return rate
@@ -68,6 +79,76 @@ def compile_kwargs(context: FitContext) -> dict[str, Any]:
         jit_compile=context.settings.jit_compile,
         steps_per_execution=t.steps_per_execution,
     )
+
+
+def auto_learning_rate(
+    context: FitContext, model: keras.Model, train_ds: tf.data.Dataset, *, stage: str, epoch: int = 0
+) -> float:
+    """The rate that "auto" stands for in the fit about to start: a range test (`lr_range`) on
+    `model`, compiled as the fit will be, with the data and dropout of the fit's first epoch.
+
+    The test's record goes to lr_find.json and lr_find.png in the run directory (for stage 2,
+    lr_find_finetune.*) and the rate also under backup/, so that a resumed run takes the rate its
+    first attempt found instead of testing again on other weights.
+
+    Args:
+        context: the run's fit context.
+        model: the model the fit trains (the head alone on cached features), compiled.
+        train_ds: the fit's training pipeline.
+        stage: "head" for the first fit of a run, "finetune" for stage 2.
+        epoch: the fit's first epoch, whose data the test reads.
+
+    Returns:
+        The rate found (or recorded).
+    """
+    recorded = found_learning_rates(context.run_dir)
+    if stage in recorded:
+        log.info("learning rate auto: %.3g, found by the interrupted run (%s)", recorded[stage], stage)
+        return recorded[stage]
+    record = range_test_record(context, model, train_ds, stage=stage, epoch=epoch)
+    write_range_test(record, context.run_dir, stage=stage)
+    rundir.atomic_write_json(
+        context.run_dir / rundir.BACKUP_DIR / rundir.LEARNING_RATES_JSON, {**recorded, stage: record["suggestion"]}
+    )
+    log.info(
+        "learning rate auto: %.3g (rule %s, %d range-test steps; %s)",
+        record["suggestion"],
+        record["rule"],
+        record["steps"],
+        rundir.lr_find_paths(context.run_dir, stage)[0].name,
+    )
+    return record["suggestion"]
+
+
+def range_test_record(
+    context: FitContext, model: keras.Model, train_ds: tf.data.Dataset, *, stage: str, epoch: int = 0
+) -> dict[str, Any]:
+    """A range test on `model` and `train_ds` with the data order, augmentation and dropout of
+    `epoch` (so the same seed gives the same curve however the run got there); returns its
+    record (`lr_range.RangeTest.record`) with the stage and the global batch size."""
+    seeds = cb.EpochSeeds(context.clock)
+    seeds.set_model(model)
+    seeds.on_epoch_begin(epoch)
+    test = lr_range.range_test(model, train_ds)
+    return {**test.record(), "stage": stage, "global_batch_size": context.global_batch_size}
+
+
+def found_learning_rates(run_dir: str | Path) -> dict[str, float]:
+    """The rates "auto" found so far in an unfinished run, by stage ({} when none)."""
+    path = Path(run_dir) / rundir.BACKUP_DIR / rundir.LEARNING_RATES_JSON
+    try:
+        return {str(k): float(v) for k, v in rundir.read_json(path).items()}
+    except (OSError, ValueError, AttributeError):
+        return {}
+
+
+def write_range_test(record: dict[str, Any], run_dir: str | Path, *, stage: str | None = None) -> tuple[Path, Path]:
+    """Writes a range test's record and plot (see `rundir.lr_find_paths`); returns their paths."""
+    json_path, png_path = rundir.lr_find_paths(run_dir, stage)
+    rundir.atomic_write_json(json_path, record)
+    title = f"Range test, {record.get('stage', 'head')}: suggestion {record['suggestion']:.2g} ({record['rule']})"
+    plots.plot_lr_find(record, title=title).savefig(png_path)
+    return json_path, png_path
 
 
 MIN_PATIENCE = 3

@@ -7,6 +7,8 @@ A run directory holds:
     model.keras     the best model (by the monitored metric)
     results.json    test metrics, wall time, parameter counts, best epoch
     curves.png      loss and accuracy per epoch, the fine-tune boundary marked
+    lr_find.json    with `--learning-rate auto`: the range test's curve and the rate it chose
+                    (lr_find.png its plot; lr_find_finetune.* for `--finetune-lr auto`)
     tensorboard/    TensorBoard event files
     backup/         the resume state (see `resume.py`); removed when the run finishes
 
@@ -45,7 +47,26 @@ HISTORY_CSV = "history.csv"
 HISTORY_JSONL = "history.jsonl"
 BACKUP_DIR = "backup"
 TENSORBOARD_DIR = "tensorboard"
-RUN_FILES = (CONFIG_JSON, RESULTS_JSON, CURVES_PNG, BEST_MODEL, HISTORY_CSV, HISTORY_JSONL, BACKUP_DIR, TENSORBOARD_DIR)
+LR_FIND = "lr_find"  # lr_find.json and lr_find.png: a range test's record and plot (see `lr_find_paths`)
+LEARNING_RATES_JSON = "learning_rates.json"  # under backup/: the rates "auto" found, for a resumed run
+RUN_FILES = (
+    CONFIG_JSON,
+    RESULTS_JSON,
+    CURVES_PNG,
+    BEST_MODEL,
+    HISTORY_CSV,
+    HISTORY_JSONL,
+    BACKUP_DIR,
+    TENSORBOARD_DIR,
+    *(f"{LR_FIND}{part}.{ext}" for part in ("", "_finetune") for ext in ("json", "png")),
+)
+
+
+def lr_find_paths(run_dir: str | os.PathLike, stage: str | None = None) -> tuple[Path, Path]:
+    """The JSON record and the plot of a range test in `run_dir`: lr_find.json / .png, or for a
+    stage other than the first fit's ("finetune"), lr_find_finetune.json / .png."""
+    stem = LR_FIND if stage in (None, "head") else f"{LR_FIND}_{stage}"
+    return Path(run_dir) / f"{stem}.json", Path(run_dir) / f"{stem}.png"
 
 
 # --------------------------------------------------------------------------- the directory

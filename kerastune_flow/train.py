@@ -26,7 +26,7 @@ import tensorflow as tf
 from kerastune_flow import callbacks as cb
 from kerastune_flow import data as data_lib
 from kerastune_flow import finetune, fitting, models, plots, rundir, runtime
-from kerastune_flow.config import Config, new_seed
+from kerastune_flow.config import AUTO, Config, new_seed
 from kerastune_flow.errors import DataError, KerastuneFlowError
 from kerastune_flow.fitting import FitContext
 from kerastune_flow.recipes import check_image_size, get_recipe
@@ -337,6 +337,15 @@ def _train_and_evaluate(
     elif recipe.transfer:
         finetune.fit_frozen(model, pipes, context, epochs=config.train.epochs, stage=None)
     else:
+        if config.model.learning_rate == AUTO:
+            rate = fitting.auto_learning_rate(context, model, pipes["train"], stage="head")
+            with strategy.scope():  # compiled again, at the rate found
+                models.compile_model(
+                    model,
+                    head,
+                    learning_rate=fitting.learning_rate(context, rate, epochs=config.train.epochs),
+                    **fitting.compile_kwargs(context),
+                )
         fitting.fit(
             model,
             pipes["train"],
@@ -363,6 +372,9 @@ def _train_and_evaluate(
         "seed": config.train.seed,
         "weights_sha256": weights_digest(model),
     }
+    found = fitting.found_learning_rates(run_dir)  # by stage, with --learning-rate / --finetune-lr auto
+    if found:
+        results["learning_rate_found"] = found
     rundir.atomic_write_json(run_dir / rundir.RESULTS_JSON, results)
     if history:
         plots.save_curves(history, run_dir / rundir.CURVES_PNG, title=f"{config.model.recipe} on {splits.source}")

@@ -1,0 +1,160 @@
+"""`find_lr(config, run_dir)`: the learning-rate range test on the fit that matters, as a command.
+
+    python -m kerastune_flow.run find-lr RECIPE --data DATA [--stage head|finetune] [--run-dir DIR]
+
+It sets the run up as `train` does (strategy, seed, data, pipelines, the model built and
+compiled in the strategy's scope), runs `lr_range.range_test` on the stage asked for, and writes
+DIR/lr_find.json (the suggestion, its rule, every rule's suggestion, the curve) and
+DIR/lr_find.png (the smoothed loss against the rate, the suggestion marked). Nothing is trained
+for the head stage; for the fine-tune stage, stage 1 is trained first, as `train` would.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import keras
+
+from kerastune_flow import data as data_lib
+from kerastune_flow import finetune, fitting, models, runtime, train
+from kerastune_flow.config import Config
+from kerastune_flow.errors import ConfigError
+from kerastune_flow.fitting import FitContext
+from kerastune_flow.recipes import get_recipe
+from kerastune_flow.strategy import (
+    device_kind,
+    device_settings,
+    get_strategy,
+    global_batch_size,
+    is_chief,
+)
+
+log = logging.getLogger(__name__)
+
+STAGES = ("head", "finetune")
+# Stage 1 before a fine-tune's range test writes none of a run's files (it is thrown away).
+QUIET_STAGE_ONE = dict(checkpoint=False, backup=False, tensorboard=False, csv_log=False, jsonl_log=False)
+
+
+def find_lr(config: Config, run_dir: str | Path, *, stage: str = "head") -> dict[str, Any]:
+    """Runs the range test on one stage of a recipe and writes lr_find.json and lr_find.png.
+
+    Args:
+        config: the recipe and its settings, as for `train.train_and_evaluate`.
+        run_dir: where the two files go (created if missing).
+        stage: "head": the recipe's first fit, that is the model of a from-scratch recipe, or the
+            head on the frozen base's cached features of a transfer recipe (the whole model
+            when augmentation is on or the cache is off). "finetune": stage 2 of a staged
+            recipe, on the model as stage 2 trains it (unfrozen from `unfreeze_at`, with any
+            `base_lr_multiplier`), after training stage 1 as `train` would.
+
+    Returns:
+        The record written to lr_find.json, with "json" and "png", the files' paths.
+
+    Raises:
+        ConfigError: for a stage the recipe does not have, or `progressive` with the fine-tune
+            stage; any `KerastuneFlowError` of `train` for the data, weights or strategy.
+    """
+    recipe = get_recipe(config.model.recipe)
+    if stage not in STAGES:
+        raise ConfigError(f"The stage must be one of {', '.join(STAGES)}. Received: stage={stage}")
+    if stage == "finetune" and not recipe.staged:
+        raise ConfigError(
+            f"{recipe.name} trains in one fit, so it has no fine-tune stage; use --stage head, or a staged recipe "
+            f"such as vgg16_finetune. Received: stage={stage}"
+        )
+    if stage == "finetune" and config.model.progressive:
+        raise ConfigError(
+            "--stage finetune tests one stage-2 rate; --progressive gives each step its own, so leave it out. "
+            f"Received: progressive={config.model.progressive}"
+        )
+    runtime.prepare_process(config.train.strategy, deterministic=config.train.deterministic)
+    strategy = get_strategy(config.train.strategy)
+    config = train.with_seed(config, run_dir, strategy)
+    chief = is_chief(strategy)
+    out_dir = Path(run_dir) if chief else Path(tempfile.mkdtemp(prefix="kerastune_flow_worker_"))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    settings = device_settings(
+        device_kind(strategy),
+        steps_per_execution=config.train.steps_per_execution,
+        mixed_precision=config.train.mixed_precision,
+        jit_compile=config.train.jit_compile,
+        replicas=strategy.num_replicas_in_sync,
+    )
+    config = config.replace(steps_per_execution=settings.steps_per_execution)
+    previous_policy = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(settings.dtype_policy)
+    try:
+        record = _find_lr(config, out_dir, strategy, settings, stage)
+    finally:
+        keras.config.set_dtype_policy(previous_policy)
+        if not chief:
+            shutil.rmtree(out_dir, ignore_errors=True)
+    return record
+
+
+def _find_lr(config: Config, run_dir: Path, strategy, settings, stage: str) -> dict[str, Any]:
+    keras.utils.set_random_seed(config.train.seed)
+    recipe = get_recipe(config.model.recipe)
+    train.check_before_data(config)
+    base = train.load_base(config)
+    if base is not None:
+        splits = data_lib.load_splits(
+            config, image_size=tuple(base.input_shape[1:3]), channels=int(base.input_shape[-1])
+        )
+    else:
+        splits = data_lib.load_splits(config, channels=3 if recipe.transfer else None)
+    if splits.sizes["validation"] == 0 and config.train.monitor.startswith("val_"):
+        config = config.replace(monitor=config.train.monitor.removeprefix("val_"))
+    head = recipe.head(splits.num_classes)
+    t = config.train
+    context = FitContext(
+        config=config,
+        run_dir=run_dir,
+        strategy=strategy,
+        settings=settings,
+        steps_per_epoch=fitting.steps_per_epoch(
+            splits.sizes["train"], global_batch_size(config.data.batch_size, strategy), settings
+        ),
+        clock=data_lib.EpochClock(),
+        epochs=t.head_epochs + t.epochs if recipe.staged else t.epochs,
+    )
+    pipes = train.make_pipelines(splits, context, head)
+    keras.utils.set_random_seed(config.train.seed)  # as `train` does, just before the weights are drawn
+    with strategy.scope():
+        model = train.build_model(context, input_shape=splits.image_shape, num_classes=splits.num_classes, base=base)
+    log.info(
+        "Range test of %s, stage %s, on %s (%d training examples, global batch %d)",
+        recipe.model_name(config.model.backbone),
+        stage,
+        splits.source,
+        splits.sizes["train"],
+        context.global_batch_size,
+    )
+    epoch = 0
+    if stage == "head" and recipe.transfer:
+        fit_model, train_ds, _ = finetune.frozen_stage(
+            model, pipes, context, epochs=t.head_epochs if recipe.staged else t.epochs
+        )
+    elif stage == "head":
+        fit_model, train_ds = model, pipes["train"]
+    else:
+        with tempfile.TemporaryDirectory(prefix="kerastune_flow_stage1_") as scratch:
+            quiet = dataclasses.replace(context, run_dir=Path(scratch), config=config.replace(**QUIET_STAGE_ONE))
+            log.info("Stage 1: training the head on the frozen base for up to %d epoch(s) first", t.head_epochs)
+            epoch, _ = finetune.fit_frozen(model, pipes, quiet, epochs=t.head_epochs, stage="head")
+        step = finetune.finetune_steps(config, models.find_base(model))[0]
+        finetune.compile_finetune_step(model, context, step, rate=step.learning_rate, epochs=t.epochs)
+        fit_model, train_ds = model, pipes["train"]
+    record = fitting.range_test_record(context, fit_model, train_ds, stage=stage, epoch=epoch)
+    record.update(recipe=config.model.recipe, data=splits.source, seed=config.train.seed)
+    json_path, png_path = fitting.write_range_test(record, run_dir)
+    log.info(
+        "Suggested learning rate %.3g (rule %s); %s, %s", record["suggestion"], record["rule"], json_path, png_path
+    )
+    return {**record, "json": str(json_path), "png": str(png_path)}

@@ -1,0 +1,304 @@
+"""The learning-rate range test (Smith 2015; fastai's `lr_find`, Lightning's `lr_find`) for Keras.
+
+    test = range_test(model, train_ds)        # a compiled model, a batched training pipeline
+    rate = test.suggestion()                  # the default rule; test.suggestion("steepest")
+
+The rate grows exponentially from `min_lr` to `max_lr`, one step at a time, on a fresh copy of the
+model's optimizer (its class and settings, a discriminative base multiplier included), and the
+test stops once the smoothed loss exceeds `diverge_factor` times its minimum or a loss is not
+finite. The model's variables (weights, BatchNorm statistics, dropout seeds, metrics) are put
+back bit for bit afterwards and its own optimizer is never touched, so the fit that follows
+starts exactly where it would have without the test.
+
+Each step is the model's own loss (`model.compute_loss`, regularization included) under
+`strategy.run` of the strategy that built the model, on the pipeline distributed as `fit` would
+distribute it; the reported loss is the mean over the global batch, so one replica and two see
+the same curve (up to the order of float sums). The model's `steps_per_execution` plays no part:
+the test runs its own step.
+
+`suggest(lrs, losses, rule)` reads a rate off a smoothed curve:
+    valley     fastai's default: the longest descending stretch, about halfway down it
+    steepest   Lightning's: where the loss falls fastest per step (its gradient's minimum)
+    minimum    fastai's `minimum`: a tenth of the rate at the lowest loss
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from kerastune_flow.errors import ConfigError, TrainingDivergedError
+
+log = logging.getLogger(__name__)
+
+RULES = ("valley", "steepest", "minimum")
+# Chosen by benchmarks/lr_find.py (benchmarks/lr_find_results.json).
+DEFAULT_RULE = "valley"
+MIN_LR = 1e-7  # fastai's start_lr and end_lr
+MAX_LR = 10.0
+MAX_STEPS = 100  # fastai's num_it and Lightning's num_training
+BETA = 0.98  # the loss's exponential smoothing, debiased (fastai and Lightning)
+DIVERGE_FACTOR = 4.0  # stop once the smoothed loss exceeds this times its minimum (both)
+VALLEY_SKIP_END = 5  # fastai drops the last 5 points; both skip the first tenth of the steps
+STEEPEST_SKIP_END = 1  # Lightning's skip_end
+
+
+@dataclasses.dataclass(frozen=True)
+class RangeTest:
+    """The curve of one range test.
+
+    Attributes:
+        lrs: the rate of each step run.
+        losses: each step's training loss (the mean over the global batch), before the update.
+        smoothed: `losses` smoothed exponentially and debiased (what the rules read).
+        planned_steps: the steps the test would have run without diverging.
+        diverged: the test stopped because the loss diverged (else it ran every step).
+        seconds: wall time of the test.
+    """
+
+    lrs: list[float]
+    losses: list[float]
+    smoothed: list[float]
+    planned_steps: int
+    diverged: bool
+    seconds: float
+
+    def suggestion(self, rule: str = DEFAULT_RULE) -> float:
+        """The rate `rule` reads off the smoothed curve (see `suggest`)."""
+        return suggest(self.lrs, self.smoothed, rule, planned_steps=self.planned_steps)
+
+    def record(self, rule: str = DEFAULT_RULE) -> dict[str, Any]:
+        """A JSON-ready summary: the suggestion, its rule, every rule's suggestion, the curve."""
+        suggestions = {}
+        for name in RULES:
+            try:
+                suggestions[name] = self.suggestion(name)
+            except TrainingDivergedError:
+                suggestions[name] = None
+        return {
+            "suggestion": self.suggestion(rule),
+            "rule": rule,
+            "suggestions": suggestions,
+            "lrs": self.lrs,
+            "losses": self.losses,
+            "smoothed": self.smoothed,
+            "steps": len(self.lrs),
+            "planned_steps": self.planned_steps,
+            "diverged": self.diverged,
+            "seconds": round(self.seconds, 3),
+        }
+
+
+def range_test(
+    model: keras.Model,
+    dataset: tf.data.Dataset,
+    *,
+    min_lr: float = MIN_LR,
+    max_lr: float = MAX_LR,
+    max_steps: int = MAX_STEPS,
+    beta: float = BETA,
+    diverge_factor: float = DIVERGE_FACTOR,
+) -> RangeTest:
+    """Runs the range test on a compiled model and puts the model back as it was.
+
+    Args:
+        model: a compiled model, built by its strategy (inside `strategy.scope()`).
+        dataset: batched (x, y) training data at the global batch size; it is repeated as
+            needed. A pipeline that reshuffles on every iteration is one iteration further on
+            afterwards (the package's pipelines order each epoch from the seed and the epoch).
+        min_lr: the first step's rate.
+        max_lr: the rate the last planned step reaches.
+        max_steps: the most steps (the rate grows by (max_lr / min_lr) ** (1 / (max_steps - 1))
+            per step).
+        beta: the smoothing of the loss curve (0: none).
+        diverge_factor: stop when the smoothed loss exceeds this times its minimum.
+
+    Returns:
+        The curve, as a RangeTest.
+
+    Raises:
+        ConfigError: for rates or steps out of range, or a model that is not compiled.
+    """
+    if not 0 < min_lr < max_lr:
+        raise ConfigError(f"The range test needs 0 < min_lr < max_lr. Received: min_lr={min_lr}, max_lr={max_lr}")
+    if max_steps < 2:
+        raise ConfigError(f"The range test needs at least 2 steps. Received: max_steps={max_steps}")
+    if not 0 <= beta < 1:
+        raise ConfigError(f"beta must be in [0, 1). Received: beta={beta}")
+    if getattr(model, "optimizer", None) is None or not getattr(model, "compiled", False):
+        raise ConfigError(f"The range test needs a compiled model; call model.compile() first. Received: {model.name}")
+    start = time.perf_counter()
+    strategy = model.distribute_strategy
+    lrs = min_lr * (max_lr / min_lr) ** (np.arange(max_steps) / (max_steps - 1))
+    saved = _snapshot(model)
+    losses: list[float] = []
+    smoothed: list[float] = []
+    diverged = False
+    try:
+        with strategy.scope():
+            optimizer = fresh_optimizer(model.optimizer, float(lrs[0]))
+            optimizer.build(model.trainable_variables)
+        step = _step_function(model, optimizer, strategy)
+        batches = iter(strategy.experimental_distribute_dataset(dataset.repeat()))
+        average, best = 0.0, math.inf
+        for i, lr in enumerate(lrs):
+            optimizer.learning_rate = float(lr)
+            loss = float(step(next(batches)))
+            losses.append(loss)
+            if not math.isfinite(loss):
+                smoothed.append(math.nan)
+                diverged = True
+                break
+            average = beta * average + (1 - beta) * loss
+            smoothed.append(average / (1 - beta ** (i + 1)))
+            best = min(best, smoothed[-1])
+            if smoothed[-1] > diverge_factor * best:
+                diverged = True
+                break
+    finally:
+        _restore(model, saved)
+    test = RangeTest(
+        lrs=[float(lr) for lr in lrs[: len(losses)]],
+        losses=losses,
+        smoothed=smoothed,
+        planned_steps=max_steps,
+        diverged=diverged,
+        seconds=time.perf_counter() - start,
+    )
+    log.info(
+        "Range test: %d step(s), rate %.2g to %.2g, %s, in %.1f s",
+        len(losses),
+        test.lrs[0],
+        test.lrs[-1],
+        "stopped where the loss diverged" if diverged else "the loss never diverged",
+        test.seconds,
+    )
+    return test
+
+
+def fresh_optimizer(optimizer: keras.optimizers.Optimizer, learning_rate: float) -> keras.optimizers.Optimizer:
+    """A new optimizer of the same class and settings at a constant `learning_rate`, with no state
+    (a loss-scale wrapper is kept around a fresh inner optimizer). Call inside the strategy's scope."""
+    if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+        inner = fresh_optimizer(optimizer.inner_optimizer, learning_rate)
+        config = optimizer.get_config()
+        return keras.optimizers.LossScaleOptimizer(
+            inner, initial_scale=config["initial_scale"], dynamic_growth_steps=config["dynamic_growth_steps"]
+        )
+    config = {**optimizer.get_config(), "learning_rate": learning_rate, "name": "lr_range_test"}
+    return type(optimizer).from_config(config)
+
+
+def _step_function(model: keras.Model, optimizer: keras.optimizers.Optimizer, strategy: tf.distribute.Strategy):
+    """One training step of the model's own loss with `optimizer`; returns the global batch's mean loss."""
+
+    def replica_step(batch):
+        x, y = batch[0], batch[1]
+        with tf.GradientTape() as tape:
+            y_pred = model(x, training=True)
+            # Scaled by 1 / replicas under tf.distribute, so the replicas' gradients sum to the mean.
+            loss = model.compute_loss(x=x, y=y, y_pred=y_pred, training=True)
+            scaled = optimizer.scale_loss(loss)
+        variables = model.trainable_variables
+        optimizer.apply_gradients(zip(tape.gradient(scaled, variables), variables, strict=True))
+        return loss
+
+    if getattr(model, "jit_compile", False):
+        replica_step = tf.function(replica_step, jit_compile=True, reduce_retracing=True)
+
+    @tf.function(reduce_retracing=True)
+    def step(batch):
+        per_replica = strategy.run(replica_step, args=(batch,))
+        return strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
+
+    return step
+
+
+def _state_variables(model: keras.Model) -> list[Any]:
+    """Every variable a training step can change: weights, statistics, seeds, metrics."""
+    return [*model.variables, *model.metrics_variables]
+
+
+def _snapshot(model: keras.Model) -> list[np.ndarray]:
+    return [np.array(keras.ops.convert_to_numpy(v), copy=True) for v in _state_variables(model)]
+
+
+def _restore(model: keras.Model, saved: list[np.ndarray]) -> None:
+    for variable, value in zip(_state_variables(model), saved, strict=True):
+        variable.assign(value)
+
+
+# --------------------------------------------------------------------------- suggestion rules
+
+
+def suggest(
+    lrs: Sequence[float], losses: Sequence[float], rule: str = DEFAULT_RULE, *, planned_steps: int | None = None
+) -> float:
+    """Reads a learning rate off a range test's smoothed loss curve.
+
+    Args:
+        lrs: the rate of each step, increasing.
+        losses: the smoothed loss of each step (`RangeTest.smoothed`); the curve is cut at its
+            first value that is not finite.
+        rule: "valley" (fastai's: the longest descending stretch, skipping the first tenth of the
+            planned steps and the last 5 points, then 1/2 of the way down it), "steepest"
+            (Lightning's: the minimum of the loss's gradient per step, skipping the first tenth
+            and the last point) or "minimum" (fastai's: the rate at the lowest loss / 10).
+        planned_steps: the steps the test planned (what the first tenth is counted from);
+            None: `len(lrs)`.
+
+    Returns:
+        The suggested rate, one of `lrs` (a tenth of one for "minimum").
+
+    Raises:
+        ConfigError: for an unknown rule or curves of different lengths.
+        TrainingDivergedError: when the curve is too short to read (the loss diverged at once).
+    """
+    if rule not in RULES:
+        raise ConfigError(f"Unknown suggestion rule {rule!r}; choose one of {', '.join(RULES)}. Received: rule={rule}")
+    lrs_arr, loss_arr = np.asarray(lrs, dtype=np.float64), np.asarray(losses, dtype=np.float64)
+    if lrs_arr.shape != loss_arr.shape:
+        raise ConfigError(f"lrs and losses must have one value per step. Received: {len(lrs)} and {len(losses)}")
+    bad = np.flatnonzero(~np.isfinite(loss_arr))
+    end = int(bad[0]) if bad.size else len(loss_arr)
+    skip_begin = (planned_steps or len(lrs_arr)) // 10
+    skip_end = VALLEY_SKIP_END if rule == "valley" else STEEPEST_SKIP_END if rule == "steepest" else 0
+    first, last = skip_begin, end - skip_end
+    if last - first < 2:  # a curve cut short: read what there is
+        first, last = 0, end
+    if last - first < 2:
+        raise TrainingDivergedError(
+            f"The loss diverged within {end} step(s) of the range test, so no rate can be read off it; lower "
+            f"min_lr or check the data. Received: steps={len(loss_arr)}"
+        )
+    lrs_arr, loss_arr = lrs_arr[first:last], loss_arr[first:last]
+    if rule == "minimum":
+        return float(lrs_arr[int(np.argmin(loss_arr))] / 10)
+    if rule == "steepest":
+        return float(lrs_arr[int(np.argmin(np.gradient(loss_arr)))])
+    return float(lrs_arr[_valley_index(loss_arr)])
+
+
+def _valley_index(losses: np.ndarray) -> int:
+    """fastai's `valley`: the end of the longest decreasing subsequence and its length give the
+    valley; the point 1/3 + 1/6 of the way into it is the suggestion."""
+    n = len(losses)
+    lengths = [1] * n
+    start = end = 0
+    for i in range(1, n):
+        for j in range(i):
+            if losses[i] < losses[j] and lengths[i] < lengths[j] + 1:
+                lengths[i] = lengths[j] + 1
+            if lengths[end] < lengths[i]:
+                end = i
+                start = end - lengths[end]
+    sections = (end - start) / 3
+    return max(0, start + int(sections) + int(sections / 2))

@@ -1,0 +1,255 @@
+"""The learning-rate range test: it leaves the model exactly as it was, stops where the loss
+diverges, reads the curve by each rule, suggests the same rate on one replica and on two, and
+`find-lr` / `--learning-rate auto` write it down and resume with it."""
+
+import json
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from conftest import REPO, write_image_folder
+from test_exact_resume import _outcome
+
+from kerastune_flow import fitting, lr_range, models, run, rundir, train
+from kerastune_flow.errors import ConfigError, TrainingDivergedError
+from kerastune_flow.lr_find import find_lr
+from kerastune_flow.recipes import make_config
+
+NUM_EXAMPLES = 64
+BATCH = 16
+DIGITS = str(REPO / "data" / "digits")
+FIT = keras.Model.fit
+
+
+def _data(seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(128, 40, size=(NUM_EXAMPLES, 6, 6, 1)).astype("float32")
+    y = (x.mean(axis=(1, 2, 3)) > 128).astype("int64")
+    return tf.data.Dataset.from_tensor_slices((x, y)).batch(BATCH)
+
+
+def _mlp(*, dropout=0.3, steps_per_execution=4):
+    keras.utils.set_random_seed(0)
+    return models.build_scratch_mlp(
+        input_shape=(6, 6, 1),
+        num_classes=2,
+        hidden_units=(8,),
+        dropout=dropout,
+        steps_per_execution=steps_per_execution,
+    )
+
+
+def _state(model):
+    return [keras.ops.convert_to_numpy(v).copy() for v in [*model.variables, *model.optimizer.variables]]
+
+
+# --------------------------------------------------------------------------- the range test
+
+
+def test_the_range_test_leaves_weights_optimizer_and_the_next_fit_exactly_as_they_were():
+    ds = _data()
+    tested, plain = _mlp(), _mlp()
+    for model in (tested, plain):
+        model.fit(ds, epochs=1, verbose=0)  # the optimizer has moments and a step count
+    before = _state(tested)
+    assert int(tested.optimizer.iterations) == NUM_EXAMPLES // BATCH
+    test = lr_range.range_test(tested, ds, max_steps=40)
+    assert len(test.lrs) > 10  # it did train
+    after = _state(tested)
+    assert len(after) == len(before) and all(np.array_equal(a, b) for a, b in zip(before, after, strict=True))
+    for model in (tested, plain):  # dropout seeds included: the next fit is the same fit
+        model.fit(ds, epochs=1, verbose=0)
+    assert all(np.array_equal(a, b) for a, b in zip(_state(tested), _state(plain), strict=True))
+
+
+def test_the_curve_stops_where_the_loss_diverges():
+    model = keras.Sequential([keras.Input((6, 6, 1)), keras.layers.Flatten(), keras.layers.Dense(1)])
+    model.compile(optimizer=keras.optimizers.SGD(momentum=0.9), loss="mse")
+    ds = _data().map(lambda x, y: (x / 128.0, tf.cast(y, tf.float32)))
+    test = lr_range.range_test(model, ds, min_lr=1e-4, max_lr=1e3, max_steps=60)
+    assert test.diverged and len(test.lrs) < 60
+    assert test.lrs == pytest.approx(list(np.logspace(-4, 3, 60)[: len(test.lrs)]))
+    finite = [s for s in test.smoothed if np.isfinite(s)]
+    last = test.smoothed[-1]
+    assert not np.isfinite(last) or last > lr_range.DIVERGE_FACTOR * min(finite)
+
+
+def test_a_model_that_is_not_compiled_or_bad_rates_are_refused():
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
+    with pytest.raises(ConfigError, match="compiled model"):
+        lr_range.range_test(model, _data())
+    with pytest.raises(ConfigError, match="min_lr < max_lr"):
+        lr_range.range_test(_mlp(), _data(), min_lr=1.0, max_lr=0.1)
+
+
+def _synthetic_curve():
+    """100 steps, 1e-7 to 10: a drop in the first steps (noise the rules must skip), flat to step 40,
+    a cosine-shaped descent to step 70 (steepest at 55, lowest at 70), then a rise."""
+    lrs = np.logspace(-7, 1, 100)
+    i = np.arange(100)
+    losses = np.where(i < 5, 3.0 - 0.2 * i, 2.0)
+    descent = (i >= 40) & (i <= 70)
+    losses = np.where(descent, 1.25 + 0.75 * np.cos(np.pi * (i - 40) / 30), losses)
+    losses = np.where(i > 70, 0.5 + 0.1 * (i - 70), losses)
+    return lrs, losses
+
+
+def test_each_rule_reads_the_point_it_is_defined_by_on_a_known_curve():
+    lrs, losses = _synthetic_curve()
+    assert lr_range.suggest(lrs, losses, "steepest") == lrs[55]  # not the drop at the start
+    assert lr_range.suggest(lrs, losses, "minimum") == pytest.approx(lrs[70] / 10)
+    valley = lr_range.suggest(lrs, losses, "valley")
+    assert lrs[40] < valley < lrs[70]  # inside the descent, short of its bottom
+    assert valley == lrs[54]  # fastai: 39 + 31 // 3 + 31 // 6, the valley being 31 steps down to step 70
+    cut = losses.copy()
+    cut[80:] = np.nan  # a NaN ends the curve
+    assert lr_range.suggest(lrs, cut, "minimum") == pytest.approx(lrs[70] / 10)
+
+
+def test_a_curve_too_short_to_read_and_an_unknown_rule_are_errors():
+    lrs, losses = _synthetic_curve()
+    with pytest.raises(ConfigError, match="Unknown suggestion rule"):
+        lr_range.suggest(lrs, losses, "median")
+    with pytest.raises(TrainingDivergedError, match="diverged within 1 step"):
+        lr_range.suggest(lrs[:2], [1.0, np.nan], "valley")
+
+
+# --------------------------------------------------------------------------- find-lr
+
+
+def _digits(**overrides):
+    return make_config("scratch_mlp", "smoke", data=DIGITS, image_size=(8, 8), verbose=0, **overrides)
+
+
+def test_the_suggestion_is_the_same_on_two_replicas_as_on_one_device(tmp_path):
+    one = find_lr(_digits(strategy="cpu", batch_size=8), tmp_path / "one")  # 16 steps per execution
+    two = find_lr(_digits(strategy="mirrored", batch_size=4), tmp_path / "two")  # 2 x 4: the same global batch
+    assert one["global_batch_size"] == two["global_batch_size"] == 8
+    assert one["suggestions"] == two["suggestions"]
+    assert two["losses"][:50] == pytest.approx(one["losses"][:50], rel=1e-4)
+    assert 1e-5 < one["suggestion"] < 1.0
+
+
+def test_find_lr_through_the_cli_writes_the_record_and_the_plot(tmp_path, capsys):
+    argv = ["find-lr", "cifar10_cnn", "--data", DIGITS, "--preset", "smoke", "--run-dir", str(tmp_path / "r")]
+    assert run.main([*argv, "--quiet"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    record = rundir.read_json(tmp_path / "r" / "lr_find.json")
+    assert {"suggestion", "lrs", "losses", "rule"} <= set(record)
+    assert record["rule"] == lr_range.DEFAULT_RULE and record["stage"] == "head"
+    assert printed["suggestion"] == record["suggestion"] == record["suggestions"][record["rule"]]
+    assert len(record["lrs"]) == len(record["losses"]) == record["steps"] > 10
+    assert (tmp_path / "r" / "lr_find.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return write_image_folder(tmp_path_factory.mktemp("data") / "images", per_class=16)
+
+
+@pytest.fixture(scope="module")
+def base_model(tmp_path_factory):
+    keras.utils.set_random_seed(5)
+    path = tmp_path_factory.mktemp("base") / "cnn.keras"
+    models.build_cifar10_cnn(input_shape=(32, 32, 3), num_classes=4).save(path)
+    return path
+
+
+def _staged(folder, base_model, **overrides):
+    settings = dict(data=str(folder), max_examples=None, base=str(base_model), base_output="dense")
+    settings.update(unfreeze_at="conv_3", head_epochs=2, epochs=2, steps_per_execution=1, verbose=0)
+    return make_config("vgg16_finetune", "smoke", **{**settings, **overrides})
+
+
+def _spy_range_tests(monkeypatch):
+    calls = []
+    original = lr_range.range_test
+
+    def spy(model, dataset, **kwargs):
+        calls.append(
+            {
+                "model": model.name,
+                "trainable": {v.path for v in model.trainable_variables},
+                "multiplier": getattr(model.optimizer, "base_multiplier", None),
+            }
+        )
+        return original(model, dataset, **kwargs)
+
+    monkeypatch.setattr(lr_range, "range_test", spy)
+    return calls
+
+
+def test_stage_finetune_tests_stage_two_after_training_stage_one(folder, base_model, tmp_path, monkeypatch):
+    calls = _spy_range_tests(monkeypatch)
+    fits = []
+
+    def fit(self, *args, **kwargs):
+        fits.append(self.name)
+        return FIT(self, *args, **kwargs)
+
+    monkeypatch.setattr(keras.Model, "fit", fit)
+    record = find_lr(_staged(folder, base_model, base_lr_multiplier=0.1), tmp_path / "r", stage="finetune")
+    assert fits == ["head"]  # stage 1: the head on cached features, then no other fit
+    (call,) = calls
+    assert call["model"] != "head" and call["multiplier"] == 0.1  # the whole model, as stage 2 compiles it
+    assert any("conv_3" in path for path in call["trainable"])  # the base from unfreeze_at on trains
+    assert record["stage"] == "finetune" and (tmp_path / "r" / "lr_find.json").exists()
+
+
+def test_bad_input_to_find_lr_is_one_line_and_exit_2(tmp_path, capsys):
+    cases = [
+        (["find-lr", "scratch_mlp", "--stage", "finetune"], "no fine-tune stage"),
+        (["find-lr", "scratch_mlp", "--data", str(tmp_path / "missing")], "missing"),
+        (["train", "scratch_mlp", "--learning-rate", "fast"], "or auto"),
+        (["train", "vgg16_finetune", "--finetune-lr", "auto", "--progressive", "0:1:1e-5"], "progressive"),
+    ]
+    for argv, words in cases:
+        assert run.main([*argv, "--preset", "smoke", "--run-dir", str(tmp_path / "r")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error:") and words in err[0], err
+
+
+# --------------------------------------------------------------------------- train --learning-rate auto
+
+
+def test_train_learning_rate_auto_trains_at_the_rate_found_and_records_it(tmp_path, capsys):
+    argv = ["train", "scratch_mlp", "--data", DIGITS, "--image-size", "8", "--preset", "smoke", "--quiet"]
+    assert run.main([*argv, "--learning-rate", "auto", "--run-dir", str(tmp_path / "r")]) == 0
+    results = json.loads(capsys.readouterr().out)
+    found = results["learning_rate_found"]["head"]
+    assert found == rundir.read_json(tmp_path / "r" / "lr_find.json")["suggestion"]
+    assert (tmp_path / "r" / "lr_find.png").exists()
+    history = rundir.read_history(tmp_path / "r")
+    assert [r["learning_rate"] for r in history] == pytest.approx([found] * len(history), rel=1e-6)
+    assert rundir.read_json(tmp_path / "r" / "config.json")["config"]["model"]["learning_rate"] == "auto"
+
+
+def test_a_fine_tune_killed_in_its_stage_two_range_test_resumes_with_the_same_rates(
+    folder, base_model, tmp_path, monkeypatch
+):
+    config = _staged(folder, base_model, learning_rate="auto", finetune_learning_rate="auto")
+    whole = train.train_and_evaluate(config, tmp_path / "whole")
+    assert set(whole.results["learning_rate_found"]) == {"head", "finetune"}
+    assert rundir.read_json(tmp_path / "whole" / "lr_find_finetune.json")["stage"] == "finetune"
+
+    original = lr_range.range_test
+    tested = []
+
+    def killed_in_the_second(model, dataset, **kwargs):
+        tested.append(model.name)
+        if len(tested) == 2:
+            raise KeyboardInterrupt  # as a kill during stage 2's range test
+        return original(model, dataset, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(lr_range, "range_test", killed_in_the_second)
+        with pytest.raises(KeyboardInterrupt):
+            train.train_and_evaluate(config, tmp_path / "run")
+    assert set(fitting.found_learning_rates(tmp_path / "run")) == {"head"}
+    calls = _spy_range_tests(monkeypatch)
+    resumed = train.train_and_evaluate(config, tmp_path / "run")
+    assert len(calls) == 1 and calls[0]["model"] != "head"  # stage 2's test again, the head's rate reused
+    assert resumed.results["resumed"] is True
+    assert resumed.results["learning_rate_found"] == whole.results["learning_rate_found"]
+    assert _outcome(tmp_path / "run") == _outcome(tmp_path / "whole")
