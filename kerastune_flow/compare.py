@@ -294,7 +294,7 @@ def recommend(report: dict[str, Any]) -> list[str]:
 
 _COLUMNS = (
     ("approach", "approach", "{}"),
-    ("fraction", "data", "{:g}"),
+    ("fraction", "share of train", "{:g}"),
     ("train_images", "train images", "{}"),
     ("test_accuracy", "test accuracy", "{:.4f}"),
     ("test_loss", "test loss", "{:.4f}"),
@@ -327,10 +327,12 @@ def write_report(report: dict[str, Any], run_dir: str | Path) -> tuple[Path, Pat
             "available, so the transfer approaches started from random weights.**\n"
         )
     )
+    # The caution stands apart, in bold (red in HTML), instead of as one more bullet.
+    bullets = [line for line in report["recommendation"] if not (caution and line.startswith("Caution:"))]
     md = [
         f"# Comparison on {report['data']}",
         "",
-        *[f"- {line}" for line in report["recommendation"]],
+        *[f"- {line}" for line in bullets],
         caution,
         f"Hardware: {report['hardware']}. Pre-trained weights: {report['pretrained']}. Date: {report['date']}.",
         "",
@@ -345,12 +347,12 @@ def write_report(report: dict[str, Any], run_dir: str | Path) -> tuple[Path, Pat
 
     body = [
         f"<h1>Comparison on {html.escape(report['data'])}</h1>",
-        "<ul>" + "".join(f"<li>{html.escape(line)}</li>" for line in report["recommendation"]) + "</ul>",
-        f"<p class='caution'><strong>{html.escape(caution.strip(' *'))}</strong></p>" if caution else "",
+        "<ul>" + "".join(f"<li>{html.escape(line)}</li>" for line in bullets) + "</ul>",
+        f"<p class='caution'><strong>{html.escape(caution.strip(chr(10) + ' *'))}</strong></p>" if caution else "",
         f"<p>Hardware: {html.escape(report['hardware'])}. Pre-trained weights: "
         f"{html.escape(report['pretrained'])}. Date: {html.escape(report['date'])}.</p>",
         reports.html_table(header, rows),
-        *[reports.html_figure(path, name) for name, path in plots_written.items()],
+        *[reports.html_figure(path, name.replace("_", " ")) for name, path in plots_written.items()],
     ]
     page = reports.html_page("kerastune_flow comparison", body)
     html_path = run_dir / "report.html"

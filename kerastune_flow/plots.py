@@ -79,6 +79,7 @@ def save_curves(history: list[dict[str, Any]], path: str | os.PathLike, *, title
                 textcoords="offset points",
             )
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(metric)
         ax.grid(alpha=0.3)
         ax.legend()
@@ -93,8 +94,9 @@ def plot_confusion(matrix: np.ndarray, class_names: list[str], *, title: str = "
     fig = Figure(figsize=(1.2 + 0.5 * n, 1.0 + 0.45 * n), layout="constrained")
     ax = fig.subplots()
     ax.imshow(matrix, cmap="Blues")
-    for (i, j), v in np.ndenumerate(matrix):
-        ax.text(j, i, str(v), ha="center", va="center", fontsize=8)
+    dark = matrix.max() / 2 if matrix.size else 0
+    for (i, j), v in np.ndenumerate(matrix):  # white on the dark cells, black on the light ones
+        ax.text(j, i, str(v), ha="center", va="center", fontsize=8, color="white" if v > dark else "black")
     ax.set(xticks=range(n), yticks=range(n), xlabel="predicted", ylabel="true", title=title)
     ax.set_xticklabels(class_names, rotation=45, ha="right", fontsize=8)
     ax.set_yticklabels(class_names, fontsize=8)
@@ -169,6 +171,7 @@ def comparison_plots(report: dict[str, Any], run_dir: str | os.PathLike) -> dict
         key = "val_accuracy" if any("val_accuracy" in h for h in r["history"]) else "accuracy"
         ax.plot(xs, [h.get(key, np.nan) for h in r["history"]], "-o", markersize=3, label=r["approach"])
     ax.set(xlabel="epoch", ylabel="validation accuracy", title="Learning curves")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     ax.legend()
     paths["curves"] = save_figure(fig, run_dir / "curves.png")
@@ -179,6 +182,7 @@ def comparison_plots(report: dict[str, Any], run_dir: str | os.PathLike) -> dict
         point = (r["train_seconds"], 100 * r["test_accuracy"])
         ax.scatter(*point, s=60)
         ax.annotate(r["approach"], point, xytext=(5, 5), textcoords="offset points")
+    ax.margins(0.25)  # room for the labels inside the frame
     ax.set(xlabel="training time (s)", ylabel="test accuracy (%)", title="Accuracy vs time")
     ax.grid(alpha=0.3)
     paths["accuracy_vs_time"] = save_figure(fig, run_dir / "accuracy_vs_time.png")
