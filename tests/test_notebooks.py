@@ -17,6 +17,7 @@ PARAMETERS = {
     "05_compare_approaches.ipynb": dict(
         DATA=DIGITS, TRAIN_FRACTIONS=(1.0,), WEIGHTS=None, HEAD_EPOCHS=1, MAX_EXAMPLES=32, EPOCHS=1
     ),  # the sweep itself is tested in test_compare.py
+    "06_tuning.ipynb": dict(DATA=DIGITS, EPOCHS=1, TRIALS=2, MAX_EXAMPLES=64),
     "colab_tpu.ipynb": dict(INSTALL=False, DATA=DIGITS, HEAD_EPOCHS=1, BATCH_SIZE=8, WEIGHTS=None, **TINY),
 }
 
@@ -28,6 +29,7 @@ EXPECTED_PICTURES = {
     "03_transfer_learning_vgg16.ipynb": 2,
     "04_fine_tuning_vgg16.ipynb": 1,
     "05_compare_approaches.ipynb": 1,
+    "06_tuning.ipynb": 2,  # the range test's curve, the search's report
 }
 
 
@@ -78,3 +80,5 @@ def test_notebook_runs_on_tiny_settings(name, tmp_path):
         assert "'dtype_policy': 'float32'" in text  # the settings the run recorded
     else:
         assert len(pictures) >= EXPECTED_PICTURES[name]
+    if name == "06_tuning.ipynb":
+        assert "the same weights as the best trial: True" in text
