@@ -23,10 +23,12 @@ if _keras.backend.backend() != "tensorflow":
     )
 
 from kerastune_flow.callbacks import standard_callbacks  # noqa: E402
+from kerastune_flow.compare import compare  # noqa: E402
 from kerastune_flow.config import Config, DataConfig, ModelConfig, TrainConfig  # noqa: E402
 from kerastune_flow.data import load_data, prepare  # noqa: E402
 from kerastune_flow.errors import KerastuneFlowError  # noqa: E402
 from kerastune_flow.inference import evaluate_saved, predict_images  # noqa: E402
+from kerastune_flow.lr_find import find_lr  # noqa: E402
 from kerastune_flow.models import (  # noqa: E402
     build_cifar10_cnn,
     build_scratch_mlp,
@@ -37,6 +39,7 @@ from kerastune_flow.recipes import RECIPES, make_config  # noqa: E402
 from kerastune_flow.runtime import prepare_process  # noqa: E402
 from kerastune_flow.strategy import get_strategy, global_batch_size  # noqa: E402
 from kerastune_flow.train import train_and_evaluate  # noqa: E402
+from kerastune_flow.tune import tune  # noqa: E402
 
 __all__ = [
     "RECIPES",
@@ -49,7 +52,9 @@ __all__ = [
     "build_scratch_mlp",
     "build_vgg16_feature_extractor",
     "build_vgg16_finetune",
+    "compare",
     "evaluate_saved",
+    "find_lr",
     "get_strategy",
     "global_batch_size",
     "load_data",
@@ -59,4 +64,5 @@ __all__ = [
     "prepare_process",
     "standard_callbacks",
     "train_and_evaluate",
+    "tune",
 ]
