@@ -23,7 +23,6 @@ if _keras.backend.backend() != "tensorflow":
     )
 
 from kerastune_flow.callbacks import standard_callbacks  # noqa: E402
-from kerastune_flow.compare import compare  # noqa: E402
 from kerastune_flow.config import Config, DataConfig, ModelConfig, TrainConfig  # noqa: E402
 from kerastune_flow.data import load_data, prepare  # noqa: E402
 from kerastune_flow.errors import KerastuneFlowError  # noqa: E402
@@ -39,8 +38,9 @@ from kerastune_flow.recipes import RECIPES, make_config  # noqa: E402
 from kerastune_flow.runtime import prepare_process  # noqa: E402
 from kerastune_flow.strategy import get_strategy, global_batch_size  # noqa: E402
 from kerastune_flow.train import train_and_evaluate  # noqa: E402
-from kerastune_flow.tune import tune  # noqa: E402
 
+# compare() and tune() live in their modules (kerastune_flow.compare, kerastune_flow.tune): bound
+# here, the functions would hide the modules of the same name.
 __all__ = [
     "RECIPES",
     "Config",
@@ -52,7 +52,6 @@ __all__ = [
     "build_scratch_mlp",
     "build_vgg16_feature_extractor",
     "build_vgg16_finetune",
-    "compare",
     "evaluate_saved",
     "find_lr",
     "get_strategy",
@@ -64,5 +63,4 @@ __all__ = [
     "prepare_process",
     "standard_callbacks",
     "train_and_evaluate",
-    "tune",
 ]

@@ -92,7 +92,10 @@ class AtomicOracleFiles:
         rundir.atomic_write_text(path, json.dumps(trial.get_state()))
 
     def _over_budget(self) -> bool:
-        over_time = self.budget_seconds is not None and self.spent_seconds() >= self.budget_seconds
+        # The time budget stops the next trial, never the first: a search always has a result.
+        over_time = (
+            bool(self.trials) and self.budget_seconds is not None and self.spent_seconds() >= self.budget_seconds
+        )
         over_count = self.trial_cap is not None and len(self.trials) >= self.trial_cap
         return over_time or over_count
 

@@ -227,3 +227,10 @@ def test_hyperband_gives_each_trial_its_epochs_and_trains_the_defaults_apart(tmp
     assert all(1 <= t["epochs_run"] <= 2 for t in summary["trials"])  # Hyperband's budget, at most --epochs
     assert summary["defaults"]["run_dir"] == str(tmp_path / "search" / "defaults")  # no trial is the defaults
     assert (tmp_path / "search" / "defaults" / rundir.RESULTS_JSON).exists()
+
+
+def test_the_time_budget_stops_the_next_trial_and_the_report_says_so(tmp_path):
+    summary = tune_lib.tune("scratch_mlp", tmp_path / "search", trials=5, max_minutes=0.001, **{**TINY, "epochs": 1})
+    assert [t["trial"] for t in summary["trials"]] == ["0"]  # the first always runs; then the time is spent
+    assert summary["seconds"] > 0.06 and summary["max_minutes"] == 0.001
+    assert "0.001 minutes allowed" in (tmp_path / "search" / "report.md").read_text()
