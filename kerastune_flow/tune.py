@@ -171,16 +171,16 @@ class RunTuner(kt.Tuner):
     def run_trial(self, trial, *args, **kwargs):
         run_dir = report_lib.trial_run_dir(self.run_dir, trial.trial_id)
         started = time.perf_counter()
-        if (run_dir / rundir.RESULTS_JSON).exists():  # finished before a kill, not yet recorded by the oracle
-            log.info("Trial %s had finished before the interruption: its results are taken as they are", trial.trial_id)
-        else:
-            try:
+        try:
+            if (run_dir / rundir.RESULTS_JSON).exists():  # finished before a kill, not yet recorded by the oracle
+                log.info("Trial %s had finished before the interruption: its results are kept", trial.trial_id)
+            else:
                 train_and_evaluate(self.trial_config(trial), run_dir, evaluate_test=False)
-            except KerastuneFlowError as error:
-                raise _UserError(error) from None
-            finally:
-                keras.backend.clear_session()
-        value = objective_value(rundir.read_history(run_dir), self.objective)
+            value = objective_value(rundir.read_history(run_dir), self.objective)
+        except KerastuneFlowError as error:
+            raise _UserError(error) from None
+        finally:
+            keras.backend.clear_session()
         _log_trial(self, trial, value, time.perf_counter() - started)
         return {self.objective: value}
 

@@ -15,7 +15,7 @@ from conftest import REPO
 from kerastune_flow import config as config_lib
 from kerastune_flow import inference, models, run, rundir, tune_report, tune_space
 from kerastune_flow import tune as tune_lib
-from kerastune_flow.errors import ConfigError
+from kerastune_flow.errors import ConfigError, DataError
 from kerastune_flow.recipes import get_recipe, make_config
 
 DIGITS = str(REPO / "data" / "digits")
@@ -234,3 +234,18 @@ def test_the_time_budget_stops_the_next_trial_and_the_report_says_so(tmp_path):
     assert [t["trial"] for t in summary["trials"]] == ["0"]  # the first always runs; then the time is spent
     assert summary["seconds"] > 0.06 and summary["max_minutes"] == 0.001
     assert "0.001 minutes allowed" in (tmp_path / "search" / "report.md").read_text()
+
+
+def test_a_user_error_in_a_trial_stops_the_search_with_it_instead_of_retrying(tmp_path, monkeypatch):
+    calls = []
+
+    def failing(*args, **kwargs):
+        calls.append(args)
+        raise DataError("the images went away")
+
+    monkeypatch.setattr(tune_lib, "train_and_evaluate", failing)
+    with pytest.raises(DataError, match="the images went away"):
+        tune_lib.tune("scratch_mlp", tmp_path / "t", trials=3, **TINY)
+    assert len(calls) == 1  # KerasTuner would retry, then fail three times with a RuntimeError
+    with pytest.raises(ConfigError, match="log no 'val_accuracy'"):
+        tune_lib.objective_value([{"accuracy": 0.5}], "val_accuracy")
