@@ -121,15 +121,21 @@ def auto_learning_rate(
 
 
 def range_test_record(
-    context: FitContext, model: keras.Model, train_ds: tf.data.Dataset, *, stage: str, epoch: int = 0
+    context: FitContext,
+    model: keras.Model,
+    train_ds: tf.data.Dataset,
+    *,
+    stage: str,
+    epoch: int = 0,
+    max_steps: int = lr_range.MAX_STEPS,
 ) -> dict[str, Any]:
-    """A range test on `model` and `train_ds` with the data order, augmentation and dropout of
-    `epoch` (so the same seed gives the same curve however the run got there); returns its
-    record (`lr_range.RangeTest.record`) with the stage and the global batch size."""
+    """A range test of at most `max_steps` on `model` and `train_ds` with the data order,
+    augmentation and dropout of `epoch` (so the same seed gives the same curve however the run got
+    there); returns its record (`lr_range.RangeTest.record`) with the stage and the global batch."""
     seeds = cb.EpochSeeds(context.clock)
     seeds.set_model(model)
     seeds.on_epoch_begin(epoch)
-    test = lr_range.range_test(model, train_ds)
+    test = lr_range.range_test(model, train_ds, max_steps=max_steps)
     return {**test.record(), "stage": stage, "global_batch_size": context.global_batch_size}
 
 

@@ -19,14 +19,16 @@ from pathlib import Path
 from typing import Any
 
 import keras
+import tensorflow as tf
 
 from kerastune_flow import data as data_lib
-from kerastune_flow import finetune, fitting, models, runtime, train
+from kerastune_flow import finetune, fitting, lr_range, models, runtime, train
 from kerastune_flow.config import Config
 from kerastune_flow.errors import ConfigError
 from kerastune_flow.fitting import FitContext
 from kerastune_flow.recipes import get_recipe
 from kerastune_flow.strategy import (
+    DeviceSettings,
     device_kind,
     device_settings,
     get_strategy,
@@ -41,7 +43,9 @@ STAGES = ("head", "finetune")
 QUIET_STAGE_ONE = dict(checkpoint=False, backup=False, tensorboard=False, csv_log=False, jsonl_log=False)
 
 
-def find_lr(config: Config, run_dir: str | Path, *, stage: str = "head") -> dict[str, Any]:
+def find_lr(
+    config: Config, run_dir: str | Path, *, stage: str = "head", max_steps: int = lr_range.MAX_STEPS
+) -> dict[str, Any]:
     """Runs the range test on one stage of a recipe and writes lr_find.json and lr_find.png.
 
     Args:
@@ -52,6 +56,7 @@ def find_lr(config: Config, run_dir: str | Path, *, stage: str = "head") -> dict
             when augmentation is on or the cache is off). "finetune": stage 2 of a staged
             recipe, on the model as stage 2 trains it (unfrozen from `unfreeze_at`, with any
             `base_lr_multiplier`), after training stage 1 as `train` would.
+        max_steps: the most steps of the range test.
 
     Returns:
         The record written to lr_find.json, with "json" and "png", the files' paths.
@@ -90,7 +95,12 @@ def find_lr(config: Config, run_dir: str | Path, *, stage: str = "head") -> dict
     previous_policy = keras.config.dtype_policy()
     keras.config.set_dtype_policy(settings.dtype_policy)
     try:
-        record = _find_lr(config, out_dir, strategy, settings, stage)
+        record = _find_lr(config, out_dir, strategy, settings, stage, max_steps)
+    except tf.errors.InvalidArgumentError as error:  # labels outside the head's classes: a user error
+        translated = data_lib.label_range_error(error)
+        if translated is None:
+            raise
+        raise translated from None
     finally:
         keras.config.set_dtype_policy(previous_policy)
         if not chief:
@@ -98,7 +108,14 @@ def find_lr(config: Config, run_dir: str | Path, *, stage: str = "head") -> dict
     return record
 
 
-def _find_lr(config: Config, run_dir: Path, strategy, settings, stage: str) -> dict[str, Any]:
+def _find_lr(
+    config: Config,
+    run_dir: Path,
+    strategy: tf.distribute.Strategy,
+    settings: DeviceSettings,
+    stage: str,
+    max_steps: int,
+) -> dict[str, Any]:
     keras.utils.set_random_seed(config.train.seed)
     recipe = get_recipe(config.model.recipe)
     train.check_before_data(config)
@@ -130,7 +147,7 @@ def _find_lr(config: Config, run_dir: Path, strategy, settings, stage: str) -> d
         model = train.build_model(context, input_shape=splits.image_shape, num_classes=splits.num_classes, base=base)
     log.info(
         "Range test of %s, stage %s, on %s (%d training examples, global batch %d)",
-        recipe.model_name(config.model.backbone),
+        f"{recipe.name} on {config.model.base}" if config.model.base else recipe.model_name(config.model.backbone),
         stage,
         splits.source,
         splits.sizes["train"],
@@ -151,7 +168,7 @@ def _find_lr(config: Config, run_dir: Path, strategy, settings, stage: str) -> d
         step = finetune.finetune_steps(config, models.find_base(model))[0]
         finetune.compile_finetune_step(model, context, step, rate=step.learning_rate, epochs=t.epochs)
         fit_model, train_ds = model, pipes["train"]
-    record = fitting.range_test_record(context, fit_model, train_ds, stage=stage, epoch=epoch)
+    record = fitting.range_test_record(context, fit_model, train_ds, stage=stage, epoch=epoch, max_steps=max_steps)
     record.update(recipe=config.model.recipe, data=splits.source, seed=config.train.seed)
     json_path, png_path = fitting.write_range_test(record, run_dir)
     log.info(

@@ -125,21 +125,29 @@ def plot_misclassified(predictions: SplitPredictions, *, limit: int = 16) -> Plo
 
 
 def plot_lr_find(record: dict[str, Any], *, title: str = "") -> Plot:
-    """A range test (`lr_range.RangeTest.record()`): the smoothed loss against the rate on a log
-    axis, each step's loss faint behind it, the suggestion marked with its rule."""
-    lrs, smoothed = np.asarray(record["lrs"]), np.asarray(record["smoothed"], dtype=float)
+    """A range test (`lr_range.RangeTest.record()`) against the rate on a log axis: each step's
+    loss faint, the loss smoothed exponentially (fastai's and Lightning's curve) and, when the
+    record has it, smoothed without lag (the "descent" rule's), the suggestion marked on the
+    curve its rule reads."""
+    lrs = np.asarray(record["lrs"])
     fig = Figure(figsize=(7, 4), layout="constrained")
     ax = fig.subplots()
-    ax.plot(lrs, np.asarray(record["losses"], dtype=float), color="C0", alpha=0.25, linewidth=1, label="loss")
-    ax.plot(lrs, smoothed, color="C0", label="smoothed loss")
-    finite = smoothed[np.isfinite(smoothed)]
-    if finite.size:  # the raw losses of the diverging end would flatten the curve
+    ax.plot(lrs, np.asarray(record["losses"], dtype=float), color="C0", alpha=0.2, linewidth=1, label="loss")
+    curves = {"smoothed": np.asarray(record["smoothed"], dtype=float)}
+    ax.plot(lrs, curves["smoothed"], color="C0", linewidth=1, label="smoothed (exponential)")
+    if record.get("centered"):
+        curves["centered"] = np.asarray(record["centered"], dtype=float)
+        ax.plot(lrs[: len(curves["centered"])], curves["centered"], color="C1", label="smoothed (no lag)")
+    finite = np.concatenate([c[np.isfinite(c)] for c in curves.values()])
+    if finite.size:  # the raw losses of the diverging end would flatten the curves
         low, high = finite.min(), finite.max()
         ax.set_ylim(low - 0.05 * (high - low + 1e-12), high + 0.05 * (high - low + 1e-12))
     suggestion = record["suggestion"]
     ax.axvline(suggestion, color="C3", linestyle="--", label=f"suggestion {suggestion:.2g} ({record['rule']})")
-    if suggestion >= lrs[0]:
-        ax.plot([suggestion], [np.interp(np.log(suggestion), np.log(lrs), smoothed)], "o", color="C3")
+    curve = curves.get("centered") if record["rule"] == "descent" else None
+    curve = curves["smoothed"] if curve is None else curve
+    if lrs[0] <= suggestion <= lrs[len(curve) - 1]:
+        ax.plot([suggestion], [np.interp(np.log(suggestion), np.log(lrs[: len(curve)]), curve)], "o", color="C3")
     ax.set_xscale("log")
     ax.set(xlabel="learning rate", ylabel="training loss", title=title or "Learning-rate range test")
     ax.grid(alpha=0.3)

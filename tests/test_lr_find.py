@@ -20,6 +20,7 @@ NUM_EXAMPLES = 64
 BATCH = 16
 DIGITS = str(REPO / "data" / "digits")
 FIT = keras.Model.fit
+SHORT_TEST = 40  # steps of the range tests of whole runs, where the test's length does not matter
 
 
 def _data(seed=0):
@@ -97,14 +98,18 @@ def _synthetic_curve():
 
 def test_each_rule_reads_the_point_it_is_defined_by_on_a_known_curve():
     lrs, losses = _synthetic_curve()
-    assert lr_range.suggest(lrs, losses, "steepest") == lrs[55]  # not the drop at the start
-    assert lr_range.suggest(lrs, losses, "minimum") == pytest.approx(lrs[70] / 10)
-    valley = lr_range.suggest(lrs, losses, "valley")
+    assert lr_range.suggest(lrs, losses, "descent") == lrs[55]  # smoothed without lag: the same point
+    # fastai's and Lightning's rules on the curve as given (beta=0: no exponential smoothing)
+    assert lr_range.suggest(lrs, losses, "steepest", beta=0) == lrs[55]  # not the drop at the start
+    assert lr_range.suggest(lrs, losses, "minimum", beta=0) == pytest.approx(lrs[70] / 10)
+    valley = lr_range.suggest(lrs, losses, "valley", beta=0)
     assert lrs[40] < valley < lrs[70]  # inside the descent, short of its bottom
     assert valley == lrs[54]  # fastai: 39 + 31 // 3 + 31 // 6, the valley being 31 steps down to step 70
     cut = losses.copy()
     cut[80:] = np.nan  # a NaN ends the curve
-    assert lr_range.suggest(lrs, cut, "minimum") == pytest.approx(lrs[70] / 10)
+    assert lr_range.suggest(lrs, cut, "minimum", beta=0) == pytest.approx(lrs[70] / 10)
+    # Smoothed exponentially, the curve lags: its lowest point comes later than the loss's.
+    assert lr_range.suggest(lrs, losses, "minimum") > lrs[70] / 10
 
 
 def test_a_curve_too_short_to_read_and_an_unknown_rule_are_errors():
@@ -123,11 +128,12 @@ def _digits(**overrides):
 
 
 def test_the_suggestion_is_the_same_on_two_replicas_as_on_one_device(tmp_path):
-    one = find_lr(_digits(strategy="cpu", batch_size=8), tmp_path / "one")  # 16 steps per execution
-    two = find_lr(_digits(strategy="mirrored", batch_size=4), tmp_path / "two")  # 2 x 4: the same global batch
+    steps = 100
+    one = find_lr(_digits(strategy="cpu", batch_size=8), tmp_path / "one", max_steps=steps)  # 16 per execution
+    two = find_lr(_digits(strategy="mirrored", batch_size=4), tmp_path / "two", max_steps=steps)  # 2 x 4 = 8
     assert one["global_batch_size"] == two["global_batch_size"] == 8
     assert one["suggestions"] == two["suggestions"]
-    assert two["losses"][:50] == pytest.approx(one["losses"][:50], rel=1e-4)
+    assert two["losses"][: steps // 2] == pytest.approx(one["losses"][: steps // 2], rel=1e-4)
     assert 1e-5 < one["suggestion"] < 1.0
 
 
@@ -158,15 +164,17 @@ def base_model(tmp_path_factory):
 
 def _staged(folder, base_model, **overrides):
     settings = dict(data=str(folder), max_examples=None, base=str(base_model), base_output="dense")
-    settings.update(unfreeze_at="conv_3", head_epochs=2, epochs=2, steps_per_execution=1, verbose=0)
+    settings.update(unfreeze_at="conv_3", head_epochs=1, epochs=1, steps_per_execution=1, verbose=0)
     return make_config("vgg16_finetune", "smoke", **{**settings, **overrides})
 
 
-def _spy_range_tests(monkeypatch):
+def _short_range_tests(monkeypatch, *, kill_at=None):
+    """Range tests of SHORT_TEST steps (the tests run many), each call recorded; with `kill_at`,
+    the call of that number raises KeyboardInterrupt, as a kill would end the process."""
     calls = []
     original = lr_range.range_test
 
-    def spy(model, dataset, **kwargs):
+    def short(model, dataset, **kwargs):
         calls.append(
             {
                 "model": model.name,
@@ -174,14 +182,16 @@ def _spy_range_tests(monkeypatch):
                 "multiplier": getattr(model.optimizer, "base_multiplier", None),
             }
         )
-        return original(model, dataset, **kwargs)
+        if len(calls) == kill_at:
+            raise KeyboardInterrupt
+        return original(model, dataset, **{**kwargs, "max_steps": SHORT_TEST})
 
-    monkeypatch.setattr(lr_range, "range_test", spy)
+    monkeypatch.setattr(lr_range, "range_test", short)
     return calls
 
 
 def test_stage_finetune_tests_stage_two_after_training_stage_one(folder, base_model, tmp_path, monkeypatch):
-    calls = _spy_range_tests(monkeypatch)
+    calls = _short_range_tests(monkeypatch)
     fits = []
 
     def fit(self, *args, **kwargs):
@@ -213,7 +223,8 @@ def test_bad_input_to_find_lr_is_one_line_and_exit_2(tmp_path, capsys):
 # --------------------------------------------------------------------------- train --learning-rate auto
 
 
-def test_train_learning_rate_auto_trains_at_the_rate_found_and_records_it(tmp_path, capsys):
+def test_train_learning_rate_auto_trains_at_the_rate_found_and_records_it(tmp_path, capsys, monkeypatch):
+    _short_range_tests(monkeypatch)
     argv = ["train", "scratch_mlp", "--data", DIGITS, "--image-size", "8", "--preset", "smoke", "--quiet"]
     assert run.main([*argv, "--learning-rate", "auto", "--run-dir", str(tmp_path / "r")]) == 0
     results = json.loads(capsys.readouterr().out)
@@ -228,26 +239,18 @@ def test_train_learning_rate_auto_trains_at_the_rate_found_and_records_it(tmp_pa
 def test_a_fine_tune_killed_in_its_stage_two_range_test_resumes_with_the_same_rates(
     folder, base_model, tmp_path, monkeypatch
 ):
-    config = _staged(folder, base_model, learning_rate="auto", finetune_learning_rate="auto")
-    whole = train.train_and_evaluate(config, tmp_path / "whole")
+    config = _staged(folder, base_model, learning_rate="auto", finetune_learning_rate="auto", checkpoint=False)
+    with monkeypatch.context() as m:
+        _short_range_tests(m)
+        whole = train.train_and_evaluate(config, tmp_path / "whole")
     assert set(whole.results["learning_rate_found"]) == {"head", "finetune"}
     assert rundir.read_json(tmp_path / "whole" / "lr_find_finetune.json")["stage"] == "finetune"
-
-    original = lr_range.range_test
-    tested = []
-
-    def killed_in_the_second(model, dataset, **kwargs):
-        tested.append(model.name)
-        if len(tested) == 2:
-            raise KeyboardInterrupt  # as a kill during stage 2's range test
-        return original(model, dataset, **kwargs)
-
     with monkeypatch.context() as m:
-        m.setattr(lr_range, "range_test", killed_in_the_second)
+        _short_range_tests(m, kill_at=2)  # killed in stage 2's range test
         with pytest.raises(KeyboardInterrupt):
             train.train_and_evaluate(config, tmp_path / "run")
     assert set(fitting.found_learning_rates(tmp_path / "run")) == {"head"}
-    calls = _spy_range_tests(monkeypatch)
+    calls = _short_range_tests(monkeypatch)
     resumed = train.train_and_evaluate(config, tmp_path / "run")
     assert len(calls) == 1 and calls[0]["model"] != "head"  # stage 2's test again, the head's rate reused
     assert resumed.results["resumed"] is True
