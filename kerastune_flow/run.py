@@ -1,4 +1,4 @@
-"""Command line: `python -m kerastune_flow.run {list,train,compare,tune,evaluate,predict} ...`.
+"""Command line: `python -m kerastune_flow.run {list,train,find-lr,compare,tune,evaluate,predict} ...`.
 
 The only module that parses arguments or prints. The flags of `train` and `compare` are
 generated from the config's fields (`config.setting`), so a setting's name, help and choices
