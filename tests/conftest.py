@@ -23,6 +23,8 @@ tf.config.set_logical_device_configuration(
     _cpus[0], [tf.config.LogicalDeviceConfiguration(), tf.config.LogicalDeviceConfiguration()]
 )
 
+from kerastune_flow import models  # noqa: E402  (after the devices are split)
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATASETS = REPO.parent / "shared" / "datasets"
 NUM_CLASSES = 3
@@ -60,6 +62,16 @@ def write_image_folder(
 def image_folder(tmp_path: Path) -> Path:
     """A flat folder of 3 classes x 12 RGB 20x20 PNG images."""
     return write_image_folder(tmp_path / "images")
+
+
+@pytest.fixture(scope="session")
+def base_model(tmp_path_factory) -> Path:
+    """A user's own pre-trained base: a small CNN for 4 classes saved by Keras, to cut before its
+    head with `base_output="dense"` (no ImageNet weights exist here)."""
+    keras.utils.set_random_seed(5)
+    path = tmp_path_factory.mktemp("base") / "cnn.keras"
+    models.build_cifar10_cnn(input_shape=(32, 32, 3), num_classes=4).save(path)
+    return path
 
 
 @pytest.fixture

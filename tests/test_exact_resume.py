@@ -15,7 +15,7 @@ import pytest
 from conftest import REPO, write_image_folder
 
 from kerastune_flow import callbacks as cb
-from kerastune_flow import finetune, models, rundir, train
+from kerastune_flow import finetune, rundir, train
 from kerastune_flow.recipes import make_config
 
 TIMINGS = ("epoch_seconds", "wall_time")
@@ -147,15 +147,6 @@ def test_a_resumed_run_keeps_early_stoppings_state(folder, tmp_path, monkeypatch
 
 
 # --------------------------------------------------------------------------- the staged fine-tune
-
-
-@pytest.fixture(scope="module")
-def base_model(tmp_path_factory):
-    """A user's own base: a CNN saved by Keras, cut before its old head."""
-    keras.utils.set_random_seed(5)
-    path = tmp_path_factory.mktemp("base") / "cnn.keras"
-    models.build_cifar10_cnn(input_shape=(32, 32, 3), num_classes=4).save(path)
-    return path
 
 
 def _staged(folder, base_model, **overrides):

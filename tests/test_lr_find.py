@@ -154,14 +154,6 @@ def folder(tmp_path_factory):
     return write_image_folder(tmp_path_factory.mktemp("data") / "images", per_class=16)
 
 
-@pytest.fixture(scope="module")
-def base_model(tmp_path_factory):
-    keras.utils.set_random_seed(5)
-    path = tmp_path_factory.mktemp("base") / "cnn.keras"
-    models.build_cifar10_cnn(input_shape=(32, 32, 3), num_classes=4).save(path)
-    return path
-
-
 def _staged(folder, base_model, **overrides):
     settings = dict(data=str(folder), max_examples=None, base=str(base_model), base_output="dense")
     settings.update(unfreeze_at="conv_3", head_epochs=1, epochs=1, steps_per_execution=1, verbose=0)

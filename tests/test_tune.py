@@ -7,13 +7,12 @@ import shutil
 from html.parser import HTMLParser
 
 import browser_check
-import keras
 import keras_tuner as kt
 import pytest
 from conftest import REPO
 
 from kerastune_flow import config as config_lib
-from kerastune_flow import inference, models, run, rundir, tune_report, tune_space
+from kerastune_flow import inference, run, rundir, tune_report, tune_space
 from kerastune_flow import tune as tune_lib
 from kerastune_flow.errors import ConfigError, DataError
 from kerastune_flow.recipes import get_recipe, make_config
@@ -185,16 +184,7 @@ def test_the_report_renders_in_a_browser(search):
     assert page.overflow_px == 0
 
 
-@pytest.fixture(scope="module")
-def user_base(tmp_path_factory):
-    """A user's own base: a small CNN saved by Keras (cut before its head with --base-output dense)."""
-    keras.utils.set_random_seed(5)
-    path = tmp_path_factory.mktemp("base") / "cnn.keras"
-    models.build_cifar10_cnn(input_shape=(32, 32, 3), num_classes=4).save(path)
-    return path
-
-
-def test_both_stages_of_a_fine_tune_are_one_trial(image_folder, user_base, tmp_path):
+def test_both_stages_of_a_fine_tune_are_one_trial(image_folder, base_model, tmp_path):
     summary = tune_lib.tune(
         "vgg16_finetune",
         tmp_path / "search",
@@ -203,14 +193,14 @@ def test_both_stages_of_a_fine_tune_are_one_trial(image_folder, user_base, tmp_p
         space=("finetune_lr", "unfreeze_at"),
         data=str(image_folder),
         preset="smoke",
-        base=str(user_base),
+        base=str(base_model),
         base_output="dense",
         head_epochs=1,
         epochs=1,
         verbose=0,
     )
     choices = tune_space.unfreeze_choices(
-        make_config("vgg16_finetune", "smoke", base=str(user_base), base_output="dense")
+        make_config("vgg16_finetune", "smoke", base=str(base_model), base_output="dense")
     )
     for trial in summary["trials"]:
         history = rundir.read_history(trial["run_dir"])
