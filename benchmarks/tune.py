@@ -510,6 +510,7 @@ def diagnostics(work: Path) -> dict:
     best = json.loads((tune_dir / "best_config.json").read_text())
     trial_results = json.loads((tune_dir / "trials" / f"{int(best['trial']):03d}" / "results.json").read_text())
     config = ["vgg16_finetune", "--config", str(tune_dir / "best_config.json"), "--no-tensorboard", "--quiet"]
+    (work / "runs" / "tune_diagnostics").mkdir(parents=True, exist_ok=True)
     rows = {}
     for augment in DIAGNOSTIC_AUGMENTS:
         for seed in DIAGNOSTIC_SEEDS:
