@@ -29,6 +29,14 @@ class RunDirError(KerastuneFlowError, OSError):
     """A run directory or saved model that cannot be used."""
 
 
+class MissingPackageError(KerastuneFlowError, ImportError):
+    """An optional package (an extra, such as `[export]`) that the command needs is not installed."""
+
+
+class ExportParityError(KerastuneFlowError, ArithmeticError):
+    """An exported model whose outputs do not match the Keras model's; nothing is written."""
+
+
 class TrainingDivergedError(KerastuneFlowError, ArithmeticError):
     """The loss became NaN or infinite; the last good files are kept."""
 

@@ -1,5 +1,6 @@
-"""Using a trained model: load a run directory or a `.keras` file, evaluate it on its test
-split, and predict the classes of image files (also with the stock VGG16 ImageNet classifier)."""
+"""Using a trained model: load a run directory, a `.keras` file or an exported model (`run export`),
+evaluate it on its test split, and predict the classes of image files (also with the stock VGG16
+ImageNet classifier)."""
 
 from __future__ import annotations
 
@@ -13,8 +14,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from kerastune_flow import artifacts, models, rundir
 from kerastune_flow import data as data_lib
-from kerastune_flow import models, rundir
 from kerastune_flow.config import Config
 from kerastune_flow.errors import DataError, RunDirError, WeightsError
 
@@ -26,20 +27,28 @@ class SavedRun:
     """A model and what its run directory remembers.
 
     Attributes:
-        model: the loaded keras.Model.
+        model: the loaded keras.Model; None for an exported model.
         class_names: label index -> name.
         image_shape: (height, width, channels) the model takes.
         head: the Head (output activation and label mode).
-        config: the training Config, or None for a bare `.keras` file.
-        path: the `.keras` file.
+        config: the training Config, or None for a bare `.keras` file (or its export).
+        path: the `.keras` file, or the exported artifact.
+        artifact: the exported model run by its own runtime, or None for a Keras model.
     """
 
-    model: keras.Model
+    model: keras.Model | None
     class_names: list[str]
     image_shape: tuple[int, int, int]
     head: models.Head
     config: Config | None
     path: Path
+    artifact: artifacts.Artifact | None = None
+
+    def outputs(self, images: Any, *, batch_size: int = 32) -> np.ndarray:
+        """What the model (Keras or exported) returns for a batch of 0..255 images."""
+        if self.artifact is not None:
+            return self.artifact(images, batch_size=batch_size)
+        return self.model.predict(images, batch_size=batch_size, verbose=0)
 
 
 def load_saved(path: str | Path, *, unsafe_deserialization: bool = False) -> SavedRun:
@@ -103,6 +112,45 @@ def load_saved(path: str | Path, *, unsafe_deserialization: bool = False) -> Sav
     return SavedRun(model, [str(i) for i in range(n)], shape, head, None, model_path)
 
 
+def load_for_inference(path: str | Path, *, unsafe_deserialization: bool = False) -> SavedRun:
+    """`load_saved`, or an export folder of `run export` (or its artifact) run by its own runtime.
+
+    Raises:
+        RunDirError: see `load_saved` and `artifacts.read_export`.
+        MissingPackageError: when the artifact's runtime is not installed.
+    """
+    folder = artifacts.export_dir_of(path)
+    if folder is None:
+        return load_saved(path, unsafe_deserialization=unsafe_deserialization)
+    artifact, record = artifacts.load_artifact(folder)
+    training = record.get("training")
+    return SavedRun(
+        model=None,
+        class_names=record["class_names"],
+        image_shape=tuple(record["image_shape"]),
+        head=models.Head(**record["head"]),
+        config=Config.from_dict(training["config"]) if training else None,
+        path=artifact.path,
+        artifact=artifact,
+    )
+
+
+def _evaluate_artifact(saved: SavedRun, test: tf.data.Dataset) -> dict[str, float]:
+    """The metrics `keras.Model.evaluate` reports, of an exported model's outputs.
+
+    The artifact's outputs go through an identity model compiled as `load_saved` compiles the
+    Keras model, with the same batches, so that loss and accuracy are computed by the same code.
+    """
+    outputs, labels = [], []
+    for images, batch_labels in test:
+        outputs.append(saved.artifact(images.numpy(), batch_size=len(images)))
+        labels.append(batch_labels.numpy())
+    identity = keras.Sequential([keras.Input(outputs[0].shape[1:]), keras.layers.Identity()])
+    identity.compile(loss=saved.head.loss(), metrics=["accuracy"])
+    pairs = tf.data.Dataset.from_tensor_slices((np.concatenate(outputs), np.concatenate(labels)))
+    return identity.evaluate(pairs.batch(len(outputs[0])), verbose=0, return_dict=True)
+
+
 def test_split(saved: SavedRun, data: str | None = None, **changes: Any) -> data_lib.DataSplits:
     """The test images of a saved model: the run's own test split, or the test split of `data`.
 
@@ -159,7 +207,7 @@ def evaluate_saved(
     """Test metrics of a saved model, and which images they were measured on.
 
     Args:
-        path: a run directory or `.keras` file.
+        path: a run directory, `.keras` file or export folder (see `load_for_inference`).
         data: a tfds name or an image folder; None: the run's own data (see `test_split`).
         batch_size: examples per evaluation step.
         data_dir: tfds data directory (default: the run's).
@@ -175,7 +223,7 @@ def evaluate_saved(
         DataError: see `test_split`.
         RunDirError: see `load_saved`.
     """
-    saved = load_saved(path, unsafe_deserialization=unsafe_deserialization)
+    saved = load_for_inference(path, unsafe_deserialization=unsafe_deserialization)
     given = dict(data_dir=data_dir, manual_dir=manual_dir, skip_bad_images=skip_bad_images or None)
     splits = test_split(saved, data, max_examples=max_examples, **{k: v for k, v in given.items() if v is not None})
     test = data_lib.prepare(
@@ -186,7 +234,10 @@ def evaluate_saved(
         cache=False,
     )
     try:
-        metrics = saved.model.evaluate(test, verbose=0, return_dict=True)
+        if saved.artifact is not None:
+            metrics = _evaluate_artifact(saved, test)
+        else:
+            metrics = saved.model.evaluate(test, verbose=0, return_dict=True)
     except tf.errors.InvalidArgumentError as error:
         translated = data_lib.label_range_error(error)
         if translated is None:
@@ -224,7 +275,7 @@ def predict_images(
     """Class names and probabilities for image files, best first.
 
     Args:
-        path: a run directory or `.keras` file; None uses the stock VGG16 ImageNet classifier
+        path: a run directory, `.keras` file or export folder; None uses the stock VGG16 ImageNet classifier
             ("use a pre-trained model as it is"), with `weights` "imagenet" or a local file.
         images: image files or folders.
         top_k: how many classes per image.
@@ -242,7 +293,7 @@ def predict_images(
     """
     files = data_lib.expand_image_arguments(images)
     if path is not None:
-        saved = load_saved(path, unsafe_deserialization=unsafe_deserialization)
+        saved = load_for_inference(path, unsafe_deserialization=unsafe_deserialization)
     scan = data_lib.check_images(files, channels=3, skip_bad_images=skip_bad_images)
     bad = {p for p, _ in scan.bad}
     files = [f for f in files if f not in bad]
@@ -255,7 +306,7 @@ def predict_images(
     for start in range(0, len(files), batch_size):
         chunk = files[start : start + batch_size]
         batch = data_lib.load_images(chunk, image_size=saved.image_shape[:2], channels=saved.image_shape[2])
-        probs = probabilities(saved.model.predict(batch, verbose=0), saved.head)
+        probs = probabilities(saved.outputs(batch), saved.head)
         for file, row in zip(chunk, probs, strict=True):
             order = np.argsort(-row)[:top_k]
             out.append(

@@ -1,4 +1,4 @@
-"""Command line: `python -m kerastune_flow.run {list,train,find-lr,compare,tune,evaluate,predict} ...`.
+"""Command line: `python -m kerastune_flow.run {list,train,find-lr,compare,tune,evaluate,predict,export} ...`.
 
 The only module that parses arguments or prints. The flags of `train` and `compare` are
 generated from the config's fields (`config.setting`), so a setting's name, help and choices
@@ -11,19 +11,18 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import json
 import logging
 import os
 import sys
 import time
-from collections.abc import Iterable
-from typing import Any
 
 from kerastune_flow import config as config_lib
 from kerastune_flow.compare import APPROACHES, compare
-from kerastune_flow.config import PRESETS, SECTIONS
+from kerastune_flow.config import PRESETS
 from kerastune_flow.errors import ConfigError, KerastuneFlowError
+from kerastune_flow.export import FORMATS, QUANTIZATIONS, export_model
+from kerastune_flow.flags import add_config_flags, config_overrides, text_type
 from kerastune_flow.inference import evaluate_saved, predict_images
 from kerastune_flow.lr_find import STAGES, find_lr
 from kerastune_flow.recipes import RECIPES, make_config
@@ -52,6 +51,7 @@ examples:
   # afterwards
   python -m kerastune_flow.run evaluate runs/demo --data data/digits
   python -m kerastune_flow.run predict runs/demo data/digits/7 --top-k 3
+  python -m kerastune_flow.run export runs/demo --format litert --quantize int8   # then predict with it
 
 Every run directory holds config.json, history.csv/.jsonl, model.keras, results.json and
 curves.png; `tensorboard --logdir RUN_DIR/tensorboard` shows the curves live. Run the same
@@ -59,7 +59,6 @@ train command again after a crash or Ctrl-C and it resumes at the last finished 
 """
 
 DEBUG_ENV = "KERASTUNE_FLOW_DEBUG"
-SECTION_TITLES = {"data": "data", "model": "model", "train": "training"}
 # Flags of `compare` that are its own, not config fields shared by every approach.
 COMPARE_OWN = ("data", "train_fraction")
 
@@ -73,75 +72,6 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str):
         raise UsageError(f"{message}; run `{self.prog} --help` for the flags and their values")
-
-
-def _text_type(parse) -> Any:
-    """An argparse type from a config parser: its ValueError becomes argparse's message."""
-
-    def convert(text: str) -> Any:
-        try:
-            return parse(text)
-        except ValueError as error:
-            raise argparse.ArgumentTypeError(str(error)) from None
-
-    convert.__name__ = getattr(parse, "__name__", "value")
-    return convert
-
-
-def _value_type(field: dataclasses.Field) -> Any:
-    """The parser of a field's flag: its own `parse`, else int or float by its annotation."""
-    if field.metadata["parse"] is not None:
-        return _text_type(field.metadata["parse"])
-    first = str(field.type).split("|")[0].strip()
-    return {"int": int, "float": float}.get(first, str)
-
-
-def _shown(default: Any) -> str:
-    """A default as `--help` shows it."""
-    if default is None or default == ():
-        return "none"
-    return ", ".join(default) if isinstance(default, tuple) else str(default)
-
-
-def _flag_name(field: dataclasses.Field) -> str:
-    """The flag of a setting: its own, else `--name-with-dashes`, or `--no-name` for a boolean
-    that is on by default."""
-    if field.metadata["flag"]:
-        return field.metadata["flag"]
-    dashed = field.name.replace("_", "-")
-    return f"--no-{dashed}" if field.default is True else f"--{dashed}"
-
-
-def add_config_flags(parser: argparse.ArgumentParser, *, skip: Iterable[str] = ()) -> None:
-    """Adds a flag for every config setting that has one (but those in `skip`), grouped by section.
-
-    Every flag defaults to None, meaning "not given": the recipe's defaults apply.
-    """
-    for section, section_cls in SECTIONS.items():
-        group = parser.add_argument_group(SECTION_TITLES[section])
-        for f in dataclasses.fields(section_cls):
-            meta = f.metadata
-            if meta["flag"] is None or f.name in skip:
-                continue
-            shown = meta["shown"] or _shown(f.default)
-            kwargs: dict[str, Any] = dict(dest=f.name, default=None)
-            if meta["store"] is not None:
-                kwargs.update(action="store_const", const=meta["store"])
-                help_text = f"{meta['help']} (default: {shown})"
-            elif isinstance(f.default, bool):
-                kwargs["action"] = "store_false" if f.default else "store_true"
-                help_text = f"no {meta['help']} (on by default)" if f.default else meta["help"]
-            else:
-                kwargs.update(type=_value_type(f), metavar=meta["metavar"])
-                help_text = meta["help"]
-                if meta["choices"] and isinstance(f.default, tuple):  # a list: the config checks its items
-                    help_text += f": {', '.join(meta['choices'])}"
-                elif meta["choices"]:  # argparse checks the value and shows the choices
-                    kwargs["choices"] = meta["choices"]
-                help_text += f" (default: {shown})"
-                if meta["bare"] is not None:
-                    kwargs.update(nargs="?", const=meta["bare"])
-            group.add_argument(_flag_name(f), help=help_text, **kwargs)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -208,13 +138,13 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--data", required=True, help="tfds name or image folder, as for train")
     comp.add_argument(
         "--approaches",
-        type=_text_type(config_lib.parse_names),
+        type=text_type(config_lib.parse_names),
         default=tuple(APPROACHES),
         help=f"comma list of {', '.join(APPROACHES)} (default all)",
     )
     comp.add_argument(
         "--train-fraction",
-        type=_text_type(config_lib.parse_fractions),
+        type=text_type(config_lib.parse_fractions),
         default=(1.0,),
         help="comma list of shares of the training data, e.g. 0.1,0.3,1.0 (a data-size sweep)",
     )
@@ -240,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-minutes", type=float, help="start no trial after this many minutes of searching")
     g.add_argument(
         "--space",
-        type=_text_type(config_lib.parse_names),
+        type=text_type(config_lib.parse_names),
         help=f"comma list of knobs to search, of {', '.join(KNOBS)} (default: the recipe's, see `list`)",
     )
     g.add_argument("--objective", choices=OBJECTIVES, default="val_accuracy", help="(default val_accuracy)")
@@ -278,19 +208,27 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--weights", help="imagenet or a local file: use stock VGG16, every path is an image")
     predict.add_argument("--skip-bad-images", action="store_true", help="leave out undecodable images, with a warning")
     predict.add_argument("--unsafe-deserialization", action="store_true", help=unsafe_help)
+
+    export = sub.add_parser(
+        "export",
+        help="a SavedModel, LiteRT or ONNX model for serving, checked against the Keras model",
+        description="Writes OUT/ with the artifact, labels.txt and export.json, after running the artifact with its "
+        "own runtime on the run's test split: a float export must agree on every top-1 and within 1e-4, or nothing "
+        "is written; a quantized one reports its accuracy drop and size. `evaluate` and `predict` take OUT too.",
+    )
+    export.add_argument("model", metavar="RUN_DIR_OR_MODEL")
+    export.add_argument("--format", required=True, choices=FORMATS)
+    export.add_argument(
+        "--quantize",
+        choices=QUANTIZATIONS,
+        help="litert and onnx: float16, or int8 calibrated on at most 500 training images (default float32)",
+    )
+    export.add_argument("--out", help="the export folder (default RUN_DIR/export-FORMAT[-QUANTIZE])")
+    export.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    export.add_argument("--data", help="check on this data's test split (default: the run's)")
+    export.add_argument("--max-examples", type=int, help="check on at most N test images")
+    export.add_argument("--unsafe-deserialization", action="store_true", help=unsafe_help)
     return parser
-
-
-def config_overrides(args: argparse.Namespace, *, skip: Iterable[str] = ()) -> dict[str, Any]:
-    """The config fields given on the command line (flags left out are None: not given)."""
-    out = {}
-    for f in config_lib.fields():
-        if f.name in skip or f.metadata["flag"] is None:
-            continue
-        value = getattr(args, f.name, None)
-        if value is not None:
-            out[f.name] = value
-    return out
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
@@ -417,6 +355,23 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    with contextlib.redirect_stdout(sys.stderr):  # the converters print
+        record = export_model(
+            args.model,
+            format=args.format,
+            quantize=args.quantize,
+            out=args.out,
+            overwrite=args.overwrite,
+            data=args.data,
+            max_examples=args.max_examples,
+            unsafe_deserialization=args.unsafe_deserialization,
+        )
+    shown = ("out", "format", "quantize", "size_bytes", "runtime", "parity")
+    print(json.dumps({key: record[key] for key in shown}, indent=2))
+    return 0
+
+
 COMMANDS = {
     "list": _cmd_list,
     "train": _cmd_train,
@@ -425,6 +380,7 @@ COMMANDS = {
     "tune": _cmd_tune,
     "evaluate": _cmd_evaluate,
     "predict": _cmd_predict,
+    "export": _cmd_export,
 }
 
 
