@@ -38,8 +38,10 @@ format: $(STAMP)
 test: lint
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS)
 
+# The longer checks (-m slow): the real data sets, the accuracy of the recipes as typed, the process-level
+# kills and the variants of what the default suite tests once. CI runs them after `make test`.
 slow: $(STAMP)
-	$(BIN)/python -m pytest -q -m slow
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) -m slow
 
 clean:
 	rm -rf runs .pytest_cache

@@ -30,6 +30,7 @@ class _Collector(HTMLParser):
             self._in_cell = False
 
 
+@pytest.mark.slow  # nine runs; the default suite's compare tests run each approach once
 def test_compare_with_a_data_size_sweep(image_folder, tmp_path):
     # Two approaches (the three run together in notebook 05 and test_compare_from_the_cli's pair).
     approaches = ("scratch", "finetune")
@@ -78,6 +79,7 @@ def test_compare_with_a_data_size_sweep(image_folder, tmp_path):
     )
 
 
+@pytest.mark.slow  # pre-trains a base first
 def test_compare_with_the_users_base_measures_forgetting(image_folder, tmp_path):
     train.train_and_evaluate(make_config("cifar10_cnn", "smoke", data=str(image_folder)), tmp_path / "source")
     report = compare_lib.compare(

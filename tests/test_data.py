@@ -613,6 +613,7 @@ def test_manual_dir_without_the_archives_names_them(tmp_path):
 
 
 @pytest.mark.needs_shared
+@pytest.mark.slow  # prepares all 70,000 MNIST images through tfds
 @pytest.mark.skipif(not (SHARED_DATASETS / "mnist").is_dir(), reason="no ../shared/datasets/mnist")
 def test_tfds_real_mnist_from_manual_dir(tmp_path):
     splits = data.load_data("mnist", data_dir=str(tmp_path / "tfds"), manual_dir=str(SHARED_DATASETS / "mnist"))

@@ -116,6 +116,8 @@ KILLS = {
     # Training over, the final evaluation under way: nothing is trained again.
     "final-evaluation": lambda m, fired: _kill_evaluation(m, fired),
 }
+# The default suite kills between epochs and mid-epoch; the other moments run with `-m slow` (CI runs both).
+SLOW_KILLS = ("before-the-backup", "final-evaluation")
 
 
 def _kill_evaluation(monkeypatch, fired):
@@ -130,11 +132,14 @@ def _kill_evaluation(monkeypatch, fired):
     monkeypatch.setattr(keras.Model, "evaluate", evaluate)
 
 
-@pytest.mark.parametrize("where", list(KILLS))
+@pytest.mark.parametrize(
+    "where", [pytest.param(w, marks=pytest.mark.slow) if w in SLOW_KILLS else w for w in KILLS]
+)
 def test_a_run_killed_anywhere_ends_as_the_uninterrupted_one(where, folder, tmp_path, monkeypatch, uninterrupted):
     assert _killed_then_resumed(_config(folder), tmp_path / "run", monkeypatch, KILLS[where]) == uninterrupted
 
 
+@pytest.mark.slow  # eight epochs and a resume: a minute of the default suite's five
 def test_a_resumed_run_keeps_early_stoppings_state(folder, tmp_path, monkeypatch):
     # With patience 1 the run stops early; a kill after the stop must not train on.
     config = _config(folder, epochs=8, patience=1, learning_rate=1e-1)
@@ -182,7 +187,9 @@ def staged_uninterrupted(folder, base_model, tmp_path_factory):
     return _outcome(run_dir)
 
 
-@pytest.mark.parametrize("where", list(STAGED_KILLS))
+@pytest.mark.parametrize(
+    "where", [pytest.param(w, marks=pytest.mark.slow) if w == "stage-1" else w for w in STAGED_KILLS]
+)  # a kill in stage 1 is the plain run's kill; stage 2 and the feature pass are the fine-tune's own
 def test_a_fine_tune_killed_in_any_stage_ends_as_the_uninterrupted_one(
     where, folder, base_model, tmp_path, monkeypatch, staged_uninterrupted
 ):
@@ -233,6 +240,7 @@ def _run(folder, run_dir, *, kill_at=None):
     return None
 
 
+@pytest.mark.slow  # six CLI processes; the default suite's SIGKILLs are in test_tune_processes.py
 def test_chaos_five_sigkills_at_random_moments_end_as_the_uninterrupted_run(folder, tmp_path):
     whole = _run(folder, tmp_path / "whole")
     rng = random.Random(2026)  # seeded: the same moments on every run of the test, whatever the machine's speed

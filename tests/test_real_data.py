@@ -26,6 +26,7 @@ def cifar10_folder(tmp_path_factory):
 
 
 @pytest.mark.needs_shared
+@pytest.mark.slow  # unpacks and indexes 60,000 JPEGs
 def test_the_cifar10_jpeg_folder_loads_with_its_classes_and_counts(cifar10_folder):
     indexed, class_names = data.index_image_folder(cifar10_folder)
     assert class_names == CIFAR10_NAMES

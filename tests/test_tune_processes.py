@@ -78,6 +78,7 @@ def _free_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # three TensorFlow processes, about a minute; CI runs it with `make slow`
 def test_a_chief_and_two_workers_run_every_trial_exactly_once(tmp_path):
     run_dir = tmp_path / "search"
     port = str(_free_port())
