@@ -132,9 +132,7 @@ def _kill_evaluation(monkeypatch, fired):
     monkeypatch.setattr(keras.Model, "evaluate", evaluate)
 
 
-@pytest.mark.parametrize(
-    "where", [pytest.param(w, marks=pytest.mark.slow) if w in SLOW_KILLS else w for w in KILLS]
-)
+@pytest.mark.parametrize("where", [pytest.param(w, marks=pytest.mark.slow) if w in SLOW_KILLS else w for w in KILLS])
 def test_a_run_killed_anywhere_ends_as_the_uninterrupted_one(where, folder, tmp_path, monkeypatch, uninterrupted):
     assert _killed_then_resumed(_config(folder), tmp_path / "run", monkeypatch, KILLS[where]) == uninterrupted
 
