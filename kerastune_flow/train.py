@@ -368,6 +368,7 @@ def _train_and_evaluate(
         "examples_seen": splits.sizes["train"] * len(history),
         **models.count_params(model),
         "strategy": describe(strategy),
+        "dtype_policy": settings.dtype_policy,
         "resumed": resumed,
         "seed": config.train.seed,
         "weights_sha256": weights_digest(model),

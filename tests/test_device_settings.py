@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from kerastune_flow import data, finetune, models, train
+from kerastune_flow import data, finetune, models, strategy, train
 from kerastune_flow.errors import ConfigError
 from kerastune_flow.fitting import FitContext
 from kerastune_flow.recipes import get_recipe, make_config
@@ -53,9 +53,41 @@ def test_pipelines_on_the_cpu_run_without_tf_data_autotuning(image_folder, tmp_p
     assert images.shape[1:] == (32, 32, 3) and labels.shape[0] == images.shape[0]
 
 
-@pytest.mark.parametrize("kind, policy", [("tpu", "mixed_bfloat16"), ("gpu", "mixed_float16"), ("cpu", "float32")])
-def test_auto_mixed_precision_per_device(kind, policy):
+@pytest.mark.parametrize(
+    "kind, native_bf16, policy",
+    [
+        ("tpu", False, "mixed_bfloat16"),
+        ("gpu", False, "mixed_float16"),
+        ("cpu", False, "float32"),
+        ("cpu", True, "mixed_bfloat16"),
+        ("gpu", True, "mixed_float16"),  # the host CPU's flags do not decide for an accelerator
+    ],
+)
+def test_auto_mixed_precision_per_device(kind, native_bf16, policy, monkeypatch):
+    monkeypatch.setattr(strategy, "cpu_has_native_bf16", lambda: native_bf16)
     assert device_settings(kind, mixed_precision="auto").dtype_policy == policy
+
+
+CPUINFO_AVX2 = "processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu sse2 avx avx2 fma avx512f\n"
+CPUINFO_AVX512_BF16 = CPUINFO_AVX2.replace("avx512f", "avx512f avx512_vnni avx512_bf16")
+CPUINFO_AMX = CPUINFO_AVX2.replace("avx512f", "avx512f amx_tile amx_bf16 amx_int8")
+CPUINFO_ARM_BF16 = "processor\t: 0\nFeatures\t: fp asimd sve i8mm bf16\nCPU implementer\t: 0x41\n"
+CPUINFO_ARM = CPUINFO_ARM_BF16.replace(" bf16", "")
+
+
+@pytest.mark.parametrize(
+    "cpuinfo, native",
+    [
+        (CPUINFO_AVX2, False),
+        (CPUINFO_AVX512_BF16, True),
+        (CPUINFO_AMX, True),
+        (CPUINFO_ARM_BF16, True),
+        (CPUINFO_ARM, False),
+        ("", False),
+    ],
+)
+def test_native_bf16_is_read_from_the_cpu_flags(cpuinfo, native):
+    assert strategy.cpu_has_native_bf16(cpuinfo) is native
 
 
 def test_explicit_settings_win():
