@@ -96,7 +96,8 @@ def vgg16_feature_pass(repeats: int, size: int = 64, images: int = 512, batch: i
         keras.utils.set_random_seed(0)
         base = keras.applications.VGG16(include_top=False, weights=None, input_shape=(size, size, 3))
         fn = tf.function(lambda b, m=base: m(b, training=False))
-        outputs[policy] = np.concatenate([fn(x[i : i + batch]).numpy().astype("float32") for i in range(0, images, batch)])
+        batches = [fn(x[i : i + batch]).numpy().astype("float32") for i in range(0, images, batch)]
+        outputs[policy] = np.concatenate(batches)
         models[policy] = fn
     keras.config.set_dtype_policy("float32")
     times = {policy: [] for policy in models}

@@ -26,6 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import keras  # noqa: E402
+import machine  # noqa: E402
 
 from kerastune_flow import data, finetune, models  # noqa: E402
 from kerastune_flow.runtime import prepare_process  # noqa: E402
@@ -46,6 +47,7 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int)
     parser.add_argument("--batch-size", type=int, default=32)
     args = parser.parse_args(argv)
+    print(f"# {machine.describe()}", flush=True)  # ratios depend on the CPU: say which one
     size = args.image_size or (32 if args.quick else 64)
     examples = args.examples or (512 if args.quick else None)
     repeats = args.repeats or (3 if args.quick else 5)

@@ -32,6 +32,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import keras  # noqa: E402
+import machine  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
@@ -86,6 +87,7 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int)
     parser.add_argument("--augment", default="flip,crop", help="augmentation layers in the pipeline")
     args = parser.parse_args(argv)
+    print(f"# {machine.describe()}", flush=True)  # ratios depend on the CPU: say which one
     repeats = args.repeats or (3 if args.quick else 5)
     size = (args.image_size, args.image_size)
     keras.utils.set_random_seed(0)

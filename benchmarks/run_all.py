@@ -21,10 +21,12 @@ import sys
 import time
 from pathlib import Path
 
+import machine
+
 HERE = Path(__file__).resolve().parent
 WORKLOADS = [
-    ("scratch MLP, MNIST-shaped", ["train_step.py", "--model", "mlp", "--spe", "1,16", "--jit"]),
-    ("CIFAR-10 CNN", ["train_step.py", "--model", "cnn", "--spe", "1,16", "--jit"]),
+    ("scratch MLP, MNIST-shaped", ["train_step.py", "--model", "mlp", "--spe", "1,16", "--jit", "--bf16"]),
+    ("CIFAR-10 CNN", ["train_step.py", "--model", "cnn", "--spe", "1,16", "--jit", "--bf16"]),
     (
         "CIFAR-10 CNN, TensorFlow's default threads",
         ["train_step.py", "--model", "cnn", "--spe", "1,16", "--inter-op", "0"],
@@ -49,6 +51,7 @@ def main(argv=None) -> int:
     chosen = [(title, command) for title, command in WORKLOADS if not words or any(w in title.lower() for w in words)]
     if not chosen:
         parser.error(f"--only {args.only!r} matches no workload; the titles are: " + "; ".join(t for t, _ in WORKLOADS))
+    print(f"# {machine.describe()}", flush=True)  # ratios depend on the CPU: say which one
     failures = 0
     for title, command in chosen:
         print(f"\n## {title}", flush=True)

@@ -38,6 +38,7 @@ tf.config.set_logical_device_configuration(
 )
 
 import keras  # noqa: E402
+import machine  # noqa: E402
 import numpy as np  # noqa: E402
 
 from kerastune_flow import data, models  # noqa: E402
@@ -120,6 +121,7 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-sizes", default="32,64,128,256")
     parser.add_argument("--per-replica", type=int, default=64, help="per-replica batch of part 2")
     args = parser.parse_args(argv)
+    print(f"# {machine.describe()}", flush=True)  # ratios depend on the CPU: say which one
     n = args.examples or (4_096 if args.quick else 20_000)
     repeats = args.repeats or (3 if args.quick else 5)
     keras.utils.set_random_seed(0)

@@ -11,6 +11,9 @@ Rows, for the scratch MLP on MNIST-shaped data (28x28x1, 10 classes) or the CIFA
   keras fit numpy   the same network, plain `model.fit(x, y, batch_size=64)` on numpy arrays
   pytorch loop      the reference article's plain PyTorch loop (DataLoader, Adam, CrossEntropy),
                     when torch is installed (an optional benchmark dependency)
+  package bf16      the default spe under the mixed_bfloat16 policy (--bf16), beside
+  pytorch bf16      the PyTorch loop under `torch.autocast("cpu", dtype=torch.bfloat16)`, so that
+                    the peer gets the same chance on a CPU with native bfloat16
 
     python benchmarks/train_step.py --model mlp --quick
     python benchmarks/train_step.py --model cnn
@@ -41,6 +44,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import keras  # noqa: E402
+import machine  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
@@ -67,8 +71,12 @@ class _EpochTimer(keras.callbacks.Callback):
         self.seconds.append(time.perf_counter() - self._start)
 
 
-def _torch_loop(kind: str, x: np.ndarray, y: np.ndarray):
-    """The reference article's plain PyTorch training loop for the same network, or None."""
+def _torch_loop(kind: str, x: np.ndarray, y: np.ndarray, *, bf16: bool = False):
+    """The reference article's plain PyTorch training loop for the same network, or None.
+
+    With `bf16`, the forward pass and the loss run under CPU autocast to bfloat16 (PyTorch's own
+    mixed precision: weights and optimizer stay float32).
+    """
     try:
         import torch
         from torch import nn
@@ -107,7 +115,8 @@ def _torch_loop(kind: str, x: np.ndarray, y: np.ndarray):
         for images, labels in loader:
             images = (images / 255.0 - 0.5) / 0.5 if kind == "mlp" else images / 255.0
             optimizer.zero_grad()
-            loss = loss_fn(net(images), labels)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                loss = loss_fn(net(images), labels)
             loss.backward()
             optimizer.step()
 
@@ -123,6 +132,7 @@ def main(argv=None) -> int:
     parser.add_argument("--spe", default="1,16", help="comma list of steps_per_execution for the package path")
     parser.add_argument("--epochs-per-fit", type=int, help="epochs per fit call (default 3; 2 with --quick)")
     parser.add_argument("--jit", action="store_true", help="add a row with jit_compile=True (XLA)")
+    parser.add_argument("--bf16", action="store_true", help="add mixed_bfloat16 rows: the package's and PyTorch's")
     parser.add_argument(
         "--inter-op",
         type=int,
@@ -169,6 +179,11 @@ def main(argv=None) -> int:
     if args.jit:
         xla = BUILDERS[args.model](input_shape=shape, jit_compile=True)
         paths["package XLA spe=1"] = keras_path(xla, pipeline, shuffle=False)
+    if args.bf16:
+        keras.config.set_dtype_policy("mixed_bfloat16")  # as `--mixed-precision bfloat16` does for a run
+        bf16 = BUILDERS[args.model](input_shape=shape, steps_per_execution=default_spe)
+        keras.config.set_dtype_policy("float32")
+        paths[f"package bf16 spe={default_spe}"] = keras_path(bf16, pipeline, shuffle=False)
     plain = BUILDERS[args.model](input_shape=shape)
     xf = x.astype("float32")
     paths["keras fit numpy"] = keras_path(plain, xf, y, batch_size=BATCH)
@@ -184,6 +199,18 @@ def main(argv=None) -> int:
             return seconds
 
         paths["pytorch loop"] = torch_run
+        if args.bf16:
+            torch_bf16 = _torch_loop(args.model, x, y, bf16=True)
+
+            def torch_bf16_run():
+                seconds = []
+                for _ in range(epochs):
+                    start = time.perf_counter()
+                    torch_bf16()
+                    seconds.append(time.perf_counter() - start)
+                return seconds
+
+            paths["pytorch bf16 autocast"] = torch_bf16_run
 
     for fn in paths.values():  # warm-up: tracing, cache fill
         fn()
@@ -208,6 +235,7 @@ def main(argv=None) -> int:
         f"{repeats} repetitions x {epochs} epochs, median of whole fit / epochs; TF threads inter-op {inter_op}, "
         f"intra-op {tf.config.threading.get_intra_op_parallelism_threads() or 'auto'}"
     )
+    print(f"# {machine.describe()}")
     if torch_epoch is None:
         print("# pytorch loop: skipped, torch is not installed (pip install torch)")
     print(f"{'path':<26}{'epoch s':>10}{'images/s':>12}{'vs ' + baseline:>22}{'fit overhead s':>16}")
