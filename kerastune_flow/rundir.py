@@ -19,6 +19,7 @@ the previous complete version, never a truncated one.
 from __future__ import annotations
 
 import contextlib
+import copy
 import csv
 import errno
 import io
@@ -250,9 +251,35 @@ def atomic_write_json(path: str | os.PathLike, data: Any) -> None:
 
 
 def atomic_save_model(model: keras.Model, path: str | os.PathLike) -> None:
-    """`model.save` through `atomic_file`: a kill during the save leaves the previous model."""
-    with atomic_file(path) as tmp:
+    """`model.save` through `atomic_file`: a kill during the save leaves the previous model.
+
+    The file names Keras' own classes only, so plain `keras.saving.load_model` opens it, compile
+    config included, without this package: an optimizer of the package (discriminative rates,
+    which Keras has no class for) is written as the built-in one it extends, with the same
+    settings and state and one rate for all (config.json keeps the multiplier).
+    """
+    with atomic_file(path) as tmp, _builtin_optimizer(model):
         model.save(tmp)
+
+
+@contextlib.contextmanager
+def _builtin_optimizer(model: keras.Model) -> Iterator[None]:
+    """Within it, the model's compile config names the built-in optimizer that its optimizer
+    extends, when that optimizer says which (`as_builtin`); else nothing changes."""
+    # Keras keeps what `compile()` was given in `_compile_config` and saves it as given; there
+    # is no public way to save another optimizer in its place.
+    compiled = getattr(model, "_compile_config", None)
+    optimizer = getattr(compiled, "config", {}).get("optimizer")
+    if not hasattr(optimizer, "as_builtin"):
+        yield
+        return
+    portable = copy.copy(compiled)
+    portable.config = {**compiled.config, "optimizer": optimizer.as_builtin()}
+    model._compile_config = portable
+    try:
+        yield
+    finally:
+        model._compile_config = compiled
 
 
 def to_jsonable(value: Any) -> Any:

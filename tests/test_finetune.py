@@ -61,7 +61,7 @@ def test_other_backbones_build_with_their_own_preprocessing(name, preprocess):
     assert base.name == name and not base.trainable
     assert model.get_layer("pool").__class__.__name__ == "GlobalAveragePooling2D"
     x = np.random.default_rng(0).uniform(0, 255, (2, *SMALL_RGB)).astype("float32")
-    layer = next((lay for lay in model.layers if isinstance(lay, models.ImagenetPreprocessing)), None)
+    layer = next((lay for lay in model.layers if models.is_preprocessing(lay)), None)
     ours = np.asarray(layer(x)) if layer is not None else x
     np.testing.assert_allclose(ours, preprocess(x.copy()), rtol=1e-5, atol=1e-4)
     boundary = models.resolve_unfreeze_at(base, models.default_unfreeze_at(base))

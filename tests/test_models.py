@@ -14,6 +14,7 @@ MLP_PARAMS = 784 * 128 + 128 + 128 * 64 + 64 + 64 * 10 + 10  # 109,386
 CNN_PARAMS = 122_570
 VGG16_NOTOP_PARAMS = 14_714_688
 BLOCK5_PARAMS = 3 * (512 * 512 * 9 + 512)
+PREPROCESS_PARAMS = 3 * 3 + 3  # the frozen Dense(3) of VGG16's preprocessing: RGB->BGR, minus the mean
 
 
 def _dense_units(model):
@@ -76,8 +77,10 @@ def test_vgg16_feature_extractor_freezes_the_whole_base():
     assert not base.trainable
     assert base.count_params() == VGG16_NOTOP_PARAMS
     head = 512 * 256 + 256 + 256 + 1  # Flatten(1x1x512) -> Dense 256 -> Dense 1
-    assert models.count_params(model) == {"trainable_params": head, "total_params": VGG16_NOTOP_PARAMS + head}
+    total = VGG16_NOTOP_PARAMS + PREPROCESS_PARAMS + head
+    assert models.count_params(model) == {"trainable_params": head, "total_params": total}
     assert [type(layer).__name__ for layer in model.layers[-3:]] == ["Flatten", "Dense", "Dense"]
+    assert not model.get_layer("vgg16_preprocess").trainable
 
 
 def test_vgg16_unfreeze_index_lands_on_block5():

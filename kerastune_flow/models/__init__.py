@@ -16,6 +16,8 @@ from kerastune_flow.models.backbones import (
     ImagenetPreprocessing,
     backbone_base,
     get_backbone,
+    is_preprocessing,
+    preprocessing_layer,
 )
 from kerastune_flow.models.heads import (
     Head,
@@ -65,9 +67,11 @@ __all__ = [
     "describe_layer",
     "find_base",
     "get_backbone",
+    "is_preprocessing",
     "load_keras_model",
     "logits_head",
     "make_optimizer",
+    "preprocessing_layer",
     "resolve_unfreeze_at",
     "transfer_head",
     "unfreeze_from",

@@ -1,9 +1,10 @@
 """The pre-trained backbones (`keras.applications` models without their top) and their preprocessing.
 
 Each `Backbone` record holds what the rest of the package needs to know about one: its
-constructor, its `preprocess_input` as a layer, its smallest input, where its blocks start (the
+constructor, its `preprocess_input` mode, its smallest input, where its blocks start (the
 points where a fine-tune may unfreeze), its default fine-tune boundary and pooling, and the
-ImageNet weights file Keras looks for.
+ImageNet weights file Keras looks for. `preprocessing_layer` turns the mode into built-in Keras
+layers, so a saved model opens in plain Keras without this package.
 """
 
 from __future__ import annotations
@@ -24,18 +25,65 @@ VGG16_UNFREEZE_AT = 15  # block5_conv1: the first layer of VGG16's last convolut
 VGG16_NOTOP_FILE = "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"
 VGG16_NOTOP_BYTES = 58_889_256
 CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
+PREPROCESSING_MODES = ("caffe", "tf", "none")
+PREPROCESS_SUFFIX = "_preprocess"  # the layer's name is the base's name and this
 
 
-@keras.saving.register_keras_serializable(package="kerastune_flow")
-class ImagenetPreprocessing(layers.Layer):
-    """`keras.applications` preprocessing as a saved layer, so models take raw 0..255 pixels.
+def preprocessing_layer(mode: str, *, name: str) -> layers.Layer | None:
+    """A backbone's `preprocess_input` as one built-in Keras layer, so models take raw 0..255 pixels.
+
+    Built-in layers only: a saved model then opens with plain `keras.saving.load_model`, in a
+    process that has not imported this package. The layer holds no trainable weights, and
+    `unfreeze_from` leaves it frozen (see `is_preprocessing`).
 
     Args:
         mode: "caffe" (VGG16, ResNet50: RGB->BGR, minus the ImageNet mean), "tf" (scale to
             [-1, 1], MobileNetV2) or "none" (EfficientNet rescales inside itself).
+        name: the layer's name; it should end in `PREPROCESS_SUFFIX`.
+
+    Returns:
+        For "caffe", a frozen `Dense(3)` on the channel axis whose kernel is the RGB->BGR
+        permutation and whose bias is minus the BGR mean: Keras has no channel-flip layer, and
+        with products by 1 and 0 it is exact in float32. For "tf", `Rescaling(1 / 127.5,
+        offset=-1)`. For "none", None. Either casts its input to its compute dtype, as Keras
+        layers do (uint8 pixels work; float16 under a mixed-precision policy).
+
+    Raises:
+        ValueError: for an unknown mode.
+    """
+    if mode == "caffe":
+        flip = [[1.0 if i + j == 2 else 0.0 for j in range(3)] for i in range(3)]  # out j = in 2 - j
+        return layers.Dense(
+            3,
+            kernel_initializer=keras.initializers.Constant(flip),
+            bias_initializer=keras.initializers.Constant([-m for m in CAFFE_MEAN_BGR]),
+            trainable=False,
+            name=name,
+        )
+    if mode == "tf":
+        return layers.Rescaling(1 / 127.5, offset=-1.0, name=name)
+    if mode == "none":
+        return None
+    raise ValueError(f"mode must be one of {PREPROCESSING_MODES}. Received: mode={mode}")
+
+
+def is_preprocessing(layer: layers.Layer) -> bool:
+    """True for the preprocessing layer of a transfer model (`preprocessing_layer` or the older
+    `ImagenetPreprocessing`), which must stay frozen whatever is unfrozen around it."""
+    return layer.name.endswith(PREPROCESS_SUFFIX)
+
+
+@keras.saving.register_keras_serializable(package="kerastune_flow")
+class ImagenetPreprocessing(layers.Layer):
+    """`keras.applications` preprocessing as a layer of this package: what models saved before
+    `preprocessing_layer` hold. It stays registered so that those `.keras` files still load
+    through `load_keras_model`; new models do not use it (plain Keras cannot load it).
+
+    Args:
+        mode: "caffe", "tf" or "none" (see `preprocessing_layer`).
     """
 
-    MODES = ("caffe", "tf", "none")
+    MODES = PREPROCESSING_MODES
 
     def __init__(self, mode: str = "caffe", **kwargs: Any):
         super().__init__(**kwargs)
@@ -65,7 +113,7 @@ class Backbone:
     Attributes:
         name: the name used by `--backbone` and given to the nested base model.
         factory: the `keras.applications` constructor.
-        preprocessing: `ImagenetPreprocessing` mode matching the model's `preprocess_input`.
+        preprocessing: the mode of the model's `preprocess_input` (see `preprocessing_layer`).
         min_size: the smallest height and width the model takes.
         block: a regular expression whose first group is the block a layer belongs to, by
             the layer's name ("block5" of "block5_conv1"); a block starts at its first layer.

@@ -102,6 +102,12 @@ def _discriminative(cls: type) -> type:
                 "base_multiplier": self.base_multiplier,
             }
 
+        def as_builtin(self) -> keras.optimizers.Optimizer:
+            """The built-in optimizer this one extends, with the same settings but one rate for all:
+            what a saved `.keras` file holds (see `rundir.atomic_save_model`), so that plain
+            Keras loads it. Its state variables are the same, so the saved state fits it."""
+            return cls.from_config(super().get_config())
+
     Discriminative.__name__ = Discriminative.__qualname__ = f"Discriminative{cls.__name__}"
     return keras.saving.register_keras_serializable(package="kerastune_flow")(Discriminative)
 

@@ -21,10 +21,12 @@ from kerastune_flow.config import POOLINGS
 from kerastune_flow.errors import ConfigError, RunDirError
 from kerastune_flow.models.backbones import (
     BACKBONES,
+    PREPROCESS_SUFFIX,
     VGG16_UNFREEZE_AT,
-    ImagenetPreprocessing,
     backbone_base,
     get_backbone,
+    is_preprocessing,
+    preprocessing_layer,
 )
 from kerastune_flow.models.heads import compile_model, regularizer, transfer_head
 from kerastune_flow.models.saving import load_keras_model
@@ -99,8 +101,9 @@ def build_transfer_model(
     base.trainable = False
     inputs = keras.Input(shape=tuple(input_shape), name="pixels")
     x = inputs
-    if preprocessing != "none":
-        x = ImagenetPreprocessing(preprocessing, name=f"{base.name}_preprocess")(x)
+    preprocess = preprocessing_layer(preprocessing, name=f"{base.name}{PREPROCESS_SUFFIX}")
+    if preprocess is not None:
+        x = preprocess(x)
     x = base(x, training=False)
     if len(x.shape) == 4 and pooling == "avg":
         x = layers.GlobalAveragePooling2D(name="pool")(x)
@@ -251,16 +254,22 @@ def default_unfreeze_at(base: keras.Model) -> int | str:
     second-to-last layer that has weights (the top block and what follows it)."""
     if base.name in BACKBONES:
         return BACKBONES[base.name].unfreeze_at
-    weighted = [i for i, layer in enumerate(base.layers) if layer.weights]
+    weighted = _learnable(base)
     return weighted[-2] if len(weighted) >= 2 else (weighted[-1] if weighted else 0)
+
+
+def _learnable(base: keras.Model) -> list[int]:
+    """Indices of the layers of a user's base that have weights to learn: not its preprocessing
+    (a base cut from a transfer model of this package starts with a frozen `Dense(3)`)."""
+    return [i for i, layer in enumerate(base.layers) if layer.weights and not is_preprocessing(layer)]
 
 
 def block_starts(base: keras.Model) -> list[int]:
     """Indices of the layers where a block of the base starts: the places a fine-tune can unfreeze
     from without cutting a block in half (keras-io#995). For a backbone, the first layer of each
-    of its blocks; for a user's own base, every layer with weights."""
+    of its blocks; for a user's own base, every layer with weights (but its preprocessing)."""
     if base.name not in BACKBONES:
-        return [i for i, layer in enumerate(base.layers) if layer.weights]
+        return _learnable(base)
     spec = BACKBONES[base.name]
     starts, previous = [], None
     for i, layer in enumerate(base.layers):
@@ -322,8 +331,9 @@ def describe_layer(base: keras.Model, index: int) -> str:
 def unfreeze_from(base: keras.Model, unfreeze_at: int | float | str) -> int:
     """Makes base layers `[unfreeze_at:]` trainable and `[:unfreeze_at]` frozen.
 
-    BatchNormalization layers stay frozen, as the Keras transfer-learning guide prescribes.
-    Recompile afterwards: `trainable` only takes effect at compile time.
+    BatchNormalization layers stay frozen, as the Keras transfer-learning guide prescribes, and so
+    does a preprocessing layer inside the base (see `is_preprocessing`). Recompile afterwards:
+    `trainable` only takes effect at compile time.
 
     Returns:
         The resolved index.
@@ -331,7 +341,8 @@ def unfreeze_from(base: keras.Model, unfreeze_at: int | float | str) -> int:
     index = resolve_unfreeze_at(base, unfreeze_at)
     base.trainable = True
     for i, layer in enumerate(base.layers):
-        layer.trainable = i >= index and not isinstance(layer, layers.BatchNormalization)
+        frozen = isinstance(layer, layers.BatchNormalization) or is_preprocessing(layer)
+        layer.trainable = i >= index and not frozen
     return index
 
 
