@@ -27,7 +27,7 @@ BACKBONE_NAMES = ("vgg16", "resnet50", "mobilenetv2", "efficientnetb0")
 CACHE_POLICIES = ("auto", "memory", "none")
 POOLINGS = ("auto", "flatten", "avg")
 LR_SCHEDULES = ("constant", "cosine")
-FEATURE_CACHE = ("auto", "off")
+FEATURE_CACHE = ("auto", "memory", "disk", "off")
 MIXED_PRECISION = ("off", "auto", "bfloat16", "float16")
 JIT_COMPILE = ("auto", "true", "false")
 AUTO = "auto"  # a learning rate found by the range test (`lr_range`) right before its fit
@@ -119,7 +119,7 @@ def setting(
         choices: the accepted values (for a tuple field, of each item).
         parse: turns the flag's text into the value (int/float/str come from the type).
         flag: the flag's name; "" derives it from the field name; None: no flag.
-        store: the flag takes no value and stores this (`--no-feature-cache` stores "off").
+        store: the flag takes no value and stores this (store_const).
         bare: the value of the flag given without a value (`--mixed-precision` alone).
         shown: the default as `--help` shows it, when the recipe decides it.
         metavar: what `--help` shows for the flag's value.
@@ -218,11 +218,11 @@ class ModelConfig:
     )
     feature_cache: str = setting(
         "auto",
-        "always run the frozen base forward, instead of computing its features once",
+        "when nothing random touches the images, compute the frozen base's features (stage 1) and the "
+        "frozen layers' output (stage 2) once: auto keeps them in memory while they fit in half of it, "
+        "else in a memory-mapped file in the run directory; memory, disk: there; off: the full forward "
+        "pass every epoch",
         choices=FEATURE_CACHE,
-        flag="--no-feature-cache",
-        store="off",
-        shown="cache them when nothing random touches the images",
     )
     unsafe_deserialization: bool = setting(
         False, "load a .keras model holding Lambda layers: their Python code runs, so only for files you trust"

@@ -1,7 +1,9 @@
 """Learning on a frozen base, and the staged fine-tune.
 
 The frozen stage trains the head on the base's features, computed once when nothing random
-touches the images (`split_at_base`, `cached_feature_pipelines`). The staged fine-tune is two
+touches the images (`split_at_base`, `cached_feature_pipelines`); stage 2 likewise trains the
+unfrozen layers and the head on the output of the frozen layers below them (`split_at_prefix`,
+`prefix_stage`), computed once per step. The staged fine-tune is two
 (or, with `progressive`, more) `fit()` calls with a `compile()` between them: `trainable` only
 takes effect at compile time. A finished stage is recorded in the stage ledger, so a resumed run
 starts at the next one.
@@ -16,11 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import keras
-import numpy as np
 import tensorflow as tf
 
+from kerastune_flow import caches, fitting, models, rundir
 from kerastune_flow import data as data_lib
-from kerastune_flow import fitting, models, rundir
 from kerastune_flow.config import AUTO, Config
 from kerastune_flow.errors import ConfigError
 from kerastune_flow.fitting import FitContext
@@ -52,11 +53,26 @@ def split_at_base(model: keras.Model) -> tuple[keras.Model, keras.Model]:
     return features, keras.Model(feature_input, y, name="head")
 
 
-def extract_features(features: keras.Model, ds: tf.data.Dataset) -> tuple[np.ndarray, np.ndarray]:
-    """One pass of the frozen base over a batched, unshuffled (images, labels) data set."""
-    feats = features.predict(ds.map(lambda x, y: x), verbose=0)
-    labels = np.concatenate([y.numpy() for y in ds.map(lambda x, y: y)]) if feats.shape[0] else np.zeros((0,))
-    return feats, labels
+def extract_features(
+    features: keras.Model,
+    ds: tf.data.Dataset,
+    *,
+    policy: str = "memory",
+    folder: str | Path | None = None,
+    name: str = "features",
+) -> caches.Cached:
+    """One pass of the frozen part over a batched, unshuffled (images, labels) data set, kept in
+    memory or on disk (see `caches.compute`)."""
+    return caches.compute(features, ds, policy=policy, folder=folder, name=name)
+
+
+def cache_policy(config: Config, run_dir: str | Path | None) -> str:
+    """Where a cache goes: `feature_cache`'s "memory" or "disk", or for "auto" memory while it fits
+    (on disk beside the run only when there is a run directory to hold it)."""
+    policy = config.model.feature_cache
+    if policy == "auto" and run_dir is None:
+        return "memory"
+    return policy
 
 
 def cached_feature_pipelines(
@@ -69,15 +85,19 @@ def cached_feature_pipelines(
     autotune: bool | None = None,
     clock: data_lib.EpochClock | None = None,
     epochs: int | None = None,
+    policy: str = "memory",
+    folder: str | Path | None = None,
+    what: str = "features",
 ) -> dict[str, tf.data.Dataset | None]:
-    """Computes the base's features once for train and validation and serves them from memory.
+    """Computes what `features` outputs once for train and validation and serves it from memory
+    or from a memory-mapped file.
 
-    The training features are shuffled as `data.prepare` shuffles the images (the same seeds,
-    buffer and, with a clock, the same order per epoch), so a head trained on them sees the
-    batches the uncached path would.
+    The training batches come in the order `data.prepare` gives the images (the same seeds,
+    buffer and, with a clock, the same order per epoch: `data.gathered_batches`), so a model
+    trained on them sees the batches the uncached path would.
 
     Args:
-        features: the model from pixels to the base's output (see `split_at_base`).
+        features: the model from pixels to what is cached (see `split_at_base`, `split_at_prefix`).
         pipes: "train_ordered" and "validation_ordered": batched, unshuffled, unaugmented.
         batch_size: the global batch size.
         seed: the shuffle seed.
@@ -85,27 +105,33 @@ def cached_feature_pipelines(
         autotune: tf.data's autotuning; None: the device's choice.
         clock: the run's epoch clock; `epochs` is then the most epochs (see `data.epoch_ordered`).
         epochs: with `clock`, how many epochs the run has at most.
+        policy: "memory", "disk" or "auto" (see `caches.compute`).
+        folder: the run directory, where a cache on disk goes (under `caches.CACHE_DIR`).
+        what: what is cached, for the log and the file names.
     """
     out: dict[str, tf.data.Dataset | None] = {"validation": None}
+    where = []
     for name in ("train", "validation"):
         if pipes[f"{name}_ordered"] is None:
             continue
-        feats, labels = extract_features(features, pipes[f"{name}_ordered"])
-        ds = tf.data.Dataset.from_tensor_slices((feats, labels))
-        training = name == "train"
-
-        def batch(d: tf.data.Dataset, epoch: int | None = None, training: bool = training) -> tf.data.Dataset:
-            return d.batch(batch_size, drop_remainder=drop_remainder and training)
-
-        if training and clock is not None:
-            ds = data_lib.epoch_ordered(
-                ds, clock=clock, epochs=epochs, seed=seed, shuffle_buffer=data_lib.SHUFFLE_BUFFER, per_epoch=batch
-            )
-        elif training:
-            ds = batch(ds.shuffle(data_lib.SHUFFLE_BUFFER, seed=seed, reshuffle_each_iteration=True))
-        else:
-            ds = batch(ds)
-        out[name] = data_lib.with_autotune(ds.prefetch(tf.data.AUTOTUNE), autotune)
+        cache_dir = Path(folder) / caches.CACHE_DIR if folder is not None else None
+        cached = extract_features(
+            features, pipes[f"{name}_ordered"], policy=policy, folder=cache_dir, name=f"{what}_{name}"
+        )
+        place = "in memory" if cached.where == "memory" else f"on disk ({cache_dir})"
+        where.append(f"{name} {cached.nbytes / 2**20:.1f} MiB {place}")
+        out[name] = caches.pipeline(
+            cached,
+            batch_size=batch_size,
+            training=name == "train",
+            seed=seed,
+            shuffle_buffer=data_lib.SHUFFLE_BUFFER,
+            drop_remainder=drop_remainder,
+            clock=clock,
+            epochs=epochs,
+            autotune=autotune,
+        )
+    log.info("Cached the %s: %s", what.replace("_", " "), ", ".join(where))
     return out
 
 
@@ -114,29 +140,18 @@ def frozen_stage(
 ) -> tuple[keras.Model, tf.data.Dataset, tf.data.Dataset | None]:
     """What the frozen stage fits, and on what: (model, train, validation).
 
-    Features are cached when `feature_cache` is "auto" and no random augmentation is on (with
+    Features are cached unless `feature_cache` is "off" or random augmentation is on (with
     augmentation every epoch sees new images, so the full forward pass is needed, and the log
     says so): then the head alone, compiled at the head's rate for `epochs`, on the cached
     features; else the whole model (compiled by its builder) on the images.
     """
     config = context.config
-    if config.model.feature_cache != "auto" or config.data.augment:
-        if config.data.augment and config.model.feature_cache == "auto":
-            log.info("Random augmentation is on: training the head with the full forward pass (no feature cache)")
+    if not _can_cache(config):
         return model, pipes["train"], pipes["validation"]
     start = time.perf_counter()
     features, head = split_at_base(model)
-    cached = cached_feature_pipelines(
-        features,
-        pipes,
-        batch_size=context.global_batch_size,
-        seed=config.train.seed,
-        drop_remainder=context.settings.drop_remainder,
-        autotune=context.settings.data_autotune,
-        clock=context.clock,
-        epochs=context.epochs,
-    )
-    log.info("Cached the frozen base's features of train and validation in %.1f s", time.perf_counter() - start)
+    cached = _cached_pipelines(features, pipes, context, what="frozen_base_features")
+    log.info("The frozen base's features took %.1f s to compute", time.perf_counter() - start)
     with context.strategy.scope():
         models.compile_model(
             head,
@@ -145,6 +160,72 @@ def frozen_stage(
             **fitting.compile_kwargs(context),
         )
     return head, cached["train"], cached["validation"]
+
+
+def _can_cache(config: Config) -> bool:
+    """Whether a frozen part's output may be cached: asked for, and nothing random touches the
+    images (the base runs with training=False, so no dropout or noise inside it draws)."""
+    if config.model.feature_cache == "off":
+        return False
+    if config.data.augment:
+        log.info("Random augmentation is on: training with the full forward pass (no feature cache)")
+        return False
+    return True
+
+
+def _cached_pipelines(
+    features: keras.Model, pipes: dict[str, tf.data.Dataset | None], context: FitContext, *, what: str
+) -> dict[str, tf.data.Dataset | None]:
+    caches.remove(context.run_dir)  # an earlier attempt's, or the previous step's, is never read
+    return cached_feature_pipelines(
+        features,
+        pipes,
+        batch_size=context.global_batch_size,
+        seed=context.config.train.seed,
+        drop_remainder=context.settings.drop_remainder,
+        autotune=context.settings.data_autotune,
+        clock=context.clock,
+        epochs=context.epochs,
+        policy=context.config.model.feature_cache,
+        folder=context.run_dir,
+        what=what,
+    )
+
+
+def split_at_prefix(model: keras.Model, index: int) -> tuple[keras.Model, keras.Model] | None:
+    """Splits a partly unfrozen transfer model at base layer `index` into (prefix, rest), sharing
+    the same layers and weights, or None when the base cannot be cut there.
+
+    `prefix` maps pixels to the input of base layer `index` (preprocessing and the frozen layers
+    below the unfreeze point); `rest` maps that to predictions (the unfrozen layers, the head).
+    The cut needs one tensor to cross it: a residual connection over the boundary (not at a block
+    start) leaves the upper part disconnected, and then the full pass is used. Both parts run the
+    base's layers with training=False, as the full model does.
+    """
+    base = models.find_base(model)
+    position = model.layers.index(base)
+    if index <= 1:  # nothing but the input below the boundary: nothing worth caching
+        return None
+    if index >= len(base.layers):
+        return split_at_base(model)
+    boundary = base.layers[index].input
+    if isinstance(boundary, (list, tuple)):
+        return None
+    try:
+        lower = keras.Model(base.input, boundary, name=f"{base.name}_frozen")
+        upper = keras.Model(boundary, base.output, name=f"{base.name}_unfrozen")
+    except ValueError:
+        return None
+    pixels = keras.Input(shape=model.input_shape[1:], name="pixels")
+    x = pixels
+    for layer in model.layers[1:position]:
+        x = layer(x)
+    prefix = keras.Model(pixels, lower(x, training=False), name="frozen_prefix")
+    cached = keras.Input(shape=tuple(boundary.shape[1:]), name="frozen_prefix_output")
+    y = upper(cached, training=False)
+    for layer in model.layers[position + 1 :]:
+        y = layer(y)
+    return prefix, keras.Model(cached, y, name="unfrozen_part")
 
 
 def fit_frozen(
@@ -175,6 +256,7 @@ def fit_frozen(
     save_model = model if fit_model is not model else None
     callbacks = fitting.stage_callbacks(context, epochs=epochs, stage=stage, save_model=save_model)
     end = fitting.fit(fit_model, train_ds, val_ds, context, callbacks, epochs=epochs)
+    caches.remove(context.run_dir)
     return end, fitting.best_so_far(callbacks)
 
 
@@ -255,10 +337,17 @@ def _stage_name(i: int) -> str:
 
 
 def compile_finetune_step(
-    model: keras.Model, context: FitContext, step: FinetuneStep, *, rate: float | str, epochs: int
+    model: keras.Model,
+    context: FitContext,
+    step: FinetuneStep,
+    *,
+    rate: float | str,
+    epochs: int,
+    fit_model: keras.Model | None = None,
 ) -> int:
-    """Unfreezes the base from `step.unfreeze_at` and compiles the whole model at `rate` for a
-    fit of `epochs` (the base at `rate` x `base_lr_multiplier` when that is given).
+    """Unfreezes the base from `step.unfreeze_at` and compiles the whole model (or `fit_model`,
+    the part above a cached prefix, see `split_at_prefix`) at `rate` for a fit of `epochs` (the
+    base at `rate` x `base_lr_multiplier` when that is given).
 
     Returns:
         The index of the first unfrozen layer of the base.
@@ -268,7 +357,7 @@ def compile_finetune_step(
     with context.strategy.scope():
         index = models.unfreeze_from(base, step.unfreeze_at)
         models.compile_model(
-            model,
+            fit_model or model,
             models.transfer_head(max(2, model.output_shape[-1])),
             learning_rate=fitting.learning_rate(context, rate, epochs=epochs),
             base_variables=base.trainable_variables if m.base_lr_multiplier is not None else None,
@@ -276,6 +365,30 @@ def compile_finetune_step(
             **fitting.compile_kwargs(context),
         )
     return index
+
+
+def prefix_stage(
+    model: keras.Model, pipes: dict[str, tf.data.Dataset | None], context: FitContext, index: int
+) -> tuple[keras.Model, tf.data.Dataset | None, tf.data.Dataset | None]:
+    """What a stage-2 step fits, and on what: (model, train, validation).
+
+    The frozen layers below the unfreeze point compute the same output in every epoch when
+    nothing random touches the images, so it is computed once per step (a progressive step
+    unfreezes more, and computes its own) and the unfrozen layers and the head train on it,
+    as for the frozen stage. Else, or when the base cannot be cut at `index`, the whole model on
+    the images; the log says which.
+    """
+    if not _can_cache(context.config):
+        return model, pipes["train"], pipes["validation"]
+    parts = split_at_prefix(model, index)
+    if parts is None:
+        log.info("The base cannot be cut at layer %d: stage 2 runs the full forward pass", index)
+        return model, pipes["train"], pipes["validation"]
+    prefix, rest = parts
+    start = time.perf_counter()
+    cached = _cached_pipelines(prefix, pipes, context, what=f"frozen_prefix_below_layer_{index}")
+    log.info("The frozen prefix's output took %.1f s to compute", time.perf_counter() - start)
+    return rest, cached["train"], cached["validation"]
 
 
 class StageLedger:
@@ -343,10 +456,13 @@ def fit_staged(model: keras.Model, pipes: dict[str, tf.data.Dataset | None], con
         if start >= stop:
             log.info("Step %s has no epochs left (stage ends at epoch %d): skipped", stage, stop)
             continue
+        fit_model, train_ds, val_ds = prefix_stage(model, pipes, context, index)
         rate = step.learning_rate
-        if rate == AUTO:  # tested on the model as stage 2 trains it: unfrozen, with any base multiplier
-            rate = fitting.auto_learning_rate(context, model, pipes["train"], stage=stage, epoch=start)
-            compile_finetune_step(model, context, step, rate=rate, epochs=stop - start)
+        if fit_model is not model:
+            compile_finetune_step(model, context, step, rate=rate, epochs=stop - start, fit_model=fit_model)
+        if rate == AUTO:  # tested on what stage 2 trains: unfrozen, with any base multiplier
+            rate = fitting.auto_learning_rate(context, fit_model, train_ds, stage=stage, epoch=start)
+            compile_finetune_step(model, context, step, rate=rate, epochs=stop - start, fit_model=fit_model)
         log.info(
             "Stage %s: base layers from %s unfrozen, learning rate %g%s, epochs %d to %d",
             stage,
@@ -356,10 +472,11 @@ def fit_staged(model: keras.Model, pipes: dict[str, tf.data.Dataset | None], con
             start + 1,
             stop,
         )
-        callbacks = fitting.stage_callbacks(context, epochs=stop - start, stage=stage, best=best)
-        end = fitting.fit(
-            model, pipes["train"], pipes["validation"], context, callbacks, epochs=stop, initial_epoch=start
-        )
+        save_model = model if fit_model is not model else None
+        callbacks = fitting.stage_callbacks(context, epochs=stop - start, stage=stage, best=best, save_model=save_model)
+        end = fitting.fit(fit_model, train_ds, val_ds, context, callbacks, epochs=stop, initial_epoch=start)
         best = fitting.best_so_far(callbacks)
         ledger.record(stage, model, end=end, best=best)
+        del fit_model, train_ds, val_ds  # the step's cache, before the next step computes its own
+        caches.remove(context.run_dir)
     return boundaries

@@ -234,7 +234,7 @@ def test_generated_flags_parse_into_config_values():
     parser = run.build_parser()
     args = parser.parse_args(
         ["train", "vgg16_finetune", "--image-size", "40x48", "--augment", "flip, crop", "--weights", "None"]
-        + ["--unfreeze-at", "0.5", "--no-feature-cache", "--mixed-precision", "--no-jsonl-log", "--skip-bad-images"]
+        + ["--unfreeze-at", "0.5", "--feature-cache", "off", "--mixed-precision", "--no-jsonl-log", "--skip-bad-images"]
         + ["--train-fraction", "0.5", "--finetune-lr", "1e-4", "--steps-per-execution", "4"]
     )
     assert run.config_overrides(args) == {

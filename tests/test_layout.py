@@ -34,6 +34,7 @@ RANKS = {
     "models.transfer": 4,
     "models": 5,
     "fitting": 5,
+    "caches": 4,
     "recipes": 6,
     "finetune": 8,
     "inference": 8,

@@ -79,6 +79,66 @@ def epoch_ordered(
     return ds.apply(tf.data.experimental.assert_cardinality(steps)) if steps >= 0 else ds
 
 
+def gathered_batches(
+    num_examples: int,
+    gather: Callable[[tf.Tensor, tf.Tensor], tuple[tf.Tensor, tf.Tensor]],
+    *,
+    batch_size: int,
+    seed: int = 0,
+    training: bool = True,
+    shuffle_buffer: int = SHUFFLE_BUFFER,
+    drop_remainder: bool = False,
+    clock: EpochClock | None = None,
+    epochs: int | None = None,
+) -> tf.data.Dataset:
+    """Batches of examples held in memory (or a memory-mapped file), gathered by index.
+
+    A buffer shuffle's order depends only on its seed and the number of elements, never on what
+    they hold, so shuffling the indices 0..n-1 and gathering each batch gives exactly the batches
+    that shuffling the examples themselves gives (the same seeds, buffer and, with a clock, the
+    same order per epoch as `epoch_ordered`), without pushing every example through the buffer at
+    the start of each epoch: the fixed cost of a short epoch.
+
+    Args:
+        num_examples: how many examples there are.
+        gather: (index batch int64 [b], batch seed int64 [2]) -> (inputs, labels) of the batch.
+        batch_size: the global batch size.
+        seed: the run's seed (order, and the per-batch seeds handed to `gather`).
+        training: shuffle (with the epoch's order); else the examples in order, once.
+        shuffle_buffer: elements in the shuffle buffer, as for the examples.
+        drop_remainder: static batch shapes (training only).
+        clock: the run's epoch clock; `epochs` is then the most epochs.
+        epochs: with `clock`, how many epochs the run has at most.
+    """
+    indices = tf.data.Dataset.range(num_examples)
+    if not training:
+        ds = tf.data.Dataset.zip(
+            indices.batch(batch_size), tf.data.Dataset.from_tensors(tf.zeros(2, tf.int64)).repeat()
+        )
+    elif clock is not None:
+        if epochs is None:
+            raise ValueError("A training pipeline with a clock needs epochs. Received: epochs=None")
+        ds = epoch_ordered(
+            indices,
+            clock=clock,
+            epochs=epochs,
+            seed=seed,
+            shuffle_buffer=shuffle_buffer,
+            per_epoch=lambda shuffled, e: tf.data.Dataset.zip(
+                shuffled.batch(batch_size, drop_remainder=drop_remainder), _batch_seeds(epoch_seed(seed, e, "augment"))
+            ),
+        )
+    else:
+        shuffled = indices.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+        ds = tf.data.Dataset.zip(
+            shuffled.batch(batch_size, drop_remainder=drop_remainder),
+            tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2),
+        )
+    # The gather runs once, after the epoch's branch is chosen: a tensor captured in each branch
+    # would be copied for every branch each time an epoch's iterator is made.
+    return ds.map(gather, num_parallel_calls=tf.data.AUTOTUNE)
+
+
 def _memory_budget() -> int:
     try:
         return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 4

@@ -1,0 +1,182 @@
+"""What a frozen part of a model computes, computed once and kept in memory or on disk.
+
+The frozen stage caches the base's features (`finetune.split_at_base`), stage 2 of a fine-tune the
+output of the base's frozen layers below the unfreeze point (`finetune.split_at_prefix`). Either
+cache is computed in one pass over the unshuffled, unaugmented images and served as the batches
+the image pipeline would give (`data.gathered_batches`: the same order per epoch). It stays in
+memory while it fits in half the memory available; beyond that, or with `feature_cache="disk"`,
+it goes to a file in the run directory that is memory-mapped. A cache is never trusted across
+attempts: each attempt computes its own (written under a temporary name, then renamed), so a
+crash leaves nothing a resumed run could read half-written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from kerastune_flow.data.pipeline import EpochClock, gathered_batches, with_autotune
+
+log = logging.getLogger(__name__)
+
+CACHE_DIR = "feature_cache"  # in the run directory, while a run computes or reads a cache on disk
+
+
+@dataclasses.dataclass
+class Cached:
+    """One split's cached outputs and labels, in the order of its unshuffled pipeline.
+
+    Attributes:
+        inputs: (n, ...) float array, a `np.memmap` when on disk.
+        labels: (n, ...) labels as the head's loss expects them (already encoded).
+        where: "memory" or "disk".
+    """
+
+    inputs: np.ndarray
+    labels: np.ndarray
+    where: str
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.inputs.nbytes)
+
+
+def available_memory() -> int:
+    """Bytes of memory available now (Linux' MemAvailable; else a quarter of physical memory)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 4
+    except (ValueError, OSError, AttributeError):
+        return 2 * 1024**3
+
+
+def memory_budget() -> int:
+    """The largest cache kept in memory: half of what is available when the pass starts."""
+    return available_memory() // 2
+
+
+def compute(
+    model: keras.Model,
+    ds: tf.data.Dataset,
+    *,
+    policy: str = "auto",
+    folder: str | os.PathLike | None = None,
+    name: str = "cache",
+    budget: int | None = None,
+) -> Cached:
+    """One pass of `model` over a batched, unshuffled (images, labels) data set, kept in memory or
+    on disk.
+
+    Args:
+        model: the frozen part, from images to what is cached (in inference mode).
+        ds: batched (images, labels), in the order the cache keeps.
+        policy: "memory", "disk", or "auto": memory while the outputs fit in `budget`, else the
+            rest spills to disk (the memory part moves there too).
+        folder: where a cache on disk goes (inside the run directory); needed unless "memory".
+        name: the file's name stem.
+        budget: bytes kept in memory under "auto"; default `memory_budget()`.
+
+    Returns:
+        The outputs and labels, in order.
+    """
+    budget = memory_budget() if budget is None else budget
+    chunks: list[np.ndarray] = []
+    labels: list[np.ndarray] = []
+    held = 0
+    writer = None
+    tmp = None
+    for x, y in ds.prefetch(tf.data.AUTOTUNE):
+        out = np.asarray(model.predict_on_batch(x))  # in inference mode
+        labels.append(y.numpy())
+        if writer is None and (policy == "disk" or (policy == "auto" and held + out.nbytes > budget)):
+            tmp = Path(folder) / f"{name}.{uuid.uuid4().hex[:8]}.tmp"
+            tmp.parent.mkdir(parents=True, exist_ok=True)
+            writer = open(tmp, "wb")  # noqa: SIM115 - closed below, also on error
+            for chunk in chunks:
+                writer.write(np.ascontiguousarray(chunk).tobytes())
+            chunks = []
+        if writer is not None:
+            writer.write(np.ascontiguousarray(out).tobytes())
+        else:
+            chunks.append(out)
+        held += out.nbytes
+    shape = tuple(int(d) for d in model.output.shape[1:])
+    dtype = np.dtype(keras.backend.standardize_dtype(model.output.dtype))
+    all_labels = np.concatenate(labels) if labels else np.zeros((0,), np.int32)
+    if writer is None:
+        inputs = np.concatenate(chunks) if chunks else np.zeros((0, *shape), dtype)
+        return Cached(inputs, all_labels, "memory")
+    try:
+        writer.flush()
+        os.fsync(writer.fileno())
+    finally:
+        writer.close()
+    final = tmp.with_suffix(".npy.raw")
+    os.replace(tmp, final)  # whole, or not there under this name
+    inputs = np.memmap(final, dtype=dtype, mode="r", shape=(len(all_labels), *shape))
+    return Cached(inputs, all_labels, "disk")
+
+
+def remove(folder: str | os.PathLike) -> None:
+    """Removes a run's caches on disk (before an attempt computes its own, and when a run ends)."""
+    shutil.rmtree(Path(folder) / CACHE_DIR, ignore_errors=True)
+
+
+def pipeline(
+    cached: Cached,
+    *,
+    batch_size: int,
+    training: bool,
+    seed: int = 0,
+    shuffle_buffer: int,
+    drop_remainder: bool = False,
+    clock: EpochClock | None = None,
+    epochs: int | None = None,
+    autotune: bool | None = None,
+) -> tf.data.Dataset:
+    """The batches the image pipeline would give, from the cache: in memory a gather from the
+    array, on disk a read of the memory-mapped rows of the batch."""
+    labels = tf.constant(cached.labels)
+    if cached.where == "memory":
+        inputs = tf.constant(cached.inputs)
+
+        def gather(index, batch_seed):
+            return tf.gather(inputs, index), tf.gather(labels, index)
+
+    else:
+        array = cached.inputs
+        row_shape = array.shape[1:]
+
+        def read(index):
+            return np.ascontiguousarray(array[index])
+
+        def gather(index, batch_seed):
+            rows = tf.numpy_function(read, [index], tf.as_dtype(array.dtype), stateful=False)
+            rows.set_shape((None, *row_shape))
+            return rows, tf.gather(labels, index)
+
+    ds = gathered_batches(
+        len(cached.labels),
+        gather,
+        batch_size=batch_size,
+        seed=seed,
+        training=training,
+        shuffle_buffer=shuffle_buffer,
+        drop_remainder=drop_remainder and training,
+        clock=clock,
+        epochs=epochs,
+    )
+    return with_autotune(ds.prefetch(tf.data.AUTOTUNE), autotune)
