@@ -108,16 +108,15 @@ def compute(
             for chunk in chunks:
                 writer.write(np.ascontiguousarray(chunk).tobytes())
             chunks = []
+        shape, dtype = out.shape[1:], out.dtype
         if writer is not None:
             writer.write(np.ascontiguousarray(out).tobytes())
         else:
             chunks.append(out)
         held += out.nbytes
-    shape = tuple(int(d) for d in model.output.shape[1:])
-    dtype = np.dtype(keras.backend.standardize_dtype(model.output.dtype))
     all_labels = np.concatenate(labels) if labels else np.zeros((0,), np.int32)
     if writer is None:
-        inputs = np.concatenate(chunks) if chunks else np.zeros((0, *shape), dtype)
+        inputs = np.concatenate(chunks) if chunks else np.zeros((0, *model.output_shape[1:]), np.float32)
         return Cached(inputs, all_labels, "memory")
     try:
         writer.flush()

@@ -144,6 +144,8 @@ def make_pipelines(
             seed=config.train.seed,
             clock=context.clock if training else None,
             epochs=context.epochs,
+            # Several workers serialize the pipeline's graph to shard it: no images held in it.
+            indexed=not is_multi_worker(context.strategy),
             **common,
         )
     if is_multi_worker(context.strategy):

@@ -216,6 +216,7 @@ def prepare(
     clock: EpochClock | None = None,
     epochs: int | None = None,
     autotune: bool | None = None,
+    indexed: bool = True,
 ) -> tf.data.Dataset:
     """The pipeline tail: cache, shuffle (training only), batch, augment, encode labels, prefetch.
 
@@ -231,7 +232,8 @@ def prepare(
         num_classes: the head's classes: needed for one-hot labels; when given, every batch is
             checked to hold labels in [0, num_classes).
         training: shuffle every epoch and apply the augmenter.
-        cache: keep decoded examples in memory after the first epoch.
+        cache: keep decoded examples in memory after the first epoch (for training, with
+            `indexed`: read into memory here, in one pass, and gathered by shuffled index).
         augmenter: `augment.make_augmenter`'s function, applied to training batches.
         shuffle_buffer: examples in the shuffle buffer.
         drop_remainder: static batch shapes, as TPUs need.
@@ -240,13 +242,36 @@ def prepare(
         epochs: with `clock`, how many epochs the run has at most.
         autotune: tf.data's autotuning for the whole pipeline; None: the device's choice
             (`strategy.data_autotune`: off on the CPU, where it slows every epoch).
+        indexed: a cached training split is shuffled by index and gathered from memory (the
+            same batches as the buffer shuffle of the images); False keeps the buffer shuffle.
 
     Returns:
         A batched, prefetched data set of (images, labels).
     """
+    parallel = tf.data.AUTOTUNE
+    if training and cache and indexed:
+        # In memory and shuffled by index (see `gathered_batches`): the same batches, without
+        # refilling a shuffle buffer of images at the start of every epoch.
+        images, labels = _in_memory(ds)
+
+        def gather(index, batch_seed):
+            x, y = tf.gather(images, index), tf.gather(labels, index)
+            return (augmenter(x, batch_seed) if augmenter is not None else x), y
+
+        ds = gathered_batches(
+            int(labels.shape[0]),
+            gather,
+            batch_size=batch_size,
+            seed=seed,
+            shuffle_buffer=shuffle_buffer,
+            drop_remainder=drop_remainder,
+            clock=clock,
+            epochs=epochs,
+        )
+        ds = ds.map(encode_labels(label_mode, num_classes), num_parallel_calls=parallel)
+        return with_autotune(ds.prefetch(tf.data.AUTOTUNE), autotune)
     if cache:
         ds = ds.cache()
-    parallel = tf.data.AUTOTUNE
 
     def batch_and_augment(examples: tf.data.Dataset, batch_seed: tf.data.Dataset) -> tf.data.Dataset:
         batches = examples.batch(batch_size, drop_remainder=drop_remainder, num_parallel_calls=parallel)
@@ -274,6 +299,18 @@ def prepare(
         ds = ds.batch(batch_size, drop_remainder=drop_remainder, num_parallel_calls=parallel)
     ds = ds.map(encode_labels(label_mode, num_classes), num_parallel_calls=parallel)
     return with_autotune(ds.prefetch(tf.data.AUTOTUNE), autotune)
+
+
+def _in_memory(ds: tf.data.Dataset) -> tuple[tf.Tensor, tf.Tensor]:
+    """Every (image, label) example of `ds`, stacked: one pass, as the first epoch of a cache."""
+    images, labels = [], []
+    for x, y in ds.batch(1024).prefetch(2):
+        images.append(x)
+        labels.append(y)
+    if not images:
+        spec = ds.element_spec
+        return tf.zeros((0, *spec[0].shape), spec[0].dtype), tf.zeros((0, *spec[1].shape), spec[1].dtype)
+    return tf.concat(images, 0), tf.concat(labels, 0)
 
 
 def _batch_seeds(seed: int) -> tf.data.Dataset:

@@ -1,0 +1,140 @@
+"""The fixed cost of an epoch: the CIFAR-10 CNN per image at 3,000 and at 20,000 examples an epoch.
+
+Both sizes train through the package's training pipeline as a run builds it (`data.prepare` with
+the epoch clock, cached, shuffled, batch 64, 16 steps per execution), in one process, alternating:
+  gathered   the cached split held in memory and gathered by shuffled index (the default)
+  buffered   the buffer shuffle of the decoded images every epoch (`indexed=False`: what the
+             package did before, and still does for a split it does not cache)
+Both give the same batches. Each repetition is one `fit` of `--epochs` epochs per path and size;
+the epoch times inside it (from `on_epoch_begin` to `on_epoch_end`, first epoch left out: it
+traces) are divided by the examples. The aim: 3,000 examples an epoch cost no more per image than
+20,000.
+
+    python benchmarks/short_epochs.py             # 3,000 and 20,000 examples, 5 repetitions
+    python benchmarks/short_epochs.py --quick     # 1,000 and 6,000, 3 repetitions
+
+Data are random 32x32 pixels (the speed does not depend on their values). Results go to
+benchmarks/short_epochs_results.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+from machine import describe  # noqa: E402
+
+from kerastune_flow import callbacks as cb  # noqa: E402
+from kerastune_flow import data, models  # noqa: E402
+from kerastune_flow.runtime import prepare_process  # noqa: E402
+
+RESULTS = REPO / "benchmarks" / "short_epochs_results.json"
+BATCH = 64
+
+
+class _EpochTimer(keras.callbacks.Callback):
+    def __init__(self):
+        super().__init__()
+        self.seconds: list[float] = []
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._start = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.seconds.append(time.perf_counter() - self._start)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="1,000 and 6,000 examples, 3 repetitions")
+    parser.add_argument("--sizes", help="comma list of examples per epoch (default 3000,20000)")
+    parser.add_argument("--repeats", type=int)
+    parser.add_argument("--epochs", type=int, default=4, help="epochs per fit (the first is left out)")
+    parser.add_argument("--no-write", action="store_true", help="print only, leave the JSON file alone")
+    args = parser.parse_args(argv)
+    sizes = [int(s) for s in (args.sizes or ("1000,6000" if args.quick else "3000,20000")).split(",")]
+    repeats = args.repeats or (3 if args.quick else 5)
+
+    prepare_process("auto")
+    keras.utils.set_random_seed(0)
+    rng = np.random.default_rng(0)
+    pipelines, fits = {}, {}
+    for n in sizes:
+        x = rng.uniform(0, 255, (n, 32, 32, 3)).astype("float32")
+        ds = tf.data.Dataset.from_tensor_slices((x, rng.integers(0, 10, n).astype("int32")))
+        for path, indexed in (("gathered", True), ("buffered", False)):
+            clock = data.EpochClock()
+            start = time.perf_counter()
+            pipe = data.prepare(ds, batch_size=BATCH, training=True, clock=clock, epochs=64, seed=0, indexed=indexed)
+            built = time.perf_counter() - start
+            model = models.build_cifar10_cnn(input_shape=(32, 32, 3), num_classes=10, steps_per_execution=16)
+            pipelines[(path, n)] = (pipe, clock, model, built)
+            model.fit(pipe, epochs=1, verbose=0, callbacks=[cb.EpochSeeds(clock)])  # warm-up, fills the cache
+            fits[(path, n)] = []
+    for _ in range(repeats):
+        for n in sizes:
+            for path in ("gathered", "buffered"):
+                pipe, clock, model, _ = pipelines[(path, n)]
+                timer = _EpochTimer()
+                model.fit(pipe, epochs=args.epochs, verbose=0, callbacks=[cb.EpochSeeds(clock), timer])
+                fits[(path, n)].extend(timer.seconds[1:])
+    rows = []
+    for path in ("gathered", "buffered"):
+        for n in sizes:
+            epoch = statistics.median(fits[(path, n)])
+            rows.append(
+                {
+                    "path": path,
+                    "examples": n,
+                    "epoch_s": round(epoch, 4),
+                    "ms_per_image": round(1000 * epoch / n, 4),
+                    "pipeline_build_s": round(pipelines[(path, n)][3], 3),
+                    "samples": fits[(path, n)],
+                }
+            )
+    per_image = {(r["path"], r["examples"]): r["ms_per_image"] for r in rows}
+    small, large = sizes[0], sizes[-1]
+    ratios = {path: per_image[(path, small)] / per_image[(path, large)] for path in ("gathered", "buffered")}
+    result = {
+        "command": "python benchmarks/short_epochs.py" + (" " + " ".join(argv or sys.argv[1:])).rstrip(),
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": describe(),
+        "batch": BATCH,
+        "steps_per_execution": 16,
+        "repeats": repeats,
+        "epochs_per_fit": args.epochs,
+        "rows": rows,
+        f"per_image_{small}_over_{large}": {k: round(v, 3) for k, v in ratios.items()},
+    }
+    print(f"# short epochs, {result['date']}; {result['machine']}")
+    print(
+        f"# CIFAR-10 CNN, random 32x32 images, batch {BATCH}, 16 steps per execution, {repeats} repetitions x "
+        f"{args.epochs - 1} timed epochs per fit, alternating, median epoch"
+    )
+    print(f"{'path':<10}{'examples':>10}{'epoch s':>10}{'ms/image':>10}{'build s':>10}")
+    for r in rows:
+        print(
+            f"{r['path']:<10}{r['examples']:>10}{r['epoch_s']:>10.3f}{r['ms_per_image']:>10.4f}{r['pipeline_build_s']:>10.3f}"
+        )
+    for path, ratio in ratios.items():
+        print(f"{path}: per image at {small} / at {large} = {ratio:.3f}")
+    if not args.no_write:
+        RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
