@@ -229,7 +229,7 @@ def test_files_with_the_old_preprocessing_layer_still_load_through_the_package(m
 
 @pytest.mark.slow
 def test_plain_keras_loads_the_model_of_every_real_run(image_folder, base_model, tmp_path):
-    """Real smoke runs of every recipe on every backbone (about 4 minutes on 2 cores)."""
+    """Real smoke runs of every recipe on every backbone (about 8 minutes on 2 cores)."""
     jobs, ours = {}, {}
     for name, config in _cases(base_model, every_backbone=True).items():
         train.train_and_evaluate(config.replace(data=str(image_folder)), tmp_path / name)
