@@ -3,7 +3,8 @@ size, its top-1 agreement with the Keras model and their largest output differen
 split, its accuracy, and its latency per image at batch 1 and 32 against the Keras model's.
 
 Each case is trained here, offline, on the digits that ship in data/ (10 classes, 1,780 grey PNGs
-read as 32x32 RGB; the run's own 10 % test split, 178 images, checks every export):
+at 32x32, grey for the from-scratch recipes and RGB for the backbones; the run's own 10 % test
+split, 178 images, checks every export):
 
   scratch_mlp, cifar10_cnn         5 epochs
   vgg16_features on vgg16          2 epochs   (no ImageNet weights exist on this machine: the bases
@@ -84,7 +85,8 @@ def run_case(name: str, work: Path) -> dict:
     model = keras.saving.load_model(run_dir / "model.keras", compile=False)
     out["params"] = model.count_params()
     rng = np.random.default_rng(0)
-    batches = {b: rng.uniform(0, 255, (b, *IMAGE_SIZE, 3)).astype(np.float32) for b in BATCHES}
+    shape = tuple(model.input_shape[1:])  # grey for the from-scratch recipes, RGB for the backbones
+    batches = {b: rng.uniform(0, 255, (b, *shape)).astype(np.float32) for b in BATCHES}
     out["keras"] = {f"ms_per_image_batch{b}": latency_ms(model.predict_on_batch, x) for b, x in batches.items()}
     out["exports"] = {}
     for format, quantize in EXPORTS:
@@ -156,7 +158,7 @@ def main(argv=None) -> int:
     results = json.loads(path.read_text()) if path.exists() and args.only else {"cases": {}}
     runtimes = {name: version(name) for name in RUNTIME_PACKAGES}
     results.update(hardware=machine.describe(), runtimes=runtimes, date=time.strftime("%Y-%m-%d"))
-    results["data"] = f"{DATA.relative_to(REPO)} as 32x32 RGB, the run's own test split"
+    results["data"] = f"{DATA.relative_to(REPO)} at 32x32, the run's own test split"
     print(f"# {machine.describe()}\n# {', '.join(f'{k} {v}' for k, v in runtimes.items())}", flush=True)
     start = time.perf_counter()
     for name in names:

@@ -28,7 +28,7 @@ import tensorflow as tf
 
 from kerastune_flow import artifacts, inference, rundir
 from kerastune_flow.artifacts import ARTIFACT_NAMES, FORMATS, QUANTIZATIONS, import_optional
-from kerastune_flow.errors import ConfigError, DataError, ExportParityError, RunDirError
+from kerastune_flow.errors import ConfigError, DataError, ExportParityError, KerastuneFlowError, RunDirError
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +81,47 @@ def _check_packages(format: str) -> None:
 
 
 # --------------------------------------------------------------------------- converters
+
+
+def _policies(model: keras.Model) -> set[str]:
+    found = set()
+    for layer in model.layers:
+        found.add(layer.dtype_policy.name)
+        if isinstance(layer, keras.Model):
+            found |= _policies(layer)
+    return found
+
+
+def _float32_config(config: Any) -> Any:
+    if isinstance(config, dict):
+        return {
+            key: "float32"
+            if key == "dtype" and isinstance(value, dict) and "DTypePolicy" in str(value.get("class_name"))
+            else _float32_config(value)
+            for key, value in config.items()
+        }
+    if isinstance(config, list):
+        return [_float32_config(value) for value in config]
+    return config
+
+
+def float32_copy(model: keras.Model) -> tuple[keras.Model, str | None]:
+    """The model computing in float32 throughout, with the same weights (they are float32 already).
+
+    A run trained with mixed precision (`--mixed-precision auto` picks bfloat16 on CPUs with native
+    bfloat16, float16 on GPUs) saves its layers with that policy. Measured: tf2onnx then emits
+    float16 and bfloat16 inputs to one op, which onnxruntime refuses, and the LiteRT converter needs
+    TensorFlow ops the LiteRT interpreter lacks; every artifact is therefore made in float32.
+
+    Returns:
+        (the copy, the mixed policy the model had), or (the model itself, None) when it is float32.
+    """
+    mixed = sorted(_policies(model) - {"float32"})
+    if not mixed:
+        return model, None
+    copy = keras.saving.deserialize_keras_object(_float32_config(keras.saving.serialize_keras_object(model)))
+    copy.set_weights(model.get_weights())
+    return copy, ", ".join(mixed)
 
 
 def _to_saved_model(model: keras.Model, path: Path, quantize: str | None, calibration: np.ndarray | None) -> str:
@@ -210,18 +251,37 @@ def _images(saved: inference.SavedRun, data: str | None, max_examples: int | Non
 
 
 def measure_parity(
-    saved: inference.SavedRun, artifact: artifacts.Artifact, test: tf.data.Dataset, *, labelled: bool
+    saved: inference.SavedRun,
+    artifact: artifacts.Artifact,
+    test: tf.data.Dataset,
+    *,
+    labelled: bool,
+    model: keras.Model | None = None,
+    trained_policy: str | None = None,
 ) -> dict[str, Any]:
     """Runs the Keras model and the artifact on the same images, at batch 32 and batch 1.
 
+    Args:
+        saved: the run (its head, image shape and model).
+        artifact: the export, with its runtime.
+        test: unbatched (image, label) examples.
+        labelled: whether the labels are real (else accuracy is not reported).
+        model: the Keras model to compare with (default `saved.model`), e.g. its float32 copy.
+        trained_policy: when `model` is a float32 copy of a mixed-precision `saved.model`, its
+            policy: the artifact is then also compared with the model as trained.
+
     Returns:
         "examples", "top1_agreement", "max_abs_diff", "batch_sizes", and with labels the accuracy
-        of each ("keras_accuracy", "artifact_accuracy") and the drop in points.
+        of each ("keras_accuracy", "artifact_accuracy") and the drop in points; with
+        `trained_policy`, "against_trained_model": the same figures against `saved.model`.
     """
-    ours, theirs, labels = [], [], []
+    model = model or saved.model
+    ours, theirs, trained, labels = [], [], [], []
     for images, batch_labels in test.batch(PARITY_BATCH):
-        ours.append(saved.model.predict_on_batch(images))
+        ours.append(model.predict_on_batch(images))
         theirs.append(artifact(images, batch_size=PARITY_BATCH))
+        if trained_policy:
+            trained.append(saved.model.predict_on_batch(images))
         labels.append(batch_labels.numpy())
     if not ours:
         raise DataError(f"The test split of {saved.path} is empty, so the export cannot be checked. Received: 0 images")
@@ -229,7 +289,7 @@ def measure_parity(
     # The batch dimension is dynamic: a full batch (test images repeated when there are fewer)
     # and one image alone must give the Keras model's outputs too.
     full = np.resize(next(iter(test.batch(PARITY_BATCH)))[0].numpy(), (PARITY_BATCH, *saved.image_shape))
-    expected = saved.model.predict_on_batch(full)
+    expected = model.predict_on_batch(full)
     diffs = [ours - theirs, expected - artifact(full, batch_size=PARITY_BATCH), expected[:1] - artifact(full[:1])]
     diff = max(float(np.max(np.abs(d))) for d in diffs)
     top_ours = inference.probabilities(ours, saved.head).argmax(axis=1)
@@ -247,6 +307,15 @@ def measure_parity(
             artifact_accuracy=artifact_accuracy,
             accuracy_drop_points=round(100 * (keras_accuracy - artifact_accuracy), 4),
         )
+    if trained_policy:
+        trained = np.concatenate(trained)
+        top_trained = inference.probabilities(trained, saved.head).argmax(axis=1)
+        out["against_trained_model"] = {
+            "dtype_policy": trained_policy,
+            "top1_agreement": float(np.mean(top_trained == top_theirs)),
+            "max_abs_diff": float(np.max(np.abs(trained - theirs))),
+            **({"keras_accuracy": float(np.mean(top_trained == labels))} if labelled else {}),
+        }
     return out
 
 
@@ -324,14 +393,25 @@ def export_model(
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
+        model, trained_policy = float32_copy(saved.model)
         # Model.export(format="onnx") refuses a model never called, as a loaded one is.
-        saved.model(np.zeros((1, *saved.image_shape), np.float32), training=False)
+        model(np.zeros((1, *saved.image_shape), np.float32), training=False)
         start = time.perf_counter()
         artifact_path = tmp / ARTIFACT_NAMES[format]
-        converter = CONVERTERS[format](saved.model, artifact_path, quantize, calibration)
+        converter = CONVERTERS[format](model, artifact_path, quantize, calibration)
         seconds = time.perf_counter() - start
-        artifact = artifacts.Artifact(format, artifact_path)
-        parity = measure_parity(saved, artifact, test, labelled=labelled) | {"checked_on": checked_on}
+        try:
+            artifact = artifacts.Artifact(format, artifact_path)
+            parity = measure_parity(
+                saved, artifact, test, labelled=labelled, model=model, trained_policy=trained_policy
+            ) | {"checked_on": checked_on}
+        except (KerastuneFlowError, tf.errors.OpError):
+            raise
+        except Exception as error:  # the runtime refuses the artifact (an op it lacks, a bad graph)
+            raise ExportParityError(
+                f"The {format} export could not be run by its runtime, so it was not written; export another format "
+                f"and report the model. Received: {type(error).__name__}: {' '.join(str(error).split())[:200]}"
+            ) from None
         if quantize is None:
             _check_float_parity(parity, format)
         size = artifacts.size_bytes(artifact_path)
@@ -340,6 +420,8 @@ def export_model(
             parity["size_ratio"] = round(size / float_bytes, 4)
             parity["aims"] = {"accuracy_drop_points": AIM_INT8_DROP_POINTS, "size_ratio": AIM_SIZE_RATIO}
         record = _record(saved, format, quantize, converter, artifact, size, float_bytes, parity, seconds)
+        record["compute_dtype"] = "float32"
+        record["trained_dtype_policy"] = trained_policy or "float32"
         (tmp / artifacts.LABELS_TXT).write_text("\n".join(saved.class_names) + "\n", encoding="utf-8")
         rundir.atomic_write_json(tmp / artifacts.EXPORT_JSON, record)
         _readable(tmp)
@@ -371,7 +453,7 @@ def _record(saved, format, quantize, converter, artifact, size, float_bytes, par
         "output": {
             "shape": [None, int(model.output_shape[-1])],
             "dtype": "float32",
-            "values": OUTPUT_MEANING[saved.head.activation] + ", as the .keras model returns",
+            "values": OUTPUT_MEANING[saved.head.activation] + ", as the .keras model returns (computed in float32)",
         },
         "class_names": saved.class_names,
         "image_shape": list(saved.image_shape),
@@ -384,7 +466,8 @@ def _record(saved, format, quantize, converter, artifact, size, float_bytes, par
         "parity": parity,
         "parity_rule": None
         if quantize
-        else f"top-1 agreement 100 % and largest absolute difference at most {PARITY_TOLERANCE:g}",
+        else f"top-1 agreement 100 % and largest absolute difference at most {PARITY_TOLERANCE:g}, against the "
+        "Keras model computing in float32",
         "training": training,
         "versions": {"keras": keras.__version__, "tensorflow": tf.__version__},
     }

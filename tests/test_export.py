@@ -126,6 +126,24 @@ def test_a_bare_model_file_is_checked_on_generated_images_and_says_so(trained, t
         export.export_model(bare, format="litert", quantize="int8")
 
 
+def test_a_mixed_precision_model_is_exported_in_float32_and_compared_both_ways(tmp_path):
+    # --mixed-precision auto trains in bfloat16 on this CPU; as saved, tf2onnx and LiteRT fail on it.
+    keras.config.set_dtype_policy("mixed_bfloat16")
+    try:
+        inputs = keras.Input((SIZE, SIZE, 3))
+        x = keras.layers.Conv2D(4, 3, activation="relu")(keras.layers.Rescaling(1 / 255)(inputs))
+        x = keras.layers.GlobalAveragePooling2D()(x)
+        model = keras.Model(inputs, keras.layers.Dense(3, activation="softmax", dtype="float32")(x))
+    finally:
+        keras.config.set_dtype_policy("float32")
+    model.save(tmp_path / "mixed.keras")
+    for format in ("litert", "onnx"):
+        record = export.export_model(tmp_path / "mixed.keras", format=format)
+        assert record["trained_dtype_policy"] == "mixed_bfloat16" and record["compute_dtype"] == "float32"
+        assert record["parity"]["max_abs_diff"] <= export.PARITY_TOLERANCE
+        assert 0 < record["parity"]["against_trained_model"]["max_abs_diff"] < 0.05
+
+
 def test_an_existing_out_is_kept_without_overwrite_and_replaced_with_it(trained, tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
