@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import importlib
 import json
 import os
 import re
@@ -148,6 +149,18 @@ def _deny_probe(monkeypatch):
     monkeypatch.setattr(Path, "write_text", write_text)
 
 
+def _no_onnx(monkeypatch):
+    """The [export] extra not installed: importing its ONNX packages fails."""
+    real = importlib.import_module
+
+    def import_module(name, *args, **kwargs):
+        if name.split(".")[0] in ("tf2onnx", "onnx", "onnxruntime"):
+            raise ImportError(f"No module named {name!r}")
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(importlib, "import_module", import_module)
+
+
 def _bad_tf_config(monkeypatch):
     monkeypatch.setenv("TF_CONFIG", '{"cluster": {"worker": ["a:1", ')
 
@@ -218,6 +231,18 @@ CASES = [
     ("evaluate-bare-model-no-data", "evaluate {classifier.keras}", r"no config\.json beside it.*Received: data=None"),
     ("predict-lambda", "predict {lambda.keras} {good}/circle/000.png", r"Lambda layer.*pass --unsafe-deserialization"),
     ("base-lambda", f"{FEATURES} --base {{lambda.keras}}", r"Lambda layer.*pass --unsafe-deserialization"),
+    # exports
+    ("export-no-model", "export {empty} --format litert", r"No model at .*model\.keras"),
+    ("export-unknown-format", "export {finished} --format coreml", r"--format: invalid choice: 'coreml'"),
+    ("export-int8-saved-model", "export {finished} --format saved_model --quantize int8", r"float32 only"),
+    ("export-out-exists", "export {finished} --format litert --out {good}", r"exists; pass --overwrite"),
+    (
+        "export-no-runtime",
+        "export {finished} --format onnx --out {run}",
+        r"tf2onnx.*kerastune_flow\[export\]",
+        _no_onnx,
+    ),
+    ("export-bare-int8", "export {classifier.keras} --format litert --quantize int8 --out {run}", r"calibrate int8"),
     # names, environment, divergence
     ("unknown-recipe", "train resnet --data {good}", r"invalid choice: 'resnet' \(choose from .*cifar10_cnn"),
     ("unknown-backbone", f"{FEATURES} --backbone alexnet", r"invalid choice: 'alexnet' \(choose from .*mobilenetv2"),
