@@ -255,10 +255,12 @@ class TrainConfig:
         None, "training steps per graph call", shown="32 on TPU, 16 on one CPU device, 1 on GPU"
     )
     mixed_precision: str = setting(
-        "off",
-        "mixed precision; alone: auto = bfloat16 on TPU, float16 on GPU (output layers stay float32)",
+        "auto",
+        "mixed precision (output layers stay float32); auto: bfloat16 on TPU and on CPUs with native "
+        "bfloat16 (avx512_bf16, amx_bf16, Arm bf16), float16 on GPU, float32 on other CPUs",
         choices=MIXED_PRECISION,
         bare="auto",
+        shown="auto; off for scratch_mlp, which bfloat16 slows down",
     )
     jit_compile: str = setting(
         "auto", "XLA: auto (on for GPU and TPU, off on the CPU), true or false", choices=JIT_COMPILE

@@ -34,6 +34,7 @@ from kerastune_flow.strategy import (
     DeviceSettings,
     barrier,
     broadcast_from_first_replica,
+    cpu_has_native_bf16,
     describe,
     device_kind,
     device_settings,
@@ -263,11 +264,15 @@ def _train_and_evaluate(
     settings: DeviceSettings,
     evaluate_test: bool,
 ) -> RunResult:
+    why = ""
+    if config.train.mixed_precision == "auto" and settings.kind == "cpu":
+        why = " (auto: this CPU has native bfloat16)" if cpu_has_native_bf16() else " (auto: no native bfloat16 here)"
     log.info(
-        "Strategy: %s; XLA %s; %s; %d step(s) per execution; inter-op threads %s",
+        "Strategy: %s; XLA %s; %s%s; %d step(s) per execution; inter-op threads %s",
         describe(strategy),
         "on" if settings.jit_compile else "off",
         settings.dtype_policy,
+        why,
         settings.steps_per_execution,
         tf.config.threading.get_inter_op_parallelism_threads() or "TensorFlow's default",
     )

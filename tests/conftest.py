@@ -8,6 +8,9 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+# `--mixed-precision auto` (the default) picks bfloat16 on CPUs with native bfloat16: the tests run
+# float32 on every CPU (their subprocesses inherit this), and test_device_settings.py turns it on.
+os.environ.setdefault("KERASTUNE_FLOW_CPU_BF16", "0")
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402

@@ -90,6 +90,18 @@ def test_native_bf16_is_read_from_the_cpu_flags(cpuinfo, native):
     assert strategy.cpu_has_native_bf16(cpuinfo) is native
 
 
+def test_the_environment_can_decide_native_bf16_and_the_mlp_stays_float32(monkeypatch):
+    for value, native in (("1", True), ("0", False)):
+        monkeypatch.setenv(strategy.CPU_BF16_ENV, value)
+        assert strategy.cpu_has_native_bf16() is native
+    monkeypatch.setenv(strategy.CPU_BF16_ENV, "1")
+    assert make_config("scratch_mlp").train.mixed_precision == "off"  # bfloat16 slows its small matrices
+    for recipe in ("cifar10_cnn", "vgg16_features", "vgg16_finetune"):
+        assert device_settings("cpu", mixed_precision=make_config(recipe).train.mixed_precision).dtype_policy == (
+            "mixed_bfloat16"
+        )
+
+
 def test_explicit_settings_win():
     s = device_settings("tpu", steps_per_execution=8, mixed_precision="off", jit_compile=False)
     assert (s.steps_per_execution, s.dtype_policy, s.jit_compile) == (8, "float32", False)
@@ -135,14 +147,19 @@ def test_tpu_pipelines_have_static_batch_shapes(image_folder):
     assert cpu.element_spec[0].shape.as_list()[0] is None
 
 
-def test_a_bfloat16_run_on_the_cpu_trains_and_restores_the_policy(image_folder, tmp_path):
+def test_a_cpu_with_native_bf16_trains_the_cnn_in_bfloat16_by_default_and_restores_the_policy(
+    image_folder, tmp_path, monkeypatch, caplog
+):
+    monkeypatch.setenv(strategy.CPU_BF16_ENV, "1")  # as on an AVX-512 BF16, AMX or Arm bf16 CPU
     before = keras.config.dtype_policy().name
-    config = make_config(
-        "cifar10_cnn", "smoke", data=str(image_folder), mixed_precision="bfloat16", steps_per_execution=2
-    )
-    result = train.train_and_evaluate(config, tmp_path / "run")
+    config = make_config("cifar10_cnn", "smoke", data=str(image_folder), steps_per_execution=2)
+    assert config.train.mixed_precision == "auto"
+    with caplog.at_level("INFO", logger="kerastune_flow"):
+        result = train.train_and_evaluate(config, tmp_path / "run")
     meta = json.loads((tmp_path / "run" / "config.json").read_text())
     assert meta["device"]["dtype_policy"] == "mixed_bfloat16" and meta["device"]["steps_per_execution"] == 2
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["dtype_policy"] == "mixed_bfloat16"
+    assert "mixed_bfloat16 (auto: this CPU has native bfloat16)" in caplog.text  # the strategy line says why
     assert result.model.get_layer("conv_1").compute_dtype == "bfloat16"
     assert np.isfinite(result.test_metrics["loss"])
     assert keras.config.dtype_policy().name == before
