@@ -183,9 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = sub.add_parser(
         "evaluate",
         help="test metrics of a saved model, as JSON",
-        description="Test metrics of a run directory or .keras file, with the number of test images and which "
-        "they were. A run directory is evaluated on its own test split (of --data, default the run's data); "
-        "a .keras file without config.json needs --data with a test split of its own.",
+        description="Test metrics of a run directory, .keras file or export folder, with the number of test images "
+        "and which they were. A run directory (or its export) is evaluated on its own test split (of --data, default "
+        "the run's data); a .keras file without config.json needs --data with a test split of its own.",
     )
     evaluate.add_argument("model", metavar="RUN_DIR_OR_MODEL")
     evaluate.add_argument("--data", help="tfds name or image folder (default: the run's); its test split is used")
@@ -199,8 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
     predict = sub.add_parser(
         "predict",
         help="class probabilities for images",
-        description="Predict with a run directory or .keras file; with --weights and no model, the stock "
-        "VGG16 ImageNet classifier (a pre-trained model used as it is).",
+        description="Predict with a run directory, .keras file or export folder; with --weights and no model, the "
+        "stock VGG16 ImageNet classifier (a pre-trained model used as it is).",
     )
     predict.add_argument("paths", nargs="+", metavar="RUN_DIR_OR_MODEL IMAGE_OR_FOLDER")
     predict.add_argument("--top-k", type=int, default=3)
