@@ -4,7 +4,7 @@ The frozen stage caches the base's features (`finetune.split_at_base`), stage 2 
 output of the base's frozen layers below the unfreeze point (`finetune.split_at_prefix`). Either
 cache is computed in one pass over the unshuffled, unaugmented images and served as the batches
 the image pipeline would give (`data.gathered_batches`: the same order per epoch). It stays in
-memory while it fits in half the memory available; beyond that, or with `feature_cache="disk"`,
+memory while it fits in a quarter of the memory available; beyond that, or with `feature_cache="disk"`,
 it goes to a file in the run directory that is memory-mapped. A cache is never trusted across
 attempts: each attempt computes its own (written under a temporary name, then renamed), so a
 crash leaves nothing a resumed run could read half-written.
@@ -64,8 +64,9 @@ def available_memory() -> int:
 
 
 def memory_budget() -> int:
-    """The largest cache kept in memory: half of what is available when the pass starts."""
-    return available_memory() // 2
+    """The largest cache kept in memory: a quarter of what is available when the pass starts (the
+    array and the tensor served from it may both exist for a moment)."""
+    return available_memory() // 4
 
 
 def compute(
@@ -177,5 +178,6 @@ def pipeline(
         drop_remainder=drop_remainder and training,
         clock=clock,
         epochs=epochs,
+        seeded=False,
     )
     return with_autotune(ds.prefetch(tf.data.AUTOTUNE), autotune)

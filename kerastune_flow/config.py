@@ -219,7 +219,7 @@ class ModelConfig:
     feature_cache: str = setting(
         "auto",
         "when nothing random touches the images, compute the frozen base's features (stage 1) and the "
-        "frozen layers' output (stage 2) once: auto keeps them in memory while they fit in half of it, "
+        "frozen layers' output (stage 2) once: auto keeps them in memory while they fit in a quarter of it, "
         "else in a memory-mapped file in the run directory; memory, disk: there; off: the full forward "
         "pass every epoch",
         choices=FEATURE_CACHE,

@@ -13,7 +13,7 @@ from kerastune_flow import caches, data, finetune, models, rundir, train
 from kerastune_flow.recipes import make_config
 
 SMALL_RGB = (32, 32, 3)
-NUM_EXAMPLES = 50
+NUM_EXAMPLES = 20
 
 
 def _staged(folder, base_model, **overrides):
@@ -96,16 +96,15 @@ def test_a_cache_over_its_budget_spills_to_a_file_renamed_when_whole(tmp_path):
     assert sorted(seen) == list(range(20)) and list(seen) != list(range(20))
 
 
-@pytest.mark.parametrize("augment", [(), ("flip", "crop")])
-def test_gathering_by_shuffled_index_gives_the_buffer_shuffles_batches(augment):
+def test_gathering_by_shuffled_index_gives_the_buffer_shuffles_batches():
     rng = np.random.default_rng(0)
     x = rng.uniform(0, 255, (NUM_EXAMPLES, 8, 8, 3)).astype("float32")
     ds = tf.data.Dataset.from_tensor_slices((x, np.arange(NUM_EXAMPLES, dtype="int32") % 3))
-    common = dict(batch_size=8, training=True, seed=5, augmenter=data.make_augmenter(augment, (8, 8, 3)))
+    common = dict(batch_size=8, training=True, seed=5, augmenter=data.make_augmenter(("flip",), (8, 8, 3)))
     clock = data.EpochClock()
-    gathered = data.prepare(ds, clock=clock, epochs=3, **common)
-    buffered = data.prepare(ds, clock=clock, epochs=3, indexed=False, **common)
-    for epoch in (2, 0):
+    gathered = data.prepare(ds, clock=clock, epochs=2, **common)
+    buffered = data.prepare(ds, clock=clock, epochs=2, indexed=False, **common)
+    for epoch in (1, 0):
         clock.set(epoch)
         for (xa, ya), (xb, yb) in zip(gathered, buffered, strict=True):
             np.testing.assert_array_equal(xa, xb)

@@ -90,6 +90,7 @@ def gathered_batches(
     drop_remainder: bool = False,
     clock: EpochClock | None = None,
     epochs: int | None = None,
+    seeded: bool = True,
 ) -> tf.data.Dataset:
     """Batches of examples held in memory (or a memory-mapped file), gathered by index.
 
@@ -109,33 +110,39 @@ def gathered_batches(
         drop_remainder: static batch shapes (training only).
         clock: the run's epoch clock; `epochs` is then the most epochs.
         epochs: with `clock`, how many epochs the run has at most.
+        seeded: hand `gather` each batch's augmentation seed (else zeros: no seed stream).
     """
     indices = tf.data.Dataset.range(num_examples)
     if not training:
-        ds = tf.data.Dataset.zip(
-            indices.batch(batch_size), tf.data.Dataset.from_tensors(tf.zeros(2, tf.int64)).repeat()
-        )
+        ds = indices.batch(batch_size)
+        seeds = tf.data.Dataset.from_tensors(tf.zeros(2, tf.int64)).repeat()
     elif clock is not None:
         if epochs is None:
             raise ValueError("A training pipeline with a clock needs epochs. Received: epochs=None")
+        # Each epoch's branch holds indices only: an iterator instantiates every branch, so
+        # nothing heavier (no map, no captured tensor) goes inside them.
         ds = epoch_ordered(
             indices,
             clock=clock,
             epochs=epochs,
             seed=seed,
             shuffle_buffer=shuffle_buffer,
-            per_epoch=lambda shuffled, e: tf.data.Dataset.zip(
-                shuffled.batch(batch_size, drop_remainder=drop_remainder), _batch_seeds(epoch_seed(seed, e, "augment"))
-            ),
+            per_epoch=lambda shuffled, e: shuffled.batch(batch_size, drop_remainder=drop_remainder),
+        )
+        # The seed of batch i of epoch e, as `_batch_seeds` gives it: (the epoch's seed, i); an
+        # iterator serves one epoch, so counting restarts with each.
+        table = tf.constant([epoch_seed(seed, e, "augment") for e in range(epochs)], tf.int64)
+        seeds = tf.data.Dataset.range(1 << 62).map(
+            lambda i: tf.stack([tf.gather(table, clock.variable.read_value()), i])
         )
     else:
-        shuffled = indices.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
-        ds = tf.data.Dataset.zip(
-            shuffled.batch(batch_size, drop_remainder=drop_remainder),
-            tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2),
-        )
-    # The gather runs once, after the epoch's branch is chosen: a tensor captured in each branch
-    # would be copied for every branch each time an epoch's iterator is made.
+        ds = indices.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+        ds = ds.batch(batch_size, drop_remainder=drop_remainder)
+        seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
+    if seeded:
+        ds = tf.data.Dataset.zip(ds, seeds)
+    else:
+        ds = ds.map(lambda index: (index, tf.zeros(2, tf.int64)))
     return ds.map(gather, num_parallel_calls=tf.data.AUTOTUNE)
 
 
@@ -267,6 +274,7 @@ def prepare(
             drop_remainder=drop_remainder,
             clock=clock,
             epochs=epochs,
+            seeded=augmenter is not None,
         )
         ds = ds.map(encode_labels(label_mode, num_classes), num_parallel_calls=parallel)
         return with_autotune(ds.prefetch(tf.data.AUTOTUNE), autotune)
