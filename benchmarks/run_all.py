@@ -10,6 +10,8 @@ Workloads (each its own script, runnable alone with more options; see its --help
                      again with TensorFlow's default inter-op threads (a per-process setting)
   input_pipeline.py  folder pipeline throughput vs model consumption, time waiting for input
   feature_cache.py   frozen-base stage: cached features vs the full forward pass
+  prefix_cache.py    stage 2 of a fine-tune: the frozen prefix cached vs the full forward pass
+  short_epochs.py    the CNN per image at 3,000 and 20,000 examples an epoch (the fixed cost of an epoch)
   scaling.py         CNN throughput at batch 32..256, step breakdown, MirroredStrategy cost
 """
 
@@ -33,6 +35,8 @@ WORKLOADS = [
     ),
     ("input pipeline, JPEG folder", ["input_pipeline.py"]),
     ("frozen-base stage, cached features", ["feature_cache.py"]),
+    ("fine-tune stage 2, cached frozen prefix", ["prefix_cache.py"]),
+    ("CNN short epochs, fixed cost per epoch", ["short_epochs.py"]),
     ("CNN scaling and the distribution code path", ["scaling.py"]),
 ]
 
