@@ -4,7 +4,7 @@ split, its accuracy, and its latency per image at batch 1 and 32 against the Ker
 
 Each case is trained here, offline, on the digits that ship in data/ (10 classes, 1,780 grey PNGs
 at 32x32, grey for the from-scratch recipes and RGB for the backbones; the run's own 10 % test
-split, 178 images, checks every export):
+split, 179 images, checks every export):
 
   scratch_mlp, cifar10_cnn         5 epochs
   vgg16_features on vgg16          2 epochs   (no ImageNet weights exist on this machine: the bases

@@ -111,7 +111,8 @@ def float32_copy(model: keras.Model) -> tuple[keras.Model, str | None]:
     A run trained with mixed precision (`--mixed-precision auto` picks bfloat16 on CPUs with native
     bfloat16, float16 on GPUs) saves its layers with that policy. Measured: tf2onnx then emits
     float16 and bfloat16 inputs to one op, which onnxruntime refuses, and the LiteRT converter needs
-    TensorFlow ops the LiteRT interpreter lacks; every artifact is therefore made in float32.
+    TensorFlow ops the LiteRT interpreter lacks (tensorflow/tensorflow#46380: mixed-precision
+    models do not convert; its workaround is this one), so every artifact is made in float32.
 
     Returns:
         (the copy, the mixed policy the model had), or (the model itself, None) when it is float32.
