@@ -105,7 +105,7 @@ def _float32_config(config: Any) -> Any:
     return config
 
 
-def float32_copy(model: keras.Model) -> tuple[keras.Model, str | None]:
+def float32_copy(model: keras.Model, *, safe_mode: bool = True) -> tuple[keras.Model, str | None]:
     """The model computing in float32 throughout, with the same weights (they are float32 already).
 
     A run trained with mixed precision (`--mixed-precision auto` picks bfloat16 on CPUs with native
@@ -120,7 +120,8 @@ def float32_copy(model: keras.Model) -> tuple[keras.Model, str | None]:
     mixed = sorted(_policies(model) - {"float32"})
     if not mixed:
         return model, None
-    copy = keras.saving.deserialize_keras_object(_float32_config(keras.saving.serialize_keras_object(model)))
+    config = _float32_config(keras.saving.serialize_keras_object(model))
+    copy = keras.saving.deserialize_keras_object(config, safe_mode=safe_mode)  # False: Lambda layers the user allowed
     copy.set_weights(model.get_weights())
     return copy, ", ".join(mixed)
 
@@ -394,7 +395,7 @@ def export_model(
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
-        model, trained_policy = float32_copy(saved.model)
+        model, trained_policy = float32_copy(saved.model, safe_mode=not unsafe_deserialization)
         # Model.export(format="onnx") refuses a model never called, as a loaded one is.
         model(np.zeros((1, *saved.image_shape), np.float32), training=False)
         start = time.perf_counter()

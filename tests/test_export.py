@@ -238,7 +238,9 @@ def _matrix():
 
 @pytest.fixture(scope="module")
 def matrix_runs(tmp_path_factory):
-    """One smoke run per recipe and backbone, trained when first asked for."""
+    """One smoke run per recipe and backbone, trained when first asked for, in bfloat16 (what
+    `--mixed-precision auto` picks on CPUs with native bfloat16): the exports are made from its
+    float32 copy. The float32 path is the default tests'."""
     root = tmp_path_factory.mktemp("matrix")
     images = write_image_folder(root / "images", per_class=12, size=32)
     runs = {}
@@ -246,7 +248,9 @@ def matrix_runs(tmp_path_factory):
     def get(recipe, backbone):
         if (recipe, backbone) not in runs:
             extra = {"backbone": backbone} if backbone else {}
-            config = make_config(recipe, "smoke", data=str(images), image_size=(32, 32), verbose=0, **extra)
+            config = make_config(
+                recipe, "smoke", data=str(images), image_size=(32, 32), verbose=0, mixed_precision="bfloat16", **extra
+            )
             runs[recipe, backbone] = train_and_evaluate(config, root / f"{recipe}-{backbone}").run_dir
         return runs[recipe, backbone]
 
@@ -260,3 +264,4 @@ def test_every_recipe_and_backbone_exports_in_every_format(recipe, backbone, for
     assert record["parity"]["top1_agreement"] == 1.0
     assert record["parity"]["max_abs_diff"] <= export.PARITY_TOLERANCE
     assert record["parity"]["batch_sizes"] == [1, 32]
+    assert record["trained_dtype_policy"] == "mixed_bfloat16"
