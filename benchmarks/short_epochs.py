@@ -86,13 +86,31 @@ def main(argv=None) -> int:
             pipelines[(path, n)] = (pipe, clock, model, built)
             model.fit(pipe, epochs=1, verbose=0, callbacks=[cb.EpochSeeds(clock)])  # warm-up, fills the cache
             fits[(path, n)] = []
+    paired: dict[str, list[float]] = {"gathered": [], "buffered": []}
     for _ in range(repeats):
+        medians = {}
         for n in sizes:
             for path in ("gathered", "buffered"):
                 pipe, clock, model, _ = pipelines[(path, n)]
                 timer = _EpochTimer()
                 model.fit(pipe, epochs=args.epochs, verbose=0, callbacks=[cb.EpochSeeds(clock), timer])
                 fits[(path, n)].extend(timer.seconds[1:])
+                medians[(path, n)] = statistics.median(timer.seconds[1:]) / n
+        for path in paired:  # the two sizes a few seconds apart: less of the machine's drift
+            paired[path].append(medians[(path, sizes[0])] / medians[(path, sizes[-1])])
+    # The pipeline alone (no model): what an epoch of it costs, from making its iterator to the last
+    # batch, and to the first batch (what the model waits for while nothing overlaps).
+    alone: dict[tuple[str, int], list[tuple[float, float]]] = {key: [] for key in pipelines}
+    for _ in range(max(10, 2 * repeats)):
+        for key, (pipe, clock, _, _) in pipelines.items():
+            clock.set(len(alone[key]) % 8)
+            start = time.perf_counter()
+            iterator = iter(pipe)
+            next(iterator)
+            first = time.perf_counter() - start
+            for _ in iterator:
+                pass
+            alone[key].append((first, time.perf_counter() - start))
     rows = []
     for path in ("gathered", "buffered"):
         for n in sizes:
@@ -104,6 +122,8 @@ def main(argv=None) -> int:
                     "epoch_s": round(epoch, 4),
                     "ms_per_image": round(1000 * epoch / n, 4),
                     "pipeline_build_s": round(pipelines[(path, n)][3], 3),
+                    "pipeline_alone_epoch_s": round(statistics.median(t for _, t in alone[(path, n)]), 4),
+                    "pipeline_alone_first_batch_s": round(statistics.median(f for f, _ in alone[(path, n)]), 4),
                     "samples": fits[(path, n)],
                 }
             )
@@ -120,19 +140,29 @@ def main(argv=None) -> int:
         "epochs_per_fit": args.epochs,
         "rows": rows,
         f"per_image_{small}_over_{large}": {k: round(v, 3) for k, v in ratios.items()},
+        f"per_image_{small}_over_{large}_paired_median": {k: round(statistics.median(v), 3) for k, v in paired.items()},
     }
     print(f"# short epochs, {result['date']}; {result['machine']}")
     print(
         f"# CIFAR-10 CNN, random 32x32 images, batch {BATCH}, 16 steps per execution, {repeats} repetitions x "
         f"{args.epochs - 1} timed epochs per fit, alternating, median epoch"
     )
-    print(f"{'path':<10}{'examples':>10}{'epoch s':>10}{'ms/image':>10}{'build s':>10}")
+    print(
+        f"{'path':<10}{'examples':>10}{'epoch s':>10}{'ms/image':>10}{'build s':>10}{'alone s':>10}{'1st batch s':>12}"
+    )
     for r in rows:
         print(
-            f"{r['path']:<10}{r['examples']:>10}{r['epoch_s']:>10.3f}{r['ms_per_image']:>10.4f}{r['pipeline_build_s']:>10.3f}"
+            f"{r['path']:<10}{r['examples']:>10}{r['epoch_s']:>10.3f}{r['ms_per_image']:>10.4f}"
+            f"{r['pipeline_build_s']:>10.3f}{r['pipeline_alone_epoch_s']:>10.4f}{r['pipeline_alone_first_batch_s']:>12.4f}"
         )
+    print(
+        "(alone: one epoch of the pipeline without the model, from making its iterator; 1st batch: to its first batch)"
+    )
     for path, ratio in ratios.items():
-        print(f"{path}: per image at {small} / at {large} = {ratio:.3f}")
+        print(
+            f"{path}: per image at {small} / at {large} = {ratio:.3f} (medians), "
+            f"{statistics.median(paired[path]):.3f} (median of the paired repetitions)"
+        )
     if not (args.no_write or args.quick):  # a quick run leaves the full-size results alone
         RESULTS.write_text(json.dumps(result, indent=2) + "\n")
     return 0
