@@ -26,6 +26,7 @@ from kerastune_flow.callbacks import standard_callbacks  # noqa: E402
 from kerastune_flow.config import Config, DataConfig, ModelConfig, TrainConfig  # noqa: E402
 from kerastune_flow.data import load_data, prepare  # noqa: E402
 from kerastune_flow.errors import KerastuneFlowError  # noqa: E402
+from kerastune_flow.export import export_model  # noqa: E402
 from kerastune_flow.inference import evaluate_saved, predict_images  # noqa: E402
 from kerastune_flow.lr_find import find_lr  # noqa: E402
 from kerastune_flow.models import (  # noqa: E402
@@ -53,6 +54,7 @@ __all__ = [
     "build_vgg16_feature_extractor",
     "build_vgg16_finetune",
     "evaluate_saved",
+    "export_model",
     "find_lr",
     "get_strategy",
     "global_batch_size",
