@@ -128,6 +128,7 @@ def test_compare_from_the_cli(image_folder, tmp_path, capsys):
     assert run.main(["compare", "--data", str(image_folder), "--approaches", "scratch,magic"]) == 2
 
 
+@pytest.mark.slow  # the three approaches again; test_compare_from_the_cli runs each once in the default suite
 def test_every_approach_gets_the_same_split_and_seed_with_the_recipes_defaults(image_folder, tmp_path):
     # The from-scratch recipe holds out no validation by default and transfer does: compare gives
     # every approach one split (the transfer recipes' hold-out) and one seed (picked, none given).

@@ -116,8 +116,8 @@ KILLS = {
     # Training over, the final evaluation under way: nothing is trained again.
     "final-evaluation": lambda m, fired: _kill_evaluation(m, fired),
 }
-# The default suite kills between epochs and mid-epoch; the other moments run with `-m slow` (CI runs both).
-SLOW_KILLS = ("before-the-backup", "final-evaluation")
+# The default suite kills between epochs; the other moments run with `-m slow` (CI runs both).
+SLOW_KILLS = ("mid-epoch", "before-the-backup", "final-evaluation")
 
 
 def _kill_evaluation(monkeypatch, fired):

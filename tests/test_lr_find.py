@@ -228,6 +228,7 @@ def test_train_learning_rate_auto_trains_at_the_rate_found_and_records_it(tmp_pa
     assert rundir.read_json(tmp_path / "r" / "config.json")["config"]["model"]["learning_rate"] == "auto"
 
 
+@pytest.mark.slow  # a fine-tune run twice (about a minute)
 def test_a_fine_tune_killed_in_its_stage_two_range_test_resumes_with_the_same_rates(
     folder, base_model, tmp_path, monkeypatch
 ):

@@ -58,6 +58,7 @@ def test_notebooks_are_committed_thin_and_without_outputs(name):
 
 
 @pytest.mark.notebooks
+@pytest.mark.slow  # a kernel and TensorFlow each, four minutes in all; `make slow` (and CI) runs them
 @pytest.mark.parametrize("name", sorted(PARAMETERS))
 def test_notebook_runs_on_tiny_settings(name, tmp_path):
     from nbclient import NotebookClient
