@@ -33,7 +33,6 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 import keras  # noqa: E402
-import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from machine import describe  # noqa: E402
 
@@ -72,11 +71,16 @@ def main(argv=None) -> int:
 
     prepare_process("auto")
     keras.utils.set_random_seed(0)
-    rng = np.random.default_rng(0)
     pipelines, fits = {}, {}
     for n in sizes:
-        x = rng.uniform(0, 255, (n, 32, 32, 3)).astype("float32")
-        ds = tf.data.Dataset.from_tensor_slices((x, rng.integers(0, 10, n).astype("int32")))
+        # Drawn inside the pipeline, as a folder's files are decoded there: an array given to
+        # from_tensor_slices would be copied into each of the epochs' branches by every iterator.
+        ds = tf.data.Dataset.range(n).map(
+            lambda i: (
+                tf.random.stateless_uniform((32, 32, 3), seed=tf.stack([i, 0]), maxval=255.0),
+                tf.cast(i % 10, tf.int32),
+            )
+        )
         for path, indexed in (("gathered", True), ("buffered", False)):
             clock = data.EpochClock()
             start = time.perf_counter()
