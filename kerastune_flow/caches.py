@@ -99,22 +99,28 @@ def compute(
     held = 0
     writer = None
     tmp = None
-    for x, y in ds.prefetch(tf.data.AUTOTUNE):
-        out = np.asarray(model.predict_on_batch(x))  # in inference mode
-        labels.append(y.numpy())
-        if writer is None and (policy == "disk" or (policy == "auto" and held + out.nbytes > budget)):
-            tmp = Path(folder) / f"{name}.{uuid.uuid4().hex[:8]}.tmp"
-            tmp.parent.mkdir(parents=True, exist_ok=True)
-            writer = open(tmp, "wb")  # noqa: SIM115 - closed below, also on error
-            for chunk in chunks:
-                writer.write(np.ascontiguousarray(chunk).tobytes())
-            chunks = []
-        shape, dtype = out.shape[1:], out.dtype
+    try:
+        for x, y in ds.prefetch(tf.data.AUTOTUNE):
+            out = np.asarray(model.predict_on_batch(x))  # in inference mode
+            labels.append(y.numpy())
+            if writer is None and (policy == "disk" or (policy == "auto" and held + out.nbytes > budget)):
+                tmp = Path(folder) / f"{name}.{uuid.uuid4().hex[:8]}.tmp"
+                tmp.parent.mkdir(parents=True, exist_ok=True)
+                writer = open(tmp, "wb")  # noqa: SIM115 - closed below
+                for chunk in chunks:
+                    writer.write(np.ascontiguousarray(chunk).tobytes())
+                chunks = []
+            shape, dtype = out.shape[1:], out.dtype
+            if writer is not None:
+                writer.write(np.ascontiguousarray(out).tobytes())
+            else:
+                chunks.append(out)
+            held += out.nbytes
+    except BaseException:  # a kill or an error mid-pass: no half-written file stays behind
         if writer is not None:
-            writer.write(np.ascontiguousarray(out).tobytes())
-        else:
-            chunks.append(out)
-        held += out.nbytes
+            writer.close()
+            tmp.unlink(missing_ok=True)
+        raise
     all_labels = np.concatenate(labels) if labels else np.zeros((0,), np.int32)
     if writer is None:
         inputs = np.concatenate(chunks) if chunks else np.zeros((0, *model.output_shape[1:]), np.float32)
