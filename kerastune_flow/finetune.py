@@ -149,7 +149,8 @@ def frozen_stage(
     if not _can_cache(config):
         return model, pipes["train"], pipes["validation"]
     start = time.perf_counter()
-    features, head = split_at_base(model)
+    with context.strategy.scope():  # a model made in the scope fits in it (its optimizer's variables too)
+        features, head = split_at_base(model)
     cached = _cached_pipelines(features, pipes, context, what="frozen_base_features")
     log.info("The frozen base's features took %.1f s to compute", time.perf_counter() - start)
     with context.strategy.scope():
@@ -380,7 +381,8 @@ def prefix_stage(
     """
     if not _can_cache(context.config):
         return model, pipes["train"], pipes["validation"]
-    parts = split_at_prefix(model, index)
+    with context.strategy.scope():  # as for the frozen stage's head
+        parts = split_at_prefix(model, index)
     if parts is None:
         log.info("The base cannot be cut at layer %d: stage 2 runs the full forward pass", index)
         return model, pipes["train"], pipes["validation"]

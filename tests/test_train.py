@@ -53,12 +53,18 @@ def test_history_records_every_epoch_with_learning_rate(image_folder, tmp_path):
     assert len(csv_lines) == 4
 
 
-def test_mirrored_strategy_batches_globally(image_folder, tmp_path):
-    result = train.train_and_evaluate(smoke("cifar10_cnn", image_folder, strategy="mirrored"), tmp_path / "run")
+def test_mirrored_strategy_batches_globally_and_fits_the_cached_stages(image_folder, tmp_path, caplog):
+    # The fine-tune's head and its unfrozen rest are models of their own, made from the full one:
+    # made outside the strategy's scope, their fit failed with 'Need to be inside "with strategy.scope()"'.
+    config = smoke("vgg16_finetune", image_folder, strategy="mirrored")
+    with caplog.at_level("INFO", logger="kerastune_flow"):
+        result = train.train_and_evaluate(config, tmp_path / "run")
     meta = json.loads((tmp_path / "run" / "config.json").read_text())
     assert meta["replicas"] == 2
-    assert meta["global_batch_size"] == 2 * 8
+    assert meta["global_batch_size"] == 2 * config.data.batch_size
     assert "MirroredStrategy" in result.results["strategy"]
+    assert "Cached the frozen base features" in caplog.text and "Cached the frozen prefix" in caplog.text
+    assert [r["stage"] for r in result.history].count("finetune") >= 1
 
 
 def test_a_finished_run_is_not_overwritten_by_accident(image_folder, tmp_path):
