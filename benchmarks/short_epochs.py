@@ -35,6 +35,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from machine import describe  # noqa: E402
+from train_step import _EpochTimer  # noqa: E402  (seconds of each epoch inside one fit)
 
 from kerastune_flow import callbacks as cb  # noqa: E402
 from kerastune_flow import data, models  # noqa: E402
@@ -42,18 +43,6 @@ from kerastune_flow.runtime import prepare_process  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "short_epochs_results.json"
 BATCH = 64
-
-
-class _EpochTimer(keras.callbacks.Callback):
-    def __init__(self):
-        super().__init__()
-        self.seconds: list[float] = []
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self._start = time.perf_counter()
-
-    def on_epoch_end(self, epoch, logs=None):
-        self.seconds.append(time.perf_counter() - self._start)
 
 
 def main(argv=None) -> int:

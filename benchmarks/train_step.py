@@ -187,30 +187,23 @@ def main(argv=None) -> int:
     plain = BUILDERS[args.model](input_shape=shape)
     xf = x.astype("float32")
     paths["keras fit numpy"] = keras_path(plain, xf, y, batch_size=BATCH)
-    torch_epoch = _torch_loop(args.model, x, y)
-    if torch_epoch is not None:
 
-        def torch_run():
+    def torch_path(epoch_fn):
+        def run():
             seconds = []
             for _ in range(epochs):
                 start = time.perf_counter()
-                torch_epoch()
+                epoch_fn()
                 seconds.append(time.perf_counter() - start)
             return seconds
 
-        paths["pytorch loop"] = torch_run
+        return run
+
+    torch_epoch = _torch_loop(args.model, x, y)
+    if torch_epoch is not None:
+        paths["pytorch loop"] = torch_path(torch_epoch)
         if args.bf16:
-            torch_bf16 = _torch_loop(args.model, x, y, bf16=True)
-
-            def torch_bf16_run():
-                seconds = []
-                for _ in range(epochs):
-                    start = time.perf_counter()
-                    torch_bf16()
-                    seconds.append(time.perf_counter() - start)
-                return seconds
-
-            paths["pytorch bf16 autocast"] = torch_bf16_run
+            paths["pytorch bf16 autocast"] = torch_path(_torch_loop(args.model, x, y, bf16=True))
 
     for fn in paths.values():  # warm-up: tracing, cache fill
         fn()
