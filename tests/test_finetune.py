@@ -225,6 +225,7 @@ def test_augmentation_falls_back_to_the_full_pass_and_says_so(image_folder, tmp_
 # --------------------------------------------------------------------------- progressive unfreezing
 
 
+@pytest.mark.slow  # three stages; tests/test_caches.py runs a progressive fine-tune on the cached prefix
 def test_progressive_unfreezing_recompiles_at_each_step(image_folder, tmp_path):
     config = smoke(
         "vgg16_finetune",

@@ -211,6 +211,7 @@ def test_both_stages_of_a_fine_tune_are_one_trial(image_folder, base_model, tmp_
         assert ran == trial["hyperparameters"]["unfreeze_at"]
 
 
+@pytest.mark.slow  # a third oracle; the default suite searches with the Bayesian one
 def test_hyperband_gives_each_trial_its_epochs_and_trains_the_defaults_apart(tmp_path):
     summary = tune_lib.tune("scratch_mlp", tmp_path / "search", tuner="hyperband", trials=2, **{**TINY, "epochs": 2})
     assert len(summary["trials"]) == 2 and all(t["status"] == "COMPLETED" for t in summary["trials"])
