@@ -41,12 +41,12 @@ def _cached(key: tuple, factory) -> tf.distribute.Strategy:
     return _STRATEGIES[key]
 
 
-# Environment variables that say a TPU may be attached (Colab, Cloud TPU VM, GKE).
 # /proc/cpuinfo flags of CPUs with bfloat16 arithmetic in hardware, where oneDNN runs mixed_bfloat16
 # faster than float32: AVX-512 BF16 and AMX on x86 (the "flags" line), the BF16 extension on Arm
 # (the "Features" line, as on Graviton3 and Neoverse V1/V2).
 NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")
 CPU_BF16_ENV = "KERASTUNE_FLOW_CPU_BF16"
+# Environment variables that say a TPU may be attached (Colab, Cloud TPU VM, GKE).
 _TPU_HINTS = ("TPU_NAME", "COLAB_TPU_ADDR", "TPU_ACCELERATOR_TYPE", "KUBE_GOOGLE_CLOUD_TPU_ENDPOINTS")
 
 
@@ -326,11 +326,11 @@ def device_settings(
         raise ConfigError(
             f"mixed_precision must be one of {', '.join(MIXED_PRECISION)}. Received: mixed_precision={mixed_precision}"
         )
-    cpu_auto = "mixed_bfloat16" if kind == "cpu" and cpu_has_native_bf16() else "float32"
-    auto_policy = {"tpu": "mixed_bfloat16", "gpu": "mixed_float16", "cpu": cpu_auto}[kind]
-    policy = {"off": "float32", "auto": auto_policy, "bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}[
-        mixed_precision
-    ]
+    if mixed_precision == "auto":  # /proc/cpuinfo is read only when asked to choose
+        cpu_auto = "mixed_bfloat16" if kind == "cpu" and cpu_has_native_bf16() else "float32"
+        policy = {"tpu": "mixed_bfloat16", "gpu": "mixed_float16", "cpu": cpu_auto}[kind]
+    else:
+        policy = {"off": "float32", "bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}[mixed_precision]
     if isinstance(jit_compile, bool):
         jit = jit_compile
     elif jit_compile in JIT_COMPILE:

@@ -34,7 +34,6 @@ from kerastune_flow.strategy import (
     DeviceSettings,
     barrier,
     broadcast_from_first_replica,
-    cpu_has_native_bf16,
     describe,
     device_kind,
     device_settings,
@@ -266,7 +265,8 @@ def _train_and_evaluate(
 ) -> RunResult:
     why = ""
     if config.train.mixed_precision == "auto" and settings.kind == "cpu":
-        why = " (auto: this CPU has native bfloat16)" if cpu_has_native_bf16() else " (auto: no native bfloat16 here)"
+        native = settings.dtype_policy == "mixed_bfloat16"  # what device_settings chose, not read again
+        why = " (auto: this CPU has native bfloat16)" if native else " (auto: no native bfloat16 here)"
     log.info(
         "Strategy: %s; XLA %s; %s%s; %d step(s) per execution; inter-op threads %s",
         describe(strategy),
