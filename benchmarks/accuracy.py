@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import statistics
 import subprocess
 import sys
 import tarfile
@@ -176,7 +177,10 @@ def main(argv=None) -> int:
         rows[f"cnn_defaults_s{seed}"].append("--quiet")
     wanted = args.only.split(",") if args.only else [*rows, *reference_rows(cifar, work)]
     if wanted == ["defaults"]:
-        wanted = [name for name in rows if "_defaults_" in name] + list(reference_rows(cifar, work))
+        # each defaults run beside the reference code's run of the same recipe and seed, so the
+        # speed ratio compares runs minutes apart, not the first half of the hour with the second
+        pairs = zip([name for name in rows if "_defaults_" in name], reference_rows(cifar, work), strict=True)
+        wanted = [name for pair in pairs for name in pair]
     results = json.loads(Path(args.out).read_text()) if Path(args.out).exists() else {}
     references = reference_rows(cifar, work)
     for name in wanted:
@@ -186,12 +190,16 @@ def main(argv=None) -> int:
             continue
         run_dir = base if name == "transfer_pretrain_8_classes" else str(runs / name)
         result, seconds, shown = _cli([*rows[name], "--run-dir", run_dir], runs / f"{name}.log")
+        epoch_seconds = [row["epoch_seconds"] for row in _history(Path(run_dir))]
         results[name] = {
             "command": shown.replace(str(work), "$WORK"),
             "test_accuracy": result["test"]["accuracy"],
             "test_loss": result["test"]["loss"],
             "epochs_run": result["epochs_run"],
             "train_seconds": result["train_seconds"],
+            "train_examples": result["examples_seen"] // max(result["epochs_run"], 1),
+            "steady_epoch_seconds": _steady(epoch_seconds),
+            "dtype_policy": result.get("dtype_policy"),
             "wall_seconds": round(seconds, 1),
             "date": time.strftime("%Y-%m-%d"),
             "hardware": machine.describe(),
@@ -218,6 +226,13 @@ def main(argv=None) -> int:
                 f"| {key} | {100 * row['mean']:.2f} % ({100 * row['min']:.2f}-{100 * row['max']:.2f}) | {shown} | "
                 f"{100 * REFERENCE_CODE[key]:.1f} % |"
             )
+        for key, row in summary.items():
+            if "speedup" in row:
+                rate = row["images_per_second"]
+                print(
+                    f"{key}: defaults {rate['defaults']:.0f} training images/s in a steady epoch (validation "
+                    f"included), the reference code {rate['reference']:.0f}: {row['speedup']:.2f}x"
+                )
     return 0
 
 
@@ -242,11 +257,24 @@ def _reference_code(args: list[str], log_path: Path) -> dict:
         "command": "python benchmarks/reference_code.py " + " ".join(args),
         "test_accuracy": result["test_accuracy"],
         "epochs_run": 10,
-        "train_seconds": None,
+        "train_seconds": result["train_seconds"],
+        "train_examples": result["train_examples"],
+        "steady_epoch_seconds": _steady(result["epoch_seconds"]),
+        "dtype_policy": "float32",
         "wall_seconds": round(time.perf_counter() - start, 1),
         "date": time.strftime("%Y-%m-%d"),
         "hardware": machine.describe(),
     }
+
+
+def _history(run_dir: Path) -> list[dict]:
+    lines = (run_dir / "history.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+def _steady(epoch_seconds: list[float]) -> float:
+    """The median epoch after the first (which traces the graphs and fills the caches)."""
+    return round(statistics.median(epoch_seconds[1:] or epoch_seconds), 4)
 
 
 def _mean_row(accuracies: list[float]) -> dict:
@@ -269,7 +297,23 @@ def defaults_summary(results: dict) -> dict[str, dict]:
             reference = [r["test_accuracy"] for n, r in results.items() if n.startswith(f"{key}_reference_code_s")]
             if reference:
                 out[key]["reference"] = _mean_row(reference)
+            mine = _images_per_second(results, f"{key}_defaults_s")
+            theirs = _images_per_second(results, f"{key}_reference_code_s")
+            if mine and theirs:
+                out[key]["images_per_second"] = {"defaults": mine, "reference": theirs}
+                out[key]["speedup"] = round(mine / theirs, 3)
     return out
+
+
+def _images_per_second(results: dict, prefix: str) -> float | None:
+    """Training images per second of a steady epoch, the mean over the seeds' runs; the package's
+    epoch includes its validation pass, the reference code has none, so this favours the reference."""
+    rates = [
+        r["train_examples"] / r["steady_epoch_seconds"]
+        for name, r in results.items()
+        if name.startswith(prefix) and r.get("steady_epoch_seconds")
+    ]
+    return round(statistics.mean(rates), 1) if rates else None
 
 
 if __name__ == "__main__":
