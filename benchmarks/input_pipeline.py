@@ -37,6 +37,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from kerastune_flow import data, models  # noqa: E402
+from kerastune_flow.strategy import device_settings  # noqa: E402
 
 BATCH = 64
 
@@ -67,7 +68,10 @@ def _naive(splits_source: str, image_size: tuple[int, int], augmenter) -> tf.dat
         return tf.image.resize(image, image_size), label
 
     ds = tf.data.Dataset.from_tensor_slices((paths, labels)).shuffle(len(items), seed=0).map(decode).batch(BATCH)
-    return ds.map(lambda x, y: (augmenter(x, training=True), y)) if augmenter is not None else ds
+    if augmenter is None:
+        return ds
+    # the same augmentation steps, seeded by the batch's position (the augmenter is stateless)
+    return ds.enumerate().map(lambda i, batch: (augmenter(batch[0], tf.stack([i, tf.constant(0, tf.int64)])), batch[1]))
 
 
 def _epoch_seconds(ds: tf.data.Dataset) -> tuple[float, int]:
@@ -122,8 +126,14 @@ def main(argv=None) -> int:
             cached.append(seconds)
             serial.append(_epoch_seconds(naive)[0])
 
-        # What the model consumes: the same number of batches, already in memory.
-        model = models.build_cifar10_cnn(input_shape=shape, num_classes=splits.num_classes)
+        # What the model consumes: the same number of batches, already in memory, at the dtype
+        # policy and steps per execution `train cifar10_cnn` chooses on this machine.
+        settings = device_settings("cpu", mixed_precision="auto")
+        keras.config.set_dtype_policy(settings.dtype_policy)
+        model = models.build_cifar10_cnn(
+            input_shape=shape, num_classes=splits.num_classes, steps_per_execution=settings.steps_per_execution
+        )
+        keras.config.set_dtype_policy("float32")
         in_memory = (
             tf.data.Dataset.from_tensor_slices(
                 (np.zeros((BATCH * 4, *shape), np.float32), np.zeros(BATCH * 4, np.int32))
@@ -157,7 +167,8 @@ def main(argv=None) -> int:
     print(
         f"# input pipeline, {time.strftime('%Y-%m-%d')}, {platform.machine()}, {os.cpu_count()} CPU cores; "
         f"{n} JPEG images ({'generated' if not args.folder else args.folder}) at {size[0]}x{size[1]}, "
-        f"augmentation {args.augment or 'none'}, batch {BATCH}, {repeats} repetitions, median"
+        f"augmentation {args.augment or 'none'}, batch {BATCH}, {repeats} repetitions, median; "
+        f"model {settings.dtype_policy}, {settings.steps_per_execution} steps per execution"
     )
     print(f"{'path':<26}{'epoch s':>10}{'images/s':>12}{'vs model consumption':>24}")
     for name, seconds in med.items():

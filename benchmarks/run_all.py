@@ -66,7 +66,10 @@ def main(argv=None) -> int:
             text=True,
         )
         lines = [line for line in proc.stdout.splitlines() if line.strip()]
-        print("\n".join(lines) if lines else proc.stderr[-2000:])
+        if lines:
+            print("\n".join(lines))
+        if proc.returncode != 0 or not lines:  # a failure shows its traceback, not just the header
+            print(f"FAILED (exit code {proc.returncode}):\n{proc.stderr[-2000:]}")
         print(f"({time.perf_counter() - start:.0f} s)")
         failures += proc.returncode != 0
     return 1 if failures else 0

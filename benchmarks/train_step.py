@@ -5,7 +5,8 @@ Rows, for the scratch MLP on MNIST-shaped data (28x28x1, 10 classes) or the CIFA
 (32x32x3), batch 64, one epoch each:
   package spe=N     `data.prepare` pipeline (cache, shuffle, batch, prefetch) + the package's
                     builder compiled with steps_per_execution=N, `model.fit` (16 is the CPU default)
-  package XLA       the same with jit_compile=True (--jit), to choose XLA per device by measurement
+  package XLA       the same with jit_compile=True (--jit), at 1 and the default steps per
+                    execution, to choose XLA per device by measurement
   package autotune  the default spe with tf.data's autotuning on (TensorFlow's default; the package
                     turns it off on the CPU), to show what that choice is worth
   keras fit numpy   the same network, plain `model.fit(x, y, batch_size=64)` on numpy arrays
@@ -177,8 +178,9 @@ def main(argv=None) -> int:
     tuned = data.prepare(ds, batch_size=BATCH, training=True, cache=True, autotune=True)
     paths[f"package autotune spe={default_spe}"] = keras_path(model, tuned, shuffle=False)
     if args.jit:
-        xla = BUILDERS[args.model](input_shape=shape, jit_compile=True)
-        paths["package XLA spe=1"] = keras_path(xla, pipeline, shuffle=False)
+        for spe in sorted({1, default_spe}):
+            xla = BUILDERS[args.model](input_shape=shape, jit_compile=True, steps_per_execution=spe)
+            paths[f"package XLA spe={spe}"] = keras_path(xla, pipeline, shuffle=False)
     if args.bf16:
         keras.config.set_dtype_policy("mixed_bfloat16")  # as `--mixed-precision bfloat16` does for a run
         bf16 = BUILDERS[args.model](input_shape=shape, steps_per_execution=default_spe)
