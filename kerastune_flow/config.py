@@ -263,7 +263,10 @@ class TrainConfig:
         shown="auto; off for scratch_mlp, which bfloat16 slows down",
     )
     jit_compile: str = setting(
-        "auto", "XLA: auto (on for GPU and TPU, off on the CPU), true or false", choices=JIT_COMPILE
+        "auto",
+        "XLA: auto (on for TPU and one GPU; on the CPU for scratch_mlp only, measured faster there; off "
+        "for several replicas, which XLA cannot compile), true or false",
+        choices=JIT_COMPILE,
     )
     tensorboard: bool = setting(True, "TensorBoard event files under tensorboard/")
     csv_log: bool = setting(True, "history.csv")

@@ -90,6 +90,7 @@ def find_lr(
         mixed_precision=config.train.mixed_precision,
         jit_compile=config.train.jit_compile,
         replicas=strategy.num_replicas_in_sync,
+        xla_on_cpu=get_recipe(config.model.recipe).xla_on_cpu,
     )
     config = config.replace(steps_per_execution=settings.steps_per_execution)
     previous_policy = keras.config.dtype_policy()

@@ -298,6 +298,7 @@ def device_settings(
     mixed_precision: str = "off",
     jit_compile: str | bool = "auto",
     replicas: int = 1,
+    xla_on_cpu: bool = False,
 ) -> DeviceSettings:
     """The settings for a kind of device; explicit values win over the device's defaults.
 
@@ -307,10 +308,14 @@ def device_settings(
         mixed_precision: "off"; "auto" (bfloat16 on TPU and on CPUs with native bfloat16,
             float16 on GPU, float32 on other CPUs, where neither is faster); or "bfloat16" /
             "float16" explicitly.
-        jit_compile: "auto" (on for TPU and GPU), or True / False.
+        jit_compile: "auto" (on for TPU and for one GPU; on the CPU only with `xla_on_cpu`; off
+            for several GPU or CPU replicas, where XLA cannot compile a step whose variables are
+            mirrored on other devices, keras-team/keras#18145), or True / False.
         replicas: replicas in sync. Several CPU replicas (MirroredStrategy over logical CPU
             devices, or several workers) cannot run more than one step per execution: Keras 3.15 /
             TensorFlow 2.21 fail with "You must feed a value for placeholder tensor".
+        xla_on_cpu: the model runs faster under XLA on the CPU (the dense MLP: 1.6x at 16 steps per
+            execution, benchmarks/RESULTS.md; convolutions run slower), so "auto" turns it on there.
 
     Raises:
         ConfigError: for an unknown mixed_precision or jit_compile value, or
@@ -331,12 +336,20 @@ def device_settings(
         policy = {"tpu": "mixed_bfloat16", "gpu": "mixed_float16", "cpu": cpu_auto}[kind]
     else:
         policy = {"off": "float32", "bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}[mixed_precision]
+    mirrored = replicas > 1 and kind != "tpu"  # TPUStrategy compiles its replicas with XLA itself
     if isinstance(jit_compile, bool):
         jit = jit_compile
     elif jit_compile in JIT_COMPILE:
-        jit = kind in ("tpu", "gpu") if jit_compile == "auto" else jit_compile == "true"
+        auto = kind == "tpu" or (not mirrored and (kind == "gpu" or xla_on_cpu))
+        jit = auto if jit_compile == "auto" else jit_compile == "true"
     else:
         raise ConfigError(f"jit_compile must be one of {', '.join(JIT_COMPILE)}. Received: jit_compile={jit_compile!r}")
+    if jit and mirrored:
+        raise ConfigError(
+            f"XLA cannot compile a training step whose variables are mirrored over {replicas} replicas "
+            "(keras-team/keras#18145: 'Trying to access resource ... located in device'); drop "
+            "--jit-compile true, or train on one device. Received: jit_compile=true"
+        )
     return DeviceSettings(
         kind=kind,
         drop_remainder=kind == "tpu",

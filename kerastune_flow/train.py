@@ -212,6 +212,7 @@ def train_and_evaluate(
         mixed_precision=t.mixed_precision,
         jit_compile=t.jit_compile,
         replicas=strategy.num_replicas_in_sync,
+        xla_on_cpu=get_recipe(config.model.recipe).xla_on_cpu,
     )
     config = config.replace(steps_per_execution=settings.steps_per_execution)
     previous_policy = keras.config.dtype_policy()

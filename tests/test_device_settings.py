@@ -33,6 +33,29 @@ def test_device_defaults(kind, drop, steps, policy, jit, autotune):
     assert s.data_autotune is autotune
 
 
+@pytest.mark.parametrize(
+    "kind, replicas, xla_on_cpu, jit",
+    [
+        ("cpu", 1, True, True),  # the MLP: measured faster under XLA on the CPU
+        ("cpu", 1, False, False),  # convolutions: slower
+        ("cpu", 2, True, False),  # mirrored variables: XLA cannot compile the step
+        ("gpu", 2, False, False),  # the same on several GPUs (keras-team/keras#18145)
+        ("gpu", 1, False, True),
+        ("tpu", 8, False, True),  # TPUStrategy compiles its replicas itself
+    ],
+)
+def test_auto_xla_follows_the_model_and_the_replicas(kind, replicas, xla_on_cpu, jit):
+    steps = 1 if kind == "cpu" and replicas > 1 else None
+    s = device_settings(kind, replicas=replicas, xla_on_cpu=xla_on_cpu, steps_per_execution=steps)
+    assert s.jit_compile is jit
+
+
+def test_xla_asked_for_over_mirrored_replicas_is_a_user_error():
+    with pytest.raises(ConfigError, match="XLA cannot compile a training step whose variables are mirrored over 2"):
+        device_settings("gpu", jit_compile="true", replicas=2)
+    assert device_settings("cpu", jit_compile="false", xla_on_cpu=True).jit_compile is False
+
+
 def test_pipelines_on_the_cpu_run_without_tf_data_autotuning(image_folder, tmp_path):
     # With it, TensorFlow 2.21 waits seconds for the autotuning thread each time Keras discards an
     # epoch's iterator (benchmarks/RESULTS.md); GPU and TPU keep TensorFlow's default.
