@@ -377,6 +377,7 @@ def _train_and_evaluate(
         **models.count_params(model),
         "strategy": describe(strategy),
         "dtype_policy": settings.dtype_policy,
+        "jit_compile": settings.jit_compile,
         "resumed": resumed,
         "seed": config.train.seed,
         "weights_sha256": weights_digest(model),

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from kerastune_flow import data, finetune, models, strategy, train
+from kerastune_flow import data, finetune, models, rundir, strategy, train
 from kerastune_flow.errors import ConfigError
 from kerastune_flow.fitting import FitContext
 from kerastune_flow.recipes import get_recipe, make_config
@@ -181,11 +181,24 @@ def test_a_cpu_with_native_bf16_trains_the_cnn_in_bfloat16_by_default_and_restor
         result = train.train_and_evaluate(config, tmp_path / "run")
     meta = json.loads((tmp_path / "run" / "config.json").read_text())
     assert meta["device"]["dtype_policy"] == "mixed_bfloat16" and meta["device"]["steps_per_execution"] == 2
-    assert json.loads((tmp_path / "run" / "results.json").read_text())["dtype_policy"] == "mixed_bfloat16"
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["dtype_policy"] == "mixed_bfloat16" and results["jit_compile"] is False  # XLA: slower convs
     assert "mixed_bfloat16 (auto: this CPU has native bfloat16)" in caplog.text  # the strategy line says why
     assert result.model.get_layer("conv_1").compute_dtype == "bfloat16"
     assert np.isfinite(result.test_metrics["loss"])
     assert keras.config.dtype_policy().name == before
+
+
+def test_the_mlp_trains_under_xla_on_the_cpu_by_default(image_folder, tmp_path, caplog):
+    config = make_config("scratch_mlp", "smoke", data=str(image_folder), image_size=(16, 16), epochs=3)
+    assert config.train.jit_compile == "auto"
+    with caplog.at_level("INFO", logger="kerastune_flow"):
+        result = train.train_and_evaluate(config, tmp_path / "run")
+    assert "XLA on; float32" in caplog.text
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["jit_compile"] is True
+    assert result.model.jit_compile is True
+    losses = [row["loss"] for row in rundir.read_history(tmp_path / "run")]
+    assert losses[-1] < losses[0]
 
 
 def test_several_cpu_replicas_run_one_step_per_execution():
