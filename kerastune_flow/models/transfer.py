@@ -80,7 +80,7 @@ def build_transfer_model(
         optimizer: optimizer name.
         learning_rate: for the head.
         compile: compile with the head's loss and accuracy.
-        jit_compile: XLA (off on the CPU, where it is slower).
+        jit_compile: XLA (train leaves it off on the CPU, where convolutions run slower under it).
         steps_per_execution: training steps per call into the graph.
         name: the model's name; default "<backbone>_features".
 
@@ -173,7 +173,7 @@ def build_vgg16_feature_extractor(
         optimizer: optimizer name.
         learning_rate: for the head.
         compile: compile with the head's loss and accuracy.
-        jit_compile: XLA (off on the CPU, where it is slower).
+        jit_compile: XLA (train leaves it off on the CPU, where convolutions run slower under it).
         steps_per_execution: training steps per call into the graph.
 
     Returns:
@@ -366,7 +366,7 @@ def build_vgg16_finetune(
         learning_rate: 10x to 100x below the head's (default 1e-5).
         optimizer: optimizer name.
         num_classes: classes of the head (when building a fresh model).
-        jit_compile: XLA (off on the CPU, where it is slower).
+        jit_compile: XLA (train leaves it off on the CPU, where convolutions run slower under it).
         steps_per_execution: training steps per call into the graph.
         **feature_extractor_kwargs: passed to `build_vgg16_feature_extractor`.
 
