@@ -12,6 +12,7 @@ Workloads (each its own script, runnable alone with more options; see its --help
   feature_cache.py   frozen-base stage: cached features vs the full forward pass
   prefix_cache.py    stage 2 of a fine-tune: the frozen prefix cached vs the full forward pass
   short_epochs.py    the CNN per image at 3,000 and 20,000 examples an epoch (the fixed cost of an epoch)
+  keras_epoch_cost.py  the same steps as short epochs, one iterator, or one long epoch: Keras' share
   scaling.py         CNN throughput at batch 32..256, step breakdown, MirroredStrategy cost
 """
 
@@ -37,6 +38,7 @@ WORKLOADS = [
     ("frozen-base stage, cached features", ["feature_cache.py"]),
     ("fine-tune stage 2, cached frozen prefix", ["prefix_cache.py"]),
     ("CNN short epochs, fixed cost per epoch", ["short_epochs.py"]),
+    ("CNN epochs without the package's pipeline: Keras' own cost per epoch", ["keras_epoch_cost.py"]),
     ("CNN scaling and the distribution code path", ["scaling.py"]),
 ]
 

@@ -99,7 +99,7 @@ RECIPES: dict[str, Recipe] = {
                 mixed_precision="off",
             ),
             space=("learning_rate", "dropout", "l2", "optimizer", "initializer"),
-            # 16 steps per execution under XLA: 1.6x without it on this project's CPU (issue 19)
+            # 16 steps per execution under XLA: 1.7x without it on this project's CPU (issue 19)
             xla_on_cpu=True,
         ),
         Recipe(

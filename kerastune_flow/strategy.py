@@ -314,7 +314,7 @@ def device_settings(
         replicas: replicas in sync. Several CPU replicas (MirroredStrategy over logical CPU
             devices, or several workers) cannot run more than one step per execution: Keras 3.15 /
             TensorFlow 2.21 fail with "You must feed a value for placeholder tensor".
-        xla_on_cpu: the model runs faster under XLA on the CPU (the dense MLP: 1.6x at 16 steps per
+        xla_on_cpu: the model runs faster under XLA on the CPU (the dense MLP: 1.7x at 16 steps per
             execution, benchmarks/RESULTS.md; convolutions run slower), so "auto" turns it on there.
 
     Raises:
