@@ -40,6 +40,7 @@ def _backed_up(trial_dir):
 FLAGS = ("--trials", "3", "--epochs", "3", "--steps-per-execution", "1", "--seed", "3")
 
 
+@pytest.mark.slow  # a SIGKILLed search process and its resume, about 45 s; CI runs it with `make slow`
 def test_a_search_killed_in_a_trial_resumes_without_running_a_finished_trial_again(tmp_path):
     run_dir = tmp_path / "search"
     proc = subprocess.Popen(_command(run_dir, *FLAGS), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
