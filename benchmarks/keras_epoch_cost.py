@@ -27,26 +27,14 @@ from kerastune_flow.runtime import prepare_process  # noqa: E402
 
 prepare_process("auto")  # as a run does: one inter-op thread on the CPU
 
-import keras  # noqa: E402
 import machine  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
+from epoch_clock import EpochClock  # noqa: E402
 
 from kerastune_flow import models  # noqa: E402
 
 STEPS, BATCH, EPOCHS = 47, 64, 11
-
-
-class _Clock(keras.callbacks.Callback):
-    def __init__(self):
-        super().__init__()
-        self.seconds: list[float] = []
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self._start = time.perf_counter()
-
-    def on_epoch_end(self, epoch, logs=None):
-        self.seconds.append(time.perf_counter() - self._start)
 
 
 def main(argv=None) -> int:
@@ -64,7 +52,7 @@ def main(argv=None) -> int:
     model.fit(ds, epochs=2, verbose=0)  # traces, fills the cache
 
     def per_epoch(epochs_of, **fit):
-        clock = _Clock()
+        clock = EpochClock()
         model.fit(callbacks=[clock], verbose=0, **fit)
         return statistics.median(clock.seconds[1:]) if epochs_of == 1 else clock.seconds[0] / epochs_of
 

@@ -25,6 +25,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow_datasets as tfds  # noqa: E402
+from epoch_clock import EpochClock  # noqa: E402
 from PIL import Image  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
@@ -47,20 +48,6 @@ def image_folder(root: Path) -> tuple:
         return x, np.array([label for _, label in files])
 
     return split("train"), split("test")
-
-
-class EpochClock(keras.callbacks.Callback):
-    """The wall time of each epoch, for the speed the package's `train` is compared with."""
-
-    def __init__(self):
-        super().__init__()
-        self.seconds: list[float] = []
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self._start = time.perf_counter()
-
-    def on_epoch_end(self, epoch, logs=None):
-        self.seconds.append(time.perf_counter() - self._start)
 
 
 def main(argv=None) -> int:

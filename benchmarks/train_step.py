@@ -48,6 +48,7 @@ import keras  # noqa: E402
 import machine  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
+from epoch_clock import EpochClock  # noqa: E402
 
 from kerastune_flow import data, models  # noqa: E402
 from kerastune_flow.runtime import prepare_process  # noqa: E402
@@ -56,20 +57,6 @@ from kerastune_flow.strategy import device_kind, device_settings, get_strategy  
 SHAPES = {"mlp": (28, 28, 1), "cnn": (32, 32, 3)}
 BUILDERS = {"mlp": models.build_scratch_mlp, "cnn": models.build_cifar10_cnn}
 BATCH = 64
-
-
-class _EpochTimer(keras.callbacks.Callback):
-    """Seconds of each epoch, from its start to its end, inside one `fit` call."""
-
-    def __init__(self):
-        super().__init__()
-        self.seconds: list[float] = []
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self._start = time.perf_counter()
-
-    def on_epoch_end(self, epoch, logs=None):
-        self.seconds.append(time.perf_counter() - self._start)
 
 
 def _torch_loop(kind: str, x: np.ndarray, y: np.ndarray, *, bf16: bool = False):
@@ -164,7 +151,7 @@ def main(argv=None) -> int:
 
     def keras_path(model, *fit_args, **fit_kwargs):
         def run():
-            timer = _EpochTimer()
+            timer = EpochClock()
             model.fit(*fit_args, epochs=epochs, verbose=0, callbacks=[timer], **fit_kwargs)
             return timer.seconds
 
