@@ -34,13 +34,6 @@ PRECISIONS = ("off", "bfloat16")
 EPOCHS = 10
 
 
-def _steady_epoch_seconds(run_dir: Path) -> float:
-    """The median epoch time after the first (which traces the graphs)."""
-    rows = [json.loads(line) for line in (run_dir / "history.jsonl").read_text().splitlines() if line.strip()]
-    times = [r["epoch_seconds"] for r in rows[1:]] or [rows[0]["epoch_seconds"]]
-    return statistics.median(times)
-
-
 def train_rows(name: str, args: list[str], work: Path, seeds=SEEDS) -> dict:
     """Runs `train` for each seed and precision; returns the rows and both sides' means."""
     rows = []
@@ -57,7 +50,7 @@ def train_rows(name: str, args: list[str], work: Path, seeds=SEEDS) -> dict:
                 "seed": seed,
                 "test_accuracy": results["test"]["accuracy"],
                 "train_seconds": results["train_seconds"],
-                "steady_epoch_seconds": _steady_epoch_seconds(run_dir),
+                "steady_epoch_seconds": accuracy.steady_epoch_seconds(accuracy.history_epoch_seconds(run_dir)),
                 "epochs_run": results["epochs_run"],
                 "wall_seconds": round(wall, 1),
             }

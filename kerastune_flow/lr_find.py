@@ -29,8 +29,6 @@ from kerastune_flow.fitting import FitContext
 from kerastune_flow.recipes import get_recipe
 from kerastune_flow.strategy import (
     DeviceSettings,
-    device_kind,
-    device_settings,
     get_strategy,
     global_batch_size,
     is_chief,
@@ -84,15 +82,7 @@ def find_lr(
     chief = is_chief(strategy)
     out_dir = Path(run_dir) if chief else Path(tempfile.mkdtemp(prefix="kerastune_flow_worker_"))
     out_dir.mkdir(parents=True, exist_ok=True)
-    settings = device_settings(
-        device_kind(strategy),
-        steps_per_execution=config.train.steps_per_execution,
-        mixed_precision=config.train.mixed_precision,
-        jit_compile=config.train.jit_compile,
-        replicas=strategy.num_replicas_in_sync,
-        xla_on_cpu=get_recipe(config.model.recipe).xla_on_cpu,
-    )
-    config = config.replace(steps_per_execution=settings.steps_per_execution)
+    settings, config = train.run_settings(config, strategy)
     previous_policy = keras.config.dtype_policy()
     keras.config.set_dtype_policy(settings.dtype_policy)
     try:

@@ -174,6 +174,21 @@ def check_before_data(config: Config) -> None:
 # --------------------------------------------------------------------------- the run
 
 
+def run_settings(config: Config, strategy: tf.distribute.Strategy) -> tuple[DeviceSettings, Config]:
+    """The device settings of a run of `config` on `strategy` (its flags over the device's and the
+    recipe's defaults), and `config` with the steps per execution they resolve."""
+    t = config.train
+    settings = device_settings(
+        device_kind(strategy),
+        steps_per_execution=t.steps_per_execution,
+        mixed_precision=t.mixed_precision,
+        jit_compile=t.jit_compile,
+        replicas=strategy.num_replicas_in_sync,
+        xla_on_cpu=get_recipe(config.model.recipe).xla_on_cpu,
+    )
+    return settings, config.replace(steps_per_execution=settings.steps_per_execution)
+
+
 def train_and_evaluate(
     config: Config, workdir: str | Path, *, overwrite: bool = False, evaluate_test: bool = True
 ) -> RunResult:
@@ -205,16 +220,7 @@ def train_and_evaluate(
         run_dir, resumed = rundir.worker_run_dir(workdir), False
     if resumed:
         log.info("Found a backup in %s: resuming the interrupted run", run_dir)
-    t = config.train
-    settings = device_settings(
-        device_kind(strategy),
-        steps_per_execution=t.steps_per_execution,
-        mixed_precision=t.mixed_precision,
-        jit_compile=t.jit_compile,
-        replicas=strategy.num_replicas_in_sync,
-        xla_on_cpu=get_recipe(config.model.recipe).xla_on_cpu,
-    )
-    config = config.replace(steps_per_execution=settings.steps_per_execution)
+    settings, config = run_settings(config, strategy)
     previous_policy = keras.config.dtype_policy()
     keras.config.set_dtype_policy(settings.dtype_policy)
     try:
