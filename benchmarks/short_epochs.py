@@ -34,8 +34,8 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
+from epoch_clock import EpochClock  # noqa: E402  (seconds of each epoch inside one fit)
 from machine import describe  # noqa: E402
-from train_step import _EpochTimer  # noqa: E402  (seconds of each epoch inside one fit)
 
 from kerastune_flow import callbacks as cb  # noqa: E402
 from kerastune_flow import data, models  # noqa: E402
@@ -85,7 +85,7 @@ def main(argv=None) -> int:
         for n in sizes:
             for path in ("gathered", "buffered"):
                 pipe, clock, model, _ = pipelines[(path, n)]
-                timer = _EpochTimer()
+                timer = EpochClock()
                 model.fit(pipe, epochs=args.epochs, verbose=0, callbacks=[cb.EpochSeeds(clock), timer])
                 fits[(path, n)].extend(timer.seconds[1:])
                 medians[(path, n)] = statistics.median(timer.seconds[1:]) / n
