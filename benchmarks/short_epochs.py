@@ -1,11 +1,14 @@
 """The fixed cost of an epoch: the CIFAR-10 CNN per image at 3,000 and at 20,000 examples an epoch.
 
 Both sizes train through the package's training pipeline as a run builds it (`data.prepare` with
-the epoch clock, cached, shuffled, batch 64, 16 steps per execution), in one process, alternating:
+the epoch clock, cached, shuffled, batch 64, 16 steps per execution) and fit as a run fits
+(`steps_per_epoch=fitting.epoch_steps(...)`: one iterator an epoch), in one process, alternating:
   gathered   the cached split held in memory and gathered by shuffled index (the default)
   buffered   the buffer shuffle of the decoded images every epoch (`indexed=False`: what the
-             package did before, and still does for a split it does not cache)
-Both give the same batches. Each repetition is one `fit` of `--epochs` epochs per path and size;
+             package does for a split it does not cache)
+  gathered-2 the default pipeline fitted without `steps_per_epoch`, as plain `model.fit` does it:
+             Keras then makes two iterators an epoch and throws one away
+All three give the same batches. Each repetition is one `fit` of `--epochs` epochs per path and size;
 the epoch times inside it (from `on_epoch_begin` to `on_epoch_end`, first epoch left out: it
 traces) are divided by the examples. The aim: 3,000 examples an epoch cost no more per image than
 20,000.
@@ -38,7 +41,7 @@ from epoch_clock import EpochClock  # noqa: E402  (seconds of each epoch inside 
 from machine import describe  # noqa: E402
 
 from kerastune_flow import callbacks as cb  # noqa: E402
-from kerastune_flow import data, models  # noqa: E402
+from kerastune_flow import data, fitting, models  # noqa: E402
 from kerastune_flow.runtime import prepare_process  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "short_epochs_results.json"
@@ -62,31 +65,34 @@ def main(argv=None) -> int:
     keras.utils.set_random_seed(0)
     pipelines, fits = {}, {}
     for n in sizes:
-        # Drawn inside the pipeline, as a folder's files are decoded there: an array given to
-        # from_tensor_slices would be copied into each of the epochs' branches by every iterator.
+        # Drawn inside the pipeline, as a folder's files are decoded there.
         ds = tf.data.Dataset.range(n).map(
             lambda i: (
                 tf.random.stateless_uniform((32, 32, 3), seed=tf.stack([i, 0]), maxval=255.0),
                 tf.cast(i % 10, tf.int32),
             )
         )
-        for path, indexed in (("gathered", True), ("buffered", False)):
+        for path, indexed in (("gathered", True), ("buffered", False), ("gathered-2", True)):
             clock = data.EpochClock()
             start = time.perf_counter()
             pipe = data.prepare(ds, batch_size=BATCH, training=True, clock=clock, epochs=64, seed=0, indexed=indexed)
             built = time.perf_counter() - start
             model = models.build_cifar10_cnn(input_shape=(32, 32, 3), num_classes=10, steps_per_execution=16)
-            pipelines[(path, n)] = (pipe, clock, model, built)
-            model.fit(pipe, epochs=1, verbose=0, callbacks=[cb.EpochSeeds(clock)])  # warm-up, fills the cache
+            steps = None if path == "gathered-2" else fitting.epoch_steps(pipe)
+            pipelines[(path, n)] = (pipe, clock, model, built, steps)
+            model.fit(pipe, epochs=1, steps_per_epoch=steps, verbose=0, callbacks=[cb.EpochSeeds(clock)])  # warm-up
             fits[(path, n)] = []
-    paired: dict[str, list[float]] = {"gathered": [], "buffered": []}
+    paths = ("gathered", "buffered", "gathered-2")
+    paired: dict[str, list[float]] = {path: [] for path in paths}
     for _ in range(repeats):
         medians = {}
         for n in sizes:
-            for path in ("gathered", "buffered"):
-                pipe, clock, model, _ = pipelines[(path, n)]
+            for path in paths:
+                pipe, clock, model, _, steps = pipelines[(path, n)]
                 timer = EpochClock()
-                model.fit(pipe, epochs=args.epochs, verbose=0, callbacks=[cb.EpochSeeds(clock), timer])
+                model.fit(
+                    pipe, epochs=args.epochs, steps_per_epoch=steps, verbose=0, callbacks=[cb.EpochSeeds(clock), timer]
+                )
                 fits[(path, n)].extend(timer.seconds[1:])
                 medians[(path, n)] = statistics.median(timer.seconds[1:]) / n
         for path in paired:  # the two sizes a few seconds apart: less of the machine's drift
@@ -95,7 +101,7 @@ def main(argv=None) -> int:
     # batch, and to the first batch (what the model waits for while nothing overlaps).
     alone: dict[tuple[str, int], list[tuple[float, float]]] = {key: [] for key in pipelines}
     for _ in range(max(10, 2 * repeats)):
-        for key, (pipe, clock, _, _) in pipelines.items():
+        for key, (pipe, clock, *_) in pipelines.items():
             clock.set(len(alone[key]) % 8)
             start = time.perf_counter()
             iterator = iter(pipe)
@@ -105,7 +111,7 @@ def main(argv=None) -> int:
                 pass
             alone[key].append((first, time.perf_counter() - start))
     rows = []
-    for path in ("gathered", "buffered"):
+    for path in paths:
         for n in sizes:
             epoch = statistics.median(fits[(path, n)])
             rows.append(
@@ -122,7 +128,7 @@ def main(argv=None) -> int:
             )
     per_image = {(r["path"], r["examples"]): r["ms_per_image"] for r in rows}
     small, large = sizes[0], sizes[-1]
-    ratios = {path: per_image[(path, small)] / per_image[(path, large)] for path in ("gathered", "buffered")}
+    ratios = {path: per_image[(path, small)] / per_image[(path, large)] for path in paths}
     result = {
         "command": "python benchmarks/short_epochs.py" + (" " + " ".join(argv or sys.argv[1:])).rstrip(),
         "date": time.strftime("%Y-%m-%d"),
@@ -141,11 +147,11 @@ def main(argv=None) -> int:
         f"{args.epochs - 1} timed epochs per fit, alternating, median epoch"
     )
     print(
-        f"{'path':<10}{'examples':>10}{'epoch s':>10}{'ms/image':>10}{'build s':>10}{'alone s':>10}{'1st batch s':>12}"
+        f"{'path':<12}{'examples':>10}{'epoch s':>10}{'ms/image':>10}{'build s':>10}{'alone s':>10}{'1st batch s':>12}"
     )
     for r in rows:
         print(
-            f"{r['path']:<10}{r['examples']:>10}{r['epoch_s']:>10.3f}{r['ms_per_image']:>10.4f}"
+            f"{r['path']:<12}{r['examples']:>10}{r['epoch_s']:>10.3f}{r['ms_per_image']:>10.4f}"
             f"{r['pipeline_build_s']:>10.3f}{r['pipeline_alone_epoch_s']:>10.4f}{r['pipeline_alone_first_batch_s']:>12.4f}"
         )
     print(

@@ -205,6 +205,19 @@ def best_so_far(callbacks: list[keras.callbacks.Callback]) -> float | None:
     return None
 
 
+def epoch_steps(train_ds: tf.data.Dataset) -> int | None:
+    """The `steps_per_epoch` to hand `model.fit` for a training pipeline: its batches, when known.
+
+    Keras counts them itself, but without them it makes two iterators an epoch and throws one
+    away (keras/src/trainers/epoch_iterator.py, `_enumerate_iterator`, Keras 3.15), each paying
+    the pipeline's start again (its functions instantiated anew: a few ms apiece); with them, the
+    iterator made as an epoch ends serves the next one (the epoch clock is read at its first
+    batch, after the next epoch began).
+    """
+    steps = int(train_ds.cardinality())
+    return steps if steps > 0 else None
+
+
 def fit(
     model: keras.Model,
     train_ds: tf.data.Dataset,
@@ -240,6 +253,7 @@ def fit(
         validation_data=val_ds,
         epochs=epochs,
         initial_epoch=initial_epoch,
+        steps_per_epoch=epoch_steps(train_ds),
         callbacks=[*callbacks, cb.ProgressBar()],  # Keras' bar, counting the steps run (verbose only)
         verbose=context.config.train.verbose,
         shuffle=False,  # the pipeline shuffles; Keras would only warn that it cannot

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from kerastune_flow import callbacks as cb
 from kerastune_flow import data
 from kerastune_flow.data import augment
 
@@ -140,3 +141,57 @@ def test_without_a_clock_two_iterations_differ_but_two_pipelines_agree():
     assert not np.array_equal(first[0], first[1])  # reshuffled and re-augmented every epoch
     np.testing.assert_array_equal(first[0], second[0])
     np.testing.assert_array_equal(first[1], second[1])
+
+
+@pytest.mark.parametrize("global_seed", [None, 0, 123])
+def test_each_epoch_is_the_seeded_buffer_shuffle_whatever_the_global_seed(global_seed):
+    # The order of epoch e is `ds.shuffle(buffer, seed=epoch_seed(seed, e))`'s, the global seed
+    # included (a run's seed 0 sets it to 0, which the shuffle op's seed pair must survive).
+    tf.random.set_seed(global_seed)
+    try:
+        clock = data.EpochClock()
+        ds = tf.data.Dataset.range(50)
+        ordered = data.epoch_ordered(ds, clock=clock, epochs=3, seed=4, shuffle_buffer=16)
+        assert int(ordered.cardinality()) == 50
+        for epoch in (2, 0, 1):
+            clock.set(epoch)
+            expected = ds.shuffle(16, seed=data.epoch_seed(4, epoch), reshuffle_each_iteration=False)
+            assert list(ordered.as_numpy_iterator()) == list(expected.as_numpy_iterator())
+    finally:
+        tf.random.set_seed(None)
+
+
+def _graph_nodes(ds):
+    graph = tf.compat.v1.GraphDef.FromString(ds._as_serialized_graph().numpy())
+    return len(graph.node) + sum(len(f.node_def) for f in graph.library.function)
+
+
+def test_nothing_in_the_pipeline_is_built_per_epoch():
+    # Every iterator instantiates the whole pipeline: one branch per possible epoch (an earlier
+    # version) made each epoch's start cost grow with the run's epochs.
+    sizes = {epochs: _graph_nodes(_clocked(data.EpochClock(), epochs=epochs)) for epochs in (2, 64)}
+    assert sizes[64] == sizes[2]
+
+
+def test_a_fit_makes_one_training_iterator_an_epoch(tmp_path, monkeypatch):
+    # Keras makes two an epoch when it is not told the steps and throws one away: each pays the
+    # pipeline's start (its functions instantiated anew), the fixed cost of a short epoch.
+    import keras
+    from tensorflow.python.data.ops import dataset_ops
+
+    from kerastune_flow import fitting, strategy
+    from kerastune_flow.recipes import make_config
+
+    clock = data.EpochClock()
+    ds = _clocked(clock, epochs=4)
+    made = []
+    original = dataset_ops.DatasetV2.__iter__
+    monkeypatch.setattr(dataset_ops.DatasetV2, "__iter__", lambda ds: made.append(ds) or original(ds))
+    model = keras.Sequential([keras.Input(SHAPE), keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(3)])
+    model.compile("sgd", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    config = make_config("cifar10_cnn", "smoke")
+    context = fitting.FitContext(
+        config, tmp_path, tf.distribute.get_strategy(), strategy.device_settings("cpu"), 3, clock, epochs=4
+    )
+    assert fitting.fit(model, ds, None, context, [cb.EpochSeeds(clock)], epochs=4) == 4
+    assert len(made) == 4 + 1  # one per epoch, and one made as the last epoch ends

@@ -52,31 +52,59 @@ def epoch_ordered(
     epochs: int,
     seed: int,
     shuffle_buffer: int,
-    per_epoch: Callable[[tf.data.Dataset, int], tf.data.Dataset] = lambda ds, epoch: ds,
+    per_epoch: Callable[[tf.data.Dataset, tf.Tensor], tf.data.Dataset] = lambda ds, epoch: ds,
 ) -> tf.data.Dataset:
     """One epoch of `ds` in an order that depends only on (seed, epoch): the epoch the clock shows.
 
-    For each epoch there is its own seeded shuffle of `ds` (then `per_epoch(shuffled, epoch)`,
-    e.g. batching and augmenting with the epoch's seed); the clock picks which one the iterator
-    serves. So epoch 7 is the same whether the run got there in one go or was resumed at it.
+    Each iterator reads the clock once, at its first element, and serves that epoch: `ds`
+    buffer-shuffled with the epoch's seed (the order `ds.shuffle(shuffle_buffer,
+    seed=epoch_seed(seed, epoch))` gives), then `per_epoch(shuffled, epoch)`, e.g. batching and
+    augmenting with the epoch's seed (`epoch` is then a scalar int64 tensor). So epoch 7 is the
+    same whether the run got there in one go or was resumed at it. Nothing is built per epoch: an
+    earlier version held one branch per possible epoch, and every iterator paid for them all.
 
     Args:
         ds: the (cached) examples.
         clock: the run's epoch clock.
-        epochs: how many epochs the run has at most.
+        epochs: how many epochs the run has at most (the clock reads 0 to epochs - 1).
         seed: the run's seed.
         shuffle_buffer: examples in the shuffle buffer.
         per_epoch: what follows the shuffle, given the epoch.
     """
-    epoch_data = [
-        per_epoch(ds.shuffle(shuffle_buffer, seed=epoch_seed(seed, e), reshuffle_each_iteration=False), e)
-        for e in range(epochs)
-    ]
-    choice = tf.data.Dataset.from_tensors(0).repeat().map(lambda _: clock.variable.read_value())
-    ds = tf.data.Dataset.choose_from_datasets(epoch_data, choice, stop_on_empty_dataset=True)
-    steps = int(epoch_data[0].cardinality())
-    # Keras counts an epoch's steps from the cardinality; choosing hides it, every epoch has it.
-    return ds.apply(tf.data.experimental.assert_cardinality(steps)) if steps >= 0 else ds
+    # The seed pair each epoch's `ds.shuffle(seed=...)` would resolve to, here, now (the global
+    # seed included): the shuffle op takes it as a tensor, `Dataset.shuffle` only as an int.
+    pairs = tf.constant([tf.compat.v1.random.get_seed(epoch_seed(seed, e)) for e in range(epochs)], tf.int64)
+
+    def one_epoch(epoch: tf.Tensor) -> tf.data.Dataset:
+        return per_epoch(_shuffled(ds, shuffle_buffer, tf.gather(pairs, epoch)), epoch)
+
+    steps = int(per_epoch(ds, tf.constant(0, tf.int64)).cardinality())
+    # Every function of a pipeline is instantiated (and optimized) again by each new iterator,
+    # a few ms apiece: one function here reads the clock and builds the epoch.
+    out = tf.data.Dataset.from_tensors(0).flat_map(lambda _: one_epoch(clock.variable.read_value()))
+    # Keras counts an epoch's steps from the cardinality, which flat_map hides; every epoch has it.
+    return out.apply(tf.data.experimental.assert_cardinality(steps)) if steps >= 0 else out
+
+
+def _shuffled(ds: tf.data.Dataset, buffer: int, seeds: tf.Tensor) -> tf.data.Dataset:
+    """`ds.shuffle(buffer, reshuffle_each_iteration=False)` with its seed pair as a tensor."""
+    specs = tf.nest.flatten(ds.element_spec)
+    variant = tf.raw_ops.ShuffleDatasetV3(
+        input_dataset=tf.data.experimental.to_variant(ds),
+        buffer_size=tf.constant(buffer, tf.int64),
+        seed=seeds[0],
+        seed2=seeds[1],
+        seed_generator=tf.raw_ops.DummySeedGenerator(),
+        reshuffle_each_iteration=False,
+        output_types=[spec.dtype for spec in specs],
+        output_shapes=[spec.shape for spec in specs],
+    )
+    return tf.data.experimental.from_variant(variant, ds.element_spec)
+
+
+def _augment_seeds(seed: int, epochs: int) -> tf.Tensor:
+    """Each epoch's augmentation seed, by epoch (an int64 vector to gather from in the pipeline)."""
+    return tf.constant([epoch_seed(seed, e, "augment") for e in range(epochs)], tf.int64)
 
 
 def gathered_batches(
@@ -115,35 +143,38 @@ def gathered_batches(
     indices = tf.data.Dataset.range(num_examples)
     if not training:
         ds = indices.batch(batch_size)
-        seeds = tf.data.Dataset.from_tensors(tf.zeros(2, tf.int64)).repeat()
-    elif clock is not None:
+        return ds.map(lambda index: gather(index, tf.zeros(2, tf.int64)), num_parallel_calls=tf.data.AUTOTUNE)
+    if clock is not None:
         if epochs is None:
             raise ValueError("A training pipeline with a clock needs epochs. Received: epochs=None")
-        # Each epoch's branch holds indices only: an iterator instantiates every branch, so
-        # nothing heavier (no map, no captured tensor) goes inside them.
+        # Each epoch holds indices only: the gather (and its captured examples) follows the epoch.
+        # A batch's seed is (the epoch's seed, the batch's index in the epoch).
+        augment = _augment_seeds(seed, epochs)
         ds = epoch_ordered(
             indices,
             clock=clock,
             epochs=epochs,
             seed=seed,
             shuffle_buffer=shuffle_buffer,
-            per_epoch=lambda shuffled, e: shuffled.batch(batch_size, drop_remainder=drop_remainder),
+            per_epoch=lambda shuffled, e: tf.data.Dataset.zip(
+                shuffled.batch(batch_size, drop_remainder=drop_remainder),
+                tf.data.Dataset.from_tensors(tf.gather(augment, e)).repeat(),
+                tf.data.Dataset.range(1 << 62),
+            ),
         )
-        # The seed of batch i of epoch e, as `_batch_seeds` gives it: (the epoch's seed, i); an
-        # iterator serves one epoch, so counting restarts with each.
-        table = tf.constant([epoch_seed(seed, e, "augment") for e in range(epochs)], tf.int64)
-        seeds = tf.data.Dataset.range(1 << 62).map(
-            lambda i: tf.stack([tf.gather(table, clock.variable.read_value()), i])
-        )
-    else:
-        ds = indices.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
-        ds = ds.batch(batch_size, drop_remainder=drop_remainder)
-        seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
+
+        def batch(index, augment_seed, i):  # one function: each iterator instantiates every one anew
+            return gather(index, tf.stack([augment_seed, i]) if seeded else tf.zeros(2, tf.int64))
+
+        return ds.map(batch, num_parallel_calls=tf.data.AUTOTUNE)
+    ds = indices.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+    ds = tf.data.Dataset.zip(
+        ds.batch(batch_size, drop_remainder=drop_remainder),
+        tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2),
+    )
     if seeded:
-        ds = tf.data.Dataset.zip(ds, seeds)
-    else:
-        ds = ds.map(lambda index: (index, tf.zeros(2, tf.int64)))
-    return ds.map(gather, num_parallel_calls=tf.data.AUTOTUNE)
+        return ds.map(gather, num_parallel_calls=tf.data.AUTOTUNE)
+    return ds.map(lambda index, _: gather(index, tf.zeros(2, tf.int64)), num_parallel_calls=tf.data.AUTOTUNE)
 
 
 def _memory_budget() -> int:
@@ -256,6 +287,9 @@ def prepare(
         A batched, prefetched data set of (images, labels).
     """
     parallel = tf.data.AUTOTUNE
+    encode = encode_labels(label_mode, num_classes)
+    # Each new iterator (one per epoch) instantiates and optimizes every function of the pipeline
+    # again, a few ms apiece: augmenting and encoding share one map.
     if training and cache and indexed:
         # In memory and shuffled by index (see `gathered_batches`): the same batches, without
         # refilling a shuffle buffer of images at the start of every epoch.
@@ -263,7 +297,7 @@ def prepare(
 
         def gather(index, batch_seed):
             x, y = tf.gather(images, index), tf.gather(labels, index)
-            return (augmenter(x, batch_seed) if augmenter is not None else x), y
+            return encode(augmenter(x, batch_seed) if augmenter is not None else x, y)
 
         ds = gathered_batches(
             int(labels.shape[0]),
@@ -276,36 +310,43 @@ def prepare(
             epochs=epochs,
             seeded=augmenter is not None,
         )
-        ds = ds.map(encode_labels(label_mode, num_classes), num_parallel_calls=parallel)
         return with_autotune(ds.prefetch(tf.data.AUTOTUNE), autotune)
     if cache:
         ds = ds.cache()
 
-    def batch_and_augment(examples: tf.data.Dataset, batch_seed: tf.data.Dataset) -> tf.data.Dataset:
-        batches = examples.batch(batch_size, drop_remainder=drop_remainder, num_parallel_calls=parallel)
-        if augmenter is None:
-            return batches
-        return tf.data.Dataset.zip(batches, batch_seed).map(
-            lambda xy, s: (augmenter(xy[0], s), xy[1]), num_parallel_calls=parallel
-        )
+    def finish(x, y, batch_seed=None):
+        return encode(augmenter(x, batch_seed) if augmenter is not None else x, y)
 
     if training and clock is not None:
         if epochs is None:
             raise ValueError("A training pipeline with a clock needs epochs. Received: epochs=None")
+        augment = _augment_seeds(seed, epochs)
         ds = epoch_ordered(
             ds,
             clock=clock,
             epochs=epochs,
             seed=seed,
             shuffle_buffer=shuffle_buffer,
-            per_epoch=lambda shuffled, e: batch_and_augment(shuffled, _batch_seeds(epoch_seed(seed, e, "augment"))),
+            per_epoch=lambda shuffled, e: tf.data.Dataset.zip(
+                shuffled.batch(batch_size, drop_remainder=drop_remainder, num_parallel_calls=parallel),
+                tf.data.Dataset.from_tensors(tf.gather(augment, e)).repeat(),
+                tf.data.Dataset.range(1 << 62),
+            ),
         )
+        # A batch's seed: (the epoch's seed, the batch's index in the epoch).
+        ds = ds.map(lambda xy, augment_seed, i: finish(*xy, tf.stack([augment_seed, i])), num_parallel_calls=parallel)
     elif training:
         ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
-        ds = batch_and_augment(ds, tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2))
-    else:
         ds = ds.batch(batch_size, drop_remainder=drop_remainder, num_parallel_calls=parallel)
-    ds = ds.map(encode_labels(label_mode, num_classes), num_parallel_calls=parallel)
+        if augmenter is None:
+            ds = ds.map(encode, num_parallel_calls=parallel)
+        else:
+            seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
+            ds = tf.data.Dataset.zip(ds, seeds).map(lambda xy, s: finish(*xy, s), num_parallel_calls=parallel)
+    else:
+        ds = ds.batch(batch_size, drop_remainder=drop_remainder, num_parallel_calls=parallel).map(
+            encode, num_parallel_calls=parallel
+        )
     return with_autotune(ds.prefetch(tf.data.AUTOTUNE), autotune)
 
 
@@ -319,11 +360,6 @@ def _in_memory(ds: tf.data.Dataset) -> tuple[tf.Tensor, tf.Tensor]:
         spec = ds.element_spec
         return tf.zeros((0, *spec[0].shape), spec[0].dtype), tf.zeros((0, *spec[1].shape), spec[1].dtype)
     return tf.concat(images, 0), tf.concat(labels, 0)
-
-
-def _batch_seeds(seed: int) -> tf.data.Dataset:
-    """The stateless seed of each batch of an epoch: (epoch seed, batch index)."""
-    return tf.data.Dataset.range(1 << 62).map(lambda i: tf.stack([tf.constant(seed, tf.int64), i]))
 
 
 def with_autotune(ds: tf.data.Dataset, autotune: bool | None = None) -> tf.data.Dataset:
