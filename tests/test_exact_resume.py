@@ -281,3 +281,15 @@ def test_the_first_run_after_reading_the_data_starts_as_every_later_one(folder, 
     monkeypatch.setattr(train.data_lib, "load_splits", load_and_draw)
     train.train_and_evaluate(_config(folder, epochs=2), tmp_path / "drawn")
     assert _outcome(tmp_path / "drawn") == _outcome(tmp_path / "plain")
+
+
+@pytest.mark.slow  # two runs of 4 epochs: the default suite's between-epochs kill covers the CNN
+def test_the_mlp_under_xla_resumes_as_the_uninterrupted_run(folder, tmp_path, monkeypatch):
+    # The MLP's CPU default compiles its step with XLA (benchmarks/RESULTS.md): resuming must still
+    # give the bits of the run never interrupted.
+    config = _config(folder, recipe="scratch_mlp", jit_compile="true", augment=())
+    keras.utils.set_random_seed(0)
+    result = train.train_and_evaluate(config, tmp_path / "once")
+    assert result.results["jit_compile"] is True
+    resumed = _killed_then_resumed(config, tmp_path / "run", monkeypatch, KILLS["between-epochs"])
+    assert resumed == _outcome(tmp_path / "once")
