@@ -83,17 +83,15 @@ def find_lr(
     out_dir = Path(run_dir) if chief else Path(tempfile.mkdtemp(prefix="kerastune_flow_worker_"))
     out_dir.mkdir(parents=True, exist_ok=True)
     settings, config = train.run_settings(config, strategy)
-    previous_policy = keras.config.dtype_policy()
-    keras.config.set_dtype_policy(settings.dtype_policy)
     try:
-        record = _find_lr(config, out_dir, strategy, settings, stage, max_steps)
+        with train.dtype_policy(settings.dtype_policy):
+            record = _find_lr(config, out_dir, strategy, settings, stage, max_steps)
     except tf.errors.InvalidArgumentError as error:  # labels outside the head's classes: a user error
         translated = data_lib.label_range_error(error)
         if translated is None:
             raise
         raise translated from None
     finally:
-        keras.config.set_dtype_policy(previous_policy)
         if not chief:
             shutil.rmtree(out_dir, ignore_errors=True)
     return record

@@ -9,13 +9,14 @@ epoch. `inference.py` uses the run directory afterwards.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import logging
 import platform
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -174,6 +175,18 @@ def check_before_data(config: Config) -> None:
 # --------------------------------------------------------------------------- the run
 
 
+@contextlib.contextmanager
+def dtype_policy(policy: str) -> Iterator[None]:
+    """Keras' global dtype policy set to `policy` inside, and put back after: a run in a notebook
+    leaves the session's policy as it found it."""
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(policy)
+    try:
+        yield
+    finally:
+        keras.config.set_dtype_policy(previous)
+
+
 def run_settings(config: Config, strategy: tf.distribute.Strategy) -> tuple[DeviceSettings, Config]:
     """The device settings of a run of `config` on `strategy` (its flags over the device's and the
     recipe's defaults), and `config` with the steps per execution they resolve."""
@@ -221,10 +234,8 @@ def train_and_evaluate(
     if resumed:
         log.info("Found a backup in %s: resuming the interrupted run", run_dir)
     settings, config = run_settings(config, strategy)
-    previous_policy = keras.config.dtype_policy()
-    keras.config.set_dtype_policy(settings.dtype_policy)
     try:
-        with cb.interrupt_guard():
+        with dtype_policy(settings.dtype_policy), cb.interrupt_guard():
             return _train_and_evaluate(config, run_dir, strategy, resumed, settings, evaluate_test)
     except KerastuneFlowError:
         raise
@@ -234,7 +245,6 @@ def train_and_evaluate(
             raise
         raise translated from None
     finally:
-        keras.config.set_dtype_policy(previous_policy)
         if not is_chief(strategy):
             shutil.rmtree(run_dir, ignore_errors=True)
 
