@@ -252,6 +252,7 @@ def test_generated_flags_parse_into_config_values():
     }
 
 
+@pytest.mark.slow  # 11 s; the staged fine-tune itself runs in the default suite (tests/test_train.py)
 def test_a_staged_fine_tune_with_a_cosine_schedule_runs_both_stages(image_folder, tmp_path, capsys):
     # Stage 2 used to get the progressive plan (a list) as its steps per epoch: "'>' not supported
     # between instances of 'list' and 'int'" after stage 1 had trained.

@@ -98,6 +98,7 @@ def _killed_then_resumed(config, run_dir, monkeypatch, kill_setup, *, after_an_e
     return _outcome(run_dir)
 
 
+@pytest.mark.slow  # 14 s; the default suite's resumed run equals the uninterrupted one, bit for bit
 def test_two_runs_with_one_seed_are_identical(folder, tmp_path, uninterrupted):
     # Augmentation used to draw from Keras layers' seed generators in a parallel map: epoch 0 differed.
     train.train_and_evaluate(_config(folder), tmp_path / "again")

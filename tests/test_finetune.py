@@ -73,6 +73,7 @@ def test_unknown_backbone_lists_the_valid_ones():
         models.build_transfer_model(backbone="alexnet", input_shape=SMALL_RGB, weights=None)
 
 
+@pytest.mark.slow  # 12 s, a whole run; tests/test_models.py checks BatchNorm stays frozen on the built model
 def test_mobilenetv2_keeps_its_batchnorm_frozen_when_unfrozen(image_folder, tmp_path, monkeypatch, caplog):
     def pick(model):
         return [models.find_base(model).get_layer("block_16_expand_BN").moving_mean]
