@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 FORMATS = ("saved_model", "litert", "onnx")
 QUANTIZATIONS = ("float16", "int8")
 ARTIFACT_NAMES = {"saved_model": "saved_model", "litert": "model.tflite", "onnx": "model.onnx"}
-EXPORT_JSON = "export.json"
+EXPORT_JSON = rundir.EXPORT_JSON
 LABELS_TXT = "labels.txt"
 EXTRA = "pip install 'kerastune_flow[export]'"
 # What each format needs at run time: (module, pip package).

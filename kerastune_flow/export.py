@@ -50,7 +50,9 @@ def default_out(source: str | os.PathLike, format: str, quantize: str | None = N
     """RUN_DIR/export-FORMAT[-QUANTIZE] for a run directory, DIR/STEM-FORMAT[-QUANTIZE] beside a file."""
     source = Path(source)
     suffix = format + (f"-{quantize}" if quantize else "")
-    return source / f"export-{suffix}" if source.is_dir() else source.with_name(f"{source.stem}-{suffix}")
+    if source.is_dir():
+        return source / f"{rundir.EXPORT_PREFIX}{suffix}"
+    return source.with_name(f"{source.stem}-{suffix}")
 
 
 def check_choices(format: str, quantize: str | None) -> None:

@@ -104,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--preset", default="reference", choices=list(PRESETS), help="smoke: tiny, offline, seconds")
     g.add_argument("--run-dir", help="output folder (default runs/RECIPE-DATE-TIME)")
-    g.add_argument("--overwrite", action="store_true", help="replace a finished run in --run-dir")
+    g.add_argument("--overwrite", action="store_true", help="replace a finished run in --run-dir (its exports too)")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
 
     find = sub.add_parser(

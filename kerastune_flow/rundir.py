@@ -50,6 +50,9 @@ BACKUP_DIR = "backup"
 TENSORBOARD_DIR = "tensorboard"
 LR_FIND = "lr_find"  # lr_find.json and lr_find.png: a range test's record and plot (see `lr_find_paths`)
 LEARNING_RATES_JSON = "learning_rates.json"  # under backup/: the rates "auto" found, for a resumed run
+# `export` writes RUN_DIR/export-FORMAT[-QUANTIZE] by default, each folder with this record in it.
+EXPORT_PREFIX = "export-"
+EXPORT_JSON = "export.json"
 RUN_FILES = (
     CONFIG_JSON,
     RESULTS_JSON,
@@ -116,15 +119,18 @@ def interrupted_run_seed(workdir: str | os.PathLike) -> int | None:
 def clear_finished_run(workdir: str | os.PathLike) -> None:
     """Removes the files of a finished run (the caller asked to overwrite it); no-op otherwise.
 
+    Its exports go too (the `export-*` folders holding an export.json): they would describe a
+    model that is no longer there. Anything else in the folder stays.
+
     Raises:
         RunDirError: when a file cannot be removed.
     """
     workdir = Path(workdir)
     if not (workdir / RESULTS_JSON).exists():
         return
+    exports = [p for p in workdir.glob(EXPORT_PREFIX + "*") if p.is_dir() and (p / EXPORT_JSON).is_file()]
     try:
-        for name in RUN_FILES:
-            target = workdir / name
+        for target in [workdir / name for name in RUN_FILES] + exports:
             if target.is_dir():
                 shutil.rmtree(target)
             elif target.exists():

@@ -53,6 +53,9 @@ def test_a_finished_run_is_refused_unless_overwritten_and_cleared_only_when_aske
     for name in (rundir.RESULTS_JSON, rundir.CONFIG_JSON, HISTORY_CSV, "notes.txt"):
         (tmp_path / name).write_text("x")
     (tmp_path / rundir.TENSORBOARD_DIR).mkdir()
+    (tmp_path / "export-onnx").mkdir()  # an export of the finished run's model
+    (tmp_path / "export-onnx" / rundir.EXPORT_JSON).write_text("{}")
+    (tmp_path / "export-mine").mkdir()  # a folder of the user's that only looks like one
     with pytest.raises(RunDirError, match="--overwrite"):
         rundir.prepare_run_dir(tmp_path)
     assert rundir.prepare_run_dir(tmp_path, overwrite=True) is False
@@ -60,7 +63,7 @@ def test_a_finished_run_is_refused_unless_overwritten_and_cleared_only_when_aske
 
     rundir.clear_finished_run(tmp_path)
 
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]  # only the run's own files go
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export-mine", "notes.txt"]  # only the run's own files go
 
 
 def test_a_worker_directory_starts_from_the_chiefs_backup(tmp_path):
