@@ -1,12 +1,15 @@
 """Augmentation and epoch order as functions of the seed: the same seed, the same batches, in any run."""
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from tensorflow.python.data.ops import dataset_ops
 
 from kerastune_flow import callbacks as cb
-from kerastune_flow import data
+from kerastune_flow import data, fitting, strategy
 from kerastune_flow.data import augment
+from kerastune_flow.recipes import make_config
 
 SHAPE = (16, 12, 3)
 NUM_SAMPLES = 24
@@ -176,12 +179,6 @@ def test_nothing_in_the_pipeline_is_built_per_epoch():
 def test_a_fit_makes_one_training_iterator_an_epoch(tmp_path, monkeypatch):
     # Keras makes two an epoch when it is not told the steps and throws one away: each pays the
     # pipeline's start (its functions instantiated anew), the fixed cost of a short epoch.
-    import keras
-    from tensorflow.python.data.ops import dataset_ops
-
-    from kerastune_flow import fitting, strategy
-    from kerastune_flow.recipes import make_config
-
     clock = data.EpochClock()
     ds = _clocked(clock, epochs=4)
     made = []

@@ -102,9 +102,17 @@ def _shuffled(ds: tf.data.Dataset, buffer: int, seeds: tf.Tensor) -> tf.data.Dat
     return tf.data.experimental.from_variant(variant, ds.element_spec)
 
 
-def _augment_seeds(seed: int, epochs: int) -> tf.Tensor:
-    """Each epoch's augmentation seed, by epoch (an int64 vector to gather from in the pipeline)."""
-    return tf.constant([epoch_seed(seed, e, "augment") for e in range(epochs)], tf.int64)
+def _with_batch_seeds(seed: int, epochs: int) -> Callable[[tf.data.Dataset, tf.Tensor], tf.data.Dataset]:
+    """`epoch_ordered`'s `per_epoch` tail for batches: each batch with its epoch's augmentation
+    seed and its index in the epoch, (batch, epoch seed, i), for the batch map to stack into the
+    batch's seed (no function of its own: each iterator instantiates every one anew)."""
+    augment = tf.constant([epoch_seed(seed, e, "augment") for e in range(epochs)], tf.int64)
+
+    def zipped(batches: tf.data.Dataset, epoch: tf.Tensor) -> tf.data.Dataset:
+        epoch_seeds = tf.data.Dataset.from_tensors(tf.gather(augment, epoch)).repeat()
+        return tf.data.Dataset.zip(batches, epoch_seeds, tf.data.Dataset.range(1 << 62))
+
+    return zipped
 
 
 def gathered_batches(
@@ -148,19 +156,14 @@ def gathered_batches(
         if epochs is None:
             raise ValueError("A training pipeline with a clock needs epochs. Received: epochs=None")
         # Each epoch holds indices only: the gather (and its captured examples) follows the epoch.
-        # A batch's seed is (the epoch's seed, the batch's index in the epoch).
-        augment = _augment_seeds(seed, epochs)
+        seeds = _with_batch_seeds(seed, epochs)
         ds = epoch_ordered(
             indices,
             clock=clock,
             epochs=epochs,
             seed=seed,
             shuffle_buffer=shuffle_buffer,
-            per_epoch=lambda shuffled, e: tf.data.Dataset.zip(
-                shuffled.batch(batch_size, drop_remainder=drop_remainder),
-                tf.data.Dataset.from_tensors(tf.gather(augment, e)).repeat(),
-                tf.data.Dataset.range(1 << 62),
-            ),
+            per_epoch=lambda shuffled, e: seeds(shuffled.batch(batch_size, drop_remainder=drop_remainder), e),
         )
 
         def batch(index, augment_seed, i):  # one function: each iterator instantiates every one anew
@@ -168,13 +171,11 @@ def gathered_batches(
 
         return ds.map(batch, num_parallel_calls=tf.data.AUTOTUNE)
     ds = indices.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
-    ds = tf.data.Dataset.zip(
-        ds.batch(batch_size, drop_remainder=drop_remainder),
-        tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2),
-    )
-    if seeded:
-        return ds.map(gather, num_parallel_calls=tf.data.AUTOTUNE)
-    return ds.map(lambda index, _: gather(index, tf.zeros(2, tf.int64)), num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.batch(batch_size, drop_remainder=drop_remainder)
+    if not seeded:
+        return ds.map(lambda index: gather(index, tf.zeros(2, tf.int64)), num_parallel_calls=tf.data.AUTOTUNE)
+    seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
+    return tf.data.Dataset.zip(ds, seeds).map(gather, num_parallel_calls=tf.data.AUTOTUNE)
 
 
 def _memory_budget() -> int:
@@ -320,20 +321,17 @@ def prepare(
     if training and clock is not None:
         if epochs is None:
             raise ValueError("A training pipeline with a clock needs epochs. Received: epochs=None")
-        augment = _augment_seeds(seed, epochs)
+        seeds = _with_batch_seeds(seed, epochs)
         ds = epoch_ordered(
             ds,
             clock=clock,
             epochs=epochs,
             seed=seed,
             shuffle_buffer=shuffle_buffer,
-            per_epoch=lambda shuffled, e: tf.data.Dataset.zip(
-                shuffled.batch(batch_size, drop_remainder=drop_remainder, num_parallel_calls=parallel),
-                tf.data.Dataset.from_tensors(tf.gather(augment, e)).repeat(),
-                tf.data.Dataset.range(1 << 62),
+            per_epoch=lambda shuffled, e: seeds(
+                shuffled.batch(batch_size, drop_remainder=drop_remainder, num_parallel_calls=parallel), e
             ),
         )
-        # A batch's seed: (the epoch's seed, the batch's index in the epoch).
         ds = ds.map(lambda xy, augment_seed, i: finish(*xy, tf.stack([augment_seed, i])), num_parallel_calls=parallel)
     elif training:
         ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
