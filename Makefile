@@ -20,10 +20,12 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# The installed command, on the digits sample that ships inside the package (`digits/0/0000.png`: one of its
+# images; a path that exists in the working directory would win over the sample's name).
 demo: $(STAMP)
-	$(BIN)/python -m kerastune_flow.run train cifar10_cnn --data data/digits --run-dir runs/demo --overwrite
-	$(BIN)/python -m kerastune_flow.run evaluate runs/demo --data data/digits
-	$(BIN)/python -m kerastune_flow.run predict runs/demo data/digits/0/0000.png data/digits/4/0000.png data/digits/9/0000.png
+	$(BIN)/kerastune-flow train cifar10_cnn --data digits --epochs 10 --run-dir runs/demo --overwrite
+	$(BIN)/kerastune-flow evaluate runs/demo --data digits
+	$(BIN)/kerastune-flow predict runs/demo digits/0/0000.png digits/4/0000.png digits/9/0000.png
 
 # ruff (lint and format, configured in pyproject.toml): `make test` fails on a finding.
 lint: $(STAMP)

@@ -2,7 +2,7 @@
 size, its top-1 agreement with the Keras model and their largest output difference on the test
 split, its accuracy, and its latency per image at batch 1 and 32 against the Keras model's.
 
-Each case is trained here, offline, on the digits that ship in data/ (10 classes, 1,780 grey PNGs
+Each case is trained here, offline, on the digits that ship in the package (10 classes, 1,780 grey PNGs
 at 32x32, grey for the from-scratch recipes and RGB for the backbones; the run's own 10 % test
 split, 179 images, checks every export):
 
@@ -43,7 +43,7 @@ import numpy as np  # noqa: E402
 from kerastune_flow import artifacts, export, make_config, train_and_evaluate  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-DATA = REPO / "data" / "digits"
+DATA = REPO / "kerastune_flow" / "sample_data" / "digits"  # `--data digits`
 IMAGE_SIZE = (32, 32)
 FIXED = dict(weights="none", tensorboard=False, verbose=0, image_size=IMAGE_SIZE, seed=0)
 # case -> (recipe, config changes)

@@ -55,7 +55,7 @@ def main(argv=None) -> int:
     keras.utils.set_random_seed(0)
     prepare_process("auto")
     strategy = get_strategy("auto")
-    splits = data.load_data(str(REPO / "data" / "digits"), image_size=(size, size), channels=3, max_examples=examples)
+    splits = data.load_data("digits", image_size=(size, size), channels=3, max_examples=examples)
     head_spec = models.transfer_head(splits.num_classes)
     batch = global_batch_size(args.batch_size, strategy)
     pipes = {}

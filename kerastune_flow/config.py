@@ -135,10 +135,10 @@ class DataConfig:
     """Where the data comes from and how it is fed."""
 
     data: str = setting(
-        "data/digits",
+        "digits",
         "tfds name (mnist, cifar10) or an image folder: train/ and test/ with a folder per class, or class "
-        "folders directly",
-        shown="data/digits, shipped with the project",
+        "folders directly; digits is the sample shipped in the package (a path of that name wins)",
+        shown="digits, the handwritten digits shipped in the package",
     )
     image_size: tuple[int, int] | None = setting(
         None, "N or HxW to resize to", parse=parse_image_size, shown="the recipe's: 28, 32 or 150", metavar="N|HxW"

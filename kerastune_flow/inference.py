@@ -17,6 +17,7 @@ import tensorflow as tf
 from kerastune_flow import artifacts, models, rundir
 from kerastune_flow import data as data_lib
 from kerastune_flow.config import Config
+from kerastune_flow.data.samples import resolve_sample
 from kerastune_flow.errors import DataError, RunDirError, WeightsError
 
 log = logging.getLogger(__name__)
@@ -277,7 +278,8 @@ def predict_images(
     Args:
         path: a run directory, `.keras` file or export folder; None uses the stock VGG16 ImageNet classifier
             ("use a pre-trained model as it is"), with `weights` "imagenet" or a local file.
-        images: image files or folders.
+        images: image files or folders; `digits/7` names a folder of the shipped sample (see
+            `data.samples`) unless that path exists.
         top_k: how many classes per image.
         weights: for the stock classifier only.
         batch_size: images per forward pass.
@@ -291,7 +293,7 @@ def predict_images(
         DataError: naming the files that cannot be decoded (unless `skip_bad_images`).
         RunDirError: see `load_saved`.
     """
-    files = data_lib.expand_image_arguments(images)
+    files = data_lib.expand_image_arguments([resolve_sample(str(item)) for item in images])  # digits/7: the sample
     if path is not None:
         saved = load_for_inference(path, unsafe_deserialization=unsafe_deserialization)
     scan = data_lib.check_images(files, channels=3, skip_bad_images=skip_bad_images)

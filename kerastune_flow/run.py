@@ -1,4 +1,6 @@
-"""Command line: `python -m kerastune_flow.run {list,train,find-lr,compare,tune,evaluate,predict,export} ...`.
+"""Command line: `kerastune-flow {list,train,find-lr,compare,tune,evaluate,predict,export} ...`.
+
+`kerastune-flow` is the console script the package installs; `python -m kerastune_flow.run` is the same.
 
 The only module that parses arguments or prints. The flags of `train` and `compare` are
 generated from the config's fields (`config.setting`), so a setting's name, help and choices
@@ -11,11 +13,16 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.metadata
 import json
 import logging
 import os
+import platform
 import sys
 import time
+
+import keras
+import tensorflow as tf
 
 from kerastune_flow import config as config_lib
 from kerastune_flow.compare import APPROACHES, compare
@@ -32,33 +39,37 @@ from kerastune_flow.tune_space import KNOBS
 
 EXAMPLES = """\
 examples:
-  # the demo: a CNN on the digits that ship in data/ (about a minute on 2 CPU cores)
-  python -m kerastune_flow.run train cifar10_cnn --data data/digits --epochs 5 --run-dir runs/demo
+  # the demo (`make demo`): a CNN on the digits that ship in the package (about a minute on 2 CPU cores)
+  kerastune-flow train cifar10_cnn --data digits --epochs 10 --run-dir runs/demo
 
   # the reference examples (tfds downloads; --manual-dir uses local archives instead)
-  python -m kerastune_flow.run train scratch_mlp --data mnist
-  python -m kerastune_flow.run train cifar10_cnn --data cifar10
+  kerastune-flow train scratch_mlp --data mnist
+  kerastune-flow train cifar10_cnn --data cifar10
 
   # transfer learning on your own image folder (one sub-folder per class)
-  python -m kerastune_flow.run train vgg16_features --data ~/cats_vs_dogs --image-size 150
-  python -m kerastune_flow.run train vgg16_finetune --data ~/cats_vs_dogs --head-epochs 5 --epochs 10
-  python -m kerastune_flow.run train vgg16_finetune --data ~/flowers --backbone mobilenetv2 --image-size 160
+  kerastune-flow train vgg16_features --data ~/cats_vs_dogs --image-size 150
+  kerastune-flow train vgg16_finetune --data ~/cats_vs_dogs --head-epochs 5 --epochs 10
+  kerastune-flow train vgg16_finetune --data ~/flowers --backbone mobilenetv2 --image-size 160
 
   # full training, then fine-tune your own model on a new task (cut before its old head)
-  python -m kerastune_flow.run train cifar10_cnn --data cifar10 --run-dir runs/cnn
-  python -m kerastune_flow.run train vgg16_finetune --data ~/cats_vs_dogs --base runs/cnn --base-output dense
+  kerastune-flow train cifar10_cnn --data cifar10 --run-dir runs/cnn
+  kerastune-flow train vgg16_finetune --data ~/cats_vs_dogs --base runs/cnn --base-output dense
 
   # afterwards
-  python -m kerastune_flow.run evaluate runs/demo --data data/digits
-  python -m kerastune_flow.run predict runs/demo data/digits/7 --top-k 3
-  python -m kerastune_flow.run export runs/demo --format litert --quantize int8   # then predict with it
+  kerastune-flow evaluate runs/demo --data digits
+  kerastune-flow predict runs/demo digits/7 --top-k 3   # digits/7: the sample's class-7 folder
+  kerastune-flow export runs/demo --format litert --quantize int8   # then predict with it
 
+`python -m kerastune_flow.run` is the same command as `kerastune-flow`.
 Every run directory holds config.json, history.csv/.jsonl, model.keras, results.json and
 curves.png; `tensorboard --logdir RUN_DIR/tensorboard` shows the curves live. Run the same
 train command again after a crash or Ctrl-C and it resumes at the last finished epoch.
 """
 
 DEBUG_ENV = "KERASTUNE_FLOW_DEBUG"
+# The console script pyproject.toml installs; `python -m kerastune_flow.run` runs the same main().
+PROG = "kerastune-flow"
+DISTRIBUTION = "kerastune_flow"
 # Flags of `compare` that are its own, not config fields shared by every approach.
 COMPARE_OWN = ("data", "train_fraction")
 
@@ -74,14 +85,24 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{message}; run `{self.prog} --help` for the flags and their values")
 
 
+def version_text() -> str:
+    """`kerastune-flow VERSION (keras ..., tensorflow ..., Python ...)`: what `--version` prints."""
+    try:
+        ours = importlib.metadata.version(DISTRIBUTION)
+    except importlib.metadata.PackageNotFoundError:  # imported from a source tree that was never installed
+        ours = "(not installed)"
+    return f"{PROG} {ours} (keras {keras.__version__}, tensorflow {tf.__version__}, Python {platform.python_version()})"
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argparse parser of every sub-command."""
     parser = _Parser(
-        prog="python -m kerastune_flow.run",
+        prog=PROG,
         description="Train from scratch, train fully, or transfer and fine-tune with Keras 3.",
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=version_text(), help="print the versions and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     sub.add_parser("list", help="list the recipes and what each trains")

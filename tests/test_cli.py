@@ -33,12 +33,37 @@ def _help(*argv, capsys):
 
 def test_help_teaches_the_commands_and_examples(capsys):
     top = _help(capsys=capsys)
-    for word in ("train", "compare", "evaluate", "predict", "list", "examples:", "data/digits", "resume"):
+    for word in ("train", "compare", "evaluate", "predict", "list", "examples:", "--data digits", "resume"):
         assert word in top
     train_help = _help("train", capsys=capsys)
     for flag in ("--batch-size", "--strategy", "--weights", "--unfreeze-at", "--head-epochs", "per replica"):
         assert flag in train_help
     assert "--train-fraction" in _help("compare", capsys=capsys)
+
+
+def test_help_names_the_installed_command(capsys):
+    top = _help(capsys=capsys)
+    assert top.startswith("usage: kerastune-flow ")  # the console script pyproject.toml installs
+    assert "python -m kerastune_flow.run` is the same command" in top
+    assert "usage: kerastune-flow train " in _help("train", capsys=capsys)
+    # the demo of --help is `make demo`'s: the same command and epochs
+    demo = re.search(r"^  (kerastune-flow train cifar10_cnn --data digits .*)$", top, flags=re.M).group(1)
+    makefile = (REPO / "Makefile").read_text()
+    assert demo.split(" --run-dir")[0].replace("kerastune-flow ", "$(BIN)/kerastune-flow ") in makefile
+
+
+def test_version_names_the_package_keras_and_tensorflow(capsys):
+    import keras
+    import tensorflow as tf
+
+    from kerastune_flow import __version__
+
+    with pytest.raises(SystemExit) as info:
+        run.main(["--version"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out.strip()
+    assert out.startswith(f"kerastune-flow {__version__} (")
+    assert f"keras {keras.__version__}" in out and f"tensorflow {tf.__version__}" in out
 
 
 def test_a_missing_data_folder_is_one_line_and_exit_2():
@@ -165,12 +190,12 @@ def test_a_finished_run_dir_is_refused(image_folder, tmp_path, capsys):
 
 
 def test_the_demo_data_trains(tmp_path, capsys):
-    """The shipped data/digits through the demo's recipe (one epoch here; `make demo` runs ten)."""
+    """The digits shipped in the package, by name, through the demo's recipe (one epoch; `make demo` runs ten)."""
     argv = [
         "train",
         "cifar10_cnn",
         "--data",
-        str(REPO / "data" / "digits"),
+        "digits",
         "--epochs",
         "1",
         "--run-dir",
@@ -196,7 +221,7 @@ def test_predict_with_stock_imagenet_vgg16_offline_is_one_sentence(monkeypatch, 
         raise Exception("URL fetch failure: no network")
 
     monkeypatch.setattr(keras.applications, "VGG16", offline)
-    image = str(REPO / "data" / "digits" / "3" / "0000.png")
+    image = "digits/3/0000.png"  # an image of the sample shipped in the package
     assert run.main(["predict", "--weights", "imagenet", image]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "vgg16_weights_tf_dim_ordering_tf_kernels.h5" in err

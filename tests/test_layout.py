@@ -20,6 +20,7 @@ RANKS = {
     "runtime": 3,
     "plots": 3,
     "reports": 2,
+    "data.samples": 1,  # the sample data shipped in the package, by name (`--data digits`)
     "data.augment": 2,
     "data.sources": 3,
     "data.pipeline": 3,
@@ -50,6 +51,7 @@ RANKS = {
     "tune": 11,
     "run": 12,
     "": 13,  # kerastune_flow/__init__.py: the public names
+    "sample_data.make_digits": 0,  # the script that wrote the digits sample (imports no package module)
 }
 
 

@@ -8,17 +8,18 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import REPO, write_image_folder
+from conftest import write_image_folder
 from test_exact_resume import _outcome
 
 from kerastune_flow import fitting, lr_range, models, run, rundir, train
+from kerastune_flow.data.samples import sample_folder
 from kerastune_flow.errors import ConfigError, TrainingDivergedError
 from kerastune_flow.lr_find import find_lr
 from kerastune_flow.recipes import make_config
 
 NUM_EXAMPLES = 64
 BATCH = 16
-DIGITS = str(REPO / "data" / "digits")
+DIGITS = str(sample_folder("digits"))  # the sample shipped in the package
 FIT = keras.Model.fit
 SHORT_TEST = 40  # steps of the range tests of whole runs, where the test's length does not matter
 

@@ -6,8 +6,10 @@ import nbformat
 import pytest
 from conftest import REPO
 
+from kerastune_flow.data.samples import sample_folder
+
 NOTEBOOKS = REPO / "notebooks"
-DIGITS = str(REPO / "data" / "digits")
+DIGITS = str(sample_folder("digits"))  # the sample shipped in the package
 TINY = dict(MAX_EXAMPLES=64, EPOCHS=1)
 PARAMETERS = {
     "01_train_from_scratch.ipynb": dict(DATA=DIGITS, **TINY),

@@ -3,6 +3,7 @@
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import tomllib
 from conftest import REPO
@@ -54,13 +55,51 @@ def test_import_without_tensorflow_names_the_extra():
 
 
 def test_shipped_digits_are_a_complete_image_folder():
-    root = REPO / "data" / "digits"
+    root = REPO / "kerastune_flow" / "sample_data" / "digits"
     classes = sorted(p.name for p in root.iterdir() if p.is_dir())
     assert classes == [str(i) for i in range(10)]
     counts = [len(list((root / c).glob("*.png"))) for c in classes]
     assert sum(counts) == 1797 and min(counts) >= 170
-    readme = (REPO / "data" / "README.md").read_text()
+    readme = (root.parent / "README.md").read_text()
     assert "CC BY 4.0" in readme and "make_digits.py" in readme
+
+
+def _package_data():
+    """{package: [glob, ...]} of pyproject.toml, as paths under kerastune_flow/."""
+    setuptools = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    return {
+        Path(*package.split(".")[1:]): globs for package, globs in setuptools.get("package-data", {}).items()
+    }, setuptools
+
+
+def test_the_wheel_ships_every_sub_package_the_sample_and_py_typed():
+    package_data, setuptools = _package_data()
+    # found, not listed: a new sub-package is shipped without an edit of pyproject.toml
+    assert setuptools["packages"] == {"find": {"include": ["kerastune_flow*"]}}
+    shipped = {
+        path.relative_to(REPO / "kerastune_flow")
+        for folder, globs in package_data.items()
+        for pattern in globs
+        for path in (REPO / "kerastune_flow" / folder).glob(pattern)
+    }
+    digits = REPO / "kerastune_flow" / "sample_data" / "digits"
+    assert {p.relative_to(REPO / "kerastune_flow") for p in digits.rglob("*.png")} <= shipped
+    assert len([p for p in shipped if p.suffix == ".png"]) == 1797
+    assert Path("py.typed") in shipped and (REPO / "kerastune_flow" / "py.typed").is_file()
+    assert Path("sample_data/README.md") in shipped  # the sample's source and CC BY 4.0 attribution
+
+
+def test_the_license_is_apache_2_as_an_spdx_expression_with_its_full_text():
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
+    project = pyproject["project"]
+    assert project["license"] == "Apache-2.0"  # a string: the TOML table is deprecated and warns on install
+    assert project["license-files"] == ["LICENSE"]
+    setuptools = next(r for r in pyproject["build-system"]["requires"] if r.startswith("setuptools"))
+    assert int(re.search(r">=(\d+)", setuptools).group(1)) >= 77  # the first setuptools that reads both
+    text = (REPO / "LICENSE").read_text()
+    assert text.split()[:4] == ["Apache", "License", "Version", "2.0,"]
+    assert "TERMS AND CONDITIONS FOR USE, REPRODUCTION, AND DISTRIBUTION" in text
+    assert "END OF TERMS AND CONDITIONS" in text and len(text.splitlines()) > 150
 
 
 def test_the_version_is_written_once():

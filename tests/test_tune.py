@@ -14,10 +14,11 @@ from conftest import REPO
 from kerastune_flow import config as config_lib
 from kerastune_flow import inference, run, rundir, tune_report, tune_space
 from kerastune_flow import tune as tune_lib
+from kerastune_flow.data.samples import sample_folder
 from kerastune_flow.errors import ConfigError, DataError
 from kerastune_flow.recipes import get_recipe, make_config
 
-DIGITS = str(REPO / "data" / "digits")
+DIGITS = str(sample_folder("digits"))  # the sample shipped in the package
 SCREENSHOTS = REPO / "runs" / "screenshots"  # git-ignored, kept for a person
 TINY = dict(data=DIGITS, preset="smoke", epochs=2, verbose=0)
 

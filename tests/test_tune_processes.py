@@ -15,8 +15,9 @@ from conftest import REPO
 
 from kerastune_flow import rundir
 from kerastune_flow import tune as tune_lib
+from kerastune_flow.data.samples import sample_folder
 
-DIGITS = str(REPO / "data" / "digits")
+DIGITS = str(sample_folder("digits"))  # the sample shipped in the package
 
 
 def _command(run_dir, *flags):

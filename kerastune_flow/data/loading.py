@@ -13,6 +13,7 @@ from typing import Any
 
 from kerastune_flow.config import Config
 from kerastune_flow.data.folders import load_image_folder
+from kerastune_flow.data.samples import resolve_sample
 from kerastune_flow.data.sources import DataSplits, is_tfds_name, load_tfds
 
 
@@ -33,7 +34,8 @@ def load_data(
     """Loads a tfds data set by name or an image folder by path.
 
     Args:
-        source: "mnist", "cifar10", or a path to an image folder.
+        source: "mnist", "cifar10", a path to an image folder, or "digits" (the sample shipped in
+            the package, unless a path of that name exists).
         image_size: (height, width) to resize to; None keeps a tfds set's native size, and
             a folder's images are then resized to 32x32.
         channels: 1 or 3 to convert to; None keeps the data's own (a folder of grayscale
@@ -56,6 +58,7 @@ def load_data(
         DataError: a folder that is missing, empty, has one class, holds files that cannot
             be decoded (unless `skip_bad_images`), or a tfds set that cannot be prepared.
     """
+    source = resolve_sample(source)  # `digits`: the sample shipped in the package; a path that exists wins
     if is_tfds_name(source):
         splits = load_tfds(
             source,

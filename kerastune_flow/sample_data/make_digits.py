@@ -1,10 +1,11 @@
-"""Writes data/digits/: scikit-learn's bundled handwritten digits as one PNG folder per class.
+"""Writes kerastune_flow/sample_data/digits/ (the sample `--data digits` names): scikit-learn's bundled
+handwritten digits as one PNG folder per class.
 
 The 1,797 images are 8x8, 17 grey levels (0..16), from the UCI "Optical Recognition of
 Handwritten Digits" data set that scikit-learn ships (no download). Each is scaled to 0..255
 and saved as an 8-bit grayscale PNG; the loaders resize them to the recipe's input size.
 
-    python data/make_digits.py          # needs scikit-learn (pip install -e '.[dev]')
+    python kerastune_flow/sample_data/make_digits.py   # needs scikit-learn (pip install -e '.[dev]')
 """
 
 from pathlib import Path
