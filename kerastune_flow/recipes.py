@@ -18,6 +18,7 @@ import keras
 from kerastune_flow import config as config_lib
 from kerastune_flow.config import PRESETS, Config
 from kerastune_flow.errors import ConfigError
+from kerastune_flow.flags import coerce_settings
 from kerastune_flow.models import (
     CNN_MIN_SIZE,
     Head,
@@ -161,8 +162,10 @@ def make_config(recipe: str, preset: str = "reference", **overrides: Any) -> Con
     Args:
         recipe: one of `RECIPES`.
         preset: one of `config.PRESETS`; "smoke" is a tiny offline run for tests and first tries.
-        **overrides: any field of DataConfig, ModelConfig or TrainConfig, taken as given
-            (`weights=None` means random weights; leave a field out to keep its default).
+        **overrides: any field of DataConfig, ModelConfig or TrainConfig, as a value or as the text
+            its flag takes (`image_size=32`, `(32, 32)`, `"32"` or `"150x150"`; `augment="flip,crop"`;
+            `learning_rate="auto"`): `flags.coerce_settings` reads both. `weights=None` means random
+            weights; leave a field out to keep its default.
 
     Returns:
         A validated, frozen Config.
@@ -173,7 +176,8 @@ def make_config(recipe: str, preset: str = "reference", **overrides: Any) -> Con
     spec = get_recipe(recipe)
     if preset not in PRESETS:
         raise ConfigError(f"Unknown preset {preset!r}; choose one of {', '.join(PRESETS)}. Received: preset={preset}")
-    return config_lib.from_values({"recipe": spec.name, **spec.defaults, **PRESETS[preset], **overrides})
+    values = {"recipe": spec.name, **spec.defaults, **PRESETS[preset], **coerce_settings(overrides)}
+    return config_lib.from_values(values)
 
 
 def check_image_size(config: Config, image_size: Sequence[int] | None = None) -> None:

@@ -149,3 +149,51 @@ def test_early_stoppings_patience_is_half_of_each_fits_epochs_unless_given():
     assert config.train.patience is None
     assert [fitting.patience(config, epochs) for epochs in (2, 6, 10, 40)] == [3, 3, 5, 20]
     assert fitting.patience(make_config("scratch_mlp", patience=2), 40) == 2
+
+
+# A setting takes in Python what its flag takes as text (issue 26): one parser for both.
+@pytest.mark.parametrize(
+    "name, given, expected",
+    [
+        ("image_size", 32, (32, 32)),
+        ("image_size", (32, 32), (32, 32)),
+        ("image_size", [20, 30], (20, 30)),
+        ("image_size", "32", (32, 32)),
+        ("image_size", "150x150", (150, 150)),
+        ("augment", "flip,crop", ("flip", "crop")),
+        ("augment", ("flip",), ("flip",)),
+        ("augment", ["zoom"], ("zoom",)),
+        ("learning_rate", "auto", "auto"),
+        ("learning_rate", "1e-3", 1e-3),
+        ("finetune_learning_rate", "AUTO", "auto"),
+        ("epochs", "3", 3),
+        ("dropout", "0.25", 0.25),
+        ("weights", "None", "none"),
+    ],
+)
+def test_a_setting_takes_in_python_what_its_flag_takes_as_text(name, given, expected):
+    config = make_config("cifar10_cnn", **{name: given})
+    assert getattr(getattr(config, field_section(name)), name) == expected
+
+
+def test_a_path_is_taken_as_its_text(tmp_path):
+    assert make_config("cifar10_cnn", data=tmp_path).data.data == str(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        (dict(image_size="abc"), r"image_size is not what --image-size takes.*Received: image_size='abc'"),
+        (dict(image_size=(32, 32, 3)), r"Received: image_size=\(32, 32, 3\)"),
+        (dict(epochs=2.5), r"epochs must be a whole number. Received: epochs=2.5"),
+        (dict(epochs="2.0"), r"epochs must be a whole number. Received: epochs='2.0'"),
+        (dict(dropout="x"), r"dropout must be a number. Received: dropout='x'"),
+        (dict(learning_rate="fast"), r"not what --learning-rate takes.*Received: learning_rate='fast'"),
+        (dict(finetune_learning_rate="slow"), r"not what --finetune-lr takes.*Received: finetune_learning_rate="),
+        (dict(early_stopping="no"), r"early_stopping must be True or False. Received: early_stopping='no'"),
+        (dict(augment="flip,blur"), r"augment must be one of .*Received: augment='blur'"),
+    ],
+)
+def test_a_value_its_flag_would_refuse_is_a_config_error_naming_the_setting(overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        make_config("cifar10_cnn", **overrides)
