@@ -468,6 +468,7 @@ def validate(config: Config) -> Config:
     for ok, message, received in checks:
         if not ok:
             raise ConfigError(f"{message}. Received: {received!r}")
-    if d.image_size is not None and (len(d.image_size) != 2 or min(d.image_size) < 1):
-        raise ConfigError(f"image_size must be two positive integers. Received: {d.image_size!r}")
+    size = d.image_size
+    if size is not None and (not isinstance(size, tuple) or len(size) != 2 or min(size) < 1):
+        raise ConfigError(f"image_size must be two positive integers. Received: image_size={size!r}")
     return config
