@@ -152,8 +152,7 @@ def write_range_test(record: dict[str, Any], run_dir: str | Path, *, stage: str 
     """Writes a range test's record and plot (see `rundir.lr_find_paths`); returns their paths."""
     json_path, png_path = rundir.lr_find_paths(run_dir, stage)
     rundir.atomic_write_json(json_path, record)
-    title = f"Range test, {record.get('stage', 'head')}: suggestion {record['suggestion']:.2g} ({record['rule']})"
-    plots.plot_lr_find(record, title=title).savefig(png_path)
+    plots.plot_lr_find(record).savefig(png_path)  # titled by what was fitted (plots.lr_find_title)
     return json_path, png_path
 
 

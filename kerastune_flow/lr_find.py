@@ -97,6 +97,18 @@ def find_lr(
     return record
 
 
+def fitted(config: Config, stage: str) -> str:
+    """What a range test of `stage` fits, in words (its plot's title): "the cifar10_cnn model" for
+    a from-scratch recipe, "the head on the frozen base" or "the fine-tune stage" for a transfer one."""
+    recipe = get_recipe(config.model.recipe)
+    base = Path(config.model.base).name if config.model.base else config.model.backbone
+    if stage == "finetune":
+        return f"the fine-tune stage ({base} base)"
+    if recipe.transfer:
+        return f"the head on the frozen {base} base"
+    return f"the {recipe.name} model"
+
+
 def _find_lr(
     config: Config,
     run_dir: Path,
@@ -158,7 +170,7 @@ def _find_lr(
         finetune.compile_finetune_step(model, context, step, rate=step.learning_rate, epochs=t.epochs)
         fit_model, train_ds = model, pipes["train"]
     record = fitting.range_test_record(context, fit_model, train_ds, stage=stage, epoch=epoch, max_steps=max_steps)
-    record.update(recipe=config.model.recipe, data=splits.source, seed=config.train.seed)
+    record.update(recipe=config.model.recipe, data=splits.source, seed=config.train.seed, fitted=fitted(config, stage))
     json_path, png_path = fitting.write_range_test(record, run_dir)
     log.info(
         "Suggested learning rate %.3g (rule %s); %s, %s", record["suggestion"], record["rule"], json_path, png_path

@@ -6,9 +6,12 @@
 The rate grows exponentially from `min_lr` to `max_lr`, one step at a time, on a fresh copy of the
 model's optimizer (its class and settings, a discriminative base multiplier included), and the
 test stops once the smoothed loss exceeds `diverge_factor` times its minimum or a loss is not
-finite. The model's variables (weights, BatchNorm statistics, dropout seeds, metrics) are put
-back bit for bit afterwards and its own optimizer is never touched, so the fit that follows
-starts exactly where it would have without the test.
+finite. The smoothed loss lags the curve by tens of steps (a loss that shoots up and settles at
+chance level can stay under that bound), so the test also stops once the median of the last
+`DIVERGE_WINDOW` raw losses exceeds `diverge_factor` times its own lowest value. The model's
+variables (weights, BatchNorm statistics, dropout seeds, metrics) are put back bit for bit
+afterwards and its own optimizer is never touched, so the fit that follows starts exactly where
+it would have without the test.
 
 Each step is the model's own loss (`model.compute_loss`, regularization included) under
 `strategy.run` of the strategy that built the model, on the pipeline distributed as `fit` would
@@ -59,6 +62,7 @@ MAX_STEPS = 300  # fastai and Lightning take 100; 300 read the curve more steadi
 BETA = 0.98  # the loss's exponential smoothing, debiased (fastai and Lightning)
 DESCENT_SIGMA_DECADES = 0.25  # the "descent" rule's Gaussian smoothing, in decades of the rate
 DIVERGE_FACTOR = 4.0  # stop once the smoothed loss exceeds this times its minimum (both)
+DIVERGE_WINDOW = 10  # ... or the median of this many raw losses does (one noisy batch is not a rise)
 VALLEY_SKIP_END = 5  # fastai drops the last 5 points; both skip the first tenth of the steps
 STEEPEST_SKIP_END = 1  # Lightning's skip_end
 
@@ -75,6 +79,8 @@ class RangeTest:
         planned_steps: the steps the test would have run without diverging.
         diverged: the test stopped because the loss diverged (else it ran every step).
         seconds: wall time of the test.
+        why: how the loss diverged, in words, e.g. "its median over 10 steps rose from 0.16 to
+            0.72" ("" when it did not).
     """
 
     lrs: list[float]
@@ -83,6 +89,7 @@ class RangeTest:
     planned_steps: int
     diverged: bool
     seconds: float
+    why: str = ""
 
     def suggestion(self, rule: str = DEFAULT_RULE) -> float:
         """The rate `rule` reads off the curve (see `suggest`)."""
@@ -113,6 +120,7 @@ class RangeTest:
             "steps": len(self.lrs),
             "planned_steps": self.planned_steps,
             "diverged": self.diverged,
+            "diverged_how": self.why,
             "seconds": round(self.seconds, 3),
         }
 
@@ -139,7 +147,8 @@ def range_test(
         max_steps: the most steps (the rate grows by (max_lr / min_lr) ** (1 / (max_steps - 1))
             per step).
         beta: the smoothing of the loss curve (0: none).
-        diverge_factor: stop when the smoothed loss exceeds this times its minimum.
+        diverge_factor: stop when the smoothed loss exceeds this times its minimum, or the
+            median of the last `DIVERGE_WINDOW` losses this times its lowest.
 
     Returns:
         The curve, as a RangeTest.
@@ -159,49 +168,93 @@ def range_test(
     strategy = model.distribute_strategy
     lrs = min_lr * (max_lr / min_lr) ** (np.arange(max_steps) / (max_steps - 1))
     saved = _snapshot(model)
-    losses: list[float] = []
-    smoothed: list[float] = []
-    diverged = False
+    check = DivergenceCheck(beta=beta, factor=diverge_factor)
     try:
         with strategy.scope():
             optimizer = fresh_optimizer(model.optimizer, float(lrs[0]))
             optimizer.build(model.trainable_variables)
         step = _step_function(model, optimizer, strategy)
         batches = iter(strategy.experimental_distribute_dataset(dataset.repeat()))
-        average, best = 0.0, math.inf
-        for i, lr in enumerate(lrs):
+        for lr in lrs:
             optimizer.learning_rate = float(lr)
-            loss = float(step(next(batches)))
-            losses.append(loss)
-            if not math.isfinite(loss):
-                smoothed.append(math.nan)
-                diverged = True
-                break
-            average = beta * average + (1 - beta) * loss
-            smoothed.append(average / (1 - beta ** (i + 1)))
-            best = min(best, smoothed[-1])
-            if smoothed[-1] > diverge_factor * best:
-                diverged = True
+            if check.add(float(step(next(batches)))):
                 break
     finally:
         _restore(model, saved)
+    losses = check.losses
     test = RangeTest(
         lrs=[float(lr) for lr in lrs[: len(losses)]],
         losses=losses,
-        smoothed=smoothed,
+        smoothed=check.smoothed,
         planned_steps=max_steps,
-        diverged=diverged,
+        diverged=bool(check.why),
         seconds=time.perf_counter() - start,
+        why=check.why,
     )
+    if test.diverged:
+        outcome = f"stopped where the loss diverged: {check.why}"
+    else:
+        finite = [v for v in losses if math.isfinite(v)]
+        outcome = (
+            f"the loss never diverged (its lowest {min(finite):.3g}, its last {finite[-1]:.3g}; the test stops at "
+            f"{diverge_factor:g}x the lowest)"
+        )
     log.info(
         "Range test: %d step(s), rate %.2g to %.2g, %s, in %.1f s",
         len(losses),
         test.lrs[0],
         test.lrs[-1],
-        "stopped where the loss diverged" if diverged else "the loss never diverged",
+        outcome,
         test.seconds,
     )
     return test
+
+
+class DivergenceCheck:
+    """Reads a range test's losses as they come and says when the loss has diverged: a loss that
+    is not finite, the smoothed loss (fastai's and Lightning's rule) above `factor` times its
+    minimum, or the median of the last `window` losses above `factor` times the lowest such
+    median (the smoothed loss lags the curve by tens of steps: a loss that shoots from 0.1 to 5
+    and settles at chance level, 2.3, never takes it past 4 times its minimum).
+
+        check = DivergenceCheck()
+        for loss in losses:
+            if check.add(loss):
+                break             # check.why says how it diverged
+
+    Attributes:
+        losses: every loss added.
+        smoothed: the losses smoothed exponentially and debiased (nan from a loss not finite).
+        why: how the loss diverged, in words; "" while it has not.
+    """
+
+    def __init__(self, *, beta: float = BETA, factor: float = DIVERGE_FACTOR, window: int = DIVERGE_WINDOW):
+        self.beta, self.factor, self.window = beta, factor, window
+        self.losses: list[float] = []
+        self.smoothed: list[float] = []
+        self.why = ""
+        self._average, self._lowest, self._lowest_median = 0.0, math.inf, math.inf
+
+    def add(self, loss: float) -> bool:
+        """Adds one step's loss; returns True once the loss has diverged (then stop adding)."""
+        self.losses.append(loss)
+        if not math.isfinite(loss):
+            self.smoothed.append(math.nan)
+            self.why = f"it reached {loss}"
+            return True
+        self._average = self.beta * self._average + (1 - self.beta) * loss
+        self.smoothed.append(self._average / (1 - self.beta ** len(self.losses)))
+        self._lowest = min(self._lowest, self.smoothed[-1])
+        if self.smoothed[-1] > self.factor * self._lowest:
+            self.why = f"its smoothed value rose from {self._lowest:.3g} to {self.smoothed[-1]:.3g}"
+            return True
+        if len(self.losses) >= self.window:
+            median = float(np.median(self.losses[-self.window :]))
+            self._lowest_median = min(self._lowest_median, median)
+            if median > self.factor * self._lowest_median:
+                self.why = f"its median over {self.window} steps rose from {self._lowest_median:.3g} to {median:.3g}"
+                return True
+        return False
 
 
 def fresh_optimizer(optimizer: keras.optimizers.Optimizer, learning_rate: float) -> keras.optimizers.Optimizer:

@@ -124,11 +124,18 @@ def plot_misclassified(predictions: SplitPredictions, *, limit: int = 16) -> Plo
     return Plot(fig)
 
 
+def lr_find_title(record: dict[str, Any]) -> str:
+    """A range test's title: what was fitted (the record's "fitted", e.g. "the cifar10_cnn model",
+    "the head on the frozen base", "the fine-tune stage"; else its stage) and the suggestion."""
+    fitted = record.get("fitted") or f"the {record.get('stage', 'head')} stage"
+    return f"Range test of {fitted}: suggestion {record['suggestion']:.2g} ({record['rule']})"
+
+
 def plot_lr_find(record: dict[str, Any], *, title: str = "") -> Plot:
     """A range test (`lr_range.RangeTest.record()`) against the rate on a log axis: each step's
     loss faint, the loss smoothed exponentially (fastai's and Lightning's curve) and, when the
     record has it, smoothed without lag (the "descent" rule's), the suggestion marked on the
-    curve its rule reads."""
+    curve its rule reads. Titled `title`, else by `lr_find_title`."""
     lrs = np.asarray(record["lrs"])
     fig = Figure(figsize=(7, 4), layout="constrained")
     ax = fig.subplots()
@@ -149,13 +156,55 @@ def plot_lr_find(record: dict[str, Any], *, title: str = "") -> Plot:
     if lrs[0] <= suggestion <= lrs[len(curve) - 1]:
         ax.plot([suggestion], [np.interp(np.log(suggestion), np.log(lrs[: len(curve)]), curve)], "o", color="C3")
     ax.set_xscale("log")
-    ax.set(xlabel="learning rate", ylabel="training loss", title=title or "Learning-rate range test")
+    ax.set(xlabel="learning rate", ylabel="training loss", title=title or lr_find_title(record))
     ax.grid(alpha=0.3)
     ax.legend()
     return Plot(fig)
 
 
 # --------------------------------------------------------------------------- the comparison
+
+# One look per approach, so that identical curves stay visible: the features run and a fine-tune's
+# stage 1 train the same head on the same features, so their first epochs coincide. The second
+# approach is drawn as a wide pale band beneath, the others as thin lines on top of it.
+CURVE_STYLES = (
+    dict(linestyle="-", marker="o", linewidth=1.8, markersize=4, zorder=3),
+    dict(linestyle="-", marker="s", linewidth=6, markersize=9, alpha=0.4, zorder=2),
+    dict(linestyle="--", marker="^", linewidth=1.5, markersize=5, zorder=4),
+)
+
+
+def plot_learning_curves(rows: list[dict[str, Any]]) -> Plot:
+    """Validation accuracy (training accuracy for a run that held none out) per epoch of each
+    `compare` result row, each approach in its own line style and marker (`CURVE_STYLES`), and a
+    staged run's stage changes marked."""
+    fig = Figure(figsize=(7, 4), layout="constrained")
+    ax = fig.subplots()
+    for i, r in enumerate(rows):
+        history = r["history"]
+        xs = [h["epoch"] + 1 for h in history]
+        key = "val_accuracy" if any("val_accuracy" in h for h in history) else "accuracy"
+        style = CURVE_STYLES[i % len(CURVE_STYLES)]
+        (line,) = ax.plot(xs, [h.get(key, np.nan) for h in history], label=r["approach"], **style)
+        changes = [
+            cur for prev, cur in itertools.pairwise(history) if cur.get("stage") and cur["stage"] != prev.get("stage")
+        ]
+        for n, cur in enumerate(changes):
+            ax.axvline(cur["epoch"] + 0.5, color=line.get_color(), linestyle=":", linewidth=1)
+            ax.annotate(
+                f"{r['approach']}: " + ("stage 2" if n == 0 else cur["stage"]),
+                (cur["epoch"] + 0.5, 0.02),
+                xycoords=("data", "axes fraction"),
+                xytext=(3, 0),
+                textcoords="offset points",
+                fontsize=8,
+                color=line.get_color(),
+            )
+    ax.set(xlabel="epoch", ylabel="validation accuracy", title="Learning curves")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return Plot(fig)
 
 
 def comparison_plots(report: dict[str, Any], run_dir: str | os.PathLike) -> dict[str, Path]:
@@ -172,17 +221,7 @@ def comparison_plots(report: dict[str, Any], run_dir: str | os.PathLike) -> dict
     at_full = [r for r in rows if r["fraction"] == full]
     paths = {}
 
-    fig = Figure(figsize=(7, 4), layout="constrained")
-    ax = fig.subplots()
-    for r in at_full:
-        xs = [h["epoch"] + 1 for h in r["history"]]
-        key = "val_accuracy" if any("val_accuracy" in h for h in r["history"]) else "accuracy"
-        ax.plot(xs, [h.get(key, np.nan) for h in r["history"]], "-o", markersize=3, label=r["approach"])
-    ax.set(xlabel="epoch", ylabel="validation accuracy", title="Learning curves")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.grid(alpha=0.3)
-    ax.legend()
-    paths["curves"] = save_figure(fig, run_dir / "curves.png")
+    paths["curves"] = plot_learning_curves(at_full).savefig(run_dir / "curves.png")
 
     fig = Figure(figsize=(6, 4), layout="constrained")
     ax = fig.subplots()
@@ -265,13 +304,28 @@ def tuning_plots(summary: dict[str, Any], run_dir: str | os.PathLike) -> dict[st
 
     test = summary.get("test")
     if test:
-        fig = Figure(figsize=(5, 3.5), layout="constrained")
-        ax = fig.subplots()
-        labels = ["defaults", "tuned"]
-        values = [100 * test["defaults"]["accuracy"], 100 * test["best"]["accuracy"]]
-        bars = ax.bar(labels, values, color=["C7", "C2"])
-        ax.bar_label(bars, fmt="%.2f %%")
-        ax.set(ylabel="test accuracy (%)", title="Best against the defaults, test split")
-        ax.set_ylim(0, min(100, max(values) * 1.15 + 1))
-        paths["best_vs_defaults"] = save_figure(fig, run_dir / "best_vs_defaults.png")
+        plot = plot_best_vs_defaults(100 * test["defaults"]["accuracy"], 100 * test["best"]["accuracy"])
+        paths["best_vs_defaults"] = plot.savefig(run_dir / "best_vs_defaults.png")
     return paths
+
+
+def plot_best_vs_defaults(defaults: float, tuned: float) -> Plot:
+    """Two bars, the test accuracy (%) of the recipe's defaults and of the tuned settings, each
+    value written on its bar. The axis is zoomed to the values (a 1-point difference would
+    vanish on 0 to 100) and says so, with room above the bars for their labels."""
+    values = [defaults, tuned]
+    low, high = min(values), max(values)
+    span = max(high - low, 1.0)  # a tie still gets a readable scale
+    bottom = max(0.0, low - 2 * span)
+    fig = Figure(figsize=(5, 3.5), layout="constrained")
+    ax = fig.subplots()
+    bars = ax.bar(["defaults", "tuned"], [v - bottom for v in values], bottom=bottom, color=["C7", "C2"], width=0.6)
+    ax.bar_label(bars, labels=[f"{v:.2f} %" for v in values], padding=3)
+    ax.set_ylim(bottom, high + 0.8 * span)
+    difference = tuned - defaults
+    ax.set(
+        ylabel="test accuracy (%)" + (", zoomed" if bottom > 0 else ""),
+        title=f"Tuned against the defaults, test split: {difference:+.2f} points",
+    )
+    ax.grid(axis="y", alpha=0.3)
+    return Plot(fig)

@@ -11,7 +11,7 @@ import tensorflow as tf
 from conftest import write_image_folder
 from test_exact_resume import _outcome
 
-from kerastune_flow import fitting, lr_range, models, run, rundir, train
+from kerastune_flow import fitting, lr_find, lr_range, models, plots, run, rundir, train
 from kerastune_flow.data.samples import sample_folder
 from kerastune_flow.errors import ConfigError, TrainingDivergedError
 from kerastune_flow.lr_find import find_lr
@@ -77,6 +77,50 @@ def test_the_curve_stops_where_the_loss_diverges():
     assert not np.isfinite(last) or last > lr_range.DIVERGE_FACTOR * min(finite)
 
 
+def _settling_curve(steps=300):
+    """A from-scratch CNN's curve (find-lr cifar10_cnn on the digits): flat at chance (2.3), down to
+    0.12, then shooting up to 6.6 within a few steps and settling back at chance. The exponentially
+    smoothed loss lags so far behind that it never reaches 4 times its minimum."""
+    i = np.arange(steps)
+    losses = np.full(steps, 2.3)
+    losses = np.where((i >= 130) & (i < 190), 2.3 - 2.18 * (i - 130) / 60, losses)
+    losses = np.where((i >= 190) & (i < 200), 0.12, losses)
+    losses = np.where((i >= 200) & (i < 210), 6.6, losses)
+    return list(np.where(i >= 210, 2.3 + 0.05 * np.sin(i), losses))
+
+
+def _fake_steps(monkeypatch, losses):
+    """The range test's steps return `losses` one by one (the model and the data still go through it)."""
+    feed = iter(losses)
+    monkeypatch.setattr(lr_range, "_step_function", lambda model, optimizer, strategy: lambda batch: next(feed))
+
+
+def test_a_loss_that_shoots_up_and_settles_at_chance_is_a_divergence(monkeypatch, caplog):
+    losses = _settling_curve()
+    smoothed = lr_range.ema_smooth(losses)
+    assert max(smoothed[150:]) < lr_range.DIVERGE_FACTOR * min(smoothed)  # the smoothed rule alone misses it
+    _fake_steps(monkeypatch, losses)
+    with caplog.at_level("INFO", logger="kerastune_flow.lr_range"):
+        test = lr_range.range_test(_mlp(), _data())
+    assert test.diverged and 200 < len(test.lrs) < 215  # stopped a few steps into the rise
+    assert "median" in test.why and test.record()["diverged_how"] == test.why
+    (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Range test:")]
+    assert "stopped where the loss diverged" in line and "never" not in line
+    # The default rule reads the same rate as on the whole curve: the stop comes long after it.
+    whole = lr_range.suggest(np.logspace(-7, 1, 300), losses, planned_steps=300)
+    assert test.suggestion() == pytest.approx(whole, rel=1e-9)
+
+
+def test_one_noisy_batch_is_not_a_divergence(monkeypatch, caplog):
+    losses = [0.5] * 100
+    losses[60] = 5.0  # ten times the loss, once
+    _fake_steps(monkeypatch, losses)
+    with caplog.at_level("INFO", logger="kerastune_flow.lr_range"):
+        test = lr_range.range_test(_mlp(), _data(), max_steps=100)
+    assert not test.diverged and len(test.lrs) == 100 and test.why == ""
+    assert any("the loss never diverged (its lowest 0.5, its last 0.5" in r.getMessage() for r in caplog.records)
+
+
 def test_a_model_that_is_not_compiled_or_bad_rates_are_refused():
     model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
     with pytest.raises(ConfigError, match="compiled model"):
@@ -138,9 +182,21 @@ def test_the_suggestion_is_the_same_on_two_replicas_as_on_one_device(tmp_path):
     assert 1e-5 < one["suggestion"] < 1.0
 
 
-def test_find_lr_through_the_cli_writes_the_record_and_the_plot(tmp_path, capsys):
+def test_find_lr_through_the_cli_writes_the_record_and_the_plot(tmp_path, capsys, monkeypatch):
+    titles = []
+    plot_lr_find = plots.plot_lr_find
+
+    def plotted(record, **kwargs):
+        plot = plot_lr_find(record, **kwargs)
+        titles.append(plot.figure.axes[0].get_title())
+        return plot
+
+    monkeypatch.setattr(plots, "plot_lr_find", plotted)
     argv = ["find-lr", "cifar10_cnn", "--data", DIGITS, "--preset", "smoke", "--run-dir", str(tmp_path / "r")]
     assert run.main([*argv, "--quiet"]) == 0
+    # The plot names what was fitted: the whole CNN, trained from scratch, not a "head".
+    (title,) = titles
+    assert title.startswith("Range test of the cifar10_cnn model: suggestion") and "head" not in title
     printed = json.loads(capsys.readouterr().out)
     record = rundir.read_json(tmp_path / "r" / "lr_find.json")
     assert {"suggestion", "lrs", "losses", "rule"} <= set(record)
@@ -198,6 +254,19 @@ def test_stage_finetune_tests_stage_two_after_training_stage_one(folder, base_mo
     assert call["model"] != "head" and call["multiplier"] == 0.1  # the whole model, as stage 2 compiles it
     assert any("conv_3" in path for path in call["trainable"])  # the base from unfreeze_at on trains
     assert record["stage"] == "finetune" and (tmp_path / "r" / "lr_find.json").exists()
+    assert record["fitted"] == f"the fine-tune stage ({base_model.name} base)"
+
+
+def test_each_range_test_is_titled_by_what_it_fits():
+    scratch, staged = make_config("cifar10_cnn", "smoke"), make_config("vgg16_finetune", "smoke")
+    assert lr_find.fitted(scratch, "head") == "the cifar10_cnn model"
+    assert lr_find.fitted(staged, "head") == "the head on the frozen vgg16 base"
+    mobile = staged.replace(backbone="mobilenetv2")
+    assert lr_find.fitted(mobile, "finetune") == "the fine-tune stage (mobilenetv2 base)"
+    record = dict(suggestion=1.23e-4, rule="descent", stage="head", lrs=[1e-7, 1e-6], losses=[2.3, 2.3])
+    record.update(smoothed=[2.3, 2.3], fitted=lr_find.fitted(staged, "head"))
+    title = plots.plot_lr_find(record).figure.axes[0].get_title()
+    assert title == "Range test of the head on the frozen vgg16 base: suggestion 0.00012 (descent)"
 
 
 def test_bad_input_to_find_lr_is_one_line_and_exit_2(tmp_path, capsys):
