@@ -23,6 +23,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from kerastune_flow import progress
 from kerastune_flow.data.pipeline import EpochClock, gathered_batches, with_autotune
 
 log = logging.getLogger(__name__)
@@ -79,7 +80,7 @@ def compute(
     budget: int | None = None,
 ) -> Cached:
     """One pass of `model` over a batched, unshuffled (images, labels) data set, kept in memory or
-    on disk.
+    on disk. A pass longer than a couple of seconds shows its progress by batch (`progress.Progress`).
 
     Args:
         model: the frozen part, from images to what is cached (in inference mode).
@@ -94,6 +95,7 @@ def compute(
         The outputs and labels, in order.
     """
     budget = memory_budget() if budget is None else budget
+    shown = progress.Progress(f"Caching {name.replace('_', ' ')}", total=progress.count(ds), unit="batch")
     chunks: list[np.ndarray] = []
     labels: list[np.ndarray] = []
     held = 0
@@ -116,7 +118,10 @@ def compute(
             else:
                 chunks.append(out)
             held += out.nbytes
+            shown.advance()
+        shown.close()
     except BaseException:  # a kill or an error mid-pass: no half-written file stays behind
+        shown.close(finished=False)
         if writer is not None:
             writer.close()
             tmp.unlink(missing_ok=True)

@@ -26,7 +26,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from kerastune_flow import artifacts, inference, rundir
+from kerastune_flow import artifacts, inference, progress, rundir
 from kerastune_flow.artifacts import ARTIFACT_NAMES, FORMATS, QUANTIZATIONS, import_optional
 from kerastune_flow.errors import ConfigError, DataError, ExportParityError, KerastuneFlowError, RunDirError
 
@@ -281,12 +281,14 @@ def measure_parity(
     """
     model = model or saved.model
     ours, theirs, trained, labels = [], [], [], []
-    for images, batch_labels in test.batch(PARITY_BATCH):
-        ours.append(model.predict_on_batch(images))
-        theirs.append(artifact(images, batch_size=PARITY_BATCH))
-        if trained_policy:
-            trained.append(saved.model.predict_on_batch(images))
-        labels.append(batch_labels.numpy())
+    with progress.Progress("Parity check", total=progress.count(test), unit="image") as shown:
+        for images, batch_labels in test.batch(PARITY_BATCH):
+            ours.append(model.predict_on_batch(images))
+            theirs.append(artifact(images, batch_size=PARITY_BATCH))
+            if trained_policy:
+                trained.append(saved.model.predict_on_batch(images))
+            labels.append(batch_labels.numpy())
+            shown.advance(len(images))
     if not ours:
         raise DataError(f"The test split of {saved.path} is empty, so the export cannot be checked. Received: 0 images")
     ours, theirs, labels = (np.concatenate(a) for a in (ours, theirs, labels))
@@ -402,7 +404,8 @@ def export_model(
         model(np.zeros((1, *saved.image_shape), np.float32), training=False)
         start = time.perf_counter()
         artifact_path = tmp / ARTIFACT_NAMES[format]
-        converter = CONVERTERS[format](model, artifact_path, quantize, calibration)
+        with progress.timed(f"Converting the model to {format}" + (f" ({quantize})" if quantize else "")):
+            converter = CONVERTERS[format](model, artifact_path, quantize, calibration)
         seconds = time.perf_counter() - start
         try:
             artifact = artifacts.Artifact(format, artifact_path)

@@ -14,7 +14,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from kerastune_flow import artifacts, models, rundir
+from kerastune_flow import artifacts, models, progress, rundir
 from kerastune_flow import data as data_lib
 from kerastune_flow.config import Config
 from kerastune_flow.data.samples import resolve_sample
@@ -136,7 +136,7 @@ def load_for_inference(path: str | Path, *, unsafe_deserialization: bool = False
     )
 
 
-def _evaluate_artifact(saved: SavedRun, test: tf.data.Dataset) -> dict[str, float]:
+def _evaluate_artifact(saved: SavedRun, test: tf.data.Dataset, shown: progress.Progress) -> dict[str, float]:
     """The metrics `keras.Model.evaluate` reports, of an exported model's outputs.
 
     The artifact's outputs go through an identity model compiled as `load_saved` compiles the
@@ -146,6 +146,7 @@ def _evaluate_artifact(saved: SavedRun, test: tf.data.Dataset) -> dict[str, floa
     for images, batch_labels in test:
         outputs.append(saved.artifact(images.numpy(), batch_size=len(images)))
         labels.append(batch_labels.numpy())
+        shown.advance(len(images))
     identity = keras.Sequential([keras.Input(outputs[0].shape[1:]), keras.layers.Identity()])
     identity.compile(loss=saved.head.loss(), metrics=["accuracy"])
     pairs = tf.data.Dataset.from_tensor_slices((np.concatenate(outputs), np.concatenate(labels)))
@@ -234,11 +235,14 @@ def evaluate_saved(
         num_classes=len(saved.class_names),
         cache=False,
     )
+    shown = progress.Progress("Evaluating", total=splits.sizes["test"], unit="image")
     try:
-        if saved.artifact is not None:
-            metrics = _evaluate_artifact(saved, test)
-        else:
-            metrics = saved.model.evaluate(test, verbose=0, return_dict=True)
+        with shown:
+            if saved.artifact is not None:
+                metrics = _evaluate_artifact(saved, test, shown)
+            else:
+                callback = progress.keras_callback(shown, batch_size=batch_size)
+                metrics = saved.model.evaluate(test, verbose=0, return_dict=True, callbacks=[callback])
     except tf.errors.InvalidArgumentError as error:
         translated = data_lib.label_range_error(error)
         if translated is None:
@@ -305,8 +309,7 @@ def predict_images(
         return _predict_imagenet(files, top_k=top_k, weights=weights or "imagenet", batch_size=batch_size)
     top_k = max(1, min(top_k, len(saved.class_names)))
     out = []
-    for start in range(0, len(files), batch_size):
-        chunk = files[start : start + batch_size]
+    for chunk in progress.chunks("Predicting", files, batch_size):
         batch = data_lib.load_images(chunk, image_size=saved.image_shape[:2], channels=saved.image_shape[2])
         probs = probabilities(saved.outputs(batch), saved.head)
         for file, row in zip(chunk, probs, strict=True):
@@ -330,8 +333,7 @@ def _predict_imagenet(files: list[str], *, top_k: int, weights: str, batch_size:
             f"--weights PATH to a local copy. Received: {type(error).__name__}: {str(error)[:160]}"
         ) from None
     out = []
-    for start in range(0, len(files), batch_size):
-        chunk = files[start : start + batch_size]
+    for chunk in progress.chunks("Predicting", files, batch_size):
         batch = data_lib.load_images(chunk, image_size=(224, 224), channels=3)
         probs = model.predict(keras.applications.vgg16.preprocess_input(batch), verbose=0)
         try:

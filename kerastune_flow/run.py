@@ -25,6 +25,7 @@ import keras
 import tensorflow as tf
 
 from kerastune_flow import config as config_lib
+from kerastune_flow import progress
 from kerastune_flow.compare import APPROACHES, compare
 from kerastune_flow.config import PRESETS
 from kerastune_flow.errors import ConfigError, KerastuneFlowError
@@ -173,6 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = comp.add_argument_group("the comparison")
     g.add_argument("--run-dir", help="output folder (default runs/compare-DATE-TIME)")
     g.add_argument("--preset", default="reference", choices=list(PRESETS))
+    g.add_argument("--quiet", action="store_true", help="no progress bars")
 
     tune_cmd = sub.add_parser(
         "tune",
@@ -216,6 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--max-examples", type=int)
     evaluate.add_argument("--skip-bad-images", action="store_true", help="leave out undecodable images, with a warning")
     evaluate.add_argument("--unsafe-deserialization", action="store_true", help=unsafe_help)
+    evaluate.add_argument("--quiet", action="store_true", help="no progress bars")
 
     predict = sub.add_parser(
         "predict",
@@ -229,6 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--weights", help="imagenet or a local file: use stock VGG16, every path is an image")
     predict.add_argument("--skip-bad-images", action="store_true", help="leave out undecodable images, with a warning")
     predict.add_argument("--unsafe-deserialization", action="store_true", help=unsafe_help)
+    predict.add_argument("--quiet", action="store_true", help="no progress bars")
 
     export = sub.add_parser(
         "export",
@@ -249,6 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--data", help="check on this data's test split (default: the run's)")
     export.add_argument("--max-examples", type=int, help="check on at most N test images")
     export.add_argument("--unsafe-deserialization", action="store_true", help=unsafe_help)
+    export.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
 
 
@@ -298,6 +303,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
             train_fractions=args.train_fraction,
             preset=args.preset,
             **config_overrides(args, skip=COMPARE_OWN),
+            **({"verbose": 0} if args.quiet else {}),
         )
     print("\n".join(report["recommendation"]))
     print(f"report: {os.path.join(run_dir, 'report.html')}")
@@ -424,7 +430,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=logging.INFO, format="[kerastune_flow] %(message)s", stream=sys.stderr)
     try:
-        return COMMANDS[args.command](args)
+        with progress.silenced(getattr(args, "quiet", False)):  # --quiet: no progress of any step, ours or Keras'
+            return COMMANDS[args.command](args)
     except KerastuneFlowError as error:
         print(f"error: {_one_line(error)}", file=sys.stderr)
         return 2

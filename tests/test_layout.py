@@ -10,6 +10,7 @@ MAX_LINES = 500
 # Each module imports only modules of a lower rank: errors and config at the bottom, run at the top.
 RANKS = {
     "errors": 0,
+    "progress": 1,  # a leaf: the progress of long steps, used from data up to run
     "config": 1,
     "compat": 2,
     "strategy": 2,
