@@ -30,7 +30,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from kerastune_flow import analysis, inference, models, plots, reports, rundir
+from kerastune_flow import analysis, inference, models, plots, reports, rundir, runlock
 from kerastune_flow import data as data_lib
 from kerastune_flow.config import new_seed
 from kerastune_flow.errors import ConfigError
@@ -134,7 +134,21 @@ def compare(
     if not train_fractions or any(not 0 < f <= 1 for f in train_fractions):
         raise ConfigError(f"Training fractions must lie in (0, 1]. Received: {list(train_fractions)}")
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if rundir.claim_dir(run_dir, kinds=("compare",)) is not None:
+        log.info("Replacing the comparison in %s: its approaches resume or train again", run_dir)
+    with runlock.run_lock(run_dir):
+        return _compare(data, run_dir, approaches, train_fractions, preset, overrides)
+
+
+def _compare(
+    data: str,
+    run_dir: Path,
+    approaches: Sequence[str],
+    train_fractions: Sequence[float],
+    preset: str,
+    overrides: dict[str, Any],
+) -> dict[str, Any]:
+    """The comparison of `compare`, its arguments checked, with its folder held."""
     if overrides.get("seed") is None:  # one seed for every approach: the same split of a folder
         overrides["seed"] = make_config("cifar10_cnn", preset).train.seed
         if overrides["seed"] is None:

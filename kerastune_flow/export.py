@@ -338,22 +338,28 @@ def _check_float_parity(parity: dict[str, Any], format: str) -> None:
 def _readable(folder: Path) -> None:
     """Gives the export the umask's permissions: mkdtemp and mkstemp make them private (0700 and
     0600), which a server running as another user (TF Serving in a container) cannot read."""
-    umask = os.umask(0)
-    os.umask(umask)
+    umask = rundir.umask()
     for path in (folder, *folder.rglob("*")):
         os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def _move_into_place(tmp: Path, out: Path) -> None:
-    """Renames the finished export over `out` (any old one is moved aside first, then removed)."""
+    """Renames the finished export over `out` (an old export, which `rundir.claim_dir` allowed, is
+    moved aside first, then removed, and the log says so)."""
     old = out.with_name(f".{out.name}.old-{os.getpid()}")
     if out.exists() or out.is_symlink():
+        if rundir.folder_kind(out) is not None:
+            log.info("Replacing the export in %s: removing its previous %s", out, ", ".join(sorted(_names(out))))
         os.replace(out, old)
     os.replace(tmp, out)
-    if old.is_dir():
+    if old.is_dir() and not old.is_symlink():
         shutil.rmtree(old)
-    elif old.exists():
+    elif old.exists() or old.is_symlink():
         old.unlink()
+
+
+def _names(folder: Path) -> list[str]:
+    return [p.name for p in folder.iterdir()] if folder.is_dir() else [folder.name]
 
 
 def export_model(
@@ -385,16 +391,16 @@ def export_model(
 
     Raises:
         ConfigError: an unknown format or quantization; MissingPackageError: a converter or
-            runtime that is not installed; RunDirError: no model at `source`, or `out` exists
-            without `overwrite`; DataError: see `inference.test_split`; ExportParityError: a
-            float artifact that does not match the Keras model (nothing is written).
+            runtime that is not installed; RunDirError: no model at `source`, an `out` that is not
+            an export of the package's, or one without `overwrite`; DataError: see
+            `inference.test_split`; ExportParityError: a float artifact that does not match the
+            Keras model (nothing is written).
     """
     check_choices(format, quantize)
     _check_packages(format)
-    saved = inference.load_saved(source, unsafe_deserialization=unsafe_deserialization)
     out = Path(out) if out else default_out(source, format, quantize)
-    if out.exists() and not overwrite:
-        raise RunDirError(f"{out} exists; pass --overwrite to replace it, or another --out. Received: out={out}")
+    rundir.claim_dir(out, kinds=("export",), overwrite=overwrite, flag="--out")  # only an export is replaced
+    saved = inference.load_saved(source, unsafe_deserialization=unsafe_deserialization)
     test, labelled, checked_on, calibration = _images(saved, data, max_examples, quantize)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))

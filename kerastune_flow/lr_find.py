@@ -22,7 +22,7 @@ import keras
 import tensorflow as tf
 
 from kerastune_flow import data as data_lib
-from kerastune_flow import finetune, fitting, lr_range, models, runtime, train
+from kerastune_flow import finetune, fitting, lr_range, models, rundir, runlock, runtime, train
 from kerastune_flow.config import Config
 from kerastune_flow.errors import ConfigError
 from kerastune_flow.fitting import FitContext
@@ -80,11 +80,12 @@ def find_lr(
     strategy = get_strategy(config.train.strategy)
     config = train.with_seed(config, run_dir, strategy)
     chief = is_chief(strategy)
+    if chief:  # a range test goes in a new folder, its own earlier one's, or a run's
+        rundir.claim_dir(run_dir, kinds=("lr_find", "run"))
     out_dir = Path(run_dir) if chief else Path(tempfile.mkdtemp(prefix="kerastune_flow_worker_"))
-    out_dir.mkdir(parents=True, exist_ok=True)
     settings, config = train.run_settings(config, strategy)
     try:
-        with train.dtype_policy(settings.dtype_policy):
+        with runlock.run_lock(out_dir, take=chief), train.dtype_policy(settings.dtype_policy):
             record = _find_lr(config, out_dir, strategy, settings, stage, max_steps)
     except tf.errors.InvalidArgumentError as error:  # labels outside the head's classes: a user error
         translated = data_lib.label_range_error(error)

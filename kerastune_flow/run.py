@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import importlib.metadata
 import json
 import logging
 import os
 import platform
+import shlex
 import sys
 import time
 
@@ -25,7 +27,7 @@ import keras
 import tensorflow as tf
 
 from kerastune_flow import config as config_lib
-from kerastune_flow import progress
+from kerastune_flow import progress, unfinished
 from kerastune_flow.compare import APPROACHES, compare
 from kerastune_flow.config import PRESETS
 from kerastune_flow.errors import ConfigError, KerastuneFlowError
@@ -35,7 +37,7 @@ from kerastune_flow.inference import evaluate_saved, predict_images
 from kerastune_flow.lr_find import STAGES, find_lr
 from kerastune_flow.recipes import RECIPES, make_config
 from kerastune_flow.train import train_and_evaluate
-from kerastune_flow.tune import DEFAULT_TRIALS, OBJECTIVES, TUNERS, tune
+from kerastune_flow.tune import DEFAULT_TRIALS, OBJECTIVES, TUNERS, search_settings, tune
 from kerastune_flow.tune_space import KNOBS
 
 EXAMPLES = """\
@@ -274,7 +276,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.quiet:
         overrides["verbose"] = 0
     config = make_config(args.recipe, args.preset, **overrides)
-    run_dir = args.run_dir or os.path.join("runs", f"{args.recipe}-{time.strftime('%Y%m%d-%H%M%S')}")
+    # Without --run-dir, the same command takes up its unfinished run (see `unfinished.py`).
+    same = functools.partial(unfinished.same_run, config=config.to_dict())
+    run_dir = args.run_dir = args.run_dir or str(unfinished.default_run_dir(f"{args.recipe}-", matches=same))
     # Progress bars and Keras' messages go to stderr, so stdout carries only the JSON result.
     with contextlib.redirect_stdout(sys.stderr):
         result = train_and_evaluate(config, run_dir, overwrite=args.overwrite)
@@ -285,7 +289,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_find_lr(args: argparse.Namespace) -> int:
     overrides = {**config_overrides(args), **({"verbose": 0} if args.quiet else {})}
     config = make_config(args.recipe, args.preset, **overrides)
-    run_dir = args.run_dir or os.path.join("runs", f"find-lr-{args.recipe}-{time.strftime('%Y%m%d-%H%M%S')}")
+    run_dir = args.run_dir = args.run_dir or os.path.join(
+        "runs", f"find-lr-{args.recipe}-{time.strftime('%Y%m%d-%H%M%S')}"
+    )
     with contextlib.redirect_stdout(sys.stderr):
         record = find_lr(config, run_dir, stage=args.stage)
     shown = ("suggestion", "rule", "suggestions", "stage", "steps", "diverged", "json", "png")
@@ -294,7 +300,7 @@ def _cmd_find_lr(args: argparse.Namespace) -> int:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    run_dir = args.run_dir or os.path.join("runs", f"compare-{time.strftime('%Y%m%d-%H%M%S')}")
+    run_dir = args.run_dir = args.run_dir or os.path.join("runs", f"compare-{time.strftime('%Y%m%d-%H%M%S')}")
     with contextlib.redirect_stdout(sys.stderr):
         report = compare(
             args.data,
@@ -311,10 +317,15 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 
 def _cmd_tune(args: argparse.Namespace) -> int:
-    run_dir = args.run_dir or os.path.join("runs", f"tune-{args.recipe}-{time.strftime('%Y%m%d-%H%M%S')}")
     overrides = config_overrides(args)
     if args.quiet:
         overrides["verbose"] = 0
+    # Without --run-dir, the same command takes up its unfinished search (see `unfinished.py`).
+    asked = search_settings(
+        args.recipe, tuner=args.tuner, objective=args.objective, preset=args.preset, space=args.space, **overrides
+    )
+    same = functools.partial(unfinished.same_search, asked=asked)
+    run_dir = args.run_dir = args.run_dir or str(unfinished.default_run_dir(f"tune-{args.recipe}-", matches=same))
     with contextlib.redirect_stdout(sys.stderr):
         summary = tune(
             args.recipe,
@@ -415,6 +426,17 @@ def _one_line(text: object) -> str:
     return " ".join(str(text).split())
 
 
+def _resume_hint(prog: str, argv: list[str], args: argparse.Namespace) -> str:
+    """What to type to go on after an interrupt: the command as typed, with the folder it wrote."""
+    run_dir = getattr(args, "run_dir", None)
+    if not run_dir:
+        return ""
+    typed = any(arg == "--run-dir" or arg.startswith("--run-dir=") for arg in argv)
+    command = shlex.join([prog, *argv, *([] if typed else ["--run-dir", run_dir])])
+    verb = "run it again" if args.command == "find-lr" else "resume"
+    return f": what was finished is kept in {run_dir}; to {verb}: {command}"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Runs the CLI; returns the exit code.
 
@@ -423,8 +445,9 @@ def main(argv: list[str] | None = None) -> int:
     traceback with KERASTUNE_FLOW_DEBUG=1. 130 / 143: interrupted by SIGINT / SIGTERM.
     """
     argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
     try:
-        args = build_parser().parse_args(argv)
+        args = parser.parse_args(argv)
     except UsageError as error:
         print(f"error: {_one_line(error)}", file=sys.stderr)
         return 2
@@ -448,10 +471,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt as error:
         name = getattr(error, "signal_name", "SIGINT")
-        print(
-            f"interrupted by {name}: finished epochs are kept in the run directory; run the same command to resume",
-            file=sys.stderr,
-        )
+        print(f"interrupted by {name}{_resume_hint(parser.prog, argv, args)}", file=sys.stderr)
         return 143 if name == "SIGTERM" else 130
 
 

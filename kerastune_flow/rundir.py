@@ -53,6 +53,7 @@ LEARNING_RATES_JSON = "learning_rates.json"  # under backup/: the rates "auto" f
 # `export` writes RUN_DIR/export-FORMAT[-QUANTIZE] by default, each folder with this record in it.
 EXPORT_PREFIX = "export-"
 EXPORT_JSON = "export.json"
+LOCK_FILE = ".lock"  # while a command writes the folder: who (see `runlock.py`)
 RUN_FILES = (
     CONFIG_JSON,
     RESULTS_JSON,
@@ -84,14 +85,11 @@ def prepare_run_dir(workdir: str | os.PathLike, *, overwrite: bool = False) -> b
     costs the previous results.
 
     Raises:
-        RunDirError: when it holds a finished run and `overwrite` is False, or is not writable.
+        RunDirError: when it is not the package's run (see `claim_dir`), holds a finished run and
+            `overwrite` is False, or is not writable.
     """
     workdir = Path(workdir)
-    if (workdir / RESULTS_JSON).exists() and not overwrite:
-        raise RunDirError(
-            f"{workdir} already holds a finished run; pass --overwrite to replace it or choose another "
-            f"--run-dir. Received: run_dir={workdir}"
-        )
+    claim_dir(workdir, kinds=("run",), overwrite=overwrite)
     try:
         workdir.mkdir(parents=True, exist_ok=True)
         probe = workdir / ".write_test"
@@ -129,11 +127,13 @@ def clear_finished_run(workdir: str | os.PathLike) -> None:
     if not (workdir / RESULTS_JSON).exists():
         return
     exports = [p for p in workdir.glob(EXPORT_PREFIX + "*") if p.is_dir() and (p / EXPORT_JSON).is_file()]
+    targets = [p for p in [workdir / name for name in RUN_FILES] + sorted(exports) if p.exists()]
+    log.info("Replacing the finished run in %s: removing %s", workdir, ", ".join(p.name for p in targets))
     try:
-        for target in [workdir / name for name in RUN_FILES] + exports:
+        for target in targets:
             if target.is_dir():
                 shutil.rmtree(target)
-            elif target.exists():
+            else:
                 target.unlink()
     except OSError as error:
         raise RunDirError(
@@ -150,6 +150,127 @@ def worker_run_dir(chief_dir: str | os.PathLike) -> Path:
     if (chief_dir / BACKUP_DIR).is_dir():
         shutil.copytree(chief_dir / BACKUP_DIR, private / BACKUP_DIR)
     return private
+
+
+# --------------------------------------------------------------------------- whose folder it is
+
+# What each kind of folder the package writes holds, in the order they are told apart: a search
+# and a comparison hold runs, so they are recognised first.
+KIND_MARKERS = {
+    "export": (EXPORT_JSON,),
+    "search": ("search.json", "tune.json"),
+    "compare": ("report.md",),
+    "run": (CONFIG_JSON, RESULTS_JSON, BACKUP_DIR),
+    "lr_find": (f"{LR_FIND}.json", f"{LR_FIND}_finetune.json"),
+}
+KIND_WORDS = {
+    "export": "an export",
+    "search": "a search",
+    "compare": "a comparison",
+    "run": "a run",
+    "lr_find": "a learning-rate range test",
+}
+# Left out when asking whether a folder is empty: a run's lock and what file browsers leave.
+IGNORED_NAMES = (LOCK_FILE, ".DS_Store", "Thumbs.db", "desktop.ini")
+
+
+def folder_kind(folder: str | os.PathLike) -> str | None:
+    """What `folder` holds: None when missing or empty, a key of `KIND_MARKERS` when the package
+    wrote it, or "foreign" (files of someone else's, or a file instead of a folder)."""
+    folder = Path(folder)
+    if not folder.exists():
+        return None
+    if not folder.is_dir():
+        return "foreign"
+    entries = [p for p in folder.iterdir() if p.name not in IGNORED_NAMES]
+    if not entries:
+        return None
+    for kind, markers in KIND_MARKERS.items():
+        if any((folder / name).exists() for name in markers):
+            return kind
+    if all(p.is_dir() and folder_kind(p) == "run" for p in entries):
+        return "compare"  # a comparison stopped before its report: its approaches' runs only
+    return "foreign"
+
+
+def is_finished(folder: str | os.PathLike) -> bool:
+    """A run, search or comparison that ran to its end (or an export, always whole)."""
+    folder = Path(folder)
+    return any((folder / name).exists() for name in (RESULTS_JSON, EXPORT_JSON, "report.html"))
+
+
+def claim_dir(
+    folder: str | os.PathLike,
+    *,
+    kinds: tuple[str, ...] = ("run",),
+    overwrite: bool = False,
+    flag: str = "--run-dir",
+) -> str | None:
+    """Checks that a command may write `folder`, before anything is written; every command that
+    takes an output folder calls it. The package writes only into a new or empty folder or one it
+    wrote itself of a kind the command makes; a finished run or export is replaced only with
+    `overwrite`; the current folder (or one holding it) is never replaced.
+
+    Args:
+        folder: the output folder.
+        kinds: the kinds (see `KIND_MARKERS`) the command may take up; the first names it.
+        overwrite: the user asked to replace a finished run or export.
+        flag: the command's flag for the folder, for the message.
+
+    Returns:
+        `folder_kind(folder)`: None for a new or empty folder.
+
+    Raises:
+        RunDirError: for anyone else's folder, another kind of the package's, or a finished one
+            without `overwrite`; nothing is written then.
+    """
+    folder = Path(folder)
+    kind = folder_kind(folder)
+    words = "export folder" if kinds[0] == "export" else "run directory"
+    if folder.exists() and not folder.is_dir():
+        raise RunDirError(
+            f"Cannot write to the {words} {folder} (File exists: it is a file, not a folder); choose another "
+            f"{flag}. Received: {flag}={folder}"
+        )
+    cwd = Path.cwd().resolve()
+    if kinds[0] == "export" and folder.exists() and (folder.resolve() == cwd or folder.resolve() in cwd.parents):
+        raise RunDirError(
+            f"{folder} is the current folder or holds it, so it is never replaced; choose another {flag}. "
+            f"Received: {flag}={folder}"
+        )
+    if kind == "foreign":
+        found = ", ".join(sorted(p.name for p in folder.iterdir() if p.name not in IGNORED_NAMES)[:3])
+        raise RunDirError(
+            f"{folder} holds files that kerastune_flow did not write ({found}), so it is left untouched"
+            f"{' (--overwrite replaces only what kerastune_flow wrote)' if overwrite else ''}; choose a new or empty "
+            f"{flag}. Received: {flag}={folder}"
+        )
+    if kind is not None and kind not in kinds:
+        raise RunDirError(
+            f"{folder} holds {KIND_WORDS[kind]}, not {KIND_WORDS[kinds[0]]}, so it is left untouched; choose a new "
+            f"or empty {flag}. Received: {flag}={folder}"
+        )
+    if kind == kinds[0] and kind in ("run", "export") and is_finished(folder) and not overwrite:
+        what = "a finished run" if kind == "run" else "an export"
+        raise RunDirError(
+            f"{folder} already holds {what}; pass --overwrite to replace it or choose another {flag}. "
+            f"Received: {flag}={folder}"
+        )
+    return kind
+
+
+def umask() -> int:
+    """The process's umask, read without changing it (os.umask sets it, racing other threads)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    current = os.umask(0o022)
+    os.umask(current)
+    return current
 
 
 # --------------------------------------------------------------------------- write errors
@@ -234,6 +355,7 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
         # The whole suffix: Keras wants ".keras" to save a model and ".weights.h5" to save weights.
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + "".join(path.suffixes), dir=path.parent)
         os.close(fd)
+        os.chmod(tmp, 0o666 & ~umask())  # mkstemp's 0600 would make every run file private
     try:
         with _writing(path):
             yield Path(tmp)

@@ -26,7 +26,7 @@ import tensorflow as tf
 
 from kerastune_flow import callbacks as cb
 from kerastune_flow import data as data_lib
-from kerastune_flow import finetune, fitting, models, plots, rundir, runtime
+from kerastune_flow import finetune, fitting, models, plots, rundir, runlock, runtime
 from kerastune_flow.config import AUTO, Config, new_seed
 from kerastune_flow.errors import DataError, KerastuneFlowError
 from kerastune_flow.fitting import FitContext
@@ -224,6 +224,16 @@ def train_and_evaluate(
     """
     runtime.prepare_process(config.train.strategy, deterministic=config.train.deterministic)
     strategy = get_strategy(config.train.strategy)  # first: multi-worker collectives precede any op
+    chief = is_chief(strategy)  # the other workers of a cluster write private folders: no lock
+    if chief:  # refused before anything is written
+        rundir.claim_dir(workdir, kinds=("run",), overwrite=overwrite)
+    with runlock.run_lock(workdir) if chief else contextlib.nullcontext():
+        return _locked_run(config, workdir, strategy, overwrite=overwrite, evaluate_test=evaluate_test)
+
+
+def _locked_run(
+    config: Config, workdir: str | Path, strategy: tf.distribute.Strategy, *, overwrite: bool, evaluate_test: bool
+) -> RunResult:
     config = with_seed(config, workdir, strategy)
     keras.utils.set_random_seed(config.train.seed)
     if is_chief(strategy):

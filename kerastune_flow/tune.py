@@ -37,7 +37,7 @@ from keras_tuner.src.distribute import oracle_chief
 from keras_tuner.src.distribute import utils as kt_distribute
 
 from kerastune_flow import data as data_lib
-from kerastune_flow import inference, rundir
+from kerastune_flow import inference, rundir, runlock
 from kerastune_flow import tune_report as report_lib
 from kerastune_flow.config import Config, new_seed
 from kerastune_flow.errors import ConfigError, KerastuneFlowError
@@ -252,54 +252,58 @@ def tune(
     if trials < 1 or (max_minutes is not None and max_minutes <= 0):
         raise ConfigError(f"--trials and --max-minutes must be positive. Received: trials={trials}, {max_minutes=}")
     run_dir = Path(run_dir)
+    worker = kt_is_worker()  # a distributed search's chief holds the folder for its workers
+    if not worker:
+        rundir.claim_dir(run_dir, kinds=("search",))
     # The data and the settings checked before anything is written: a typo leaves no search behind.
     given = make_config(recipe, preset, **overrides)
     check_before_data(given)
     data_lib.load_splits(given)
-    asked = dict(recipe=recipe, tuner=tuner, objective=objective, preset=preset, space=space, **overrides)
-    asked["seed"] = given.train.seed  # a flag's or the preset's; None: picked once, recorded
-    started = _search_record(run_dir, asked, budget=dict(trials_asked=trials, max_minutes=max_minutes))
-    fixed = {**overrides, "seed": started["seed"]}
-    if objective.startswith("val_") and make_config(recipe, preset, **fixed).data.validation_fraction == 0:
-        if "validation_fraction" in overrides:
-            raise ConfigError(
-                "tune chooses by validation, so --validation-fraction must be above 0. Received: validation_fraction=0"
-            )
-        fixed["validation_fraction"] = 0.1  # the from-scratch recipes hold none out by default
-    config = make_config(recipe, preset, **fixed)
-    knobs = resolve_space(spec, space, fixed=tuple(overrides))
-    blocks = unfreeze_choices(config) if any(k.name == "unfreeze_at" for k in knobs) else []
-    epochs_field = "epochs"
-    oracle = make_oracle(
-        tuner, objective, trials=trials, epochs=config.train.epochs, seed=started["seed"], max_minutes=max_minutes
-    )
-    oracle.on_trial_ended = lambda: report_lib.write_tune_json(run_dir, oracle, started, knobs)
-    with contextlib.redirect_stdout(io.StringIO()) as chatter:  # KerasTuner prints; the log says it once
-        tuner_obj = RunTuner(
-            oracle, SearchSpace(knobs, config, blocks), run_dir, objective=objective, epochs_field=epochs_field
+    with runlock.run_lock(run_dir, take=not worker):  # released at the end, on errors and Ctrl-C too
+        asked = search_settings(recipe, tuner=tuner, objective=objective, preset=preset, space=space, **overrides)
+        started = _search_record(run_dir, asked, budget=dict(trials_asked=trials, max_minutes=max_minutes))
+        fixed = {**overrides, "seed": started["seed"]}
+        if objective.startswith("val_") and make_config(recipe, preset, **fixed).data.validation_fraction == 0:
+            if "validation_fraction" in overrides:
+                raise ConfigError(
+                    "tune chooses by validation, so --validation-fraction must be above 0. "
+                    "Received: validation_fraction=0"
+                )
+            fixed["validation_fraction"] = 0.1  # the from-scratch recipes hold none out by default
+        config = make_config(recipe, preset, **fixed)
+        knobs = resolve_space(spec, space, fixed=tuple(overrides))
+        blocks = unfreeze_choices(config) if any(k.name == "unfreeze_at" for k in knobs) else []
+        epochs_field = "epochs"
+        oracle = make_oracle(
+            tuner, objective, trials=trials, epochs=config.train.epochs, seed=started["seed"], max_minutes=max_minutes
         )
-    if "Reloading" in chatter.getvalue():
-        done = sum(t.status == "COMPLETED" for t in oracle.trials.values())
-        log.info("Resuming the search in %s: %d trial(s) finished, none is run again", run_dir, done)
-    log.info(
-        "Searching %s with %s over %s (%s trials%s), objective %s",
-        recipe,
-        tuner,
-        ", ".join(k.name for k in knobs),
-        trials,
-        f", {max_minutes:g} min" if max_minutes else "",
-        objective,
-    )
-    try:
-        if kt_is_chief():
-            _serve(oracle)
-        else:
-            tuner_obj.search(verbose=0)
-    except _UserError as error:
-        raise error.error from None
-    if kt_is_worker():  # the chief writes the summary once every trial has ended
-        return {"worker": os.environ.get("KERASTUNER_TUNER_ID")}
-    return finish(run_dir, oracle, started, knobs, config)
+        oracle.on_trial_ended = lambda: report_lib.write_tune_json(run_dir, oracle, started, knobs)
+        with contextlib.redirect_stdout(io.StringIO()) as chatter:  # KerasTuner prints; the log says it once
+            tuner_obj = RunTuner(
+                oracle, SearchSpace(knobs, config, blocks), run_dir, objective=objective, epochs_field=epochs_field
+            )
+        if "Reloading" in chatter.getvalue():
+            done = sum(t.status == "COMPLETED" for t in oracle.trials.values())
+            log.info("Resuming the search in %s: %d trial(s) finished, none is run again", run_dir, done)
+        log.info(
+            "Searching %s with %s over %s (%s trials%s), objective %s",
+            recipe,
+            tuner,
+            ", ".join(k.name for k in knobs),
+            trials,
+            f", {max_minutes:g} min" if max_minutes else "",
+            objective,
+        )
+        try:
+            if kt_is_chief():
+                _serve(oracle)
+            else:
+                tuner_obj.search(verbose=0)
+        except _UserError as error:
+            raise error.error from None
+        if kt_is_worker():  # the chief writes the summary once every trial has ended
+            return {"worker": os.environ.get("KERASTUNER_TUNER_ID")}
+        return finish(run_dir, oracle, started, knobs, config)
 
 
 def kt_is_chief() -> bool:
@@ -333,6 +337,15 @@ def _serve(oracle) -> None:
                 break
     finally:
         server.stop(grace=1)
+
+
+def search_settings(
+    recipe: str, *, tuner: str, objective: str, preset: str, space: Sequence[str] | None, **overrides: Any
+) -> dict[str, Any]:
+    """What a search is started with (search.json's settings): the same command resumes it."""
+    asked = dict(recipe=recipe, tuner=tuner, objective=objective, preset=preset, space=space, **overrides)
+    asked["seed"] = make_config(recipe, preset, **overrides).train.seed  # a flag's or the preset's; None: picked
+    return asked
 
 
 def _search_record(run_dir: Path, asked: dict[str, Any], *, budget: dict[str, Any]) -> dict[str, Any]:

@@ -235,7 +235,7 @@ CASES = [
     ("export-no-model", "export {empty} --format litert", r"No model at .*model\.keras"),
     ("export-unknown-format", "export {finished} --format coreml", r"--format: invalid choice: 'coreml'"),
     ("export-int8-saved-model", "export {finished} --format saved_model --quantize int8", r"float32 only"),
-    ("export-out-exists", "export {finished} --format litert --out {good}", r"exists; pass --overwrite"),
+    ("export-out-exists", "export {finished} --format litert --out {good}", r"did not write.*new or empty --out"),
     (
         "export-no-runtime",
         "export {finished} --format onnx --out {run}",

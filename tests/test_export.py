@@ -147,11 +147,12 @@ def test_a_mixed_precision_model_is_exported_in_float32_and_compared_both_ways(t
 def test_an_existing_out_is_kept_without_overwrite_and_replaced_with_it(trained, tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
-    (out / "keep.txt").write_text("mine")
+    (out / "export.json").write_text("{}")  # an earlier export: only such a folder is replaced
+    (out / "model.onnx").write_text("old")
     code = run.main(["export", str(trained), "--format", "litert", "--out", str(out)])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and "pass --overwrite" in err
-    assert (out / "keep.txt").read_text() == "mine"
+    assert (out / "model.onnx").read_text() == "old"
     assert run.main(["export", str(trained), "--format", "litert", "--out", str(out), "--overwrite"]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["export.json", "labels.txt", "model.tflite"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary or old folder left

@@ -15,6 +15,8 @@ RANKS = {
     "compat": 2,
     "strategy": 2,
     "rundir": 2,
+    "runlock": 3,  # one process per output folder: the lock file
+    "unfinished": 4,  # the unfinished run a command without --run-dir takes up
     "lr_range": 2,
     "resume": 3,
     "callbacks": 4,

@@ -98,7 +98,7 @@ def test_sigterm_stops_after_a_batch_with_a_message(image_folder, tmp_path):
     _, err = proc.communicate(timeout=60)
     killed_at = time.time()
     assert proc.returncode == 143
-    assert "interrupted by SIGTERM" in err and "run the same command to resume" in err
+    assert "interrupted by SIGTERM" in err and "to resume: " in err and str(run_dir) in err
     assert "Traceback" not in err
     history = read_history(run_dir)
     assert [r["epoch"] for r in history] == list(range(len(history)))
