@@ -58,8 +58,7 @@ def write_jpeg_folder(root: Path, count: int, size: int = 32, classes: int = 10)
 
 
 def _naive(splits_source: str, image_size: tuple[int, int], augmenter) -> tf.data.Dataset:
-    indexed, _ = data.index_image_folder(splits_source)
-    items = indexed.get("all") or indexed["train"]
+    items = data.index_image_folder(splits_source).parts["train"]
     paths = tf.constant([p for p, _ in items])
     labels = tf.constant([label for _, label in items], tf.int32)
 

@@ -136,9 +136,17 @@ class DataConfig:
 
     data: str = setting(
         "digits",
-        "tfds name (mnist, cifar10) or an image folder: train/ and test/ with a folder per class, or class "
-        "folders directly; digits is the sample shipped in the package (a path of that name wins)",
+        "a tfds image-classification set (mnist, cifar10, tf_flowers, ...), a .csv/.tsv file of image paths "
+        "and labels, or an image folder: class folders directly, or train/ (and valid/ or val/, test/) with a "
+        "folder per class; digits is the sample shipped in the package (a path of that name wins)",
         shown="digits, the handwritten digits shipped in the package",
+    )
+    csv_columns: tuple[str, ...] = setting(
+        (),
+        "a --data CSV/TSV file's columns of image path, label and (optional) split (train, valid or test)",
+        parse=parse_names,
+        shown="found by name: path/file/filename/image..., label/class/category..., split/set/subset/is_valid",
+        metavar="PATH,LABEL[,SPLIT]",
     )
     image_size: tuple[int, int] | None = setting(
         None, "N or HxW to resize to", parse=parse_image_size, shown="the recipe's: 28, 32 or 150", metavar="N|HxW"
@@ -146,14 +154,19 @@ class DataConfig:
     batch_size: int = setting(64, "per replica; the global batch is this x replicas", shown="the recipe's: 64 or 32")
     validation_fraction: float = setting(
         0.1,
-        "share of train held out for validation (early stopping and the best model watch it)",
+        "share of train held out for validation when the data has no validation split of its own (a valid/ "
+        "folder is used by every recipe); early stopping and the best model watch it",
         shown="the recipe's: 0 from scratch, as their references; 0.1 for transfer",
     )
     test_fraction: float = setting(0.1, "share held out for test when the data has no test split")
     augment: tuple[str, ...] = setting(
         (), "comma list of random augmentations", choices=AUGMENTATIONS, parse=parse_names, metavar="NAME,..."
     )
-    data_dir: str | None = setting(None, "tfds data directory", shown="~/tensorflow_datasets")
+    data_dir: str | None = setting(
+        None,
+        "tfds's data directory, where tfds data sets are prepared and read",
+        shown="tfds's own: ~/tensorflow_datasets",
+    )
     manual_dir: str | None = setting(None, "folder with the original tfds archives: prepare without a download")
     max_examples: int | None = setting(None, "use at most N examples of each split (quick tries)", shown="all")
     train_fraction: float = setting(1.0, "share of the training split to use (data-size sweeps)")

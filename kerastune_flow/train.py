@@ -349,6 +349,7 @@ def _train_and_evaluate(
         "head": dataclasses.asdict(head),
         "sizes": splits.sizes,
         "test_source": splits.test_source,
+        "split_sources": splits.split_sources,  # which folder, rows or tfds split served each split
         "strategy": describe(strategy),
         "replicas": strategy.num_replicas_in_sync,
         "global_batch_size": batch,

@@ -450,14 +450,14 @@ def test_a_folder_with_nothing_readable_left_is_refused(tmp_path):
 def test_files_without_an_image_extension_are_ignored_with_a_warning(tmp_path, caplog):
     root = write_image_folder(tmp_path / "images", classes=("a", "b"), per_class=PER_CLASS, size=SIZE)
     (root / "a" / "labels.csv").write_text("x")
-    (root / "b" / "photo.webp").write_bytes(b"RIFF")
+    (root / "b" / "photo.heic").write_bytes(b"ftypheic")  # an iPhone photo: no decoder here (WebP is read)
     (root / "b" / ".DS_Store").write_bytes(b"\0")
 
     with caplog.at_level("WARNING"):
         splits = data.load_data(str(root))
 
     assert sum(splits.sizes.values()) == 2 * PER_CLASS
-    assert "Ignoring 2 file(s)" in caplog.text and ".csv x1" in caplog.text and ".webp x1" in caplog.text
+    assert "Ignoring 2 file(s)" in caplog.text and ".csv x1" in caplog.text and ".heic x1" in caplog.text
 
 
 def test_images_smaller_than_the_model_are_upscaled_and_logged(corpus, caplog):

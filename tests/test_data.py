@@ -281,7 +281,7 @@ def test_file_instead_of_folder_raises(tmp_path):
     path = tmp_path / "images.zip"
     path.write_bytes(b"PK")
 
-    with pytest.raises(DataError, match=rf"not a file\. Received: data={re.escape(str(path))}"):
+    with pytest.raises(DataError, match=rf"not a file of another kind\. Received: data={re.escape(str(path))}"):
         data.load_data(str(path))
 
 

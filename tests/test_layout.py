@@ -30,6 +30,7 @@ RANKS = {
     "data.images": 4,
     "data.folders": 5,
     "data.loading": 6,
+    "data.tables": 5,  # a CSV/TSV file of image paths and labels, indexed for folders' split and loading
     "data": 7,
     "models.heads": 3,
     "models.saving": 3,

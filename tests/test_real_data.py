@@ -28,9 +28,9 @@ def cifar10_folder(tmp_path_factory):
 @pytest.mark.needs_shared
 @pytest.mark.slow  # unpacks and indexes 60,000 JPEGs
 def test_the_cifar10_jpeg_folder_loads_with_its_classes_and_counts(cifar10_folder):
-    indexed, class_names = data.index_image_folder(cifar10_folder)
-    assert class_names == CIFAR10_NAMES
-    assert len(indexed["train"]) == 50_000 and len(indexed["test"]) == 10_000
+    index = data.index_image_folder(cifar10_folder)
+    assert index.class_names == CIFAR10_NAMES
+    assert len(index.parts["train"]) == 50_000 and len(index.parts["test"]) == 10_000
     splits = data.load_data(str(cifar10_folder), image_size=(32, 32))
     assert splits.sizes == {"train": 45_000, "validation": 5_000, "test": 10_000}
     assert splits.image_shape == (32, 32, 3)

@@ -1,20 +1,23 @@
-"""Data: tfds data sets and image folders in, `tf.data` pipelines out.
+"""Data: tfds data sets, image folders and CSV files in, `tf.data` pipelines out.
 
-    sources.py   DataSplits; the tfds data sets (mnist, cifar10), prepared offline from --manual-dir
+    sources.py   DataSplits, ImageIndex; any tfds image-classification set, read offline once prepared
     folders.py   image folders: indexed, split per class, scanned for bad files up front
-    images.py    decoding, the parallel scan, reading files for prediction
-    loading.py   load_data (either source) and load_splits (the data a Config names)
+    tables.py    a CSV/TSV file of image paths and labels (and splits), indexed as a folder is
+    images.py    decoding (WebP too), the parallel scan, litter, reading files for prediction
+    loading.py   load_data (any source) and load_splits (the data a Config names)
     augment.py   random augmentation as a function of a seed (stateless), batch by batch
     pipeline.py  the tf.data tail: cache, shuffle, batch, augment, encode labels, prefetch; the
                  epoch clock that makes each epoch's order and augmentation follow from (seed, epoch)
 
-An image folder is either `train/` and `test/` sub-folders with one folder per class each (the
-validation set is then taken from train), or class folders directly (validation and test are then
-taken per class, seeded, so every class appears in every split).
+An image folder is either split folders (`train/`, and `valid/`, `val/` or `validation/`, and
+`test/`) with one folder per class each, or class folders directly. The splits the data does not
+bring are taken from train per class, seeded, so every class appears in every split; those it
+brings are used as they are (`DataSplits.split_sources` says which is which). Litter (`._*`, `.*`,
+`__MACOSX/`, `Thumbs.db`, `desktop.ini`) is left out and counted in one log line.
 """
 
 from kerastune_flow.data.augment import make_augmenter
-from kerastune_flow.data.folders import index_image_folder, load_image_folder
+from kerastune_flow.data.folders import index_image_folder, load_image_folder, load_index
 from kerastune_flow.data.images import (
     IMAGE_EXTENSIONS,
     ImageScan,
@@ -37,7 +40,8 @@ from kerastune_flow.data.pipeline import (
     should_cache,
     with_autotune,
 )
-from kerastune_flow.data.sources import TFDS_ARCHIVES, TFDS_NAMES, DataSplits, is_tfds_name, load_tfds
+from kerastune_flow.data.sources import TFDS_ARCHIVES, TFDS_NAMES, DataSplits, ImageIndex, is_tfds_name, load_tfds
+from kerastune_flow.data.tables import index_table
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -47,6 +51,7 @@ __all__ = [
     "TFDS_NAMES",
     "DataSplits",
     "EpochClock",
+    "ImageIndex",
     "ImageScan",
     "check_images",
     "detect_channels",
@@ -56,10 +61,12 @@ __all__ = [
     "expand_image_arguments",
     "has_test_split",
     "index_image_folder",
+    "index_table",
     "is_tfds_name",
     "label_range_error",
     "load_data",
     "load_image_folder",
+    "load_index",
     "load_images",
     "load_splits",
     "load_tfds",

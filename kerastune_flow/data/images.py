@@ -3,6 +3,7 @@ cannot be decoded, and reading files for prediction."""
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 import os
@@ -19,16 +20,108 @@ from kerastune_flow.errors import DataError
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".png")
+IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".png", ".webp")
+TIFF_EXTENSIONS = (".tif", ".tiff")  # TensorFlow has no TIFF decoder: refused with the command that converts them
+# What archivers and operating systems leave beside images (besides any name starting with "."):
+# macOS's AppleDouble `._*` files and `__MACOSX/` (zip), Windows' thumbnail caches and folder settings.
+LITTER_NAMES = ("__macosx", "thumbs.db", "desktop.ini")
+TIFF_COMMAND = "mogrify -format png */*.tif"  # ImageMagick: writes a PNG beside each TIFF
 _GRAY_MODES = ("1", "L", "LA", "I", "I;16", "F")
 SKIP_BAD_IMAGES_FLAG = "--skip-bad-images"
 BAD_FILES_NAMED = 3  # bad files named in an error message; the rest are counted
 SCAN_BATCH = 1024  # scan results per Python round trip (one per file costs 0.7 ms)
 
 
-def image_files(folder: Path) -> list[str]:
-    """Every image file under `folder`, recursively, sorted."""
-    return sorted(str(p) for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+def litter_kind(name: str) -> str | None:
+    """The kind of litter a file or folder name is (`._*`, `.*`, `__MACOSX`, `Thumbs.db`,
+    `desktop.ini`), or None for a name that may hold images."""
+    if name.startswith("._"):
+        return "._*"
+    if name.startswith("."):
+        return ".*"
+    return name if name.lower() in LITTER_NAMES else None
+
+
+@dataclasses.dataclass
+class FileWalk:
+    """The files under a folder, by what is done with them.
+
+    Attributes:
+        images: image files (IMAGE_EXTENSIONS), sorted.
+        tiff: TIFF files, sorted (refused by `refuse_tiff`).
+        other: count of the other files by extension.
+        litter: count of the litter names (files, and folders not entered) by kind.
+    """
+
+    images: list[str]
+    tiff: list[str]
+    other: collections.Counter
+    litter: collections.Counter
+
+
+def walk_files(folder: str | os.PathLike) -> FileWalk:
+    """Every file under `folder`, recursively, without entering litter folders (`__MACOSX/`, `.*`)."""
+    walk = FileWalk(images=[], tiff=[], other=collections.Counter(), litter=collections.Counter())
+    for parent, dirs, files in os.walk(folder):
+        kept = []
+        for name in dirs:
+            kind = litter_kind(name)
+            if kind:
+                walk.litter[f"{kind}/"] += 1
+            else:
+                kept.append(name)
+        dirs[:] = kept  # os.walk enters only these
+        for name in files:
+            kind = litter_kind(name)
+            suffix = os.path.splitext(name)[1].lower()
+            if kind:
+                walk.litter[kind] += 1
+            elif suffix in IMAGE_EXTENSIONS:
+                walk.images.append(os.path.join(parent, name))
+            elif suffix in TIFF_EXTENSIONS:
+                walk.tiff.append(os.path.join(parent, name))
+            else:
+                walk.other[suffix or "(no extension)"] += 1
+    walk.images.sort()
+    walk.tiff.sort()
+    return walk
+
+
+def log_litter(litter: collections.Counter, where: str | os.PathLike) -> None:
+    """One log line counting the litter left out under `where` (nothing when there is none)."""
+    if litter:
+        log.info(
+            "Ignored %d litter file(s) and folder(s) under %s, never read as images or classes: %s",
+            sum(litter.values()),
+            where,
+            ", ".join(f"{kind} x{n}" for kind, n in sorted(litter.items())),
+        )
+
+
+def refuse_tiff(tiff: Sequence[str], where: str | os.PathLike) -> None:
+    """Raises a DataError naming the TIFF files, if any, and the command that converts them.
+
+    Raises:
+        DataError: when `tiff` is not empty.
+    """
+    if tiff:
+        raise DataError(
+            f"{len(tiff)} TIFF file(s) under {where} (such as {tiff[0]}) cannot be read, since TensorFlow has "
+            f"no TIFF decoder; convert them to PNG, e.g. with ImageMagick in the data folder: `{TIFF_COMMAND}` "
+            f"(then delete the .tif files). Received: tiff_files={len(tiff)}"
+        )
+
+
+def image_files(folder: str | os.PathLike) -> list[str]:
+    """Every image file under `folder`, recursively, sorted; litter is left out and logged.
+
+    Raises:
+        DataError: when there are TIFF files (see `refuse_tiff`).
+    """
+    walk = walk_files(folder)
+    refuse_tiff(walk.tiff, folder)
+    log_litter(walk.litter, folder)
+    return walk.images
 
 
 def detect_channels(paths: Sequence[str], sample: int = 32) -> int:
@@ -45,14 +138,26 @@ def detect_channels(paths: Sequence[str], sample: int = 32) -> int:
 
 
 def decode_image(raw: tf.Tensor, channels: int) -> tf.Tensor:
-    """`tf.io.decode_image` to `channels`; TF decodes GIF and BMP only to 3 or 4 channels, so a
-    grayscale request decodes those to RGB first."""
+    """`tf.io.decode_image` to `channels` (1 or 3).
+
+    TF decodes GIF and BMP only to 3 or 4 channels, and WebP only to its own 3 or 4, so a
+    grayscale request decodes those to RGB first, and a WebP is decoded as it is and cut to RGB.
+    """
+    is_webp = tf.logical_and(tf.strings.substr(raw, 0, 4) == "RIFF", tf.strings.substr(raw, 8, 4) == "WEBP")
+
+    def rgb():
+        def webp():
+            own = tf.io.decode_image(raw, channels=0, expand_animations=False)  # 3 or 4 channels
+            return tf.ensure_shape(own[..., :3], [None, None, 3])
+
+        return tf.cond(is_webp, webp, lambda: tf.io.decode_image(raw, channels=3, expand_animations=False))
+
     if channels != 1:
-        return tf.io.decode_image(raw, channels=channels, expand_animations=False)
+        return rgb()
     gif_or_bmp = tf.logical_or(tf.strings.substr(raw, 0, 3) == "GIF", tf.strings.substr(raw, 0, 2) == "BM")
     return tf.cond(
-        gif_or_bmp,
-        lambda: tf.image.rgb_to_grayscale(tf.io.decode_image(raw, channels=3, expand_animations=False)),
+        tf.logical_or(gif_or_bmp, is_webp),
+        lambda: tf.image.rgb_to_grayscale(rgb()),
         lambda: tf.io.decode_image(raw, channels=1, expand_animations=False),
     )
 
@@ -194,7 +299,7 @@ def load_images(paths: Sequence[str], *, image_size: tuple[int, int], channels: 
             image = decode_image(tf.io.read_file(path), channels)
         except (tf.errors.NotFoundError, tf.errors.InvalidArgumentError) as error:
             raise DataError(
-                f"Cannot read image {path}: it is missing or not a JPEG/PNG/GIF/BMP file. "
+                f"Cannot read image {path}: it is missing or not a JPEG/PNG/GIF/BMP/WebP file. "
                 f"Received: {type(error).__name__}"
             ) from None
         images.append(tf.image.resize(image, image_size))
@@ -202,12 +307,18 @@ def load_images(paths: Sequence[str], *, image_size: tuple[int, int], channels: 
 
 
 def expand_image_arguments(items: Sequence[str]) -> list[str]:
-    """Turns files and folders (searched recursively for images) into a sorted file list."""
+    """Turns files and folders (searched recursively for images, litter left out) into a sorted file list.
+
+    Raises:
+        DataError: for a path that does not exist, a TIFF file, or no image at all.
+    """
     paths: list[str] = []
     for item in items:
         p = Path(item)
         if p.is_dir():
             paths.extend(image_files(p))
+        elif p.is_file() and p.suffix.lower() in TIFF_EXTENSIONS:
+            refuse_tiff([str(p)], p.parent)
         elif p.exists():
             paths.append(str(p))
         else:

@@ -1,5 +1,5 @@
-"""`load_data`: a tfds data set by name or an image folder by path, as train/validation/test
-splits; `load_splits`: the same for the data a Config names.
+"""`load_data`: a tfds data set by name, an image folder or a CSV/TSV file of image paths and
+labels by path, as train/validation/test splits; `load_splits`: the same for the data a Config names.
 
 The splits are unbatched (image, label) pairs with float32 images in 0..255 and int32 labels;
 each model does its own scaling, so a saved model takes raw pixels.
@@ -12,9 +12,10 @@ from pathlib import Path
 from typing import Any
 
 from kerastune_flow.config import Config
-from kerastune_flow.data.folders import load_image_folder
+from kerastune_flow.data.folders import folder_splits, index_image_folder, load_index
 from kerastune_flow.data.samples import resolve_sample
-from kerastune_flow.data.sources import DataSplits, is_tfds_name, load_tfds
+from kerastune_flow.data.sources import DataSplits, is_tfds_name, load_tfds, tfds_has_test
+from kerastune_flow.data.tables import index_table, is_table
 
 
 def load_data(
@@ -30,8 +31,13 @@ def load_data(
     train_fraction: float = 1.0,
     seed: int = 0,
     skip_bad_images: bool = False,
+    csv_columns: tuple[str, ...] = (),
 ) -> DataSplits:
-    """Loads a tfds data set by name or an image folder by path.
+    """Loads a tfds data set by name, or an image folder or a CSV/TSV file by path.
+
+    A validation or test split the data brings (a valid/, val/, validation/ or test/ folder,
+    rows of a split column, a tfds split) is used as it is, by every recipe; the fractions size
+    only the splits carved from train. `DataSplits.split_sources` says which is which.
 
     Args:
         source: "mnist", "cifar10", a path to an image folder, or "digits" (the sample shipped in
@@ -40,7 +46,8 @@ def load_data(
             a folder's images are then resized to 32x32.
         channels: 1 or 3 to convert to; None keeps the data's own (a folder of grayscale
             images gives 1).
-        validation_fraction: share of the training data held out for validation.
+        validation_fraction: share of the training data held out for validation when the
+            source has no validation split.
         test_fraction: share held out for test when the source has no test split.
         data_dir: tfds data directory (default ~/tensorflow_datasets).
         manual_dir: folder with the original archives, so tfds prepares without a download.
@@ -50,6 +57,8 @@ def load_data(
         seed: seeds the split of a folder without train/ and test/.
         skip_bad_images: leave out a folder's files that cannot be decoded, with a warning
             naming each, instead of refusing the folder.
+        csv_columns: a CSV/TSV file's path, label and (optional) split column names; (): found
+            by their common names.
 
     Returns:
         DataSplits.
@@ -65,12 +74,14 @@ def load_data(
             image_size=image_size,
             channels=channels,
             validation_fraction=validation_fraction,
+            test_fraction=test_fraction,
             data_dir=data_dir,
             manual_dir=manual_dir,
         )
     else:
-        splits = load_image_folder(
-            source,
+        index = index_table(source, columns=csv_columns) if is_table(source) else index_image_folder(source)
+        splits = load_index(
+            index,
             image_size=image_size or (32, 32),
             channels=channels,
             validation_fraction=validation_fraction,
@@ -81,6 +92,7 @@ def load_data(
     if max_examples:
         if splits.sizes["test"] > max_examples:
             splits.test_source += f" (its first {max_examples})"
+            splits.split_sources["test"] = splits.test_source
         for name in ("train", "validation", "test"):
             setattr(splits, name, getattr(splits, name).take(max_examples))
             splits.sizes[name] = min(splits.sizes[name], max_examples)
@@ -91,9 +103,18 @@ def load_data(
     return splits
 
 
-def has_test_split(source: str) -> bool:
-    """True when `source` brings its own test split: a tfds data set, or a folder with train/ and test/."""
-    return is_tfds_name(source) or all((Path(source) / part).is_dir() for part in ("train", "test"))
+def has_test_split(source: str, *, data_dir: str | None = None) -> bool:
+    """True when `source` brings its own test split: a tfds data set with one (or not prepared
+    yet: most have one), a folder with train/ and test/, or a CSV/TSV file with test rows.
+
+    Raises:
+        DataError: for a folder of an ambiguous layout or a CSV file that cannot be read.
+    """
+    if is_tfds_name(source):
+        return tfds_has_test(source, data_dir=data_dir)
+    if is_table(source):
+        return "test" in index_table(source).parts
+    return Path(source).is_dir() and "test" in folder_splits(source)
 
 
 def load_splits(
@@ -124,4 +145,5 @@ def load_splits(
         train_fraction=d.train_fraction,
         seed=config.train.seed,
         skip_bad_images=d.skip_bad_images,
+        csv_columns=d.csv_columns,
     )

@@ -1,9 +1,13 @@
-"""The splits every loader returns (`DataSplits`), and the tfds data sets (mnist, cifar10)."""
+"""The splits every loader returns (`DataSplits`), the file index a folder or CSV file gives
+(`ImageIndex`), and the tfds image-classification data sets (mnist, cifar10, tf_flowers, beans, ...)."""
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
+import re
+import unicodedata
 from collections.abc import Callable
 from pathlib import Path
 
@@ -12,7 +16,14 @@ import tensorflow_datasets as tfds
 
 from kerastune_flow.errors import DataError
 
-TFDS_NAMES = ("mnist", "cifar10")
+log = logging.getLogger(__name__)
+
+TFDS_NAMES = ("mnist", "cifar10")  # the examples the help names; any tfds image-classification set is read
+# name[/config][:version], as tfds.builder takes it
+_TFDS_NAME = re.compile(r"[a-z][a-z0-9_]*(/[\w.-]+)?(:[\w.*]+)?")
+# The names a validation split goes by (split folders, a CSV file's split column, tfds splits).
+VALIDATION_NAMES = ("validation", "valid", "val")
+SPLITS = ("train", "validation", "test")
 # The original archives tfds looks for in a manual directory (the basenames of its URLs).
 TFDS_ARCHIVES = {
     "mnist": (
@@ -36,8 +47,10 @@ class DataSplits:
         class_names: label index -> name.
         image_shape: (height, width, channels) of every image.
         sizes: number of examples per split name.
-        source: the tfds name or the folder it came from.
+        source: the tfds name, folder or file it came from.
         test_source: which images the test split holds, in words, for the output of `evaluate`.
+        split_sources: split name -> where its examples come from, in words (a folder, the rows
+            of a file, a tfds split, or what was carved from which), for the log and config.json.
     """
 
     train: tf.data.Dataset
@@ -48,15 +61,136 @@ class DataSplits:
     sizes: dict[str, int]
     source: str
     test_source: str
+    split_sources: dict[str, str] = dataclasses.field(default_factory=dict)
 
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
 
 
+@dataclasses.dataclass
+class ImageIndex:
+    """Image files by split, before they are read: what a folder or a CSV file lists.
+
+    Attributes:
+        parts: split name -> [(path, label)]: "train" always, "validation" and "test" when the
+            source brings them (the rest is carved from train).
+        class_names: label index -> name.
+        sources: split name -> where its files are, in words (a folder, rows of a file).
+        root: the folder or file given.
+    """
+
+    parts: dict[str, list[tuple[str, int]]]
+    class_names: list[str]
+    sources: dict[str, str]
+    root: str
+
+
+def nfc(name: str) -> str:
+    """A class name in Unicode NFC, the form typed on every system (macOS writes file names in NFD)."""
+    return unicodedata.normalize("NFC", name)
+
+
 def is_tfds_name(source: str) -> bool:
-    """True when `source` names a supported tfds data set rather than a folder."""
-    return source in TFDS_NAMES and not os.path.isdir(source)
+    """True when `source` names a tfds data set (name[/config][:version]) and is no path that exists."""
+    if os.path.exists(source) or not _TFDS_NAME.fullmatch(source):
+        return False
+    try:
+        tfds.builder_cls(re.split(r"[/:]", source)[0])
+    except tfds.core.registered.DatasetNotFoundError:
+        return False
+    return True
+
+
+def tfds_has_test(name: str, *, data_dir: str | None = None) -> bool:
+    """True when the tfds data set has a test split, or is not prepared yet (most have one)."""
+    try:
+        splits = tfds.builder(name, data_dir=data_dir).info.splits
+    except Exception:  # a name tfds cannot build: load_tfds says why
+        return True
+    return not splits or "test" in splits
+
+
+def _image_and_label(name: str, features) -> tuple[str, str]:
+    """The keys of the image feature and of the class-label feature (by type; "image" and "label"
+    win a tie).
+
+    Raises:
+        DataError: naming what the data set has instead.
+    """
+    items = dict(features.items()) if hasattr(features, "items") else {}
+    images = [key for key, f in items.items() if isinstance(f, tfds.features.Image)]
+    labels = [key for key, f in items.items() if isinstance(f, tfds.features.ClassLabel)]
+    image = "image" if "image" in images else (images[0] if len(images) == 1 else None)
+    label = "label" if "label" in labels else (labels[0] if len(labels) == 1 else None)
+    if image is None or label is None:
+        has = ", ".join(f"{key} ({type(f).__name__})" for key, f in items.items()) or type(features).__name__
+        raise DataError(
+            f"tfds data set {name!r} is not an image-classification set (one Image feature and one ClassLabel "
+            f"feature); it has {has}; pass another data set or an image folder. Received: data={name}"
+        )
+    return image, label
+
+
+def _prepare(builder, name: str, *, manual_dir: str | None) -> None:
+    """`download_and_prepare` unless prepared already (offline then).
+
+    Raises:
+        DataError: naming what to do when tfds cannot prepare it.
+    """
+    expected = TFDS_ARCHIVES.get(name, ())
+    if manual_dir and expected:
+        folder = Path(manual_dir)
+        missing = [f for f in expected if not (folder / f).is_file()]
+        if not folder.is_dir() or missing:
+            raise DataError(
+                f"--manual-dir {folder} must hold the original {name} archives {', '.join(expected)}; "
+                f"missing: {', '.join(missing or expected)}. Received: manual_dir={folder}"
+            )
+    if builder.is_prepared():
+        return
+    download_config = tfds.download.DownloadConfig(manual_dir=manual_dir) if manual_dir else None
+    try:
+        builder.download_and_prepare(download_config=download_config)
+    except Exception as error:  # tfds raises many types: network, checksum, missing file
+        files = f"the original archives {', '.join(expected)}" if expected else "the files tfds asks for"
+        if manual_dir:
+            hint = f"check that {manual_dir} holds {files}, unmodified"
+        else:
+            hint = (
+                f"there is no network: prepare it where there is one (`tfds build {name} --data_dir DIR`) and pass "
+                f"--data-dir DIR, or pass --manual-dir with {files}"
+            )
+        raise DataError(
+            f"tfds could not prepare {name!r} into {builder.data_dir}; {hint}. "
+            f"Received: {type(error).__name__}: {(str(error).splitlines() or [''])[0][:200]}"
+        ) from None
+
+
+def _split_plan(
+    name: str, available: set[str], n_train: int, validation_fraction: float, test_fraction: float
+) -> dict[str, tuple[str, str]]:
+    """split -> (tfds split instruction, where from in words): the data set's own splits, the
+    missing ones carved from the end of train (validation before test)."""
+    validation = next((v for v in VALIDATION_NAMES if v in available), None)
+    n_test = 0 if "test" in available else int(round(n_train * test_fraction))
+    n_val = 0 if validation else int(round(n_train * validation_fraction))
+    n_rest = n_train - n_val - n_test
+    plan = {"train": (f"train[:{n_rest}]", f"the train split of {name}")}
+    if n_val or n_test:
+        plan["train"] = (plan["train"][0], f"the first {n_rest} of the train split of {name}")
+    if validation:
+        plan["validation"] = (validation, f"the {validation} split of {name}")
+    else:
+        plan["validation"] = (
+            f"train[{n_rest}:{n_rest + n_val}]",
+            f"carved from the train split of {name}: {n_val} examples after the first {n_rest}",
+        )
+    if "test" in available:
+        plan["test"] = ("test", f"the test split of {name}")
+    else:
+        plan["test"] = (f"train[{n_train - n_test}:]", f"carved from the train split of {name}: its last {n_test}")
+    return plan
 
 
 def load_tfds(
@@ -65,70 +199,77 @@ def load_tfds(
     image_size: tuple[int, int] | None = None,
     channels: int | None = None,
     validation_fraction: float = 0.1,
+    test_fraction: float = 0.1,
     data_dir: str | None = None,
     manual_dir: str | None = None,
 ) -> DataSplits:
-    """Loads mnist or cifar10 with tfds (builder, download_and_prepare, as_dataset: what
-    `tfds.load` does), as_supervised, with a validation split.
+    """Loads a tfds image-classification data set (builder, download_and_prepare, as_dataset: what
+    `tfds.load` does) as train/validation/test.
 
-    The validation set is the last `validation_fraction` of the official train split, so it
-    never overlaps the official test split. With `manual_dir`, tfds prepares the data set from
-    the original archives in that folder instead of downloading them.
+    The data set's own validation and test splits are used when it has them; a missing one is
+    carved from the end of its train split (`validation_fraction`, `test_fraction`), so it never
+    overlaps the others. A prepared data set (in `data_dir`, or tfds's own folder) is read
+    offline; with `manual_dir`, tfds prepares it from the files in that folder instead of
+    downloading them. The image and label are the features of type Image and ClassLabel.
 
     Raises:
-        DataError: naming the expected archive files when the manual folder lacks them or they
-            do not match tfds' checksums, or when the download fails.
+        DataError: a data set without an image and a class label, or without a train split; the
+            manual folder lacks the expected archives; tfds cannot prepare it.
     """
-    expected = TFDS_ARCHIVES.get(name, ())
-    if manual_dir:
-        folder = Path(manual_dir)
-        missing = [f for f in expected if not (folder / f).is_file()]
-        if not folder.is_dir() or missing:
-            raise DataError(
-                f"--manual-dir {folder} must hold the original {name} archives {', '.join(expected)}; "
-                f"missing: {', '.join(missing or expected)}. Received: manual_dir={folder}"
-            )
-    builder = tfds.builder(name, data_dir=data_dir)
-    download_config = tfds.download.DownloadConfig(manual_dir=manual_dir) if manual_dir else None
     try:
-        builder.download_and_prepare(download_config=download_config)
-    except Exception as error:  # tfds raises many types: network, checksum, missing file
-        hint = (
-            f"check that {manual_dir} holds the original, unmodified archives {', '.join(expected)}"
-            if manual_dir
-            else f"there is no network: pass --manual-dir with the original archives {', '.join(expected)}"
-        )
+        builder = tfds.builder(name, data_dir=data_dir)
+    except Exception as error:  # a config or version that does not exist
         raise DataError(
-            f"tfds could not prepare {name!r} into {builder.data_dir}; {hint}. "
-            f"Received: {type(error).__name__}: {str(error).splitlines()[0][:200]}"
+            f"tfds cannot make a builder for {name!r}: {str(error).splitlines()[0][:200]}. Received: data={name}"
         ) from None
+    image_key, label_key = _image_and_label(name, builder.info.features)
+    _prepare(builder, name, manual_dir=manual_dir)
     info = builder.info
+    # No split metadata, as under tfds.testing.mock_data: the train and test splits most sets have.
+    available = set(info.splits) or {"train", "test"}
+    if "train" not in available:
+        raise DataError(
+            f"tfds data set {name!r} has no train split; its splits are {', '.join(sorted(available))}. "
+            f"Received: data={name}"
+        )
     if "train" in info.splits:
         n_train = info.splits["train"].num_examples
-    else:  # no split metadata, as under tfds.testing.mock_data: ask the data set itself
+    else:  # no split metadata: ask the data set itself
         n_train = int(builder.as_dataset(split="train").cardinality())
-    n_val = int(round(n_train * validation_fraction))
-    split_names = [f"train[:{n_train - n_val}]", f"train[{n_train - n_val}:]", "test"]
-    if n_val == 0:
-        split_names[1] = "train[:1]"  # tfds rejects an empty slice ("corresponds to no data")
-    datasets = builder.as_dataset(split=split_names, as_supervised=True, shuffle_files=False)
-    if n_val == 0:
-        datasets[1] = datasets[1].take(0)
-    native = tuple(info.features["image"].shape)
-    out_channels = channels or native[-1]
-    size = tuple(image_size) if image_size else tuple(native[:2])
-    convert = _converter(native[-1], out_channels, size, resize=size != tuple(native[:2]))
+    plan = _split_plan(name, available, n_train, validation_fraction, test_fraction)
+    datasets = []
+    for split in SPLITS:
+        instruction = plan[split][0]
+        if instruction.startswith("train[") and _empty(instruction, n_train):
+            # tfds rejects an empty slice ("corresponds to no data"): one example, none taken
+            ds = builder.as_dataset(split="train[:1]", shuffle_files=False).take(0)
+        else:
+            ds = builder.as_dataset(split=instruction, shuffle_files=False)
+        datasets.append(ds.map(lambda x: (x[image_key], x[label_key])))
+    native = tuple(info.features[image_key].shape)
+    in_channels = native[-1] or 3
+    out_channels = channels or in_channels
+    size = tuple(image_size) if image_size else (tuple(native[:2]) if None not in native[:2] else (32, 32))
+    convert = _converter(in_channels, out_channels, size, resize=size != tuple(native[:2]))
     train, val, test = (ds.map(convert, num_parallel_calls=tf.data.AUTOTUNE) for ds in datasets)
+    sources = {split: plan[split][1] for split in SPLITS}
     return DataSplits(
         train=train,
         validation=val,
         test=test,
-        class_names=list(info.features["label"].names),
+        class_names=list(info.features[label_key].names),
         image_shape=(*size, out_channels),
-        sizes={name: int(ds.cardinality()) for name, ds in zip(("train", "validation", "test"), datasets, strict=True)},
+        sizes={split: int(ds.cardinality()) for split, ds in zip(SPLITS, datasets, strict=True)},
         source=name,
-        test_source=f"the test split of {name}",
+        test_source=sources["test"],
+        split_sources=sources,
     )
+
+
+def _empty(instruction: str, n_train: int) -> bool:
+    """True when a `train[a:b]` slice holds no example."""
+    start, _, stop = instruction[len("train[") : -1].partition(":")
+    return (int(stop) if stop else n_train) - (int(start) if start else 0) <= 0
 
 
 def _converter(in_channels: int, out_channels: int, size, *, resize: bool) -> Callable:
