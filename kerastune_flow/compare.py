@@ -22,7 +22,7 @@ import os
 import platform
 import resource
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from kerastune_flow import analysis, inference, models, plots, reports, rundir, runlock
+from kerastune_flow import analysis, inference, models, plots, reports, rundir, runlock, runtime
 from kerastune_flow import data as data_lib
 from kerastune_flow.config import new_seed
 from kerastune_flow.errors import ConfigError
@@ -149,6 +149,9 @@ def _compare(
     overrides: dict[str, Any],
 ) -> dict[str, Any]:
     """The comparison of `compare`, its arguments checked, with its folder held."""
+    # Before a base is read starts TensorFlow: then the process still sets its threads itself.
+    strategy = overrides.get("strategy") or make_config("cifar10_cnn", preset).train.strategy
+    runtime.prepare_process(strategy, deterministic=bool(overrides.get("deterministic")))
     if overrides.get("seed") is None:  # one seed for every approach: the same split of a folder
         overrides["seed"] = make_config("cifar10_cnn", preset).train.seed
         if overrides["seed"] is None:
@@ -180,7 +183,7 @@ def _compare(
                 shared.pop("base_output", None)
             config = make_config(recipe, preset, data=data, train_fraction=fraction, **shared)
             name = approach if len(train_fractions) == 1 else f"{approach}_{fraction:g}"
-            log.info("[%d/%d] %s (%s), %g of the training data: starting", step, total, approach, recipe, fraction)
+            log.info("[%d/%d] %s (%s), %s: starting", step, total, approach, recipe, share_text(fraction))
             run = train_and_evaluate(config, run_dir / name, overwrite=True)
             meta = rundir.read_json(run.run_dir / rundir.CONFIG_JSON)
             epoch_times = [r["epoch_seconds"] for r in run.history if "epoch_seconds" in r]
@@ -208,13 +211,14 @@ def _compare(
             )
             results.append(result)
             log.info(
-                "[%d/%d] %s: test accuracy %.4f in %.1f s (%d epochs)",
+                "[%d/%d] %s: test accuracy %.4f in %.1f s (%d epochs) on %s",
                 step,
                 total,
                 approach,
                 result.test_accuracy,
                 result.train_seconds,
                 result.epochs_run,
+                share_text(fraction, result.train_images),
             )
             keras.backend.clear_session()
     class_names = rundir.read_json(Path(results[0].run_dir) / rundir.CONFIG_JSON)["class_names"]
@@ -285,7 +289,7 @@ def recommend(report: dict[str, Any]) -> list[str]:
         else:
             lines.append(
                 f"Transfer stops helping at about {crossing['train_images']} training images "
-                f"({crossing['fraction']:g} of the data): from there the CNN from scratch is as good or better."
+                f"({percent(crossing['fraction'])} of the data): from there the CNN from scratch is as good or better."
             )
     if not report["meaningful"]:
         lines.append(
@@ -306,10 +310,26 @@ def recommend(report: dict[str, Any]) -> list[str]:
 # --------------------------------------------------------------------------- report
 
 
+def percent(fraction: float) -> str:
+    """A share of the training split as people write it: 1.0 -> "100 %", 0.3 -> "30 %"."""
+    return f"{100 * fraction:.3g} %"
+
+
+def share_text(fraction: float, train_images: int | None = None) -> str:
+    """How much of the training split an approach trained on, in words: "all 1,800 training
+    images", "540 training images (30 % of the training split)"; without a count, "all the
+    training images" or "30 % of the training images"."""
+    if train_images is None:
+        return "all the training images" if fraction == 1 else f"{percent(fraction)} of the training images"
+    if fraction == 1:
+        return f"all {train_images:,} training images"
+    return f"{train_images:,} training images ({percent(fraction)} of the training split)"
+
+
 _COLUMNS = (
     ("approach", "approach", "{}"),
-    ("fraction", "share of train", "{:g}"),
-    ("train_images", "train images", "{}"),
+    ("fraction", "share of train", percent),
+    ("train_images", "train images", "{:,}"),
     ("test_accuracy", "test accuracy", "{:.4f}"),
     ("test_loss", "test loss", "{:.4f}"),
     ("best_epoch", "best epoch", "{}"),
@@ -323,8 +343,14 @@ _COLUMNS = (
 )
 
 
+def _cell(value: Any, fmt: str | Callable[[Any], str]) -> str:
+    if value is None:
+        return "-"
+    return fmt(value) if callable(fmt) else fmt.format(value)
+
+
 def _table_rows(report: dict[str, Any]) -> list[list[str]]:
-    return [[fmt.format(r[key]) if r[key] is not None else "-" for key, _, fmt in _COLUMNS] for r in report["results"]]
+    return [[_cell(r[key], fmt) for key, _, fmt in _COLUMNS] for r in report["results"]]
 
 
 def write_report(report: dict[str, Any], run_dir: str | Path) -> tuple[Path, Path]:

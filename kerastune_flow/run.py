@@ -38,6 +38,7 @@ from kerastune_flow.lr_find import STAGES, find_lr
 from kerastune_flow.recipes import RECIPES, make_config
 from kerastune_flow.train import train_and_evaluate
 from kerastune_flow.tune import DEFAULT_TRIALS, OBJECTIVES, TUNERS, search_settings, tune
+from kerastune_flow.tune_report import display_values
 from kerastune_flow.tune_space import KNOBS
 
 EXAMPLES = """\
@@ -342,7 +343,8 @@ def _cmd_tune(args: argparse.Namespace) -> int:
         print(f"worker {summary['worker']}: no trial left")
         return 0
     best, test = summary["best"], summary["test"]
-    print(f"Best trial {best['trial']}: {summary['objective']} {best['objective']:.4f}, {best['hyperparameters']}")
+    shown = display_values(best["hyperparameters"])  # 0.3, not 0.30000000000000004: tune.json keeps the exact value
+    print(f"Best trial {best['trial']}: {summary['objective']} {best['objective']:.4f}, {shown}")
     print(f"Test accuracy {test['best']['accuracy']:.4f} (defaults {test['defaults']['accuracy']:.4f})")
     print(f"best config: {best['config']}\nreport: {os.path.join(run_dir, 'report.html')}")
     return 0

@@ -9,6 +9,7 @@ first; call it yourself before `get_strategy` when you build and fit a model wit
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 
@@ -30,7 +31,7 @@ CPU_INTER_OP_THREADS = 1
 def prefer_cpu_threads() -> bool:
     """Sets TensorFlow's inter-op threads to `CPU_INTER_OP_THREADS` for CPU training, unless the
     user chose a number (TF_NUM_INTEROP_THREADS or `tf.config.threading`) or TensorFlow has
-    already started, when it can no longer change (then it logs how to get it).
+    already started, when it can no longer change (then it logs how to get it, once per process).
 
     Returns:
         True when the setting is in effect.
@@ -45,13 +46,20 @@ def prefer_cpu_threads() -> bool:
     try:
         tf.config.threading.set_inter_op_parallelism_threads(CPU_INTER_OP_THREADS)
     except RuntimeError:
-        log.info(
-            "TensorFlow started before the strategy was chosen, so it keeps its default inter-op threads; "
-            "CPU training is faster with TF_NUM_INTEROP_THREADS=%d set before Python starts",
-            CPU_INTER_OP_THREADS,
-        )
+        _log_threads_too_late()
         return False
     return True
+
+
+@functools.cache
+def _log_threads_too_late() -> None:
+    # Once per process: a search or a comparison prepares the process once per run, and the advice
+    # is the same every time.
+    log.info(
+        "TensorFlow started before the strategy was chosen, so it keeps its default inter-op threads; "
+        "CPU training is faster with TF_NUM_INTEROP_THREADS=%d set before Python starts",
+        CPU_INTER_OP_THREADS,
+    )
 
 
 def computes_on_cpu(strategy_name: str) -> bool:

@@ -79,6 +79,18 @@ def _sorted_trials(summary: dict[str, Any]) -> list[dict[str, Any]]:
     return sorted(done, key=lambda t: sign * t["objective"]) + rest
 
 
+def display_value(value: Any) -> str:
+    """A hyperparameter as people read it: a float to 3 significant digits (0.30000000000000004
+    reads 0.3, 0.0015848931924611134 reads 0.00158), anything else as it is. tune.json and
+    best_config.json keep the exact values."""
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+def display_values(values: dict[str, Any]) -> str:
+    """Hyperparameters as "name=value, ..." (see `display_value`)."""
+    return ", ".join(f"{name}={display_value(value)}" for name, value in values.items())
+
+
 def _cell(value: Any) -> str:
     if value is None:
         return "-"
@@ -89,15 +101,15 @@ def _cell(value: Any) -> str:
 
 def _table(summary: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     names = summary["space"]
-    header = ["trial", *names, summary["objective"], "best epoch", "epochs", "seconds", "status"]
+    header = ["trial", *names, summary["objective"], "best epoch", "epochs", "training s", "status"]
     rows = [
         [
             t["trial"],
-            *[_cell(t["hyperparameters"].get(n)) for n in names],
+            *["-" if n not in t["hyperparameters"] else display_value(t["hyperparameters"][n]) for n in names],
             _cell(t["objective"]),
             _cell(t["best_epoch"]),
             _cell(t["epochs_run"]),
-            _cell(t["seconds"]),
+            "-" if t["seconds"] is None else f"{t['seconds']:.1f}",
             t["status"].lower(),
         ]
         for t in _sorted_trials(summary)
@@ -108,7 +120,7 @@ def _table(summary: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
 def summary_lines(summary: dict[str, Any], run_dir: Path) -> list[str]:
     """The findings in sentences: the best trial, the test figures, the budget, how to replay."""
     best, test = summary["best"], summary["test"]
-    values = ", ".join(f"{k}={_cell(v)}" for k, v in best["hyperparameters"].items())
+    values = display_values(best["hyperparameters"])
     finished = sum(t["status"] == "COMPLETED" for t in summary["trials"])
     lines = [
         f"Best: trial {best['trial']} ({values}), {summary['objective']} {best['objective']:.4f}.",
@@ -118,6 +130,8 @@ def summary_lines(summary: dict[str, Any], run_dir: Path) -> list[str]:
         f"Budget: {finished} trial(s) finished of {summary['trials_asked']} asked"
         + (f", {summary['max_minutes']:g} minutes allowed" if summary.get("max_minutes") else "")
         + f"; {summary['seconds'] / 60:.1f} minutes searched; seed {summary['seed']}; tuner {summary['tuner']}.",
+        "Training s: each trial's time in fit (its epochs, validation included); the trial time the log "
+        "shows also counts loading the data and building the model.",
         f"Replay the best: python -m kerastune_flow.run train {summary['recipe']} --config "
         f"{run_dir / 'best_config.json'}",
     ]

@@ -7,7 +7,7 @@ from html.parser import HTMLParser
 import pytest
 
 from kerastune_flow import compare as compare_lib
-from kerastune_flow import run, train
+from kerastune_flow import plots, run, train
 from kerastune_flow.errors import ConfigError
 from kerastune_flow.recipes import make_config
 
@@ -108,7 +108,7 @@ def test_compare_rejects_unknown_approaches_and_fractions(image_folder, tmp_path
         compare_lib.compare(str(image_folder), tmp_path, train_fractions=(0.0,))
 
 
-def test_compare_from_the_cli(image_folder, tmp_path, capsys):
+def test_compare_from_the_cli(image_folder, tmp_path, capsys, caplog):
     argv = [
         "compare",
         "--data",
@@ -122,10 +122,48 @@ def test_compare_from_the_cli(image_folder, tmp_path, capsys):
         "--run-dir",
         str(tmp_path / "cmp"),
     ]
-    assert run.main(argv) == 0
+    with caplog.at_level("INFO", logger="kerastune_flow.compare"):
+        assert run.main(argv) == 0
     out = capsys.readouterr().out
     assert out.startswith("Best test accuracy:") and str(tmp_path / "cmp" / "report.html") in out
+    # The log gives the share of the training split in words, not as "1 of the training data".
+    logged = [r.getMessage() for r in caplog.records]
+    assert "[1/2] scratch (cifar10_cnn), all the training images: starting" in logged
+    images = json.loads((tmp_path / "cmp" / "results.json").read_text())["results"][0]["train_images"]
+    assert any(line.endswith(f"on all {images:,} training images") for line in logged)
     assert run.main(["compare", "--data", str(image_folder), "--approaches", "scratch,magic"]) == 2
+
+
+def test_the_share_of_train_reads_as_a_percentage_and_a_count():
+    rows = [dict(approach="scratch", fraction=f, train_images=n, history=[]) for f, n in ((0.3, 540), (1.0, 1800))]
+    for row in rows:
+        row.update({key: None for key, _, _ in compare_lib._COLUMNS if key not in row})
+    table = compare_lib._table_rows({"results": rows})
+    share = [title for _, title, _ in compare_lib._COLUMNS].index("share of train")
+    assert [r[share] for r in table] == ["30 %", "100 %"]
+    assert compare_lib.share_text(1.0, 1800) == "all 1,800 training images"
+    assert compare_lib.share_text(0.3, 540) == "540 training images (30 % of the training split)"
+    assert compare_lib.share_text(0.125) == "12.5 % of the training images"
+
+
+def test_identical_learning_curves_stay_visible_in_their_own_styles():
+    # The features run and a fine-tune's stage 1 train the same head on the same features.
+    stage_1 = [dict(epoch=i, val_accuracy=v, stage="head") for i, v in enumerate((0.5, 0.6, 0.7))]
+    stage_2 = [dict(epoch=i, val_accuracy=v, stage="finetune") for i, v in ((3, 0.8), (4, 0.85))]
+    rows = [
+        dict(approach="scratch", history=[dict(epoch=i, val_accuracy=0.1 * i) for i in range(5)]),
+        dict(approach="features", history=stage_1),
+        dict(approach="finetune", history=stage_1 + stage_2),
+    ]
+    ax = plots.plot_learning_curves(rows).figure.axes[0]
+    curves = {line.get_label(): line for line in ax.get_lines() if not line.get_label().startswith("_")}
+    assert list(curves) == ["scratch", "features", "finetune"]
+    looks = {(c.get_linestyle(), c.get_marker(), c.get_linewidth()) for c in curves.values()}
+    assert len(looks) == 3  # one look each (all were "-o" of one width)
+    # The features curve is the wide band beneath, the fine-tune's drawn over it, both seen.
+    assert curves["features"].get_linewidth() > 2 * curves["finetune"].get_linewidth()
+    assert curves["features"].get_zorder() < curves["finetune"].get_zorder()
+    assert [t.get_text() for t in ax.texts] == ["finetune: stage 2"]
 
 
 @pytest.mark.slow  # the three approaches again; test_compare_from_the_cli runs each once in the default suite

@@ -3,6 +3,7 @@ looked at once after the search, the best replays with `train --config`, and the
 report are there and agree with the trials."""
 
 import json
+import logging
 import shutil
 from html.parser import HTMLParser
 
@@ -10,9 +11,10 @@ import browser_check
 import keras_tuner as kt
 import pytest
 from conftest import REPO
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 
 from kerastune_flow import config as config_lib
-from kerastune_flow import inference, run, rundir, tune_report, tune_space
+from kerastune_flow import inference, plots, run, rundir, tune_report, tune_space
 from kerastune_flow import tune as tune_lib
 from kerastune_flow.data.samples import sample_folder
 from kerastune_flow.errors import ConfigError, DataError
@@ -23,8 +25,23 @@ SCREENSHOTS = REPO / "runs" / "screenshots"  # git-ignored, kept for a person
 TINY = dict(data=DIGITS, preset="smoke", epochs=2, verbose=0)
 
 
+class _Lines(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.lines = []
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+
+
 @pytest.fixture(scope="module")
-def search(tmp_path_factory):
+def search_log():
+    """The lines the search of `search` logged."""
+    return []
+
+
+@pytest.fixture(scope="module")
+def search(tmp_path_factory, search_log):
     """One Bayesian search of three trials on the shipped digits, for the module."""
     run_dir = tmp_path_factory.mktemp("tune") / "search"
     evaluated = []
@@ -34,9 +51,18 @@ def search(tmp_path_factory):
         evaluated.append(str(path))
         return original(path, *args, **kwargs)
 
-    with pytest.MonkeyPatch.context() as m:
-        m.setattr(inference, "evaluate_saved", counting)
-        summary = tune_lib.tune("scratch_mlp", run_dir, trials=3, **TINY)
+    logger, handler = logging.getLogger("kerastune_flow"), _Lines()
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    try:
+        with pytest.MonkeyPatch.context() as m:
+            m.setattr(inference, "evaluate_saved", counting)
+            summary = tune_lib.tune("scratch_mlp", run_dir, trials=3, **TINY)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    search_log.extend(handler.lines)
     return run_dir, summary, evaluated
 
 
@@ -241,3 +267,78 @@ def test_a_user_error_in_a_trial_stops_the_search_with_it_instead_of_retrying(tm
     assert len(calls) == 1  # KerasTuner would retry, then fail three times with a RuntimeError
     with pytest.raises(ConfigError, match="log no 'val_accuracy'"):
         tune_lib.objective_value([{"accuracy": 0.5}], "val_accuracy")
+
+
+# --------------------------------------------------------------------------- what a newcomer reads
+
+
+def test_each_trial_line_says_its_objective_the_best_so_far_and_its_training_time(search, search_log):
+    _, summary, _ = search
+    lines = [line for line in search_log if line.startswith("Trial ")]
+    assert len(lines) == len(summary["trials"]) == 3
+    best = None
+    for line, t in zip(lines, summary["trials"], strict=True):
+        assert line.startswith(f"Trial {t['trial']}: ") and f"-> val_accuracy {t['objective']:.4f}, " in line
+        if best is None:
+            assert "best so far (the first result)" in line
+        elif t["objective"] > best["objective"]:
+            assert f"new best (was {best['objective']:.4f}, trial {best['trial']})" in line
+        else:
+            assert f"best so far {best['objective']:.4f} (trial {best['trial']})" in line
+        if best is None or t["objective"] > best["objective"]:
+            best = t
+        # The log's training time is tune.json's and the report's; the wall time beside it is the trial's.
+        assert line.endswith(f", training {t['seconds']:.1f} s")
+    assert "| training s |" in (search[0] / "report.md").read_text()
+
+
+def test_a_lower_loss_is_the_new_best_and_the_budget_left_is_told():
+    line = tune_lib.trial_line(
+        "3", {"dropout": 0.30000000000000004}, "val_loss", 0.25, best=("1", 0.31), seconds=6.31, train_seconds=4.35
+    )
+    assert line == "Trial 3: dropout=0.3 -> val_loss 0.2500, new best (was 0.3100, trial 1); 6.3 s, training 4.3 s"
+    line = tune_lib.trial_line("4", {}, "val_loss", 0.4, best=("3", 0.25), seconds=5.0, minutes_left=2.04)
+    assert line.endswith("-> val_loss 0.4000, best so far 0.2500 (trial 3); 5.0 s; 2.0 min left")
+
+
+def test_hyperparameters_are_shown_rounded_and_kept_exact_in_the_files(tmp_path, capsys, monkeypatch):
+    exact = {"learning_rate": 0.0015848931924611134, "dropout": 0.30000000000000004, "optimizer": "adam"}
+    assert tune_report.display_values(exact) == "learning_rate=0.00158, dropout=0.3, optimizer=adam"
+    test = {"accuracy": 0.9, "examples": 10}
+    summary = dict(objective="val_accuracy", test={"best": test, "defaults": test})
+    summary["best"] = dict(trial="2", objective=0.95, hyperparameters=exact, config=str(tmp_path / "best_config.json"))
+    monkeypatch.setattr(run, "tune", lambda *args, **kwargs: summary)
+    assert run.main(["tune", "scratch_mlp", "--run-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "Best trial 2: val_accuracy 0.9500, learning_rate=0.00158, dropout=0.3, optimizer=adam" in out
+    assert "0.30000000000000004" not in out
+
+
+def test_the_best_against_the_defaults_is_zoomed_to_the_values_with_the_labels_inside():
+    for defaults, tuned in ((97.5, 98.5), (99.4, 100.0), (92.18, 92.18)):
+        figure = plots.plot_best_vs_defaults(defaults, tuned).figure
+        FigureCanvasAgg(figure).draw()
+        ax = figure.axes[0]
+        low, high = ax.get_ylim()
+        assert 0 < low < min(defaults, tuned) and max(defaults, tuned) < high and high - low < 10
+        frame = ax.get_window_extent()
+        labels = [t for t in ax.texts if t.get_text().endswith(" %")]
+        assert [t.get_text() for t in labels] == [f"{defaults:.2f} %", f"{tuned:.2f} %"]
+        for text in labels:  # each value on its bar, inside the frame
+            box = text.get_window_extent()
+            assert frame.y0 < box.y0 and box.y1 < frame.y1
+        assert f"{tuned - defaults:+.2f} points" in ax.get_title()
+
+
+def test_the_search_sets_the_threads_before_it_reads_the_data(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(tune_lib.runtime, "prepare_process", lambda *a, **k: calls.append("prepare_process"))
+
+    def load_splits(*args, **kwargs):
+        calls.append("load_splits")
+        raise DataError("stop here")
+
+    monkeypatch.setattr(tune_lib.data_lib, "load_splits", load_splits)
+    with pytest.raises(DataError, match="stop here"):
+        tune_lib.tune("scratch_mlp", tmp_path / "t", trials=2, **TINY)
+    assert calls == ["prepare_process", "load_splits"]
