@@ -11,9 +11,11 @@ A run directory holds:
                     (lr_find.png its plot; lr_find_finetune.* for `--finetune-lr auto`)
     tensorboard/    TensorBoard event files
     backup/         the resume state (see `resume.py`); removed when the run finishes
+    .lock           while a command writes the folder: which process (see `runlock.py`)
 
 Every file is replaced atomically (written beside, then renamed), so a kill at any moment leaves
-the previous complete version, never a truncated one.
+the previous complete version, never a truncated one, with the mode the umask gives. The package
+writes only into a new or empty folder or one it wrote (`claim_dir`).
 """
 
 from __future__ import annotations
@@ -89,7 +91,7 @@ def prepare_run_dir(workdir: str | os.PathLike, *, overwrite: bool = False) -> b
             `overwrite` is False, or is not writable.
     """
     workdir = Path(workdir)
-    claim_dir(workdir, kinds=("run",), overwrite=overwrite)
+    claim_dir(workdir, kinds=RUN_KINDS, overwrite=overwrite)
     try:
         workdir.mkdir(parents=True, exist_ok=True)
         probe = workdir / ".write_test"
@@ -170,6 +172,7 @@ KIND_WORDS = {
     "run": "a run",
     "lr_find": "a learning-rate range test",
 }
+RUN_KINDS = ("run", "lr_find")  # a run may go where a range test went: `train --learning-rate auto` writes one
 # Left out when asking whether a folder is empty: a run's lock and what file browsers leave.
 IGNORED_NAMES = (LOCK_FILE, ".DS_Store", "Thumbs.db", "desktop.ini")
 
@@ -375,7 +378,8 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 def atomic_write_json(path: str | os.PathLike, data: Any) -> None:
     """`atomic_write_text` of indented JSON (numpy values and paths converted, see `to_jsonable`)."""
-    atomic_write_text(path, json.dumps(to_jsonable(data), indent=2, sort_keys=True) + "\n")
+    # ensure_ascii=False: class names and paths as typed ("crème brûlée"), in UTF-8
+    atomic_write_text(path, json.dumps(to_jsonable(data), indent=2, sort_keys=True, ensure_ascii=False) + "\n")
 
 
 def atomic_save_model(model: keras.Model, path: str | os.PathLike) -> None:

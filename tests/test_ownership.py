@@ -96,10 +96,13 @@ def test_new_empty_and_own_folders_are_taken(tmp_path):
     (tmp_path / "run" / rundir.BACKUP_DIR).mkdir(parents=True)
     (tmp_path / "compare" / "scratch").mkdir(parents=True)  # a comparison stopped before its report
     (tmp_path / "compare" / "scratch" / rundir.CONFIG_JSON).write_text("{}")
+    (tmp_path / "lr").mkdir()
+    (tmp_path / "lr" / "lr_find.json").write_text("{}")  # find-lr's folder: train may go on there
 
     assert rundir.claim_dir(tmp_path / "new") is None
     assert rundir.claim_dir(tmp_path / "empty") is None
     assert rundir.claim_dir(tmp_path / "run") == "run"
+    assert rundir.claim_dir(tmp_path / "lr", kinds=rundir.RUN_KINDS) == "lr_find"
     assert rundir.claim_dir(tmp_path / "compare", kinds=("compare",)) == "compare"
     with pytest.raises(RunDirError, match="holds a comparison"):  # a parent of runs is no run
         rundir.claim_dir(tmp_path / "compare")
