@@ -1,14 +1,16 @@
 """kerastune_flow: train from scratch, train fully, or transfer and fine-tune, with Keras 3."""
 
-import os as _os
+from kerastune_flow import logs as _logs
 
 __version__ = "0.1.0"
 
-_os.environ.setdefault("KERAS_BACKEND", "tensorflow")
-# Hide TensorFlow's C++ INFO lines (CPU features, oneDNN) unless the user chose a level.
-_os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+# TensorFlow's native lines at import (absl's banner, the oneDNN notice) came twice and ignore
+# TF_CPP_MIN_LOG_LEVEL: each is shown once, INFO ones only at level 0 (see logs.py). Importing the
+# package sets no environment variable: Keras' backend is KERAS_BACKEND's or keras.json's (tensorflow
+# unless changed), checked below.
 try:
-    import tensorflow as _tf  # noqa: F401
+    with _logs.once_each():
+        import tensorflow as _tf  # noqa: F401
 except ImportError:
     raise ImportError(
         "kerastune_flow needs TensorFlow, which is an extra so you can choose the build: "
@@ -18,8 +20,8 @@ import keras as _keras
 
 if _keras.backend.backend() != "tensorflow":
     raise ImportError(
-        "kerastune_flow runs on Keras' TensorFlow backend, but KERAS_BACKEND is "
-        f"{_keras.backend.backend()!r}: set KERAS_BACKEND=tensorflow before importing keras."
+        f"kerastune_flow runs on Keras' TensorFlow backend, but Keras' backend is {_keras.backend.backend()!r} "
+        "(from KERAS_BACKEND or ~/.keras/keras.json): set KERAS_BACKEND=tensorflow before importing keras."
     )
 
 from kerastune_flow.callbacks import standard_callbacks  # noqa: E402

@@ -93,7 +93,7 @@ def _shown(default: Any) -> str:
     """A default as `--help` shows it."""
     if default is None or default == ():
         return "none"
-    return ", ".join(default) if isinstance(default, tuple) else str(default)
+    return ", ".join(str(item) for item in default) if isinstance(default, tuple) else str(default)
 
 
 def _flag_name(field: dataclasses.Field) -> str:
@@ -147,3 +147,15 @@ def config_overrides(args: argparse.Namespace, *, skip: Iterable[str] = ()) -> d
         if value is not None:
             out[f.name] = value
     return out
+
+
+def show_defaults(parser: argparse.ArgumentParser) -> None:
+    """Appends "(default: X)" to the help of every flag of `parser` and of its sub-commands that
+    takes a value and has a default its help does not already tell (config flags tell theirs)."""
+    for action in parser._actions:  # argparse has no public walk
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                show_defaults(sub)
+        elif action.option_strings and action.nargs != 0 and action.default not in (None, argparse.SUPPRESS):
+            if action.help and action.help != argparse.SUPPRESS and "default" not in action.help:
+                action.help += f" (default: {_shown(action.default)})"

@@ -27,14 +27,15 @@ import keras
 import tensorflow as tf
 
 from kerastune_flow import config as config_lib
-from kerastune_flow import progress, unfinished
+from kerastune_flow import logs, progress, unfinished
 from kerastune_flow.compare import APPROACHES, compare
 from kerastune_flow.config import PRESETS
 from kerastune_flow.errors import ConfigError, KerastuneFlowError
-from kerastune_flow.export import FORMATS, QUANTIZATIONS, export_model
-from kerastune_flow.flags import add_config_flags, config_overrides, text_type
+from kerastune_flow.export import export_model
+from kerastune_flow.flags import add_config_flags, config_overrides, show_defaults, text_type
 from kerastune_flow.inference import evaluate_saved, predict_images
 from kerastune_flow.lr_find import STAGES, find_lr
+from kerastune_flow.model_commands import add_model_commands
 from kerastune_flow.recipes import RECIPES, make_config
 from kerastune_flow.train import train_and_evaluate
 from kerastune_flow.tune import DEFAULT_TRIALS, OBJECTIVES, TUNERS, search_settings, tune
@@ -176,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(comp, skip=COMPARE_OWN)
     g = comp.add_argument_group("the comparison")
     g.add_argument("--run-dir", help="output folder (default runs/compare-DATE-TIME)")
-    g.add_argument("--preset", default="reference", choices=list(PRESETS))
+    g.add_argument("--preset", default="reference", choices=list(PRESETS), help="smoke: tiny, offline, seconds")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
 
     tune_cmd = sub.add_parser(
@@ -201,62 +202,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--objective", choices=OBJECTIVES, default="val_accuracy", help="(default val_accuracy)")
     g.add_argument("--run-dir", help="the search's folder (default runs/tune-RECIPE-DATE-TIME)")
-    g.add_argument("--preset", default="reference", choices=list(PRESETS))
+    g.add_argument("--preset", default="reference", choices=list(PRESETS), help="smoke: tiny, offline, seconds")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
     add_config_flags(tune_cmd)
 
-    unsafe_help = config_lib.field_help("unsafe_deserialization")
-    evaluate = sub.add_parser(
-        "evaluate",
-        help="test metrics of a saved model, as JSON",
-        description="Test metrics of a run directory, .keras file or export folder, with the number of test images "
-        "and which they were. A run directory (or its export) is evaluated on its own test split (of --data, default "
-        "the run's data); a .keras file without config.json needs --data with a test split of its own.",
-    )
-    evaluate.add_argument("model", metavar="RUN_DIR_OR_MODEL")
-    evaluate.add_argument("--data", help="tfds name or image folder (default: the run's); its test split is used")
-    evaluate.add_argument("--batch-size", type=int, default=64)
-    evaluate.add_argument("--data-dir")
-    evaluate.add_argument("--manual-dir")
-    evaluate.add_argument("--max-examples", type=int)
-    evaluate.add_argument("--skip-bad-images", action="store_true", help="leave out undecodable images, with a warning")
-    evaluate.add_argument("--unsafe-deserialization", action="store_true", help=unsafe_help)
-    evaluate.add_argument("--quiet", action="store_true", help="no progress bars")
-
-    predict = sub.add_parser(
-        "predict",
-        help="class probabilities for images",
-        description="Predict with a run directory, .keras file or export folder; with --weights and no model, the "
-        "stock VGG16 ImageNet classifier (a pre-trained model used as it is).",
-    )
-    predict.add_argument("paths", nargs="+", metavar="RUN_DIR_OR_MODEL IMAGE_OR_FOLDER")
-    predict.add_argument("--top-k", type=int, default=3)
-    predict.add_argument("--json", action="store_true", help="JSON instead of a table")
-    predict.add_argument("--weights", help="imagenet or a local file: use stock VGG16, every path is an image")
-    predict.add_argument("--skip-bad-images", action="store_true", help="leave out undecodable images, with a warning")
-    predict.add_argument("--unsafe-deserialization", action="store_true", help=unsafe_help)
-    predict.add_argument("--quiet", action="store_true", help="no progress bars")
-
-    export = sub.add_parser(
-        "export",
-        help="a SavedModel, LiteRT or ONNX model for serving, checked against the Keras model",
-        description="Writes OUT/ with the artifact, labels.txt and export.json, after running the artifact with its "
-        "own runtime on the run's test split: a float export must agree on every top-1 and within 1e-4, or nothing "
-        "is written; a quantized one reports its accuracy drop and size. `evaluate` and `predict` take OUT too.",
-    )
-    export.add_argument("model", metavar="RUN_DIR_OR_MODEL")
-    export.add_argument("--format", required=True, choices=FORMATS)
-    export.add_argument(
-        "--quantize",
-        choices=QUANTIZATIONS,
-        help="litert and onnx: float16, or int8 calibrated on at most 500 training images (default float32)",
-    )
-    export.add_argument("--out", help="the export folder (default RUN_DIR/export-FORMAT[-QUANTIZE])")
-    export.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    export.add_argument("--data", help="check on this data's test split (default: the run's)")
-    export.add_argument("--max-examples", type=int, help="check on at most N test images")
-    export.add_argument("--unsafe-deserialization", action="store_true", help=unsafe_help)
-    export.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_model_commands(sub)
+    show_defaults(parser)
     return parser
 
 
@@ -367,15 +318,15 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    if args.weights:
-        model, images = None, args.paths
+    if args.weights:  # no model: the first positional is an image too
+        model, images = None, [args.model, *args.images]
     else:
-        if len(args.paths) < 2:
+        if not args.images:
             raise ConfigError(
                 "predict needs a run directory (or .keras file) and at least one image, or --weights imagenet "
-                f"and images. Received: {' '.join(args.paths)}"
+                f"and images. Received: {args.model}"
             )
-        model, images = args.paths[0], args.paths[1:]
+        model, images = args.model, args.images
     with contextlib.redirect_stdout(sys.stderr):
         rows = predict_images(
             model,
@@ -453,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as error:
         print(f"error: {_one_line(error)}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=logging.INFO, format="[kerastune_flow] %(message)s", stream=sys.stderr)
+    logs.log_to_stderr()
     try:
         with progress.silenced(getattr(args, "quiet", False)):  # --quiet: no progress of any step, ours or Keras'
             return COMMANDS[args.command](args)

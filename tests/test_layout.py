@@ -10,6 +10,7 @@ MAX_LINES = 500
 # Each module imports only modules of a lower rank: errors and config at the bottom, run at the top.
 RANKS = {
     "errors": 0,
+    "logs": 0,  # each log line once: TensorFlow's native lines at import, the CLI's handlers
     "progress": 1,  # a leaf: the progress of long steps, used from data up to run
     "config": 1,
     "compat": 2,
@@ -49,6 +50,7 @@ RANKS = {
     "compare": 10,
     "artifacts": 3,
     "export": 10,
+    "model_commands": 11,  # the flags of evaluate, predict and export
     "flags": 2,
     "tune_space": 10,
     "tune_report": 4,
