@@ -132,7 +132,7 @@ class Progress:
             if not self.shown:
                 log.info("%s:", self.title)
             self.bar.update(done)
-        else:
+        elif not (self.total and done >= self.total):  # all done: the closing line says so, with the time
             log.info("%s", self.line(now))
             self._next = now + self.interval
         self.shown = True
@@ -154,7 +154,8 @@ class Progress:
         if not self.shown:
             return
         if self.bar is not None:
-            self.bar.update(self.done, finalize=True)
+            if not (self.total and self.done >= self.total):  # else the bar ended its line already
+                self.bar.update(self.done, finalize=True)
         elif finished:
             elapsed = self._clock() - self._start
             log.info("%s: %s %s in %s", self.title, f"{self.done:,}", plural(self.unit), duration(elapsed))
