@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 
@@ -50,6 +51,18 @@ def test_help_names_the_installed_command(capsys):
     demo = re.search(r"^  (kerastune-flow train cifar10_cnn --data digits .*)$", top, flags=re.M).group(1)
     makefile = (REPO / "Makefile").read_text()
     assert demo.split(" --run-dir")[0].replace("kerastune-flow ", "$(BIN)/kerastune-flow ") in makefile
+
+
+def test_every_readme_command_line_parses():
+    """The `kerastune-flow` lines of README's bash blocks parse (tests/test_installed.py runs them)."""
+    blocks = re.findall(r"```bash\n(.*?)```", (REPO / "README.md").read_text(), flags=re.S)
+    lines = [line for block in blocks for line in block.splitlines() if line.startswith("kerastune-flow ")]
+    assert len(lines) >= 9  # the installed demo and Deploy
+    parser = run.build_parser()
+    for line in lines:
+        argv = shlex.split(line, comments=True)[1:]
+        if argv != ["--version"]:
+            assert parser.parse_args(argv).command in run.COMMANDS, line
 
 
 def test_version_names_the_package_keras_and_tensorflow(capsys):
