@@ -7,7 +7,7 @@ from html.parser import HTMLParser
 import pytest
 
 from kerastune_flow import compare as compare_lib
-from kerastune_flow import plots, run, train
+from kerastune_flow import plots, run, runtime, train
 from kerastune_flow.errors import ConfigError
 from kerastune_flow.recipes import make_config
 
@@ -144,6 +144,20 @@ def test_the_share_of_train_reads_as_a_percentage_and_a_count():
     assert compare_lib.share_text(1.0, 1800) == "all 1,800 training images"
     assert compare_lib.share_text(0.3, 540) == "540 training images (30 % of the training split)"
     assert compare_lib.share_text(0.125) == "12.5 % of the training images"
+
+
+def test_compare_sets_the_threads_before_anything_starts_tensorflow(image_folder, tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(runtime, "prepare_process", lambda *a, **k: calls.append("prepare_process"))
+
+    def train_and_evaluate(*args, **kwargs):
+        calls.append("train_and_evaluate")
+        raise ConfigError("stop here")
+
+    monkeypatch.setattr(compare_lib, "train_and_evaluate", train_and_evaluate)
+    with pytest.raises(ConfigError, match="stop here"):
+        compare_lib.compare(str(image_folder), tmp_path / "cmp", approaches=("scratch",), preset="smoke")
+    assert calls == ["prepare_process", "train_and_evaluate"]
 
 
 def test_identical_learning_curves_stay_visible_in_their_own_styles():

@@ -14,7 +14,8 @@ from conftest import REPO
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 
 from kerastune_flow import config as config_lib
-from kerastune_flow import inference, plots, run, rundir, tune_report, tune_space
+from kerastune_flow import data as data_lib
+from kerastune_flow import inference, plots, run, rundir, runtime, tune_report, tune_space
 from kerastune_flow import tune as tune_lib
 from kerastune_flow.data.samples import sample_folder
 from kerastune_flow.errors import ConfigError, DataError
@@ -303,7 +304,6 @@ def test_a_lower_loss_is_the_new_best_and_the_budget_left_is_told():
 
 def test_hyperparameters_are_shown_rounded_and_kept_exact_in_the_files(tmp_path, capsys, monkeypatch):
     exact = {"learning_rate": 0.0015848931924611134, "dropout": 0.30000000000000004, "optimizer": "adam"}
-    assert tune_report.display_values(exact) == "learning_rate=0.00158, dropout=0.3, optimizer=adam"
     test = {"accuracy": 0.9, "examples": 10}
     summary = dict(objective="val_accuracy", test={"best": test, "defaults": test})
     summary["best"] = dict(trial="2", objective=0.95, hyperparameters=exact, config=str(tmp_path / "best_config.json"))
@@ -312,6 +312,7 @@ def test_hyperparameters_are_shown_rounded_and_kept_exact_in_the_files(tmp_path,
     out = capsys.readouterr().out
     assert "Best trial 2: val_accuracy 0.9500, learning_rate=0.00158, dropout=0.3, optimizer=adam" in out
     assert "0.30000000000000004" not in out
+    assert tune_report.display_values(exact) == "learning_rate=0.00158, dropout=0.3, optimizer=adam"
 
 
 def test_the_best_against_the_defaults_is_zoomed_to_the_values_with_the_labels_inside():
@@ -332,13 +333,13 @@ def test_the_best_against_the_defaults_is_zoomed_to_the_values_with_the_labels_i
 
 def test_the_search_sets_the_threads_before_it_reads_the_data(tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr(tune_lib.runtime, "prepare_process", lambda *a, **k: calls.append("prepare_process"))
+    monkeypatch.setattr(runtime, "prepare_process", lambda *a, **k: calls.append("prepare_process"))
 
     def load_splits(*args, **kwargs):
         calls.append("load_splits")
         raise DataError("stop here")
 
-    monkeypatch.setattr(tune_lib.data_lib, "load_splits", load_splits)
+    monkeypatch.setattr(data_lib, "load_splits", load_splits)
     with pytest.raises(DataError, match="stop here"):
         tune_lib.tune("scratch_mlp", tmp_path / "t", trials=2, **TINY)
     assert calls == ["prepare_process", "load_splits"]
