@@ -24,7 +24,7 @@ import tensorflow as tf
 
 LOGGER = "kerastune_flow.progress"
 DELAY = 2.0  # seconds before a step shows anything: shorter steps stay silent
-INTERVAL = 10.0  # seconds between two log lines when the output is not a terminal
+INTERVAL = 5.0  # seconds between two log lines when the output is not a terminal
 
 log = logging.getLogger(LOGGER)
 T = TypeVar("T")

@@ -5,14 +5,17 @@ clock; each call site runs once with the delay and interval at 0, on a few tiny 
 from __future__ import annotations
 
 import logging
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import write_image_folder
+from conftest import REPO, write_image_folder
 
 from kerastune_flow import caches, data, export, inference, models, progress, run
 
@@ -210,3 +213,27 @@ def test_predict_shows_its_progress_and_quiet_on_any_command_hides_it(split_imag
     parser = run.build_parser()  # every command that runs a long step takes --quiet
     for argv in (["evaluate", "R"], ["export", "R", "--format", "onnx"], ["compare", "--data", "D"], ["predict", "R"]):
         assert parser.parse_args([*argv, "--quiet"]).quiet
+
+
+@pytest.mark.slow
+def test_the_command_writes_progress_to_stderr_and_not_with_quiet(split_image_folder, tmp_path):
+    """The real process: run.main's logging set-up writes the lines to stderr, and stdout keeps the
+    JSON (two processes: TensorFlow's start-up makes it slow)."""
+    model_path = tmp_path / "tiny.keras"
+    _tiny_classifier(20).save(model_path)
+    argv = ["evaluate", str(model_path), "--data", str(split_image_folder), "--batch-size", "4"]
+    code = (
+        "import sys; from kerastune_flow import progress, run; progress.DELAY = progress.INTERVAL = 0; "
+        f"raise SystemExit(run.main({argv!r} + sys.argv[1:]))"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    loud = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert loud.returncode == 0, loud.stderr[-2000:]
+    assert "[kerastune_flow] Evaluating: 4 / 12 images (33 %), " in loud.stderr
+    assert re.search(r"\[kerastune_flow\] Evaluating: 12 images in \d+ s", loud.stderr)
+    assert "Evaluating" not in loud.stdout and '"examples": 12' in loud.stdout
+    quiet = subprocess.run(
+        [sys.executable, "-c", code, "--quiet"], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert quiet.returncode == 0 and '"examples": 12' in quiet.stdout
+    assert "Evaluating" not in quiet.stderr and "Image scan" not in quiet.stderr
