@@ -83,8 +83,14 @@ def once_each() -> Iterator[None]:
         return
     try:
         sys.stderr.flush()
-        saved, held = os.dup(2), _holder()
+        saved = os.dup(2)
     except (OSError, ValueError, AttributeError):
+        yield
+        return
+    try:
+        held = _holder()
+    except OSError:
+        os.close(saved)
         yield
         return
     python_stderr = sys.stderr
@@ -129,7 +135,7 @@ def log_to_stderr(*, prefix: str = "[kerastune_flow] ") -> None:
     root logger has one, as in the command line; the root handler added next printed each of its
     lines a second time (the retracing warning, "Assets written to"). It keeps its own handler,
     stops propagating, and shows warnings and up unless its level was chosen (its INFO lines name
-    temporary folders). Nothing changes when logging was set up before (pytest, a notebook).
+    temporary folders). The handler is not added when logging was set up before (pytest, a notebook).
     """
     logging.basicConfig(level=logging.INFO, format=f"{prefix}%(message)s", stream=sys.stderr)
     tf_logger = logging.getLogger("tensorflow")
