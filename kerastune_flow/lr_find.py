@@ -1,6 +1,6 @@
 """`find_lr(config, run_dir)`: the learning-rate range test on the fit that matters, as a command.
 
-    python -m kerastune_flow.run find-lr RECIPE --data DATA [--stage head|finetune] [--run-dir DIR]
+    kerastune-flow find-lr RECIPE --data DATA [--stage head|finetune] [--run-dir DIR]
 
 It sets the run up as `train` does (strategy, seed, data, pipelines, the model built and
 compiled in the strategy's scope), runs `lr_range.range_test` on the stage asked for, and writes

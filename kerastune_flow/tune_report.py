@@ -132,8 +132,7 @@ def summary_lines(summary: dict[str, Any], run_dir: Path) -> list[str]:
         + f"; {summary['seconds'] / 60:.1f} minutes searched; seed {summary['seed']}; tuner {summary['tuner']}.",
         "Training s: each trial's time in fit (its epochs, validation included); the trial time the log "
         "shows also counts loading the data and building the model.",
-        f"Replay the best: python -m kerastune_flow.run train {summary['recipe']} --config "
-        f"{run_dir / 'best_config.json'}",
+        f"Replay the best: kerastune-flow train {summary['recipe']} --config {run_dir / 'best_config.json'}",
     ]
     return lines
 
