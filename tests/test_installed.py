@@ -77,9 +77,10 @@ def installed(tmp_path_factory):
     python = venv / "bin" / "python"
     purelib = "import sysconfig; print(sysconfig.get_paths()['purelib'])"
     site = Path(_run([str(python), "-c", purelib], root, env).stdout.strip())
-    (site / "machine_packages.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     pip = [sys.executable, "-m", "pip", "--python", str(python), "install", "--quiet", "--no-deps", "--no-index"]
     _run([*pip, str(wheel)], root, env)
+    # only then this machine's packages: pip, installing, never sees (nor touches) the clone's editable install
+    (site / "machine_packages.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     env["PATH"] = f"{venv / 'bin'}{os.pathsep}{env['PATH']}"
     return wheel, venv, env
 
