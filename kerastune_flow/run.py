@@ -337,7 +337,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
             unsafe_deserialization=args.unsafe_deserialization,
         )
     if args.json:
-        print(json.dumps(rows, indent=2))
+        print(json.dumps(rows, indent=2, ensure_ascii=False))  # class names as typed
         return 0
     width = max(len(r["file"]) for r in rows)
     for r in rows:

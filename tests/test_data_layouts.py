@@ -3,6 +3,7 @@ image-classification set, litter from Macs and Windows, WebP and TIFF, class nam
 
 from __future__ import annotations
 
+import json
 import logging
 import unicodedata
 from pathlib import Path
@@ -14,7 +15,7 @@ import tensorflow as tf
 from conftest import write_image_folder
 from PIL import Image
 
-from kerastune_flow import data
+from kerastune_flow import data, inference, run, rundir
 from kerastune_flow.data import sources
 from kerastune_flow.errors import DataError
 
@@ -43,7 +44,7 @@ def write_split(root: Path, name: str, per_class: int, seed: int) -> Path:
 # --------------------------------------------------------------------------- split folders
 
 
-@pytest.mark.parametrize("valid", ["valid", "val", "validation", "Valid"])
+@pytest.mark.parametrize("valid", ["valid", "Validation"])  # val/: below; any case
 def test_train_and_valid_folders_are_splits_not_classes(tmp_path, valid):
     root = tmp_path / "fastai"
     write_split(root, "train", per_class=10, seed=1)
@@ -117,6 +118,31 @@ def test_has_test_split_follows_the_layout(tmp_path):
     assert data.has_test_split(str(tmp_path / "b"))
 
 
+@pytest.mark.slow  # 15-19 s here (a train, then predict loading the model); the loading itself is tested above
+def test_a_valid_folder_trains_and_the_run_records_which_folder_served_which_split(tmp_path, capsys):
+    typed = ["crème brûlée", "grey cat"]
+    root = tmp_path / "desserts"
+    for seed, (split, per_class) in enumerate((("train", 6), ("valid", 2))):
+        names = [unicodedata.normalize("NFD", name) for name in typed]  # as macOS writes them
+        write_image_folder(root / split, classes=names, per_class=per_class, size=SIZE, seed=seed)
+    run_dir = tmp_path / "run"
+
+    argv = ["train", "scratch_mlp", "--data", str(root), "--preset", "smoke", "--image-size", str(SIZE)]
+    assert run.main([*argv, "--run-dir", str(run_dir), "--quiet"]) == 0
+    capsys.readouterr()
+
+    text = (run_dir / "config.json").read_text(encoding="utf-8")
+    config = json.loads(text)
+    assert config["class_names"] == typed and '"crème brûlée"' in text  # as typed, not \u escapes
+    assert config["split_sources"]["validation"] == str(root / "valid")
+    seed = config["config"]["train"]["seed"]
+    assert config["split_sources"]["test"] == f"0.1 of {root / 'train'} per class, held out with seed {seed}"
+    assert config["sizes"]["validation"] == 4  # the whole valid/ folder, not carved from train
+    image = next((root / "valid").rglob("*.png"))
+    predicted = inference.predict_images(run_dir, [str(image)], top_k=2)
+    assert {p["class"] for p in predicted[0]["predictions"]} == set(typed)
+
+
 # --------------------------------------------------------------------------- litter
 
 
@@ -180,6 +206,15 @@ def test_tiff_files_are_refused_with_the_command_that_converts_them(tmp_path):
         data.load_data(str(root), image_size=IMAGE_SIZE)
     with pytest.raises(DataError, match=r"TIFF.*mogrify"):
         data.expand_image_arguments([str(root / "cat" / "scan.tif")])
+
+
+def test_json_files_keep_names_as_typed(tmp_path):
+    path = tmp_path / "config.json"
+
+    rundir.atomic_write_json(path, {"class_names": ["crème brûlée", "grey cat"]})
+
+    assert '"crème brûlée"' in path.read_text(encoding="utf-8")  # not "cr\\u00e8me br\\u00fbl\\u00e9e"
+    assert json.loads(path.read_text(encoding="utf-8"))["class_names"] == ["crème brûlée", "grey cat"]
 
 
 def test_class_names_with_spaces_and_accents_are_kept_in_nfc(tmp_path):
@@ -267,7 +302,7 @@ def test_a_bad_csv_names_the_file_the_row_and_the_fix(tmp_path, content, columns
     (tmp_path / "labels.csv").write_text(content)
 
     with pytest.raises(DataError, match=match):
-        data.load_data(str(tmp_path / "labels.csv"), csv_columns=columns)
+        data.load_data(str(tmp_path / "labels.csv"), **({"csv_columns": columns} if columns else {}))
 
 
 # --------------------------------------------------------------------------- tfds

@@ -317,8 +317,10 @@ def load_index(
             *smallest,
         )
 
+    webp = any(p.lower().endswith(".webp") for p, _ in train + val + test)  # else no WebP branch per image
+
     def decode(path, label):
-        image = decode_image(tf.io.read_file(path), channels)
+        image = decode_image(tf.io.read_file(path), channels, webp=webp)
         image = tf.image.resize(image, size)
         image.set_shape((*size, channels))
         return image, label

@@ -137,26 +137,37 @@ def detect_channels(paths: Sequence[str], sample: int = 32) -> int:
     return 1
 
 
-def decode_image(raw: tf.Tensor, channels: int) -> tf.Tensor:
+def decode_image(raw: tf.Tensor, channels: int, *, webp: bool = True) -> tf.Tensor:
     """`tf.io.decode_image` to `channels` (1 or 3).
 
     TF decodes GIF and BMP only to 3 or 4 channels, and WebP only to its own 3 or 4, so a
     grayscale request decodes those to RGB first, and a WebP is decoded as it is and cut to RGB.
+
+    Args:
+        raw: the file's bytes.
+        channels: 1 or 3.
+        webp: tell WebP files apart (one more branch per image: the training pipeline takes it
+            only when its files include WebP, the scan and prediction always).
     """
-    is_webp = tf.logical_and(tf.strings.substr(raw, 0, 4) == "RIFF", tf.strings.substr(raw, 8, 4) == "WEBP")
+
+    def is_webp():
+        return tf.logical_and(tf.strings.substr(raw, 0, 4) == "RIFF", tf.strings.substr(raw, 8, 4) == "WEBP")
 
     def rgb():
-        def webp():
+        def own_rgb():
             own = tf.io.decode_image(raw, channels=0, expand_animations=False)  # 3 or 4 channels
             return tf.ensure_shape(own[..., :3], [None, None, 3])
 
-        return tf.cond(is_webp, webp, lambda: tf.io.decode_image(raw, channels=3, expand_animations=False))
+        def plain():
+            return tf.io.decode_image(raw, channels=3, expand_animations=False)
+
+        return tf.cond(is_webp(), own_rgb, plain) if webp else plain()
 
     if channels != 1:
         return rgb()
     gif_or_bmp = tf.logical_or(tf.strings.substr(raw, 0, 3) == "GIF", tf.strings.substr(raw, 0, 2) == "BM")
     return tf.cond(
-        tf.logical_or(gif_or_bmp, is_webp),
+        tf.logical_or(gif_or_bmp, is_webp()) if webp else gif_or_bmp,
         lambda: tf.image.rgb_to_grayscale(rgb()),
         lambda: tf.io.decode_image(raw, channels=1, expand_animations=False),
     )
