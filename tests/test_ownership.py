@@ -11,7 +11,7 @@ from pathlib import Path
 import keras
 import pytest
 
-from kerastune_flow import export, run, rundir, unfinished
+from kerastune_flow import export, run, rundir, tune, unfinished
 from kerastune_flow.errors import RunDirError, RunInterrupted
 from kerastune_flow.recipes import make_config
 
@@ -186,3 +186,28 @@ def test_the_same_command_without_run_dir_takes_up_its_unfinished_run(image_fold
     assert seen == [str(newer), str(older)]
     assert f"Resuming the unfinished run {newer}: same recipe and settings" in caplog.text
     assert not unfinished.same_run(other, config.to_dict())
+
+
+def test_the_same_tune_command_without_run_dir_takes_up_its_unfinished_search(image_folder, monkeypatch, capsys):
+    asked = tune.search_settings(
+        "scratch_mlp", tuner="random", objective="val_accuracy", preset="smoke", space=None, data=str(image_folder)
+    )
+    search = Path("runs") / "tune-scratch_mlp-20261206-000000"
+    search.mkdir(parents=True)
+    (search / tune.SEARCH_JSON).write_text(json.dumps({**rundir.to_jsonable(asked), "trials_asked": 3}))
+    seen: list[str] = []
+
+    def stop(recipe, run_dir, **kwargs):
+        seen.append(str(run_dir))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(run, "tune", stop)
+    argv = ["tune", "scratch_mlp", "--tuner", "random", "--preset", "smoke", "--data", str(image_folder)]
+
+    assert run.main([*argv, "--trials", "5"]) == 130  # a larger budget is the same search
+    assert run.main([*argv, "--objective", "val_loss"]) == 130  # another search: a new folder
+
+    assert seen[0] == str(search) and seen[1] != str(search)
+    assert f"to resume: {shlex.join(['kerastune-flow', *argv, '--trials', '5', '--run-dir', str(search)])}" in (
+        capsys.readouterr().err
+    )
