@@ -199,7 +199,7 @@ def _log_trial(tuner: RunTuner, trial, value: float, seconds: float, run_dir: Pa
     budget = getattr(oracle, "budget_seconds", None)
     results_path = run_dir / rundir.RESULTS_JSON
     results = rundir.read_json(results_path) if results_path.exists() else {}
-    line = trial_line(
+    line = report_lib.trial_line(
         trial.trial_id,
         {k: v for k, v in trial.hyperparameters.values.items() if not k.startswith("tuner/")},
         tuner.objective,
@@ -210,48 +210,6 @@ def _log_trial(tuner: RunTuner, trial, value: float, seconds: float, run_dir: Pa
         minutes_left=max(0.0, budget - oracle.spent_seconds()) / 60 if budget else None,
     )
     log.info("%s", line)
-
-
-def trial_line(
-    trial_id: str,
-    values: dict[str, Any],
-    objective: str,
-    value: float,
-    *,
-    best: tuple[str, float] | None,
-    seconds: float,
-    train_seconds: float | None = None,
-    minutes_left: float | None = None,
-) -> str:
-    """The log line of one finished trial: its settings, its objective, how it stands against the
-    best earlier trial, and its time.
-
-    Args:
-        trial_id: the trial's id.
-        values: its hyperparameters by name.
-        objective: the objective's name ("loss" in it: lower is better).
-        value: this trial's objective.
-        best: (trial id, objective) of the best trial finished before this one, or None.
-        seconds: the trial's wall time (reading the data, building the model, training).
-        train_seconds: the part of it spent in fit (tune.json's "seconds", the report's "training s").
-        minutes_left: the search's time budget left, or None without one.
-
-    Returns:
-        One line, e.g. "Trial 2: dropout=0.3 -> val_accuracy 0.9832, new best (was 0.9274, trial 0);
-        6.3 s, training 4.3 s".
-    """
-    shown = report_lib.display_values(values)
-    if best is None:
-        standing = "best so far (the first result)"
-    else:
-        better = value < best[1] if "loss" in objective else value > best[1]
-        if better:
-            standing = f"new best (was {best[1]:.4f}, trial {best[0]})"
-        else:
-            standing = f"best so far {best[1]:.4f} (trial {best[0]})"
-    timing = f"{seconds:.1f} s" + (f", training {train_seconds:.1f} s" if train_seconds is not None else "")
-    left = f"; {minutes_left:.1f} min left" if minutes_left is not None else ""
-    return f"Trial {trial_id}: {shown} -> {objective} {value:.4f}, {standing}; {timing}{left}"
 
 
 # --------------------------------------------------------------------------- the search

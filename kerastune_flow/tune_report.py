@@ -1,7 +1,8 @@
 """What a search leaves for people: DIR/tune.json (every trial with its hyperparameters,
 objective, best epoch, epochs run, seconds and status), DIR/report.md and a self-contained
 DIR/report.html (the trials sorted by objective, the objective over trials, each
-hyperparameter against the objective, the best against the defaults on the test split)."""
+hyperparameter against the objective, the best against the defaults on the test split), and the
+line each finished trial logs (`trial_line`)."""
 
 from __future__ import annotations
 
@@ -89,6 +90,48 @@ def display_value(value: Any) -> str:
 def display_values(values: dict[str, Any]) -> str:
     """Hyperparameters as "name=value, ..." (see `display_value`)."""
     return ", ".join(f"{name}={display_value(value)}" for name, value in values.items())
+
+
+def trial_line(
+    trial_id: str,
+    values: dict[str, Any],
+    objective: str,
+    value: float,
+    *,
+    best: tuple[str, float] | None,
+    seconds: float,
+    train_seconds: float | None = None,
+    minutes_left: float | None = None,
+) -> str:
+    """The log line of one finished trial: its settings, its objective, how it stands against the
+    best earlier trial, and its time.
+
+    Args:
+        trial_id: the trial's id.
+        values: its hyperparameters by name.
+        objective: the objective's name ("loss" in it: lower is better).
+        value: this trial's objective.
+        best: (trial id, objective) of the best trial finished before this one, or None.
+        seconds: the trial's wall time (reading the data, building the model, training).
+        train_seconds: the part of it spent in fit (tune.json's "seconds", the report's "training s").
+        minutes_left: the search's time budget left, or None without one.
+
+    Returns:
+        One line, e.g. "Trial 2: dropout=0.3 -> val_accuracy 0.9832, new best (was 0.9274, trial 0);
+        6.3 s, training 4.3 s".
+    """
+    shown = display_values(values)
+    if best is None:
+        standing = "best so far (the first result)"
+    else:
+        better = value < best[1] if "loss" in objective else value > best[1]
+        if better:
+            standing = f"new best (was {best[1]:.4f}, trial {best[0]})"
+        else:
+            standing = f"best so far {best[1]:.4f} (trial {best[0]})"
+    timing = f"{seconds:.1f} s" + (f", training {train_seconds:.1f} s" if train_seconds is not None else "")
+    left = f"; {minutes_left:.1f} min left" if minutes_left is not None else ""
+    return f"Trial {trial_id}: {shown} -> {objective} {value:.4f}, {standing}; {timing}{left}"
 
 
 def _cell(value: Any) -> str:

@@ -294,11 +294,11 @@ def test_each_trial_line_says_its_objective_the_best_so_far_and_its_training_tim
 
 
 def test_a_lower_loss_is_the_new_best_and_the_budget_left_is_told():
-    line = tune_lib.trial_line(
+    line = tune_report.trial_line(
         "3", {"dropout": 0.30000000000000004}, "val_loss", 0.25, best=("1", 0.31), seconds=6.31, train_seconds=4.35
     )
     assert line == "Trial 3: dropout=0.3 -> val_loss 0.2500, new best (was 0.3100, trial 1); 6.3 s, training 4.3 s"
-    line = tune_lib.trial_line("4", {}, "val_loss", 0.4, best=("3", 0.25), seconds=5.0, minutes_left=2.04)
+    line = tune_report.trial_line("4", {}, "val_loss", 0.4, best=("3", 0.25), seconds=5.0, minutes_left=2.04)
     assert line.endswith("-> val_loss 0.4000, best so far 0.2500 (trial 3); 5.0 s; 2.0 min left")
 
 
