@@ -118,7 +118,7 @@ def test_has_test_split_follows_the_layout(tmp_path):
     assert data.has_test_split(str(tmp_path / "b"))
 
 
-@pytest.mark.slow  # 15-19 s here (a train, then predict loading the model); the loading itself is tested above
+@pytest.mark.slow  # 9-19 s here (a train, then predict loading the model); the loading itself is tested above
 def test_a_valid_folder_trains_and_the_run_records_which_folder_served_which_split(tmp_path, capsys):
     typed = ["crème brûlée", "grey cat"]
     root = tmp_path / "desserts"
@@ -202,7 +202,7 @@ def test_tiff_files_are_refused_with_the_command_that_converts_them(tmp_path):
     root = write_image_folder(tmp_path / "scans", classes=CLASSES, per_class=3, size=SIZE)
     Image.new("RGB", (SIZE, SIZE)).save(root / "cat" / "scan.tif")
 
-    with pytest.raises(DataError, match=r"1 TIFF file\(s\) under .*scan\.tif.*mogrify -format png"):
+    with pytest.raises(DataError, match=r"1 TIFF file\(s\) under .*scan\.tif.*`mogrify -format png \*/\*\.tif`"):
         data.load_data(str(root), image_size=IMAGE_SIZE)
     with pytest.raises(DataError, match=r"TIFF.*mogrify"):
         data.expand_image_arguments([str(root / "cat" / "scan.tif")])
@@ -268,6 +268,23 @@ def test_a_split_column_gives_the_splits(tmp_path):
         assert files(getattr(splits, name)) == expected, name
     assert splits.split_sources["validation"] == f"the 2 rows of {table} whose split says validation"
     assert data.has_test_split(str(table))
+
+
+def test_fastais_is_valid_column_marks_the_validation_rows(tmp_path):
+    rows = _labelled_images(tmp_path, per_class=4)
+    valid = [i % 4 == 0 for i in range(len(rows))]
+    lines = [f"{p},{label},{flag}\n" for (p, label), flag in zip(rows, valid, strict=True)]
+    (tmp_path / "labels.csv").write_text("fname,label,is_valid\n" + "".join(lines))
+
+    splits = data.load_data(
+        str(tmp_path / "labels.csv"), image_size=IMAGE_SIZE, csv_columns=("fname", "label", "is_valid")
+    )
+
+    chosen = [str(tmp_path / p) for (p, _), flag in zip(rows, valid, strict=True) if flag]
+    assert files(splits.validation) == {
+        x.tobytes() for x in data.load_images(chosen, image_size=IMAGE_SIZE, channels=3).numpy()
+    }
+    assert splits.sizes == {"train": 4, "validation": 2, "test": 2}
 
 
 def test_a_tsv_and_a_semicolon_csv_with_named_columns(tmp_path):

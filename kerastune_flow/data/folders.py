@@ -22,6 +22,7 @@ import tensorflow as tf
 
 from kerastune_flow.data.images import (
     IMAGE_EXTENSIONS,
+    FileWalk,
     check_images,
     decode_image,
     detect_channels,
@@ -115,6 +116,19 @@ def _class_folders(folder: Path, subfolders: list[Path]) -> dict[str, Path]:
     return classes
 
 
+def _class_files(class_names: list[str], folders: dict[str, Path], walk: FileWalk) -> list[tuple[str, int]]:
+    """(path, label) of the images in each class's folder; what else is found is added to `walk`."""
+    items = []
+    for label, name in enumerate(class_names):
+        if name in folders:
+            found = walk_files(folders[name])
+            items.extend((path, label) for path in found.images)
+            walk.other.update(found.other)
+            walk.litter.update(found.litter)
+            walk.tiff.extend(found.tiff)
+    return items
+
+
 def index_image_folder(root: str | os.PathLike) -> ImageIndex:
     """Lists the images of a folder by split without reading them.
 
@@ -155,8 +169,7 @@ def index_image_folder(root: str | os.PathLike) -> ImageIndex:
             f"Received: classes={class_names}"
         )
     parts: dict[str, list[tuple[str, int]]] = {}
-    other: collections.Counter = collections.Counter()
-    tiff: list[str] = []
+    walk = FileWalk(images=[], tiff=[], other=collections.Counter(), litter=litter)  # the whole folder's
     for split, folder in folders.items():
         split_classes = classes if split == "train" else _class_folders(folder, listed[folder])
         extra = sorted(set(split_classes) - set(classes))
@@ -165,17 +178,10 @@ def index_image_folder(root: str | os.PathLike) -> ImageIndex:
                 f"{folder} has classes that {folders['train']} lacks; both need the same class folders. "
                 f"Received: extra={extra}"
             )
-        items = []
-        for label, name in enumerate(class_names):
-            if name in split_classes:
-                walk = walk_files(split_classes[name])
-                items.extend((path, label) for path in walk.images)
-                other.update(walk.other)
-                litter.update(walk.litter)
-                tiff.extend(walk.tiff)
-        parts[split] = items
-    refuse_tiff(tiff, root)
+        parts[split] = _class_files(class_names, split_classes, walk)
+    refuse_tiff(walk.tiff, root)
     log_litter(litter, root)
+    other = walk.other
     if other:
         log.warning(
             "Ignoring %d file(s) under %s without an image extension (%s): only %s files are read",
@@ -260,6 +266,10 @@ def split_index(
 
 def load_image_folder(root: str | os.PathLike, **kwargs) -> DataSplits:
     """Loads an image folder into train/validation/test splits: `load_index` of `index_image_folder`.
+
+    Args:
+        root: the folder.
+        **kwargs: `load_index`'s settings (image_size, channels, fractions, seed, skip_bad_images).
 
     Raises:
         DataError: see `index_image_folder` and `load_index`.

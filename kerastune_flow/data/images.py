@@ -25,7 +25,6 @@ TIFF_EXTENSIONS = (".tif", ".tiff")  # TensorFlow has no TIFF decoder: refused w
 # What archivers and operating systems leave beside images (besides any name starting with "."):
 # macOS's AppleDouble `._*` files and `__MACOSX/` (zip), Windows' thumbnail caches and folder settings.
 LITTER_NAMES = ("__macosx", "thumbs.db", "desktop.ini")
-TIFF_COMMAND = "mogrify -format png */*.tif"  # ImageMagick: writes a PNG beside each TIFF
 _GRAY_MODES = ("1", "L", "LA", "I", "I;16", "F")
 SKIP_BAD_IMAGES_FLAG = "--skip-bad-images"
 BAD_FILES_NAMED = 3  # bad files named in an error message; the rest are counted
@@ -105,10 +104,16 @@ def refuse_tiff(tiff: Sequence[str], where: str | os.PathLike) -> None:
         DataError: when `tiff` is not empty.
     """
     if tiff:
+        first = Path(tiff[0])
+        try:  # as deep as the first file lies: */*.tif for class folders, */*/*.tif under split folders
+            depth = len(first.relative_to(where).parts) - 1
+        except ValueError:
+            depth = 0
+        command = f"mogrify -format png {'*/' * depth}*{first.suffix}"
         raise DataError(
-            f"{len(tiff)} TIFF file(s) under {where} (such as {tiff[0]}) cannot be read, since TensorFlow has "
-            f"no TIFF decoder; convert them to PNG, e.g. with ImageMagick in the data folder: `{TIFF_COMMAND}` "
-            f"(then delete the .tif files). Received: tiff_files={len(tiff)}"
+            f"{len(tiff)} TIFF file(s) under {where} (such as {first}) cannot be read, since TensorFlow has "
+            f"no TIFF decoder; convert them to PNG, e.g. with ImageMagick in {where}: `{command}` (then delete "
+            f"the {first.suffix} files). Received: tiff_files={len(tiff)}"
         )
 
 

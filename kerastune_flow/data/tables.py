@@ -161,7 +161,7 @@ def index_table(source: str | os.PathLike, *, columns: Sequence[str] = ()) -> Im
             f"{len(missing)} image file(s) that {path} names do not exist: {', '.join(missing[:ROWS_NAMED])}{more}; "
             f"paths are relative to the file's folder {folder}. Received: missing={len(missing)}"
         )
-    refuse_tiff([p for p, _, _ in listed if Path(p).suffix.lower() in TIFF_EXTENSIONS], path)
+    refuse_tiff([p for p, _, _ in listed if Path(p).suffix.lower() in TIFF_EXTENSIONS], folder)
     class_names = sorted({label for _, label, split in listed if split == "train"})
     if len(class_names) < 2:
         raise DataError(f"{path} needs at least two labels among its training rows. Received: classes={class_names}")
