@@ -67,7 +67,7 @@ def test_compare_with_a_data_size_sweep(image_folder, tmp_path):
 
     assert report["meaningful"] is False  # weights none and no base: random-weight "transfer"
     markdown = (out / "report.md").read_text()
-    assert "meaningless" in markdown and "| finetune | 0.5 |" in markdown
+    assert "meaningless" in markdown and "| finetune | 50 % |" in markdown  # the share of train, in percent
     best = max((r for r in rows if r["fraction"] == 1.0), key=lambda r: r["test_accuracy"])
     assert f"{100 * best['test_accuracy']:.1f} %" in report["recommendation"][0]
 
