@@ -30,8 +30,8 @@ RANKS = {
     "data.pipeline": 3,
     "data.images": 4,
     "data.folders": 5,
-    "data.loading": 6,
     "data.tables": 5,  # a CSV/TSV file of image paths and labels, indexed for folders' split and loading
+    "data.loading": 6,
     "data": 7,
     "models.heads": 3,
     "models.saving": 3,
