@@ -161,6 +161,7 @@ def run_lock(folder: str | os.PathLike, *, take: bool = True) -> Iterator[None]:
     """
     resolved = Path(folder).resolve()
     nested = holds(resolved)
+    created = take and not nested and not resolved.exists()
     if take and not nested:
         acquire(folder)
     _HELD[resolved] = _HELD.get(resolved, 0) + 1
@@ -172,3 +173,6 @@ def run_lock(folder: str | os.PathLike, *, take: bool = True) -> Iterator[None]:
             del _HELD[resolved]
         if take and not nested:
             release(folder)
+        if created:  # a command refused before it wrote anything leaves no empty folder behind
+            with contextlib.suppress(OSError):
+                resolved.rmdir()  # only if empty

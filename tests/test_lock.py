@@ -79,3 +79,13 @@ def test_only_the_chief_of_a_multi_worker_run_takes_the_lock(chief, image_folder
             train.train_and_evaluate(config, tmp_path / "run")
     else:
         assert train.train_and_evaluate(config, tmp_path / "run") == "trained"
+
+
+def test_a_command_refused_before_writing_leaves_no_empty_folder(tmp_path, capsys):
+    run_dir = tmp_path / "runs" / "new"
+    argv = ["train", "scratch_mlp", "--preset", "smoke", "--data", str(tmp_path / "missing"), "--run-dir", str(run_dir)]
+
+    assert run.main(argv) == 2
+
+    assert "does not exist" in capsys.readouterr().err
+    assert not run_dir.exists()  # the folder the lock made is gone with it; a run that wrote files keeps them
