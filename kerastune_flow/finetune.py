@@ -25,6 +25,7 @@ from kerastune_flow import data as data_lib
 from kerastune_flow.config import AUTO, Config
 from kerastune_flow.errors import ConfigError
 from kerastune_flow.fitting import FitContext
+from kerastune_flow.recipes import fitted
 
 log = logging.getLogger(__name__)
 
@@ -246,7 +247,8 @@ def fit_frozen(
     """
     fit_model, train_ds, val_ds = frozen_stage(model, pipes, context, epochs=epochs)
     if context.config.model.learning_rate == AUTO:
-        rate = fitting.auto_learning_rate(context, fit_model, train_ds, stage="head")
+        words = fitted(context.config, "head")
+        rate = fitting.auto_learning_rate(context, fit_model, train_ds, stage="head", fitted=words)
         with context.strategy.scope():  # compiled again, at the rate found
             models.compile_model(
                 fit_model,
@@ -463,7 +465,8 @@ def fit_staged(model: keras.Model, pipes: dict[str, tf.data.Dataset | None], con
         if fit_model is not model:
             compile_finetune_step(model, context, step, rate=rate, epochs=stop - start, fit_model=fit_model)
         if rate == AUTO:  # tested on what stage 2 trains: unfrozen, with any base multiplier
-            rate = fitting.auto_learning_rate(context, fit_model, train_ds, stage=stage, epoch=start)
+            words = fitted(context.config, "finetune")
+            rate = fitting.auto_learning_rate(context, fit_model, train_ds, stage=stage, fitted=words, epoch=start)
             compile_finetune_step(model, context, step, rate=rate, epochs=stop - start, fit_model=fit_model)
         log.info(
             "Stage %s: base layers from %s unfrozen, learning rate %g%s, epochs %d to %d",

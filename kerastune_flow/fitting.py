@@ -82,7 +82,7 @@ def compile_kwargs(context: FitContext) -> dict[str, Any]:
 
 
 def auto_learning_rate(
-    context: FitContext, model: keras.Model, train_ds: tf.data.Dataset, *, stage: str, epoch: int = 0
+    context: FitContext, model: keras.Model, train_ds: tf.data.Dataset, *, stage: str, fitted: str, epoch: int = 0
 ) -> float:
     """The rate that "auto" stands for in the fit about to start: a range test (`lr_range`) on
     `model`, compiled as the fit will be, with the data and dropout of the fit's first epoch.
@@ -96,6 +96,7 @@ def auto_learning_rate(
         model: the model the fit trains (the head alone on cached features), compiled.
         train_ds: the fit's training pipeline.
         stage: "head" for the first fit of a run, "finetune" for stage 2.
+        fitted: what the fit trains, in words (`recipes.fitted`): the record's "fitted", its plot's title.
         epoch: the fit's first epoch, whose data the test reads.
 
     Returns:
@@ -105,7 +106,7 @@ def auto_learning_rate(
     if stage in recorded:
         log.info("learning rate auto: %.3g, found by the interrupted run (%s)", recorded[stage], stage)
         return recorded[stage]
-    record = range_test_record(context, model, train_ds, stage=stage, epoch=epoch)
+    record = {**range_test_record(context, model, train_ds, stage=stage, epoch=epoch), "fitted": fitted}
     write_range_test(record, context.run_dir, stage=stage)
     rundir.atomic_write_json(
         context.run_dir / rundir.BACKUP_DIR / rundir.LEARNING_RATES_JSON, {**recorded, stage: record["suggestion"]}

@@ -26,7 +26,7 @@ from kerastune_flow import finetune, fitting, lr_range, models, rundir, runlock,
 from kerastune_flow.config import Config
 from kerastune_flow.errors import ConfigError
 from kerastune_flow.fitting import FitContext
-from kerastune_flow.recipes import get_recipe
+from kerastune_flow.recipes import fitted, get_recipe
 from kerastune_flow.strategy import (
     DeviceSettings,
     get_strategy,
@@ -96,18 +96,6 @@ def find_lr(
         if not chief:
             shutil.rmtree(out_dir, ignore_errors=True)
     return record
-
-
-def fitted(config: Config, stage: str) -> str:
-    """What a range test of `stage` fits, in words (its plot's title): "the cifar10_cnn model" for
-    a from-scratch recipe, "the head on the frozen base" or "the fine-tune stage" for a transfer one."""
-    recipe = get_recipe(config.model.recipe)
-    base = Path(config.model.base).name if config.model.base else config.model.backbone
-    if stage == "finetune":
-        return f"the fine-tune stage ({base} base)"
-    if recipe.transfer:
-        return f"the head on the frozen {base} base"
-    return f"the {recipe.name} model"
 
 
 def _find_lr(

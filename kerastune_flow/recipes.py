@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import types
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import keras
@@ -154,6 +155,18 @@ def get_recipe(name: str) -> Recipe:
     if name not in RECIPES:
         raise ConfigError(f"Unknown recipe {name!r}; choose one of {', '.join(RECIPES)}. Received: recipe={name}")
     return RECIPES[name]
+
+
+def fitted(config: Config, stage: str) -> str:
+    """What a range test of `stage` fits, in words (its plot's title): "the cifar10_cnn model" for
+    a from-scratch recipe, "the head on the frozen base" or "the fine-tune stage" for a transfer one."""
+    recipe = get_recipe(config.model.recipe)
+    base = Path(config.model.base).name if config.model.base else config.model.backbone
+    if stage == "finetune":
+        return f"the fine-tune stage ({base} base)"
+    if recipe.transfer:
+        return f"the head on the frozen {base} base"
+    return f"the {recipe.name} model"
 
 
 def make_config(recipe: str, preset: str = "reference", **overrides: Any) -> Config:

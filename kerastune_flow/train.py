@@ -30,7 +30,7 @@ from kerastune_flow import finetune, fitting, models, plots, rundir, runlock, ru
 from kerastune_flow.config import AUTO, Config, new_seed
 from kerastune_flow.errors import DataError, KerastuneFlowError
 from kerastune_flow.fitting import FitContext
-from kerastune_flow.recipes import check_image_size, get_recipe
+from kerastune_flow.recipes import check_image_size, fitted, get_recipe
 from kerastune_flow.strategy import (
     DeviceSettings,
     barrier,
@@ -373,7 +373,8 @@ def _train_and_evaluate(
         finetune.fit_frozen(model, pipes, context, epochs=config.train.epochs, stage=None)
     else:
         if config.model.learning_rate == AUTO:
-            rate = fitting.auto_learning_rate(context, model, pipes["train"], stage="head")
+            words = fitted(config, "head")
+            rate = fitting.auto_learning_rate(context, model, pipes["train"], stage="head", fitted=words)
             with strategy.scope():  # compiled again, at the rate found
                 models.compile_model(
                     model,

@@ -291,7 +291,9 @@ def test_train_learning_rate_auto_trains_at_the_rate_found_and_records_it(tmp_pa
     assert run.main([*argv, "--learning-rate", "auto", "--run-dir", str(tmp_path / "r")]) == 0
     results = json.loads(capsys.readouterr().out)
     found = results["learning_rate_found"]["head"]
-    assert found == rundir.read_json(tmp_path / "r" / "lr_find.json")["suggestion"]
+    record = rundir.read_json(tmp_path / "r" / "lr_find.json")
+    assert found == record["suggestion"]
+    assert record["fitted"] == "the scratch_mlp model"  # what was fitted: the whole model, not a "head" stage
     assert (tmp_path / "r" / "lr_find.png").exists()
     history = rundir.read_history(tmp_path / "r")
     assert [r["learning_rate"] for r in history] == pytest.approx([found] * len(history), rel=1e-6)
@@ -308,6 +310,7 @@ def test_a_fine_tune_killed_in_its_stage_two_range_test_resumes_with_the_same_ra
         whole = train.train_and_evaluate(config, tmp_path / "whole")
     assert set(whole.results["learning_rate_found"]) == {"head", "finetune"}
     assert rundir.read_json(tmp_path / "whole" / "lr_find_finetune.json")["stage"] == "finetune"
+    assert rundir.read_json(tmp_path / "whole" / "lr_find_finetune.json")["fitted"].startswith("the fine-tune stage")
     with monkeypatch.context() as m:
         _short_range_tests(m, kill_at=2)  # killed in stage 2's range test
         with pytest.raises(KeyboardInterrupt):
