@@ -136,3 +136,22 @@ def test_the_readme_runs_from_the_installed_wheel_outside_the_clone(installed, t
     (work / "load_each.py").write_text(snippet)
     shown = _run([python, "load_each.py"], work, env).stdout
     assert re.fullmatch(r"\[('\d', ){3}'\d'\]\n", shown), shown  # the ONNX model's classes of 4 images
+
+
+def test_the_readmes_python_runs_from_the_installed_wheel(installed, tmp_path):
+    """README's "Python" snippets, as written, in a folder outside the clone."""
+    _, venv, env = installed
+    work = tmp_path / "elsewhere"
+    work.mkdir()
+    python = str(venv / "bin" / "python")
+    first, second = _blocks(_section("Python"), "python")
+    (work / "first.py").write_text(first)
+    printed = [line for line in _run([python, "first.py"], work, env).stdout.splitlines() if line.startswith("{")]
+    assert "'accuracy'" in printed[0] and printed[0].endswith("runs/my_finetune")  # the test metrics, the run dir
+    assert "learning_rate" in printed[-1]  # the best trial's hyperparameters (Keras' epoch lines are not dicts)
+    assert json.loads((work / "runs" / "lr" / "lr_find.json").read_text())["suggestion"] > 0
+    assert (work / "runs" / "search" / "report.html").is_file()
+    (work / "second.py").write_text(second)
+    metrics = _run([python, "second.py"], work, env).stdout.strip().splitlines()[-1]
+    assert "'accuracy'" in metrics
+    assert (work / "runs" / "cnn").is_dir()
