@@ -336,6 +336,8 @@ def test_without_json_lines_the_results_still_count_the_epochs(image_folder, tmp
 # --------------------------------------------------------------------------- seeds and replays
 
 
+# Slow (8-12 s): the default suite has the picked seed resumed (test_exact_resume) and a config replayed (test_tune).
+@pytest.mark.slow
 def test_a_run_without_a_seed_records_the_one_it_picked_and_config_replays_it(image_folder, tmp_path, capsys):
     small = ["--data", str(image_folder), "--image-size", "32", "--batch-size", "8", "--epochs", "2"]
     small += ["--no-tensorboard", "--quiet"]

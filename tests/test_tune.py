@@ -212,6 +212,8 @@ def test_the_report_renders_in_a_browser(search):
     assert page.overflow_px == 0
 
 
+# Slow (15-21 s): the default suite searches the MLP (the module's search) and unit-tests the fine-tune's space.
+@pytest.mark.slow
 def test_both_stages_of_a_fine_tune_are_one_trial(image_folder, base_model, tmp_path):
     summary = tune_lib.tune(
         "vgg16_finetune",
