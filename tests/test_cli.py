@@ -79,6 +79,9 @@ def test_version_names_the_package_keras_and_tensorflow(capsys):
     assert f"keras {keras.__version__}" in out and f"tensorflow {tf.__version__}" in out
 
 
+# Slow (6 s, a process of its own): test_bad_input's real-command test runs a bad folder through a process in the
+# default suite, and its corpus the missing folder in-process.
+@pytest.mark.slow
 def test_a_missing_data_folder_is_one_line_and_exit_2():
     proc = _cli("train", "cifar10_cnn", "--data", "does/not/exist", "--run-dir", "r")
     assert proc.returncode == 2

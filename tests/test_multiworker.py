@@ -62,6 +62,8 @@ def _train(recipe, folder, run_dir, *flags):
     ]
 
 
+# Slow (16-25 s, two worker processes): the slow test below trains the same two workers too, killed and restarted.
+@pytest.mark.slow
 def test_two_workers_train_in_step_and_only_the_chief_writes(image_folder, tmp_path):
     run_dir = tmp_path / "run"
     argv = _train("scratch_mlp", image_folder, run_dir, "--epochs", "2", "--no-early-stopping")

@@ -250,6 +250,8 @@ def test_hyperband_gives_each_trial_its_epochs_and_trains_the_defaults_apart(tmp
     assert (tmp_path / "search" / "defaults" / rundir.RESULTS_JSON).exists()
 
 
+# Slow (7-13 s): the default suite checks the line that tells the budget left (trial_line).
+@pytest.mark.slow
 def test_the_time_budget_stops_the_next_trial_and_the_report_says_so(tmp_path):
     summary = tune_lib.tune("scratch_mlp", tmp_path / "search", trials=5, max_minutes=0.001, **{**TINY, "epochs": 1})
     assert [t["trial"] for t in summary["trials"]] == ["0"]  # the first always runs; then the time is spent
