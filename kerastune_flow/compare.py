@@ -150,10 +150,12 @@ def _compare(
 ) -> dict[str, Any]:
     """The comparison of `compare`, its arguments checked, with its folder held."""
     # Before a base is read starts TensorFlow: then the process still sets its threads itself.
-    strategy = overrides.get("strategy") or make_config("cifar10_cnn", preset).train.strategy
-    runtime.prepare_process(strategy, deterministic=bool(overrides.get("deterministic")))
+    defaults = make_config("cifar10_cnn", preset).train
+    runtime.prepare_process(
+        overrides.get("strategy") or defaults.strategy, deterministic=bool(overrides.get("deterministic"))
+    )
     if overrides.get("seed") is None:  # one seed for every approach: the same split of a folder
-        overrides["seed"] = make_config("cifar10_cnn", preset).train.seed
+        overrides["seed"] = defaults.seed
         if overrides["seed"] is None:
             overrides["seed"] = new_seed()
             log.info("No --seed given: the comparison's seed is %d", overrides["seed"])

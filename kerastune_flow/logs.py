@@ -28,7 +28,7 @@ import sys
 import tempfile
 from collections.abc import Iterator
 
-DEBUG_ENV = "KERASTUNE_FLOW_DEBUG"  # also run.py's: show everything
+DEBUG_ENV = "KERASTUNE_FLOW_DEBUG"  # show everything (run.py also shows tracebacks under it)
 # absl's prefix: severity, MMDD, time (before absl is set up, "00:00:" and the epoch's seconds), thread,
 # file:line]
 _ABSL_LINE = re.compile(r"^([IWEF])\d{4} [\d:.]+\s+\d+ \S+:\d+\] ")

@@ -21,7 +21,6 @@ import os
 import platform
 import shlex
 import sys
-import time
 
 import keras
 import tensorflow as tf
@@ -71,7 +70,7 @@ curves.png; `tensorboard --logdir RUN_DIR/tensorboard` shows the curves live. Ru
 train command again after a crash or Ctrl-C and it resumes at the last finished epoch.
 """
 
-DEBUG_ENV = "KERASTUNE_FLOW_DEBUG"
+DEBUG_ENV = logs.DEBUG_ENV  # KERASTUNE_FLOW_DEBUG=1: tracebacks, and TensorFlow's lines as written
 # The console script pyproject.toml installs; `python -m kerastune_flow.run` runs the same main().
 PROG = "kerastune-flow"
 DISTRIBUTION = "kerastune_flow"
@@ -241,9 +240,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_find_lr(args: argparse.Namespace) -> int:
     overrides = {**config_overrides(args), **({"verbose": 0} if args.quiet else {})}
     config = make_config(args.recipe, args.preset, **overrides)
-    run_dir = args.run_dir = args.run_dir or os.path.join(
-        "runs", f"find-lr-{args.recipe}-{time.strftime('%Y%m%d-%H%M%S')}"
-    )
+    run_dir = args.run_dir = args.run_dir or str(unfinished.new_run_dir(f"find-lr-{args.recipe}-"))
     with contextlib.redirect_stdout(sys.stderr):
         record = find_lr(config, run_dir, stage=args.stage)
     shown = ("suggestion", "rule", "suggestions", "stage", "steps", "diverged", "json", "png")
@@ -252,7 +249,7 @@ def _cmd_find_lr(args: argparse.Namespace) -> int:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    run_dir = args.run_dir = args.run_dir or os.path.join("runs", f"compare-{time.strftime('%Y%m%d-%H%M%S')}")
+    run_dir = args.run_dir = args.run_dir or str(unfinished.new_run_dir("compare-"))
     with contextlib.redirect_stdout(sys.stderr):
         report = compare(
             args.data,

@@ -227,7 +227,7 @@ def train_and_evaluate(
     chief = is_chief(strategy)  # the other workers of a cluster write private folders: no lock
     if chief:  # refused before anything is written
         rundir.claim_dir(workdir, kinds=rundir.RUN_KINDS, overwrite=overwrite)
-    with runlock.run_lock(workdir) if chief else contextlib.nullcontext():
+    with runlock.run_lock(workdir, take=chief):
         return _locked_run(config, workdir, strategy, overwrite=overwrite, evaluate_test=evaluate_test)
 
 

@@ -46,7 +46,12 @@ def default_run_dir(prefix: str, *, matches: Callable[[Path], bool], root: str |
             continue
         log.info("Resuming the unfinished run %s: same recipe and settings; pass --run-dir to start a new one", folder)
         return folder
-    return root / f"{prefix}{time.strftime('%Y%m%d-%H%M%S')}"
+    return new_run_dir(prefix, root=root)
+
+
+def new_run_dir(prefix: str, *, root: str | os.PathLike = RUNS_ROOT) -> Path:
+    """ROOT/PREFIXDATE-TIME: a command's new default folder, named by the clock."""
+    return Path(root) / f"{prefix}{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 def _mtime(folder: Path) -> float:
