@@ -40,7 +40,8 @@ import keras  # noqa: E402
 import machine  # noqa: E402
 import numpy as np  # noqa: E402
 
-from kerastune_flow import artifacts, export, make_config, train_and_evaluate  # noqa: E402
+from kerastune_flow import make_config, train_and_evaluate  # noqa: E402
+from kerastune_flow.deploy import artifacts, export
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "kerastune_flow" / "sample_data" / "digits"  # `--data digits`

@@ -28,9 +28,10 @@ sys.path.insert(0, str(REPO))
 import keras  # noqa: E402
 import machine  # noqa: E402
 
-from kerastune_flow import data, finetune, models  # noqa: E402
-from kerastune_flow.runtime import prepare_process  # noqa: E402
-from kerastune_flow.strategy import get_strategy, global_batch_size  # noqa: E402
+from kerastune_flow import data, models  # noqa: E402
+from kerastune_flow.runtime.process import prepare_process  # noqa: E402
+from kerastune_flow.runtime.strategy import get_strategy, global_batch_size  # noqa: E402
+from kerastune_flow.training import finetune  # noqa: E402
 
 
 def _time(fn) -> float:

@@ -23,7 +23,7 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kerastune_flow.runtime import prepare_process  # noqa: E402
+from kerastune_flow.runtime.process import prepare_process  # noqa: E402
 
 prepare_process("auto")  # as a run does: one inter-op thread on the CPU
 

@@ -46,8 +46,9 @@ import keras  # noqa: E402
 import machine  # noqa: E402
 import numpy as np  # noqa: E402
 
-from kerastune_flow import lr_range, make_config, train_and_evaluate  # noqa: E402
-from kerastune_flow.lr_find import find_lr  # noqa: E402
+from kerastune_flow import make_config, train_and_evaluate  # noqa: E402
+from kerastune_flow.training import lr_range
+from kerastune_flow.training.lr_find import find_lr  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "datasets"

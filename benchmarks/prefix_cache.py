@@ -34,8 +34,9 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from machine import describe  # noqa: E402
 
-from kerastune_flow import data, finetune, models  # noqa: E402
-from kerastune_flow.runtime import prepare_process  # noqa: E402
+from kerastune_flow import data, models  # noqa: E402
+from kerastune_flow.runtime.process import prepare_process  # noqa: E402
+from kerastune_flow.training import finetune  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "prefix_cache_results.json"
 

@@ -42,7 +42,7 @@ import machine  # noqa: E402
 import numpy as np  # noqa: E402
 
 from kerastune_flow import data, models  # noqa: E402
-from kerastune_flow.strategy import get_strategy, global_batch_size  # noqa: E402
+from kerastune_flow.runtime.strategy import get_strategy, global_batch_size  # noqa: E402
 
 SHAPE = (32, 32, 3)
 

@@ -40,9 +40,10 @@ import tensorflow as tf  # noqa: E402
 from epoch_clock import EpochClock  # noqa: E402  (seconds of each epoch inside one fit)
 from machine import describe  # noqa: E402
 
-from kerastune_flow import callbacks as cb  # noqa: E402
-from kerastune_flow import data, fitting, models  # noqa: E402
-from kerastune_flow.runtime import prepare_process  # noqa: E402
+from kerastune_flow import data, models  # noqa: E402
+from kerastune_flow.runtime.process import prepare_process  # noqa: E402
+from kerastune_flow.training import callbacks as cb  # noqa: E402
+from kerastune_flow.training import fitting  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "short_epochs_results.json"
 BATCH = 64

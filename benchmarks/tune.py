@@ -52,7 +52,7 @@ from matplotlib.figure import Figure  # noqa: E402
 
 from kerastune_flow.data import load_data  # noqa: E402
 from kerastune_flow.recipes import make_config  # noqa: E402
-from kerastune_flow.tune_space import unfreeze_choices  # noqa: E402
+from kerastune_flow.search.tune_space import unfreeze_choices  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "benchmarks" / "tune_results.json"

@@ -1,6 +1,6 @@
 """kerastune_flow: train from scratch, train fully, or transfer and fine-tune, with Keras 3."""
 
-from kerastune_flow import logs as _logs
+from kerastune_flow.runtime import logs as _logs
 
 __version__ = "0.1.0"
 
@@ -24,13 +24,11 @@ if _keras.backend.backend() != "tensorflow":
         "(from KERAS_BACKEND or ~/.keras/keras.json): set KERAS_BACKEND=tensorflow before importing keras."
     )
 
-from kerastune_flow.callbacks import standard_callbacks  # noqa: E402
 from kerastune_flow.config import Config, DataConfig, ModelConfig, TrainConfig  # noqa: E402
 from kerastune_flow.data import load_data, prepare  # noqa: E402
+from kerastune_flow.deploy.export import export_model  # noqa: E402
+from kerastune_flow.deploy.inference import evaluate_saved, predict_images  # noqa: E402
 from kerastune_flow.errors import KerastuneFlowError  # noqa: E402
-from kerastune_flow.export import export_model  # noqa: E402
-from kerastune_flow.inference import evaluate_saved, predict_images  # noqa: E402
-from kerastune_flow.lr_find import find_lr  # noqa: E402
 from kerastune_flow.models import (  # noqa: E402
     build_cifar10_cnn,
     build_scratch_mlp,
@@ -38,11 +36,13 @@ from kerastune_flow.models import (  # noqa: E402
     build_vgg16_finetune,
 )
 from kerastune_flow.recipes import RECIPES, make_config  # noqa: E402
-from kerastune_flow.runtime import prepare_process  # noqa: E402
-from kerastune_flow.strategy import get_strategy, global_batch_size  # noqa: E402
-from kerastune_flow.train import train_and_evaluate  # noqa: E402
+from kerastune_flow.runtime.process import prepare_process  # noqa: E402
+from kerastune_flow.runtime.strategy import get_strategy, global_batch_size  # noqa: E402
+from kerastune_flow.training.callbacks import standard_callbacks  # noqa: E402
+from kerastune_flow.training.lr_find import find_lr  # noqa: E402
+from kerastune_flow.training.train import train_and_evaluate  # noqa: E402
 
-# compare() and tune() live in their modules (kerastune_flow.compare, kerastune_flow.tune): bound
+# compare() and tune() live in their modules (kerastune_flow.search.compare, kerastune_flow.search.tune): bound
 # here, the functions would hide the modules of the same name.
 __all__ = [
     "RECIPES",

@@ -26,20 +26,21 @@ import keras
 import tensorflow as tf
 
 from kerastune_flow import config as config_lib
-from kerastune_flow import logs, progress, unfinished
-from kerastune_flow.compare import APPROACHES, compare
+from kerastune_flow import unfinished
+from kerastune_flow.cli.model_commands import add_model_commands
 from kerastune_flow.config import PRESETS
+from kerastune_flow.deploy.export import export_model
+from kerastune_flow.deploy.inference import evaluate_saved, predict_images
 from kerastune_flow.errors import ConfigError, KerastuneFlowError
-from kerastune_flow.export import export_model
 from kerastune_flow.flags import add_config_flags, config_overrides, show_defaults, text_type
-from kerastune_flow.inference import evaluate_saved, predict_images
-from kerastune_flow.lr_find import STAGES, find_lr
-from kerastune_flow.model_commands import add_model_commands
 from kerastune_flow.recipes import RECIPES, make_config
-from kerastune_flow.train import train_and_evaluate
-from kerastune_flow.tune import DEFAULT_TRIALS, OBJECTIVES, TUNERS, search_settings, tune
-from kerastune_flow.tune_report import display_values
-from kerastune_flow.tune_space import KNOBS
+from kerastune_flow.runtime import logs, progress
+from kerastune_flow.search.compare import APPROACHES, compare
+from kerastune_flow.search.tune import DEFAULT_TRIALS, OBJECTIVES, TUNERS, search_settings, tune
+from kerastune_flow.search.tune_report import display_values
+from kerastune_flow.search.tune_space import KNOBS
+from kerastune_flow.training.lr_find import STAGES, find_lr
+from kerastune_flow.training.train import train_and_evaluate
 
 EXAMPLES = """\
 examples:

@@ -6,10 +6,12 @@ import pytest
 import tensorflow as tf
 from tensorflow.python.data.ops import dataset_ops
 
-from kerastune_flow import callbacks as cb
-from kerastune_flow import data, fitting, strategy
+from kerastune_flow import data
 from kerastune_flow.data import augment
 from kerastune_flow.recipes import make_config
+from kerastune_flow.runtime import strategy
+from kerastune_flow.training import callbacks as cb
+from kerastune_flow.training import fitting
 
 SHAPE = (16, 12, 3)
 NUM_SAMPLES = 24

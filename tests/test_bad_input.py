@@ -26,10 +26,12 @@ import pytest
 import tensorflow as tf
 from conftest import REPO, write_image_folder
 
-from kerastune_flow import callbacks as cb
-from kerastune_flow import data, inference, models, resume, run, rundir, train
+from kerastune_flow import data, models, run, rundir
+from kerastune_flow.deploy import inference
 from kerastune_flow.errors import ConfigError, DataError, RunDirError
 from kerastune_flow.recipes import make_config
+from kerastune_flow.training import callbacks as cb
+from kerastune_flow.training import resume, train
 
 PER_CLASS = 4
 SIZE = 16  # pixels of the generated images

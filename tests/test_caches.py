@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from kerastune_flow import caches, data, finetune, models, rundir, train
+from kerastune_flow import data, models, rundir
 from kerastune_flow.recipes import make_config
+from kerastune_flow.training import caches, finetune, train
 
 SMALL_RGB = (32, 32, 3)
 NUM_EXAMPLES = 20

@@ -13,9 +13,18 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from kerastune_flow import callbacks as callbacks_lib
 from kerastune_flow import rundir
-from kerastune_flow.callbacks import (
+from kerastune_flow.errors import TrainingDivergedError
+from kerastune_flow.rundir import (
+    BACKUP_DIR,
+    BEST_MODEL,
+    HISTORY_CSV,
+    HISTORY_JSONL,
+    TENSORBOARD_DIR,
+    read_history,
+)
+from kerastune_flow.training import callbacks as callbacks_lib
+from kerastune_flow.training.callbacks import (
     BestModelCheckpoint,
     DiskSpaceGuard,
     EarlyStopping,
@@ -26,16 +35,7 @@ from kerastune_flow.callbacks import (
     current_learning_rate,
     standard_callbacks,
 )
-from kerastune_flow.errors import TrainingDivergedError
-from kerastune_flow.resume import RunBackup
-from kerastune_flow.rundir import (
-    BACKUP_DIR,
-    BEST_MODEL,
-    HISTORY_CSV,
-    HISTORY_JSONL,
-    TENSORBOARD_DIR,
-    read_history,
-)
+from kerastune_flow.training.resume import RunBackup
 
 NUM_SAMPLES = 32
 NUM_FEATURES = 4

@@ -11,7 +11,8 @@ from collections import Counter
 import pytest
 from conftest import REPO
 
-from kerastune_flow import logs, run
+from kerastune_flow import run
+from kerastune_flow.runtime import logs
 
 BANNER = "WARNING: All log messages before absl::InitializeLog() is called are written to STDERR\n"
 ONEDNN = "port.cc:153] oneDNN custom operations are on. You may see slightly different numerical results.\n"

@@ -6,10 +6,13 @@ from html.parser import HTMLParser
 
 import pytest
 
-from kerastune_flow import compare as compare_lib
-from kerastune_flow import plots, run, runtime, train
+from kerastune_flow import run
 from kerastune_flow.errors import ConfigError
 from kerastune_flow.recipes import make_config
+from kerastune_flow.reports import plots
+from kerastune_flow.runtime import process
+from kerastune_flow.search import compare as compare_lib
+from kerastune_flow.training import train
 
 
 class _Collector(HTMLParser):
@@ -122,7 +125,7 @@ def test_compare_from_the_cli(image_folder, tmp_path, capsys, caplog):
         "--run-dir",
         str(tmp_path / "cmp"),
     ]
-    with caplog.at_level("INFO", logger="kerastune_flow.compare"):
+    with caplog.at_level("INFO", logger="kerastune_flow.search.compare"):
         assert run.main(argv) == 0
     out = capsys.readouterr().out
     assert out.startswith("Best test accuracy:") and str(tmp_path / "cmp" / "report.html") in out
@@ -148,7 +151,7 @@ def test_the_share_of_train_reads_as_a_percentage_and_a_count():
 
 def test_compare_sets_the_threads_before_anything_starts_tensorflow(image_folder, tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr(runtime, "prepare_process", lambda *a, **k: calls.append("prepare_process"))
+    monkeypatch.setattr(process, "prepare_process", lambda *a, **k: calls.append("prepare_process"))
 
     def train_and_evaluate(*args, **kwargs):
         calls.append("train_and_evaluate")

@@ -7,10 +7,10 @@ import json
 import pytest
 
 from kerastune_flow import config as config_lib
-from kerastune_flow import fitting
 from kerastune_flow.config import PRESETS, Config, DataConfig, ModelConfig, TrainConfig, field_section
 from kerastune_flow.errors import ConfigError
 from kerastune_flow.recipes import RECIPES, check_image_size, get_recipe, make_config
+from kerastune_flow.training import fitting
 
 
 @pytest.mark.parametrize("recipe", list(RECIPES))

@@ -15,8 +15,9 @@ import tensorflow as tf
 from conftest import write_image_folder
 from PIL import Image
 
-from kerastune_flow import data, inference, run, rundir
+from kerastune_flow import data, run, rundir
 from kerastune_flow.data import sources
+from kerastune_flow.deploy import inference
 from kerastune_flow.errors import DataError
 
 SIZE = 8  # pixels of every generated image

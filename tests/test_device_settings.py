@@ -7,16 +7,18 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from kerastune_flow import data, finetune, models, rundir, strategy, train
+from kerastune_flow import data, models, rundir
 from kerastune_flow.errors import ConfigError
-from kerastune_flow.fitting import FitContext
 from kerastune_flow.recipes import get_recipe, make_config
-from kerastune_flow.strategy import (
+from kerastune_flow.runtime import strategy
+from kerastune_flow.runtime.strategy import (
     CPU_STEPS_PER_EXECUTION,
     TPU_STEPS_PER_EXECUTION,
     data_autotune,
     device_settings,
 )
+from kerastune_flow.training import finetune, train
+from kerastune_flow.training.fitting import FitContext
 
 
 @pytest.mark.parametrize(

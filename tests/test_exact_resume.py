@@ -14,9 +14,10 @@ import numpy as np
 import pytest
 from conftest import REPO, write_image_folder
 
-from kerastune_flow import callbacks as cb
-from kerastune_flow import finetune, rundir, train
+from kerastune_flow import rundir
 from kerastune_flow.recipes import make_config
+from kerastune_flow.training import callbacks as cb
+from kerastune_flow.training import finetune, train
 
 TIMINGS = ("epoch_seconds", "wall_time")
 # Augmentation, dropout and early stopping on: every kind of randomness and state a resume needs.

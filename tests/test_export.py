@@ -15,11 +15,12 @@ import numpy as np
 import pytest
 from conftest import write_image_folder
 
-from kerastune_flow import artifacts, export, run
+from kerastune_flow import run
+from kerastune_flow.deploy import artifacts, export
 from kerastune_flow.errors import ConfigError, ExportParityError, MissingPackageError, RunDirError
 from kerastune_flow.models import BACKBONES
 from kerastune_flow.recipes import RECIPES, make_config
-from kerastune_flow.train import train_and_evaluate
+from kerastune_flow.training.train import train_and_evaluate
 
 SIZE = 20
 PER_CLASS = 20

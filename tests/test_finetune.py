@@ -7,10 +7,11 @@ import keras
 import numpy as np
 import pytest
 
-from kerastune_flow import callbacks as cb
-from kerastune_flow import finetune, models, rundir, train
+from kerastune_flow import models, rundir
 from kerastune_flow.errors import ConfigError, RunDirError
 from kerastune_flow.recipes import make_config
+from kerastune_flow.training import callbacks as cb
+from kerastune_flow.training import finetune, train
 
 SMALL_RGB = (32, 32, 3)
 

@@ -10,19 +10,19 @@ MAX_LINES = 500
 # Each module imports only modules of a lower rank: errors and config at the bottom, run at the top.
 RANKS = {
     "errors": 0,
-    "logs": 0,  # each log line once: TensorFlow's native lines at import, the CLI's handlers
-    "progress": 1,  # a leaf: the progress of long steps, used from data up to run
+    "runtime.logs": 0,  # each log line once: TensorFlow's native lines at import, the CLI's handlers
+    "runtime.progress": 1,  # a leaf: the progress of long steps, used from data up to run
     "config": 1,
-    "compat": 2,
-    "strategy": 2,
+    "runtime.compat": 2,
+    "runtime.strategy": 2,
     "rundir": 2,
     "runlock": 3,  # one process per output folder: the lock file
     "unfinished": 4,  # the unfinished run a command without --run-dir takes up
-    "lr_range": 2,
-    "resume": 3,
-    "callbacks": 4,
-    "runtime": 3,
-    "plots": 3,
+    "training.lr_range": 2,
+    "training.resume": 3,
+    "training.callbacks": 4,
+    "runtime.process": 3,
+    "reports.plots": 3,
     "reports": 2,
     "data.samples": 1,  # the sample data shipped in the package, by name (`--data digits`)
     "data.augment": 2,
@@ -39,25 +39,53 @@ RANKS = {
     "models.scratch": 4,
     "models.transfer": 4,
     "models": 5,
-    "fitting": 5,
-    "caches": 4,
+    "training.fitting": 5,
+    "training.caches": 4,
     "recipes": 6,
-    "finetune": 8,
-    "inference": 8,
-    "train": 9,
-    "analysis": 9,
-    "lr_find": 10,
-    "compare": 10,
-    "artifacts": 3,
-    "export": 10,
-    "model_commands": 11,  # the flags of evaluate, predict and export
+    "training.finetune": 8,
+    "deploy.inference": 8,
+    "training.train": 9,
+    "deploy.analysis": 9,
+    "training.lr_find": 10,
+    "search.compare": 10,
+    "deploy.artifacts": 3,
+    "deploy.export": 10,
+    "cli.model_commands": 11,  # the flags of evaluate, predict and export
     "flags": 2,
-    "tune_space": 10,
-    "tune_report": 4,
-    "tune": 11,
+    "search.tune_space": 10,
+    "search.tune_report": 4,
+    "search.tune": 11,
     "run": 12,
     "": 13,  # kerastune_flow/__init__.py: the public names
+    "runtime": 0,  # the sub-packages' __init__ files: a docstring each
+    "training": 0,
+    "search": 0,
+    "deploy": 0,
+    "cli": 0,
     "sample_data.make_digits": 0,  # the script that wrote the digits sample (imports no package module)
+}
+# The sub-packages (and the modules on the floor beside them) by job, lowest first: a module imports
+# only from its own sub-package (by RANKS) or from a lower layer. Training uses nothing from deploy or
+# search; reports use only the files of a run.
+LAYERS = {
+    "errors": 0,
+    "config": 1,
+    "flags": 2,  # settings as text: the flags' table, shared by the command line and the Python API
+    "runtime": 2,
+    "rundir": 2,
+    "runlock": 3,
+    "unfinished": 4,
+    "reports": 3,
+    "data": 4,
+    "models": 4,
+    "recipes": 5,
+    "training": 6,
+    "deploy": 6,
+    "search": 7,
+    "cli": 8,
+    "run": 9,
+    "sample_data": 0,
+    "": 10,
 }
 
 
@@ -100,6 +128,18 @@ def test_no_module_is_over_500_lines(name, path):
 def test_imports_flow_one_way(name, path):
     upward = {m: RANKS[m] for m in _package_imports(ast.parse(path.read_text())) if RANKS[m] >= RANKS[name]}
     assert not upward, f"{name} (rank {RANKS[name]}) imports {upward}"
+
+
+@pytest.mark.parametrize("name, path", list(_modules()), ids=lambda v: str(v))
+def test_sub_packages_import_only_lower_layers(name, path):
+    layer = name.split(".")[0]
+    imported = {m.split(".")[0] for m in _package_imports(ast.parse(path.read_text()))}
+    upward = {m: LAYERS[m] for m in imported if m != layer and LAYERS[m] >= LAYERS[layer]}
+    assert not upward, f"{name} (layer {layer}, {LAYERS[layer]}) imports {upward}"
+
+
+def test_every_top_level_name_has_a_layer():
+    assert {name.split(".")[0] for name, _ in _modules()} == set(LAYERS)
 
 
 @pytest.mark.parametrize("name, path", list(_modules()), ids=lambda v: str(v))

@@ -11,10 +11,11 @@ import sys
 
 import pytest
 
-from kerastune_flow import run, runlock, train
+from kerastune_flow import run, runlock
 from kerastune_flow.errors import RunDirError
 from kerastune_flow.recipes import make_config
 from kerastune_flow.rundir import LOCK_FILE
+from kerastune_flow.training import train
 
 
 def _hold(folder, pid: int, host: str | None = None) -> None:

@@ -11,11 +11,13 @@ import tensorflow as tf
 from conftest import write_image_folder
 from test_exact_resume import _outcome
 
-from kerastune_flow import fitting, lr_find, lr_range, models, plots, run, rundir, train
+from kerastune_flow import models, run, rundir
 from kerastune_flow.data.samples import sample_folder
 from kerastune_flow.errors import ConfigError, TrainingDivergedError
-from kerastune_flow.lr_find import find_lr
 from kerastune_flow.recipes import make_config
+from kerastune_flow.reports import plots
+from kerastune_flow.training import fitting, lr_find, lr_range, train
+from kerastune_flow.training.lr_find import find_lr
 
 NUM_EXAMPLES = 64
 BATCH = 16
@@ -100,7 +102,7 @@ def test_a_loss_that_shoots_up_and_settles_at_chance_is_a_divergence(monkeypatch
     smoothed = lr_range.ema_smooth(losses)
     assert max(smoothed[150:]) < lr_range.DIVERGE_FACTOR * min(smoothed)  # the smoothed rule alone misses it
     _fake_steps(monkeypatch, losses)
-    with caplog.at_level("INFO", logger="kerastune_flow.lr_range"):
+    with caplog.at_level("INFO", logger="kerastune_flow.training.lr_range"):
         test = lr_range.range_test(_mlp(), _data())
     assert test.diverged and 200 < len(test.lrs) < 215  # stopped a few steps into the rise
     assert "median" in test.why and test.record()["diverged_how"] == test.why
@@ -115,7 +117,7 @@ def test_one_noisy_batch_is_not_a_divergence(monkeypatch, caplog):
     losses = [0.5] * 100
     losses[60] = 5.0  # ten times the loss, once
     _fake_steps(monkeypatch, losses)
-    with caplog.at_level("INFO", logger="kerastune_flow.lr_range"):
+    with caplog.at_level("INFO", logger="kerastune_flow.training.lr_range"):
         test = lr_range.range_test(_mlp(), _data(), max_steps=100)
     assert not test.diverged and len(test.lrs) == 100 and test.why == ""
     assert any("the loss never diverged (its lowest 0.5, its last 0.5" in r.getMessage() for r in caplog.records)

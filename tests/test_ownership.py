@@ -11,9 +11,11 @@ from pathlib import Path
 import keras
 import pytest
 
-from kerastune_flow import export, run, rundir, tune, unfinished
+from kerastune_flow import run, rundir, unfinished
+from kerastune_flow.deploy import export
 from kerastune_flow.errors import RunDirError, RunInterrupted
 from kerastune_flow.recipes import make_config
+from kerastune_flow.search import tune
 
 
 def _user_folder(root: Path) -> dict[str, bytes]:

@@ -17,11 +17,12 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from kerastune_flow import finetune, models, rundir, train
+from kerastune_flow import models, rundir
 from kerastune_flow.data import EpochClock
-from kerastune_flow.fitting import FitContext
 from kerastune_flow.recipes import RECIPES, make_config
-from kerastune_flow.strategy import device_settings
+from kerastune_flow.runtime.strategy import device_settings
+from kerastune_flow.training import finetune, train
+from kerastune_flow.training.fitting import FitContext
 
 NUM_CLASSES = 3
 BATCH = 2

@@ -17,7 +17,10 @@ import pytest
 import tensorflow as tf
 from conftest import REPO, write_image_folder
 
-from kerastune_flow import caches, data, export, inference, models, progress, run
+from kerastune_flow import data, models, run
+from kerastune_flow.deploy import export, inference
+from kerastune_flow.runtime import progress
+from kerastune_flow.training import caches
 
 NUM_CLASSES = 3
 

@@ -10,7 +10,7 @@ import pytest
 from conftest import REPO
 from PIL import Image
 
-from kerastune_flow import compare as compare_lib
+from kerastune_flow.search import compare as compare_lib
 
 if browser_check.missing():
     pytest.skip(browser_check.missing(), allow_module_level=True)

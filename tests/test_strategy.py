@@ -19,12 +19,12 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from kerastune_flow import compat, runtime
-from kerastune_flow import strategy as strategy_lib
 from kerastune_flow.config import STRATEGY_NAMES
 from kerastune_flow.errors import ConfigError, StrategyError
-from kerastune_flow.runtime import prepare_process
-from kerastune_flow.strategy import (
+from kerastune_flow.runtime import compat, process
+from kerastune_flow.runtime import strategy as strategy_lib
+from kerastune_flow.runtime.process import prepare_process
+from kerastune_flow.runtime.strategy import (
     _cluster_size,
     describe,
     device_kind,
@@ -389,9 +389,9 @@ _THREADS_SCRIPT = """
 import logging, os, sys
 logging.basicConfig(level=logging.INFO, format="%(message)s")
 import tensorflow as tf
-from kerastune_flow import runtime
-from kerastune_flow.runtime import prepare_process
-from kerastune_flow.strategy import get_strategy
+from kerastune_flow.runtime import process
+from kerastune_flow.runtime.process import prepare_process
+from kerastune_flow.runtime.strategy import get_strategy
 if sys.argv[1] == "started":
     tf.constant(1.0)  # TensorFlow's runtime starts here, before the strategy
 prepare_process(sys.argv[2])
@@ -423,9 +423,9 @@ def test_cpu_training_uses_one_inter_op_thread_when_it_still_can(when, name, env
 
 
 def test_which_strategy_names_compute_on_the_cpu_here():
-    assert runtime.computes_on_cpu("auto") and runtime.computes_on_cpu("cpu")
-    assert not runtime.computes_on_cpu("mirrored")  # several devices keep TensorFlow's default threads
-    assert not runtime.computes_on_cpu("tpu") and not runtime.computes_on_cpu("gpu")
+    assert process.computes_on_cpu("auto") and process.computes_on_cpu("cpu")
+    assert not process.computes_on_cpu("mirrored")  # several devices keep TensorFlow's default threads
+    assert not process.computes_on_cpu("tpu") and not process.computes_on_cpu("gpu")
 
 
 def test_get_strategy_alone_changes_no_process_setting():

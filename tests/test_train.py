@@ -6,10 +6,12 @@ import keras
 import numpy as np
 import pytest
 
-from kerastune_flow import callbacks as cb
-from kerastune_flow import inference, rundir, train
+from kerastune_flow import rundir
+from kerastune_flow.deploy import inference
 from kerastune_flow.errors import DataError, RunDirError
 from kerastune_flow.recipes import RECIPES, make_config
+from kerastune_flow.training import callbacks as cb
+from kerastune_flow.training import train
 
 RUN_FILES = ("config.json", "history.csv", "history.jsonl", "model.keras", "results.json", "curves.png")
 

@@ -15,11 +15,15 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 
 from kerastune_flow import config as config_lib
 from kerastune_flow import data as data_lib
-from kerastune_flow import inference, plots, run, rundir, runtime, tune_report, tune_space
-from kerastune_flow import tune as tune_lib
+from kerastune_flow import run, rundir
 from kerastune_flow.data.samples import sample_folder
+from kerastune_flow.deploy import inference
 from kerastune_flow.errors import ConfigError, DataError
 from kerastune_flow.recipes import get_recipe, make_config
+from kerastune_flow.reports import plots
+from kerastune_flow.runtime import process
+from kerastune_flow.search import tune as tune_lib
+from kerastune_flow.search import tune_report, tune_space
 
 DIGITS = str(sample_folder("digits"))  # the sample shipped in the package
 SCREENSHOTS = REPO / "runs" / "screenshots"  # git-ignored, kept for a person
@@ -337,7 +341,7 @@ def test_the_best_against_the_defaults_is_zoomed_to_the_values_with_the_labels_i
 
 def test_the_search_sets_the_threads_before_it_reads_the_data(tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr(runtime, "prepare_process", lambda *a, **k: calls.append("prepare_process"))
+    monkeypatch.setattr(process, "prepare_process", lambda *a, **k: calls.append("prepare_process"))
 
     def load_splits(*args, **kwargs):
         calls.append("load_splits")

@@ -14,8 +14,8 @@ import pytest
 from conftest import REPO
 
 from kerastune_flow import rundir
-from kerastune_flow import tune as tune_lib
 from kerastune_flow.data.samples import sample_folder
+from kerastune_flow.search import tune as tune_lib
 
 DIGITS = str(sample_folder("digits"))  # the sample shipped in the package
 

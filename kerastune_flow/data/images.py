@@ -14,9 +14,9 @@ from pathlib import Path
 import tensorflow as tf
 from PIL import Image
 
-from kerastune_flow import progress
 from kerastune_flow.data.pipeline import with_autotune
 from kerastune_flow.errors import DataError
+from kerastune_flow.runtime import progress
 
 log = logging.getLogger(__name__)
 

@@ -9,9 +9,9 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import tensorflow as tf
 
-from kerastune_flow import strategy as strategy_lib
 from kerastune_flow.data.augment import Augmenter
 from kerastune_flow.errors import ConfigError, DataError
+from kerastune_flow.runtime import strategy as strategy_lib
 
 LABEL_MODES = ("int", "binary", "categorical")
 # Marks the in-pipeline label check, so that a failing fit can be told from other errors.

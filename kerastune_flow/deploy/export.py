@@ -26,9 +26,11 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from kerastune_flow import artifacts, inference, progress, rundir
-from kerastune_flow.artifacts import ARTIFACT_NAMES, FORMATS, QUANTIZATIONS, import_optional
+from kerastune_flow import rundir
+from kerastune_flow.deploy import artifacts, inference
+from kerastune_flow.deploy.artifacts import ARTIFACT_NAMES, FORMATS, QUANTIZATIONS, import_optional
 from kerastune_flow.errors import ConfigError, DataError, ExportParityError, KerastuneFlowError, RunDirError
+from kerastune_flow.runtime import progress
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from kerastune_flow import plots, reports, rundir
+from kerastune_flow import reports, rundir
+from kerastune_flow.reports import plots
 
 TUNE_JSON = "tune.json"
 REPORT_MD = "report.md"

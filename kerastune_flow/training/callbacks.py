@@ -29,8 +29,9 @@ from typing import Any
 import keras
 import numpy as np
 
-from kerastune_flow import resume, rundir
+from kerastune_flow import rundir
 from kerastune_flow.errors import RunDirError, RunInterrupted, TrainingDivergedError
+from kerastune_flow.training import resume
 
 log = logging.getLogger(__name__)
 

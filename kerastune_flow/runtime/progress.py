@@ -22,7 +22,7 @@ from typing import TypeVar
 import keras
 import tensorflow as tf
 
-LOGGER = "kerastune_flow.progress"
+LOGGER = "kerastune_flow.runtime.progress"
 DELAY = 2.0  # seconds before a step shows anything: shorter steps stay silent
 INTERVAL = 5.0  # seconds between two log lines when the output is not a terminal
 

@@ -14,7 +14,7 @@ from kerastune_flow import models
 from kerastune_flow.config import AUGMENTATIONS, Config
 from kerastune_flow.errors import ConfigError
 from kerastune_flow.recipes import Recipe, get_recipe
-from kerastune_flow.train import load_base
+from kerastune_flow.training.train import load_base
 
 log = logging.getLogger(__name__)
 

@@ -22,17 +22,19 @@ import keras
 import tensorflow as tf
 
 from kerastune_flow import data as data_lib
-from kerastune_flow import finetune, fitting, lr_range, models, rundir, runlock, runtime, train
+from kerastune_flow import models, rundir, runlock
 from kerastune_flow.config import Config
 from kerastune_flow.errors import ConfigError
-from kerastune_flow.fitting import FitContext
 from kerastune_flow.recipes import fitted, get_recipe
-from kerastune_flow.strategy import (
+from kerastune_flow.runtime import process
+from kerastune_flow.runtime.strategy import (
     DeviceSettings,
     get_strategy,
     global_batch_size,
     is_chief,
 )
+from kerastune_flow.training import finetune, fitting, lr_range, train
+from kerastune_flow.training.fitting import FitContext
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +78,7 @@ def find_lr(
             "--stage finetune tests one stage-2 rate; --progressive gives each step its own, so leave it out. "
             f"Received: progressive={config.model.progressive}"
         )
-    runtime.prepare_process(config.train.strategy, deterministic=config.train.deterministic)
+    process.prepare_process(config.train.strategy, deterministic=config.train.deterministic)
     strategy = get_strategy(config.train.strategy)
     config = train.with_seed(config, run_dir, strategy)
     chief = is_chief(strategy)

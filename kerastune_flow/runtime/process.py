@@ -15,8 +15,8 @@ import os
 
 import tensorflow as tf
 
-from kerastune_flow import compat
-from kerastune_flow.strategy import tpu_hinted
+from kerastune_flow.runtime import compat
+from kerastune_flow.runtime.strategy import tpu_hinted
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from matplotlib.ticker import MaxNLocator
 from kerastune_flow import rundir
 
 if TYPE_CHECKING:  # for the annotation only: analysis sits above plots
-    from kerastune_flow.analysis import SplitPredictions
+    from kerastune_flow.deploy.analysis import SplitPredictions
 
 DPI = 100
 

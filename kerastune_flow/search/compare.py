@@ -30,12 +30,15 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from kerastune_flow import analysis, inference, models, plots, reports, rundir, runlock, runtime
 from kerastune_flow import data as data_lib
+from kerastune_flow import models, reports, rundir, runlock
 from kerastune_flow.config import new_seed
+from kerastune_flow.deploy import analysis, inference
 from kerastune_flow.errors import ConfigError
 from kerastune_flow.recipes import get_recipe, make_config
-from kerastune_flow.train import train_and_evaluate
+from kerastune_flow.reports import plots
+from kerastune_flow.runtime import process
+from kerastune_flow.training.train import train_and_evaluate
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +154,7 @@ def _compare(
     """The comparison of `compare`, its arguments checked, with its folder held."""
     # Before a base is read starts TensorFlow: then the process still sets its threads itself.
     defaults = make_config("cifar10_cnn", preset).train
-    runtime.prepare_process(
+    process.prepare_process(
         overrides.get("strategy") or defaults.strategy, deterministic=bool(overrides.get("deterministic"))
     )
     if overrides.get("seed") is None:  # one seed for every approach: the same split of a folder

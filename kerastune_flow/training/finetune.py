@@ -20,12 +20,13 @@ from typing import Any
 import keras
 import tensorflow as tf
 
-from kerastune_flow import caches, fitting, models, rundir
 from kerastune_flow import data as data_lib
+from kerastune_flow import models, rundir
 from kerastune_flow.config import AUTO, Config
 from kerastune_flow.errors import ConfigError
-from kerastune_flow.fitting import FitContext
 from kerastune_flow.recipes import fitted
+from kerastune_flow.training import caches, fitting
+from kerastune_flow.training.fitting import FitContext
 
 log = logging.getLogger(__name__)
 

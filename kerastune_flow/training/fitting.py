@@ -14,11 +14,13 @@ from typing import Any
 import keras
 import tensorflow as tf
 
-from kerastune_flow import callbacks as cb
-from kerastune_flow import lr_range, plots, resume, rundir
+from kerastune_flow import rundir
 from kerastune_flow.config import AUTO, Config
 from kerastune_flow.data.pipeline import EpochClock
-from kerastune_flow.strategy import DeviceSettings, global_batch_size
+from kerastune_flow.reports import plots
+from kerastune_flow.runtime.strategy import DeviceSettings, global_batch_size
+from kerastune_flow.training import callbacks as cb
+from kerastune_flow.training import lr_range, resume
 
 log = logging.getLogger(__name__)
 

@@ -24,14 +24,14 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from kerastune_flow import callbacks as cb
 from kerastune_flow import data as data_lib
-from kerastune_flow import finetune, fitting, models, plots, rundir, runlock, runtime
+from kerastune_flow import models, rundir, runlock
 from kerastune_flow.config import AUTO, Config, new_seed
 from kerastune_flow.errors import DataError, KerastuneFlowError
-from kerastune_flow.fitting import FitContext
 from kerastune_flow.recipes import check_image_size, fitted, get_recipe
-from kerastune_flow.strategy import (
+from kerastune_flow.reports import plots
+from kerastune_flow.runtime import process
+from kerastune_flow.runtime.strategy import (
     DeviceSettings,
     barrier,
     broadcast_from_first_replica,
@@ -43,6 +43,9 @@ from kerastune_flow.strategy import (
     is_chief,
     is_multi_worker,
 )
+from kerastune_flow.training import callbacks as cb
+from kerastune_flow.training import finetune, fitting
+from kerastune_flow.training.fitting import FitContext
 
 log = logging.getLogger(__name__)
 
@@ -222,7 +225,7 @@ def train_and_evaluate(
     Raises:
         KerastuneFlowError: (a subclass) for every user error: data, weights, strategy, run dir.
     """
-    runtime.prepare_process(config.train.strategy, deterministic=config.train.deterministic)
+    process.prepare_process(config.train.strategy, deterministic=config.train.deterministic)
     strategy = get_strategy(config.train.strategy)  # first: multi-worker collectives precede any op
     chief = is_chief(strategy)  # the other workers of a cluster write private folders: no lock
     if chief:  # refused before anything is written

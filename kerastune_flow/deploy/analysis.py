@@ -12,7 +12,7 @@ import keras
 import numpy as np
 
 from kerastune_flow import data as data_lib
-from kerastune_flow import inference
+from kerastune_flow.deploy import inference
 
 
 @dataclasses.dataclass

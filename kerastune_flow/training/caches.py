@@ -23,8 +23,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from kerastune_flow import progress
 from kerastune_flow.data.pipeline import EpochClock, gathered_batches, with_autotune
+from kerastune_flow.runtime import progress
 
 log = logging.getLogger(__name__)
 

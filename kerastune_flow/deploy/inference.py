@@ -14,11 +14,13 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from kerastune_flow import artifacts, models, progress, rundir
 from kerastune_flow import data as data_lib
+from kerastune_flow import models, rundir
 from kerastune_flow.config import Config
 from kerastune_flow.data.samples import resolve_sample
+from kerastune_flow.deploy import artifacts
 from kerastune_flow.errors import DataError, RunDirError, WeightsError
+from kerastune_flow.runtime import progress
 
 log = logging.getLogger(__name__)
 

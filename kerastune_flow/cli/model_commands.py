@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 
 from kerastune_flow import config as config_lib
-from kerastune_flow.export import FORMATS, QUANTIZATIONS
+from kerastune_flow.deploy.export import FORMATS, QUANTIZATIONS
 
 PREDICT_USAGE = """\
 %(prog)s [options] RUN_DIR_OR_MODEL IMAGE_OR_FOLDER [IMAGE_OR_FOLDER ...]

@@ -37,13 +37,15 @@ from keras_tuner.src.distribute import oracle_chief
 from keras_tuner.src.distribute import utils as kt_distribute
 
 from kerastune_flow import data as data_lib
-from kerastune_flow import inference, rundir, runlock, runtime
-from kerastune_flow import tune_report as report_lib
+from kerastune_flow import rundir, runlock
 from kerastune_flow.config import Config, new_seed
+from kerastune_flow.deploy import inference
 from kerastune_flow.errors import ConfigError, KerastuneFlowError
 from kerastune_flow.recipes import get_recipe, make_config
-from kerastune_flow.train import best_epoch, check_before_data, train_and_evaluate
-from kerastune_flow.tune_space import Knob, SearchSpace, resolve_space, unfreeze_choices
+from kerastune_flow.runtime import process
+from kerastune_flow.search import tune_report as report_lib
+from kerastune_flow.search.tune_space import Knob, SearchSpace, resolve_space, unfreeze_choices
+from kerastune_flow.training.train import best_epoch, check_before_data, train_and_evaluate
 
 log = logging.getLogger(__name__)
 
@@ -262,7 +264,7 @@ def tune(
     given = make_config(recipe, preset, **overrides)
     check_before_data(given)
     # Before reading the data starts TensorFlow: then the process still sets its threads itself.
-    runtime.prepare_process(given.train.strategy, deterministic=given.train.deterministic)
+    process.prepare_process(given.train.strategy, deterministic=given.train.deterministic)
     data_lib.load_splits(given)
     with runlock.run_lock(run_dir, take=not worker):  # released at the end, on errors and Ctrl-C too
         asked = search_settings(recipe, tuner=tuner, objective=objective, preset=preset, space=space, **overrides)

@@ -1,0 +1,1 @@
+"""The command line's parsers beyond train's: evaluate, predict and export."""
