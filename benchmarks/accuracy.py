@@ -167,7 +167,7 @@ def main(argv=None) -> int:
             "40",
             "--epochs",
             "20",
-            "--finetune-lr",
+            "--finetune-learning-rate",
             "1e-4",
         ],
     }

@@ -37,7 +37,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from kerastune_flow import data, models  # noqa: E402
-from kerastune_flow.runtime.strategy import device_settings  # noqa: E402
+from kerastune_flow.runtime.device import device_settings  # noqa: E402
 
 BATCH = 64
 

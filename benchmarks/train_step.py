@@ -51,8 +51,9 @@ import tensorflow as tf  # noqa: E402
 from epoch_clock import EpochClock  # noqa: E402
 
 from kerastune_flow import data, models  # noqa: E402
+from kerastune_flow.runtime.device import device_kind, device_settings  # noqa: E402
 from kerastune_flow.runtime.process import prepare_process  # noqa: E402
-from kerastune_flow.runtime.strategy import device_kind, device_settings, get_strategy  # noqa: E402
+from kerastune_flow.runtime.strategy import get_strategy  # noqa: E402
 
 SHAPES = {"mlp": (28, 28, 1), "cnn": (32, 32, 3)}
 BUILDERS = {"mlp": models.build_scratch_mlp, "cnn": models.build_cifar10_cnn}

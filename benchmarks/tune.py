@@ -5,7 +5,7 @@ The task is the README's (benchmarks/accuracy.py makes it): cat vs dog from the 
 folder, 2,000 training images (10 % held out for validation, seed 0), the 2,000 test images, and a
 base pre-trained here on the other eight CIFAR-10 classes (`runs/cifar8_cnn`, cut at its layer
 "dense"). Both searches are Bayesian optimisation over the same five knobs and ranges (learning_rate,
-finetune_lr, unfreeze_at, dropout, l2) with the same trials and seed, one after the other, each
+finetune_learning_rate, unfreeze_at, dropout, l2) with the same trials and seed, one after the other, each
 started only when no other benchmark or test runs on the machine:
 
   package      `python -m kerastune_flow.run tune vgg16_finetune ...` as a subprocess; reads DIR/tune.json
@@ -15,7 +15,7 @@ started only when no other benchmark or test runs on the machine:
 
 For each: when every trial ended (seconds since its process started) and the best validation
 accuracy so far, the time each took to reach the best both reach, and the test accuracy of each
-one's best model. Also the README's reference row (70.1 %, `--finetune-lr 1e-4`), run again here on
+one's best model. Also the README's reference row (70.1 %, `--finetune-learning-rate 1e-4`), run again here on
 this machine's base, and, after the searches, what limits the result (`diagnostics`): the package's
 best replayed from its best_config.json, over three seeds, alone and with random flips and crops.
 
@@ -62,10 +62,10 @@ TRIALS = 30  # the package: about 12 to 16 minutes here (15 to 35 s a trial); pl
 HEAD_EPOCHS, EPOCHS, PATIENCE = 40, 20, 5  # the README's cat-vs-dog row
 BATCH_SIZE = 32
 BASE_OUTPUT = "dense"  # the base's layer the head goes on (the old 8-class logits are dropped)
-SPACE = ("learning_rate", "finetune_lr", "unfreeze_at", "dropout", "l2")  # the recipe's default space
+SPACE = ("learning_rate", "finetune_learning_rate", "unfreeze_at", "dropout", "l2")  # the recipe's default space
 UNFREEZE_CHOICES = ("conv_1", "conv_2", "conv_3")  # tune_space.unfreeze_choices of this base (checked)
 DENSE_UNITS = 256  # the transfer head's width (config.dense_units)
-REFERENCE_ROW = "transfer_finetune"  # README: vgg16_finetune --base ... --finetune-lr 1e-4, 70.1 %
+REFERENCE_ROW = "transfer_finetune"  # README: vgg16_finetune --base ... --finetune-learning-rate 1e-4, 70.1 %
 PRETRAIN_ROW = "transfer_pretrain_8_classes"
 AIM = 0.72
 DIAGNOSTIC_AUGMENTS, DIAGNOSTIC_SEEDS = ("none", "flip", "crop,flip"), (0, 1, 2)
@@ -608,10 +608,10 @@ def print_table(results: dict) -> None:
         )
     if "package" in results:
         d = results["package"]["defaults"]
-        print(f"\npackage's defaults trial (finetune_lr 1e-5): test {100 * d['test_accuracy']:.2f} %")
+        print(f"\npackage's defaults trial (finetune_learning_rate 1e-5): test {100 * d['test_accuracy']:.2f} %")
     setup = results["setup"]
     for key in ("reference_readme", "reference_here"):
-        print(f"{key} (--finetune-lr 1e-4): test {100 * setup[key]['test_accuracy']:.2f} %")
+        print(f"{key} (--finetune-learning-rate 1e-4): test {100 * setup[key]['test_accuracy']:.2f} %")
 
 
 def main(argv=None) -> int:

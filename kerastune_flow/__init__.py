@@ -6,8 +6,9 @@ __version__ = "0.1.0"
 
 # TensorFlow's native lines at import (absl's banner, the oneDNN notice) came twice and ignore
 # TF_CPP_MIN_LOG_LEVEL: each is shown once, INFO ones only at level 0 (see logs.py). Importing the
-# package sets no environment variable: Keras' backend is KERAS_BACKEND's or keras.json's (tensorflow
-# unless changed), checked below.
+# package sets no environment variable (tests/test_environment.py): Keras' backend is KERAS_BACKEND's or
+# keras.json's (tensorflow unless changed), checked below. The variables the package reads are in one
+# table: runtime/environment.py, and README.md's section Environment variables.
 try:
     with _logs.once_each():
         import tensorflow as _tf  # noqa: F401
@@ -38,12 +39,13 @@ from kerastune_flow.models import (  # noqa: E402
 from kerastune_flow.recipes import RECIPES, make_config  # noqa: E402
 from kerastune_flow.runtime.process import prepare_process  # noqa: E402
 from kerastune_flow.runtime.strategy import get_strategy, global_batch_size  # noqa: E402
+from kerastune_flow.search.compare import compare  # noqa: E402
+from kerastune_flow.search.tune import tune  # noqa: E402
 from kerastune_flow.training.callbacks import standard_callbacks  # noqa: E402
 from kerastune_flow.training.lr_find import find_lr  # noqa: E402
 from kerastune_flow.training.train import train_and_evaluate  # noqa: E402
 
-# compare() and tune() live in their modules (kerastune_flow.search.compare, kerastune_flow.search.tune): bound
-# here, the functions would hide the modules of the same name.
+# compare and tune are the functions; their modules are kerastune_flow.search.compare and .tune.
 __all__ = [
     "RECIPES",
     "Config",
@@ -55,6 +57,7 @@ __all__ = [
     "build_scratch_mlp",
     "build_vgg16_feature_extractor",
     "build_vgg16_finetune",
+    "compare",
     "evaluate_saved",
     "export_model",
     "find_lr",
@@ -67,4 +70,5 @@ __all__ = [
     "prepare_process",
     "standard_callbacks",
     "train_and_evaluate",
+    "tune",
 ]

@@ -17,12 +17,11 @@ from typing import Any
 import keras
 
 from kerastune_flow import config as config_lib
-from kerastune_flow.config import PRESETS, Config
+from kerastune_flow.config import PRESETS, Config, coerce_settings
 from kerastune_flow.errors import ConfigError
-from kerastune_flow.flags import coerce_settings
 from kerastune_flow.models import (
     CNN_MIN_SIZE,
-    Head,
+    HeadSpec,
     build_cifar10_cnn,
     build_scratch_mlp,
     build_transfer_model,
@@ -40,12 +39,12 @@ class Recipe:
         name: what `train RECIPE` takes.
         description: one line for `list` and `--help`.
         build: the keyword-only builder of its model (stage one's model for a staged recipe).
-        head: the head it puts on a number of classes.
+        head_spec: the spec of the head it puts on a number of classes (`head` is its former name).
         min_image_size: the smallest height and width its model takes; None: the backbone's.
         defaults: its reference settings, as config fields.
         transfer: a frozen pre-trained base (a backbone or the user's `base`) under a new head.
         staged: a second stage unfreezes the top of the base at a lower rate.
-        space: the knobs `tune` searches by default (see `tune.KNOBS`), the ones its article
+        space: the knobs `tune` searches by default (see `search.tune_space.KNOBS`), the ones its article
             says decide the result.
         xla_on_cpu: `--jit-compile auto` turns XLA on for it on the CPU as well (one device), where
             it is measured faster (benchmarks/RESULTS.md); convolutions are slower there under XLA.
@@ -54,13 +53,18 @@ class Recipe:
     name: str
     description: str
     build: Callable[..., keras.Model]
-    head: Callable[[int], Head]
+    head_spec: Callable[[int], HeadSpec]
     min_image_size: int | None
     defaults: Mapping[str, Any]
     transfer: bool = False
     staged: bool = False
     space: tuple[str, ...] = ("learning_rate", "dropout", "l2", "optimizer")
     xla_on_cpu: bool = False
+
+    @property
+    def head(self) -> Callable[[int], HeadSpec]:
+        """`head_spec`'s former name."""
+        return self.head_spec
 
     def min_size(self, backbone: str) -> int:
         """The smallest height and width for this recipe on `backbone`."""
@@ -140,7 +144,7 @@ RECIPES: dict[str, Recipe] = {
             transfer=True,
             staged=True,
             # No augmentation by default: it would turn off stage 1's feature cache in every trial.
-            space=("learning_rate", "finetune_lr", "unfreeze_at", "dropout", "l2"),
+            space=("learning_rate", "finetune_learning_rate", "unfreeze_at", "dropout", "l2"),
         ),
     )
 }
@@ -177,7 +181,7 @@ def make_config(recipe: str, preset: str = "reference", **overrides: Any) -> Con
         preset: one of `config.PRESETS`; "smoke" is a tiny offline run for tests and first tries.
         **overrides: any field of DataConfig, ModelConfig or TrainConfig, as a value or as the text
             its flag takes (`image_size=32`, `(32, 32)`, `"32"` or `"150x150"`; `augment="flip,crop"`;
-            `learning_rate="auto"`): `flags.coerce_settings` reads both. `weights=None` means random
+            `learning_rate="auto"`): `config.coerce_settings` reads both. `weights=None` means random
             weights; leave a field out to keep its default.
 
     Returns:

@@ -2,7 +2,7 @@
 
 `kerastune-flow` is the console script the package installs; `python -m kerastune_flow.run` is the same.
 
-The only module that parses arguments or prints. The flags of `train` and `compare` are
+The only module that prints; the parsers are in `cli/parser.py`. The flags of `train` and `compare` are
 generated from the config's fields (`config.setting`), so a setting's name, help and choices
 are written once. A user error ends with one sentence on stderr and exit code 2; an unexpected
 error (a bug) with one line and exit code 1, and its traceback with KERASTUNE_FLOW_DEBUG=1;
@@ -14,201 +14,31 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
-import importlib.metadata
 import json
 import logging
 import os
-import platform
 import shlex
 import sys
 
-import keras
-import tensorflow as tf
-
 from kerastune_flow import config as config_lib
-from kerastune_flow import unfinished
-from kerastune_flow.cli.model_commands import add_model_commands
-from kerastune_flow.config import PRESETS
+from kerastune_flow.cli.flags import config_overrides
+from kerastune_flow.cli.parser import COMPARE_OWN, UsageError, build_parser
+from kerastune_flow.config import BACKBONE_NAMES, ModelConfig
 from kerastune_flow.deploy.export import export_model
 from kerastune_flow.deploy.inference import evaluate_saved, predict_images
 from kerastune_flow.errors import ConfigError, KerastuneFlowError
-from kerastune_flow.flags import add_config_flags, config_overrides, show_defaults, text_type
 from kerastune_flow.recipes import RECIPES, make_config
+from kerastune_flow.rundir import unfinished
 from kerastune_flow.runtime import logs, progress
-from kerastune_flow.search.compare import APPROACHES, compare
-from kerastune_flow.search.tune import DEFAULT_TRIALS, OBJECTIVES, TUNERS, search_settings, tune
+from kerastune_flow.search.compare import compare
+from kerastune_flow.search.tune import search_settings, tune
 from kerastune_flow.search.tune_report import display_values
-from kerastune_flow.search.tune_space import KNOBS
-from kerastune_flow.training.lr_find import STAGES, find_lr
+from kerastune_flow.training.lr_find import find_lr
 from kerastune_flow.training.train import train_and_evaluate
 
-EXAMPLES = """\
-examples:
-  # the demo (`make demo`): a CNN on the digits that ship in the package (about a minute on 2 CPU cores)
-  kerastune-flow train cifar10_cnn --data digits --epochs 10 --run-dir runs/demo
-
-  # the reference examples (tfds downloads; --manual-dir uses local archives instead)
-  kerastune-flow train scratch_mlp --data mnist
-  kerastune-flow train cifar10_cnn --data cifar10
-
-  # transfer learning on your own image folder (one sub-folder per class)
-  kerastune-flow train vgg16_features --data ~/cats_vs_dogs --image-size 150
-  kerastune-flow train vgg16_finetune --data ~/cats_vs_dogs --head-epochs 5 --epochs 10
-  kerastune-flow train vgg16_finetune --data ~/flowers --backbone mobilenetv2 --image-size 160
-
-  # full training, then fine-tune your own model on a new task (cut before its old head)
-  kerastune-flow train cifar10_cnn --data cifar10 --run-dir runs/cnn
-  kerastune-flow train vgg16_finetune --data ~/cats_vs_dogs --base runs/cnn --base-output dense
-
-  # afterwards
-  kerastune-flow evaluate runs/demo --data digits
-  kerastune-flow predict runs/demo digits/7 --top-k 3   # digits/7: the sample's class-7 folder
-  kerastune-flow export runs/demo --format litert --quantize int8   # then predict with it
-
-`python -m kerastune_flow.run` is the same command as `kerastune-flow`.
-Every run directory holds config.json, history.csv/.jsonl, model.keras, results.json and
-curves.png; `tensorboard --logdir RUN_DIR/tensorboard` shows the curves live. Run the same
-train command again after a crash or Ctrl-C and it resumes at the last finished epoch.
-"""
+__all__ = ["COMPARE_OWN", "build_parser", "config_overrides", "main"]
 
 DEBUG_ENV = logs.DEBUG_ENV  # KERASTUNE_FLOW_DEBUG=1: tracebacks, and TensorFlow's lines as written
-# The console script pyproject.toml installs; `python -m kerastune_flow.run` runs the same main().
-PROG = "kerastune-flow"
-DISTRIBUTION = "kerastune_flow"
-# Flags of `compare` that are its own, not config fields shared by every approach.
-COMPARE_OWN = ("data", "train_fraction")
-
-
-class UsageError(Exception):
-    """A command line that argparse cannot parse (main turns it into one line and exit 2)."""
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse, but a bad flag is one sentence that points at --help, not a usage dump."""
-
-    def error(self, message: str):
-        raise UsageError(f"{message}; run `{self.prog} --help` for the flags and their values")
-
-
-def version_text() -> str:
-    """`kerastune-flow VERSION (keras ..., tensorflow ..., Python ...)`: what `--version` prints."""
-    try:
-        ours = importlib.metadata.version(DISTRIBUTION)
-    except importlib.metadata.PackageNotFoundError:  # imported from a source tree that was never installed
-        ours = "(not installed)"
-    return f"{PROG} {ours} (keras {keras.__version__}, tensorflow {tf.__version__}, Python {platform.python_version()})"
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The argparse parser of every sub-command."""
-    parser = _Parser(
-        prog=PROG,
-        description="Train from scratch, train fully, or transfer and fine-tune with Keras 3.",
-        epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--version", action="version", version=version_text(), help="print the versions and exit")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-
-    sub.add_parser("list", help="list the recipes and what each trains")
-
-    recipes = "\n".join(f"  {name:<16}{spec.description}" for name, spec in RECIPES.items())
-    train = sub.add_parser(
-        "train",
-        help="train a recipe and write a run directory",
-        description=f"Train a recipe, evaluate it on the test split, and write a run directory.\n\nrecipes:\n{recipes}",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Flags left out take the recipe's reference value (shown by `list`).",
-    )
-    train.add_argument("recipe", choices=list(RECIPES), metavar="RECIPE", help=", ".join(RECIPES))
-    add_config_flags(train)
-    g = train.add_argument_group("the run")
-    g.add_argument(
-        "--config",
-        metavar="FILE",
-        help="take every setting from a run's config.json (or JSON of the same shape); flags typed here win",
-    )
-    g.add_argument("--preset", default="reference", choices=list(PRESETS), help="smoke: tiny, offline, seconds")
-    g.add_argument("--run-dir", help="output folder (default runs/RECIPE-DATE-TIME)")
-    g.add_argument("--overwrite", action="store_true", help="replace a finished run in --run-dir (its exports too)")
-    g.add_argument("--quiet", action="store_true", help="no progress bars")
-
-    find = sub.add_parser(
-        "find-lr",
-        help="a learning-rate range test: the rate to train a recipe's stage at",
-        description="A learning-rate range test on one stage of a recipe: the rate grows exponentially step by step "
-        "until the loss diverges, then the model is put back. Writes DIR/lr_find.json (the suggestion, its rule, the "
-        "curve) and DIR/lr_find.png. `train --learning-rate auto` (or --finetune-lr auto) runs it before its fit.",
-    )
-    find.add_argument("recipe", choices=list(RECIPES), metavar="RECIPE", help=", ".join(RECIPES))
-    add_config_flags(find)
-    g = find.add_argument_group("the range test")
-    g.add_argument(
-        "--stage",
-        choices=STAGES,
-        default="head",
-        help="head: the first fit (a transfer recipe's head on cached features); finetune: stage 2 of a staged "
-        "recipe, unfrozen, after training stage 1 (default head)",
-    )
-    g.add_argument("--preset", default="reference", choices=list(PRESETS), help="smoke: tiny, offline, seconds")
-    g.add_argument("--run-dir", help="output folder (default runs/find-lr-RECIPE-DATE-TIME)")
-    g.add_argument("--quiet", action="store_true", help="no progress bars")
-
-    comp = sub.add_parser(
-        "compare",
-        help="train from scratch, feature extraction and fine-tuning on the same data, and report",
-        description="Trains each approach on the same split and budget, then writes report.md, a self-contained "
-        "report.html and results.json in --run-dir, with a recommendation computed from the measured numbers. "
-        "The config flags apply to every approach that has the setting.",
-    )
-    comp.add_argument("--data", required=True, help="tfds name or image folder, as for train")
-    comp.add_argument(
-        "--approaches",
-        type=text_type(config_lib.parse_names),
-        default=tuple(APPROACHES),
-        help=f"comma list of {', '.join(APPROACHES)} (default all)",
-    )
-    comp.add_argument(
-        "--train-fraction",
-        type=text_type(config_lib.parse_fractions),
-        default=(1.0,),
-        help="comma list of shares of the training data, e.g. 0.1,0.3,1.0 (a data-size sweep)",
-    )
-    add_config_flags(comp, skip=COMPARE_OWN)
-    g = comp.add_argument_group("the comparison")
-    g.add_argument("--run-dir", help="output folder (default runs/compare-DATE-TIME)")
-    g.add_argument("--preset", default="reference", choices=list(PRESETS), help="smoke: tiny, offline, seconds")
-    g.add_argument("--quiet", action="store_true", help="no progress bars")
-
-    tune_cmd = sub.add_parser(
-        "tune",
-        help="search the knobs that decide the result with KerasTuner, and report",
-        description="A KerasTuner search in which every trial is a whole run (DIR/trials/NNN, both stages of a "
-        "fine-tune in one trial), chosen by validation only. Writes DIR/tune.json, DIR/best_config.json (replay it "
-        "with `train RECIPE --config`), report.md and report.html with the best and the recipe's defaults on the "
-        "test split. The same command resumes an interrupted search. Config flags are fixed for every trial; a "
-        "knob given as a flag is not searched. Distributed: set KERASTUNER_TUNER_ID (chief / tuner0, tuner1, ...), "
-        "KERASTUNER_ORACLE_IP and KERASTUNER_ORACLE_PORT and run the same command on each machine.",
-    )
-    tune_cmd.add_argument("recipe", choices=list(RECIPES), metavar="RECIPE", help=", ".join(RECIPES))
-    g = tune_cmd.add_argument_group("the search")
-    g.add_argument("--tuner", choices=TUNERS, default="bayesian", help="KerasTuner's oracle (default bayesian)")
-    g.add_argument("--trials", type=int, default=DEFAULT_TRIALS, help=f"at most N trials (default {DEFAULT_TRIALS})")
-    g.add_argument("--max-minutes", type=float, help="start no trial after this many minutes of searching")
-    g.add_argument(
-        "--space",
-        type=text_type(config_lib.parse_names),
-        help=f"comma list of knobs to search, of {', '.join(KNOBS)} (default: the recipe's, see `list`)",
-    )
-    g.add_argument("--objective", choices=OBJECTIVES, default="val_accuracy", help="(default val_accuracy)")
-    g.add_argument("--run-dir", help="the search's folder (default runs/tune-RECIPE-DATE-TIME)")
-    g.add_argument("--preset", default="reference", choices=list(PRESETS), help="smoke: tiny, offline, seconds")
-    g.add_argument("--quiet", action="store_true", help="no progress bars")
-    add_config_flags(tune_cmd)
-
-    add_model_commands(sub)
-    show_defaults(parser)
-    return parser
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
@@ -217,6 +47,11 @@ def _cmd_list(args: argparse.Namespace) -> int:
         print(
             f"{name:<16}{spec.description}\n{'':<16}defaults: {defaults}\n{'':<16}tune space: {', '.join(spec.space)}"
         )
+    # The transfer recipes keep the names of the articles they reproduce, though any backbone runs them.
+    transfer = ", ".join(name for name, spec in RECIPES.items() if spec.transfer)
+    default = ModelConfig.backbone
+    others = "|".join(name for name in BACKBONE_NAMES if name != default)
+    print(f"\n{transfer}: named after the {default.upper()} articles they follow; --backbone {others} runs them too")
     return 0
 
 
@@ -228,7 +63,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.quiet:
         overrides["verbose"] = 0
     config = make_config(args.recipe, args.preset, **overrides)
-    # Without --run-dir, the same command takes up its unfinished run (see `unfinished.py`).
+    # Without --run-dir, the same command takes up its unfinished run (see `rundir/unfinished.py`).
     same = functools.partial(unfinished.same_run, config=config.to_dict())
     run_dir = args.run_dir = args.run_dir or str(unfinished.default_run_dir(f"{args.recipe}-", matches=same))
     # Progress bars and Keras' messages go to stderr, so stdout carries only the JSON result.
@@ -270,7 +105,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     overrides = config_overrides(args)
     if args.quiet:
         overrides["verbose"] = 0
-    # Without --run-dir, the same command takes up its unfinished search (see `unfinished.py`).
+    # Without --run-dir, the same command takes up its unfinished search (see `rundir/unfinished.py`).
     asked = search_settings(
         args.recipe, tuner=args.tuner, objective=args.objective, preset=args.preset, space=args.space, **overrides
     )
@@ -397,12 +232,12 @@ def main(argv: list[str] | None = None) -> int:
     """
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
+    logs.log_to_stderr()  # before parsing: a flag's former name logs its deprecation as it is read
     try:
         args = parser.parse_args(argv)
     except UsageError as error:
         print(f"error: {_one_line(error)}", file=sys.stderr)
         return 2
-    logs.log_to_stderr()
     try:
         with progress.silenced(getattr(args, "quiet", False)):  # --quiet: no progress of any step, ours or Keras'
             return COMMANDS[args.command](args)
@@ -412,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as error:
         # Not a user error that the package recognised: most likely a bug. One line by
         # default; the traceback on request, for the bug report.
-        if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+        if logs.debugging():
             raise
         print(
             f"error: unexpected {type(error).__name__}: {_one_line(error)[:300]}; this is probably a bug in "

@@ -1,16 +1,28 @@
-"""Shared fixtures. The CPU is split into two logical devices before TensorFlow starts, so that
-MirroredStrategy runs with two real replicas on a machine without a GPU."""
+"""Shared fixtures and helpers. The CPU is split into two logical devices before TensorFlow starts,
+so that MirroredStrategy runs with two real replicas on a machine without a GPU.
+
+Test modules import the plain helpers by name (`from conftest import REPO, smoke`); pytest finds the
+fixtures itself.
+"""
 
 from __future__ import annotations
 
+import importlib
 import os
+import sys
+from collections.abc import Iterable
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
-# `--mixed-precision auto` (the default) picks bfloat16 on CPUs with native bfloat16: the tests run
-# float32 on every CPU (their subprocesses inherit this), and test_device_settings.py turns it on.
-os.environ.setdefault("KERASTUNE_FLOW_CPU_BF16", "0")
+# `--mixed-precision auto` (the default) picks bfloat16 on CPUs with native bfloat16: the tests see a
+# CPU without it, here and in the processes they start (fake_cpu/sitecustomize.py, first on PYTHONPATH),
+# so they run float32 on every CPU; test_device_settings.py fakes one with it.
+FAKE_CPU = Path(__file__).resolve().parent / "fake_cpu"
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(FAKE_CPU), os.environ.get("PYTHONPATH")) if p)
+# The PYTHONPATH of a process a test starts: the fake CPU first, then this clone's package.
+CHILD_PYTHONPATH = os.pathsep.join((str(FAKE_CPU), str(Path(__file__).resolve().parents[1])))
+exec(compile((FAKE_CPU / "sitecustomize.py").read_text(), str(FAKE_CPU / "sitecustomize.py"), "exec"), {})
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
@@ -26,12 +38,78 @@ tf.config.set_logical_device_configuration(
     _cpus[0], [tf.config.LogicalDeviceConfiguration(), tf.config.LogicalDeviceConfiguration()]
 )
 
-from kerastune_flow import models  # noqa: E402  (after the devices are split)
+from kerastune_flow import models, rundir  # noqa: E402  (after the devices are split)
+from kerastune_flow.recipes import make_config  # noqa: E402
+from kerastune_flow.training import callbacks  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATASETS = REPO.parent / "shared" / "datasets"
 NUM_CLASSES = 3
 IMAGES_PER_CLASS = 12
+# The command line as a user's shell runs it, in a child process: `[*CLI, "train", ...]`.
+CLI = (sys.executable, "-m", "kerastune_flow.run")
+TIMINGS = ("epoch_seconds", "wall_time")  # the history's columns that differ between equal runs
+
+
+def smoke(recipe: str, folder, **overrides):
+    """The recipe's smoke preset on the images in `folder`, with `overrides` (config field names)."""
+    return make_config(recipe, "smoke", data=str(folder), **overrides)
+
+
+def staged(folder, base_model, **overrides):
+    """A staged fine-tune (`vgg16_finetune`, smoke preset) of the `base_model` fixture's small CNN,
+    cut before its head (no ImageNet weights exist here), on the images in `folder`."""
+    return smoke("vgg16_finetune", folder, **{"base": str(base_model), "base_output": "dense", **overrides})
+
+
+def add_callbacks(monkeypatch, *extra) -> None:
+    """Appends the Keras callbacks `extra` to every fit the package runs while the test lasts."""
+    original = callbacks.standard_callbacks
+    monkeypatch.setattr(callbacks, "standard_callbacks", lambda *a, **k: original(*a, **k) + list(extra))
+
+
+def backed_up_epoch(run_dir: Path) -> int:
+    """The epoch count in the fit's backup of a run (or a trial) folder; 0 before the first backup
+    and while a backup is half written."""
+    try:
+        return rundir.read_json(run_dir / rundir.BACKUP_DIR / "fit" / "state.json")["epoch"]
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
+def run_outcome(run_dir: Path) -> tuple:
+    """What a run ends with, to compare two runs: its weights' hash, its test metrics and its
+    history without the timings (which no two runs share)."""
+    results = rundir.read_json(run_dir / rundir.RESULTS_JSON)
+    history = [{k: v for k, v in r.items() if k not in TIMINGS} for r in rundir.read_history(run_dir)]
+    return results["weights_sha256"], results["test"], history
+
+
+def hide_modules(monkeypatch, names: Iterable[str]) -> None:
+    """Importing any package in `names` (top-level names) fails while the test lasts, as when an
+    optional extra is not installed: the package imports its optional dependencies through
+    `importlib.import_module`."""
+    names = tuple(names)
+    real = importlib.import_module
+
+    def import_module(name, *args, **kwargs):
+        if name.split(".")[0] in names:
+            raise ImportError(f"No module named {name!r}")
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(importlib, "import_module", import_module)
+
+
+def write_tfds_metadata(tfds, name: str, data_dir: Path, splits: dict[str, int], *, label_names=None) -> None:
+    """Writes the metadata files a prepared tfds dataset `name` leaves in `data_dir`, with the split
+    sizes `splits` (and the class names `label_names`, when given), and no examples."""
+    builder = tfds.builder(name, data_dir=str(data_dir))
+    if label_names is not None:
+        builder.info.features["label"].names = label_names
+    infos = [tfds.core.SplitInfo(name=split, shard_lengths=[n], num_bytes=0) for split, n in splits.items()]
+    builder.info.set_splits(tfds.core.SplitDict(infos))
+    Path(builder.data_dir).mkdir(parents=True)
+    builder.info.write_to_directory(builder.data_dir)
 
 
 def write_image_folder(
@@ -75,6 +153,12 @@ def base_model(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("base") / "cnn.keras"
     models.build_cifar10_cnn(input_shape=(32, 32, 3), num_classes=4).save(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    """3 classes x 16 RGB 20x20 PNG images, written once for the test module whose runs share them."""
+    return write_image_folder(tmp_path_factory.mktemp("data") / "images", per_class=16)
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ pytestmark = [
 
 
 def test_the_defaults_never_lose_to_the_reference_code(tmp_path, monkeypatch):
-    monkeypatch.delenv("KERASTUNE_FLOW_CPU_BF16", raising=False)  # the defaults this CPU really gets
+    monkeypatch.setenv("PYTHONPATH", str(REPO))  # without conftest.FAKE_CPU: the defaults this CPU really gets
     sys.path.insert(0, str(REPO / "benchmarks"))
     import accuracy
 

@@ -9,7 +9,7 @@ from tensorflow.python.data.ops import dataset_ops
 from kerastune_flow import data
 from kerastune_flow.data import augment
 from kerastune_flow.recipes import make_config
-from kerastune_flow.runtime import strategy
+from kerastune_flow.runtime import device
 from kerastune_flow.training import callbacks as cb
 from kerastune_flow.training import fitting
 
@@ -190,7 +190,7 @@ def test_a_fit_makes_one_training_iterator_an_epoch(tmp_path, monkeypatch):
     model.compile("sgd", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     config = make_config("cifar10_cnn", "smoke")
     context = fitting.FitContext(
-        config, tmp_path, tf.distribute.get_strategy(), strategy.device_settings("cpu"), 3, clock, epochs=4
+        config, tmp_path, tf.distribute.get_strategy(), device.device_settings("cpu"), 3, clock, epochs=4
     )
     assert fitting.fit(model, ds, None, context, [cb.EpochSeeds(clock)], epochs=4) == 4
     assert len(made) == 4 + 1  # one per epoch, and one made as the last epoch ends

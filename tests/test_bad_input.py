@@ -12,19 +12,17 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import importlib
 import json
 import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import REPO, write_image_folder
+from conftest import CHILD_PYTHONPATH, CLI, hide_modules, write_image_folder
 
 from kerastune_flow import data, models, run, rundir
 from kerastune_flow.deploy import inference
@@ -153,14 +151,7 @@ def _deny_probe(monkeypatch):
 
 def _no_onnx(monkeypatch):
     """The [export] extra not installed: importing its ONNX packages fails."""
-    real = importlib.import_module
-
-    def import_module(name, *args, **kwargs):
-        if name.split(".")[0] in ("tf2onnx", "onnx", "onnxruntime"):
-            raise ImportError(f"No module named {name!r}")
-        return real(name, *args, **kwargs)
-
-    monkeypatch.setattr(importlib, "import_module", import_module)
+    hide_modules(monkeypatch, ("tf2onnx", "onnx", "onnxruntime"))
 
 
 def _bad_tf_config(monkeypatch):
@@ -204,7 +195,7 @@ CASES = [
     ("batch-zero", f"{CNN} --batch-size 0", r"batch_size must be at least 1"),
     ("lr-zero", f"{CNN} --learning-rate 0", r"learning_rate must be positive"),
     ("lr-negative", f"{CNN} --learning-rate -0.1", r"learning_rate must be positive"),
-    ("finetune-lr-zero", f"{FINETUNE} --finetune-lr 0", r"finetune_learning_rate must be positive"),
+    ("finetune-lr-zero", f"{FINETUNE} --finetune-learning-rate 0", r"finetune_learning_rate must be positive"),
     # run directories
     ("run-dir-finished", f"{CNN} --image-size 32 --run-dir {{finished}}", r"holds a finished run; pass --overwrite"),
     ("run-dir-overwrite-bad-data", f"{CNN} --data {{truncated_png}} --run-dir {{finished}} --overwrite", r"PNG"),
@@ -321,11 +312,9 @@ def test_every_corpus_case_is_one_sentence_exit_2_and_touches_nothing(corpus, tm
 
 def test_the_real_command_exits_2_without_a_traceback(corpus, tmp_path):
     """One case through `python -m kerastune_flow.run` in a subprocess: the process's exit code."""
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": CHILD_PYTHONPATH}
     argv = ["train", "cifar10_cnn", "--data", str(corpus / "truncated_jpeg"), "--run-dir", str(tmp_path / "run")]
-    proc = subprocess.run(
-        [sys.executable, "-m", "kerastune_flow.run", *argv], capture_output=True, text=True, timeout=120, env=env
-    )
+    proc = subprocess.run([*CLI, *argv], capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]

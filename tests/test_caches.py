@@ -8,34 +8,25 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import staged
 
 from kerastune_flow import data, models, rundir
-from kerastune_flow.recipes import make_config
 from kerastune_flow.training import caches, finetune, train
 
 SMALL_RGB = (32, 32, 3)
 NUM_EXAMPLES = 20
-
-
-def _staged(folder, base_model, **overrides):
-    settings = dict(
-        base=str(base_model),
-        base_output="dense",
-        head_epochs=1,
-        epochs=2,
-        progressive="0:conv_3:1e-3,1:conv_2:1e-3",
-        steps_per_execution=1,
-        tensorboard=False,
-    )
-    return make_config("vgg16_finetune", "smoke", data=str(folder), **{**settings, **overrides})
+# The staged fine-tune's settings: two progressive steps, each caching its own frozen prefix.
+STAGES = dict(
+    head_epochs=1, epochs=2, progressive="0:conv_3:1e-3,1:conv_2:1e-3", steps_per_execution=1, tensorboard=False
+)
 
 
 def test_stage_two_on_the_cached_prefix_trains_as_the_full_pass(image_folder, base_model, tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="kerastune_flow"):
-        cached = train.train_and_evaluate(_staged(image_folder, base_model), tmp_path / "cached")
+        cached = train.train_and_evaluate(staged(image_folder, base_model, **STAGES), tmp_path / "cached")
     assert caplog.text.count("Cached the frozen prefix below layer") == 2  # each progressive step its own
     assert "below layer 6: train" in caplog.text and "below layer 4: train" in caplog.text
-    full = train.train_and_evaluate(_staged(image_folder, base_model, feature_cache="off"), tmp_path / "full")
+    full = train.train_and_evaluate(staged(image_folder, base_model, **STAGES, feature_cache="off"), tmp_path / "full")
     assert [r["stage"] for r in full.history] == ["head", "finetune", "finetune_2"]
     for ours, theirs in zip(cached.model.get_weights(), full.model.get_weights(), strict=True):
         np.testing.assert_allclose(ours, theirs, atol=1e-5)
@@ -50,9 +41,13 @@ def test_stage_two_on_the_cached_prefix_trains_as_the_full_pass(image_folder, ba
 
 @pytest.mark.slow  # three more runs: the cache on disk trains as the one in memory
 def test_stage_two_on_a_prefix_cached_on_disk_trains_as_in_memory(image_folder, base_model, tmp_path, caplog):
-    memory = train.train_and_evaluate(_staged(image_folder, base_model, feature_cache="memory"), tmp_path / "m")
+    memory = train.train_and_evaluate(
+        staged(image_folder, base_model, **STAGES, feature_cache="memory"), tmp_path / "m"
+    )
     with caplog.at_level(logging.INFO, logger="kerastune_flow"):
-        disk = train.train_and_evaluate(_staged(image_folder, base_model, feature_cache="disk"), tmp_path / "d")
+        disk = train.train_and_evaluate(
+            staged(image_folder, base_model, **STAGES, feature_cache="disk"), tmp_path / "d"
+        )
     assert "MiB on disk" in caplog.text and "MiB in memory" not in caplog.text
     assert memory.results["weights_sha256"] == disk.results["weights_sha256"]
     assert not (tmp_path / "d" / caches.CACHE_DIR).exists()  # removed once its stage ended

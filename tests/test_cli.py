@@ -1,23 +1,23 @@
 """The CLI: help that teaches, every sub-command end to end, user errors as one line and exit 2."""
 
+import argparse
 import json
 import os
 import re
 import shlex
 import subprocess
-import sys
 
 import pytest
-from conftest import REPO
+from conftest import CHILD_PYTHONPATH, CLI, REPO
 
 from kerastune_flow import config as config_lib
 from kerastune_flow import run, rundir
 
 
 def _cli(*args, timeout=120):
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": CHILD_PYTHONPATH}
     return subprocess.run(
-        [sys.executable, "-m", "kerastune_flow.run", *args],
+        [*CLI, *args],
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -95,6 +95,11 @@ def test_list_names_every_recipe(capsys):
     out = capsys.readouterr().out
     for recipe in ("scratch_mlp", "cifar10_cnn", "vgg16_features", "vgg16_finetune"):
         assert recipe in out
+    # The transfer recipes keep the articles' names; `list` says in one line that any backbone runs them.
+    note = out.strip().splitlines()[-1]
+    assert (
+        note.startswith("vgg16_features, vgg16_finetune: named after") and "resnet50|mobilenetv2|efficientnetb0" in note
+    )
 
 
 def test_train_evaluate_predict(image_folder, tmp_path, capsys):
@@ -249,7 +254,7 @@ def test_predict_with_stock_imagenet_vgg16_offline_is_one_sentence(monkeypatch, 
 
 def _flags(parser_name):
     sub = next(a for a in run.build_parser()._actions if a.dest == "command").choices[parser_name]
-    return {a.dest: a for a in sub._actions}
+    return {a.dest: a for a in sub._actions if a.help != argparse.SUPPRESS}  # not a flag's former name
 
 
 @pytest.mark.parametrize("command, skip", [("train", ()), ("compare", run.COMPARE_OWN)])
@@ -276,7 +281,8 @@ def test_generated_flags_parse_into_config_values():
     args = parser.parse_args(
         ["train", "vgg16_finetune", "--image-size", "40x48", "--augment", "flip, crop", "--weights", "None"]
         + ["--unfreeze-at", "0.5", "--feature-cache", "off", "--mixed-precision", "--no-jsonl-log", "--skip-bad-images"]
-        + ["--train-fraction", "0.5", "--finetune-lr", "1e-4", "--steps-per-execution", "4"]
+        + ["--train-fraction", "0.5", "--finetune-learning-rate", "1e-4", "--steps-per-execution", "4"]
+        + ["--cache", "off"]
     )
     assert run.config_overrides(args) == {
         "image_size": (40, 48),
@@ -290,7 +296,26 @@ def test_generated_flags_parse_into_config_values():
         "train_fraction": 0.5,
         "finetune_learning_rate": 1e-4,
         "steps_per_execution": 4,
+        "cache": "off",
     }
+
+
+@pytest.mark.parametrize(
+    "argv, old, new, field, value",
+    [
+        (["--finetune-lr", "1e-4"], "--finetune-lr", "--finetune-learning-rate", "finetune_learning_rate", 1e-4),
+        (["--cache", "none"], "--cache none", "--cache off", "cache", "off"),
+    ],
+)
+def test_a_former_name_still_works_hidden_with_one_deprecation_line(argv, old, new, field, value, caplog, capsys):
+    with caplog.at_level("WARNING"):
+        args = run.build_parser().parse_args(["train", "vgg16_finetune", *argv])
+    assert getattr(args, field) == value
+    assert [r.getMessage() for r in caplog.records] == [
+        f"`{old}` is now `{new}`; the old name goes in the next release."
+    ]
+    shown = _help("train", capsys=capsys)
+    assert "--finetune-learning-rate" in shown and "--finetune-lr" not in shown and "{auto,memory,off}" in shown
 
 
 @pytest.mark.slow  # 11 s; the staged fine-tune itself runs in the default suite (tests/test_train.py)

@@ -2,16 +2,20 @@
 numbers in them are the runs' own."""
 
 import json
+import types
 from html.parser import HTMLParser
 
 import pytest
 
+import kerastune_flow
 from kerastune_flow import run
 from kerastune_flow.errors import ConfigError
 from kerastune_flow.recipes import make_config
 from kerastune_flow.reports import plots
 from kerastune_flow.runtime import process
 from kerastune_flow.search import compare as compare_lib
+from kerastune_flow.search import compare_report
+from kerastune_flow.search import tune as tune_lib
 from kerastune_flow.training import train
 
 
@@ -36,7 +40,7 @@ class _Collector(HTMLParser):
 @pytest.mark.slow  # nine runs; the default suite's compare tests run each approach once
 def test_compare_with_a_data_size_sweep(image_folder, tmp_path):
     # Two approaches (the three run together in notebook 05 and test_compare_from_the_cli's pair).
-    approaches = ("scratch", "finetune")
+    approaches = ("cnn", "finetune")
     report = compare_lib.compare(
         str(image_folder),
         tmp_path / "cmp",
@@ -119,7 +123,7 @@ def test_compare_from_the_cli(image_folder, tmp_path, capsys, caplog):
         "--preset",
         "smoke",
         "--approaches",
-        "scratch,features",
+        "cnn,features",
         "--epochs",
         "1",
         "--run-dir",
@@ -131,22 +135,22 @@ def test_compare_from_the_cli(image_folder, tmp_path, capsys, caplog):
     assert out.startswith("Best test accuracy:") and str(tmp_path / "cmp" / "report.html") in out
     # The log gives the share of the training split in words, not as "1 of the training data".
     logged = [r.getMessage() for r in caplog.records]
-    assert "[1/2] scratch (cifar10_cnn), all the training images: starting" in logged
+    assert "[1/2] cnn (cifar10_cnn), all the training images: starting" in logged
     images = json.loads((tmp_path / "cmp" / "results.json").read_text())["results"][0]["train_images"]
     assert any(line.endswith(f"on all {images:,} training images") for line in logged)
-    assert run.main(["compare", "--data", str(image_folder), "--approaches", "scratch,magic"]) == 2
+    assert run.main(["compare", "--data", str(image_folder), "--approaches", "cnn,magic"]) == 2
 
 
 def test_the_share_of_train_reads_as_a_percentage_and_a_count():
-    rows = [dict(approach="scratch", fraction=f, train_images=n, history=[]) for f, n in ((0.3, 540), (1.0, 1800))]
+    rows = [dict(approach="cnn", fraction=f, train_images=n, history=[]) for f, n in ((0.3, 540), (1.0, 1800))]
     for row in rows:
-        row.update({key: None for key, _, _ in compare_lib._COLUMNS if key not in row})
-    table = compare_lib._table_rows({"results": rows})
-    share = [title for _, title, _ in compare_lib._COLUMNS].index("share of train")
+        row.update({key: None for key, _, _ in compare_report.COLUMNS if key not in row})
+    table = compare_report.table_rows({"results": rows})
+    share = [title for _, title, _ in compare_report.COLUMNS].index("share of train")
     assert [r[share] for r in table] == ["30 %", "100 %"]
-    assert compare_lib.share_text(1.0, 1800) == "all 1,800 training images"
-    assert compare_lib.share_text(0.3, 540) == "540 training images (30 % of the training split)"
-    assert compare_lib.share_text(0.125) == "12.5 % of the training images"
+    assert compare_report.share_text(1.0, 1800) == "all 1,800 training images"
+    assert compare_report.share_text(0.3, 540) == "540 training images (30 % of the training split)"
+    assert compare_report.share_text(0.125) == "12.5 % of the training images"
 
 
 def test_compare_sets_the_threads_before_anything_starts_tensorflow(image_folder, tmp_path, monkeypatch):
@@ -159,8 +163,35 @@ def test_compare_sets_the_threads_before_anything_starts_tensorflow(image_folder
 
     monkeypatch.setattr(compare_lib, "train_and_evaluate", train_and_evaluate)
     with pytest.raises(ConfigError, match="stop here"):
-        compare_lib.compare(str(image_folder), tmp_path / "cmp", approaches=("scratch",), preset="smoke")
+        compare_lib.compare(str(image_folder), tmp_path / "cmp", approaches=("cnn",), preset="smoke")
     assert calls == ["prepare_process", "train_and_evaluate"]
+
+
+def test_the_old_approach_name_scratch_still_runs_the_cnn_with_one_deprecation_line(
+    image_folder, tmp_path, monkeypatch, caplog
+):
+    started = []
+
+    def train_and_evaluate(config, run_dir, **kwargs):
+        started.append((config.model.recipe, run_dir.name))
+        raise ConfigError("stop here")
+
+    monkeypatch.setattr(compare_lib, "train_and_evaluate", train_and_evaluate)
+    with caplog.at_level("WARNING", logger="kerastune_flow.search.compare"), pytest.raises(ConfigError):
+        compare_lib.compare(str(image_folder), tmp_path / "cmp", approaches=("scratch",), preset="smoke")
+    assert started == [("cifar10_cnn", "cnn")]
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
+        "`--approaches scratch` is now `--approaches cnn`; the old name goes in the next release."
+    ]
+    assert "scratch" not in compare_lib.APPROACHES  # hidden: --help and the error list only the new name
+
+
+def test_compare_and_tune_are_the_top_level_functions_and_their_modules_stay_modules():
+    # Bound in kerastune_flow/__init__.py, the functions hide no module: those live in search/.
+    assert kerastune_flow.compare is compare_lib.compare and kerastune_flow.tune is tune_lib.tune
+    assert {"compare", "tune"} <= set(kerastune_flow.__all__)
+    assert isinstance(kerastune_flow.search.compare, types.ModuleType) and kerastune_flow.search.compare is compare_lib
+    assert isinstance(kerastune_flow.search.tune, types.ModuleType) and kerastune_flow.search.tune is tune_lib
 
 
 def test_identical_learning_curves_stay_visible_in_their_own_styles():
@@ -168,13 +199,13 @@ def test_identical_learning_curves_stay_visible_in_their_own_styles():
     stage_1 = [dict(epoch=i, val_accuracy=v, stage="head") for i, v in enumerate((0.5, 0.6, 0.7))]
     stage_2 = [dict(epoch=i, val_accuracy=v, stage="finetune") for i, v in ((3, 0.8), (4, 0.85))]
     rows = [
-        dict(approach="scratch", history=[dict(epoch=i, val_accuracy=0.1 * i) for i in range(5)]),
+        dict(approach="cnn", history=[dict(epoch=i, val_accuracy=0.1 * i) for i in range(5)]),
         dict(approach="features", history=stage_1),
         dict(approach="finetune", history=stage_1 + stage_2),
     ]
     ax = plots.plot_learning_curves(rows).figure.axes[0]
     curves = {line.get_label(): line for line in ax.get_lines() if not line.get_label().startswith("_")}
-    assert list(curves) == ["scratch", "features", "finetune"]
+    assert list(curves) == ["cnn", "features", "finetune"]
     looks = {(c.get_linestyle(), c.get_marker(), c.get_linewidth()) for c in curves.values()}
     assert len(looks) == 3  # one look each (all were "-o" of one width)
     # The features curve is the wide band beneath, the fine-tune's drawn over it, both seen.
@@ -188,7 +219,7 @@ def test_every_approach_gets_the_same_split_and_seed_with_the_recipes_defaults(i
     # The from-scratch recipe holds out no validation by default and transfer does: compare gives
     # every approach one split (the transfer recipes' hold-out) and one seed (picked, none given).
     small = dict(epochs=1, image_size=(32, 32), batch_size=8, weights=None, tensorboard=False)
-    approaches = ("scratch", "features")
+    approaches = ("cnn", "features")
     compare_lib.compare(str(image_folder), tmp_path / "cmp", approaches=approaches, preset="reference", **small)
     metas = [json.loads((tmp_path / "cmp" / a / "config.json").read_text()) for a in approaches]
     assert len({json.dumps(m["sizes"], sort_keys=True) for m in metas}) == 1

@@ -107,7 +107,7 @@ def test_every_field_has_help_text():
         (dict(mixed_precision="fp8"), "mixed_precision must be one of off, auto, bfloat16, float16"),
         (dict(pooling="max"), "pooling must be one of auto, flatten, avg"),
         (dict(lr_schedule="step"), "lr_schedule must be one of constant, cosine"),
-        (dict(cache="disk"), "cache must be one of auto, memory, none"),
+        (dict(cache="disk"), "cache must be one of auto, memory, off"),
     ],
 )
 def test_invalid_values_are_clear_errors(overrides, match):
@@ -189,7 +189,10 @@ def test_a_path_is_taken_as_its_text(tmp_path):
         (dict(epochs="2.0"), r"epochs must be a whole number. Received: epochs='2.0'"),
         (dict(dropout="x"), r"dropout must be a number. Received: dropout='x'"),
         (dict(learning_rate="fast"), r"not what --learning-rate takes.*Received: learning_rate='fast'"),
-        (dict(finetune_learning_rate="slow"), r"not what --finetune-lr takes.*Received: finetune_learning_rate="),
+        (
+            dict(finetune_learning_rate="slow"),
+            r"not what --finetune-learning-rate takes.*Received: finetune_learning_rate=",
+        ),
         (dict(early_stopping="no"), r"early_stopping must be True or False. Received: early_stopping='no'"),
         (dict(augment="flip,blur"), r"augment must be one of .*Received: augment='blur'"),
     ],
@@ -197,3 +200,12 @@ def test_a_path_is_taken_as_its_text(tmp_path):
 def test_a_value_its_flag_would_refuse_is_a_config_error_naming_the_setting(overrides, match):
     with pytest.raises(ConfigError, match=match):
         make_config("cifar10_cnn", **overrides)
+
+
+def test_the_former_no_cache_word_is_read_as_off_with_one_deprecation_line(caplog):
+    # `cache` and `feature_cache` say "off" for no cache; a config.json or script saying "none" still runs.
+    with caplog.at_level("WARNING"):
+        config = make_config("cifar10_cnn", cache="none")
+    assert config.data.cache == "off" == config_lib.NO_CACHE
+    assert caplog.messages == ["`--cache none` is now `--cache off`; the old name goes in the next release."]
+    assert config_lib.CACHE_POLICIES[-1] == config_lib.FEATURE_CACHE[-1] == "off"

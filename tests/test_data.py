@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import collections
 import re
-from pathlib import Path
 from unittest import mock
 
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import IMAGES_PER_CLASS, NUM_CLASSES, SHARED_DATASETS, write_image_folder
+from conftest import IMAGES_PER_CLASS, NUM_CLASSES, SHARED_DATASETS, write_image_folder, write_tfds_metadata
 
 from kerastune_flow import data
 from kerastune_flow.errors import DataError
@@ -459,12 +458,20 @@ def test_augmenter_keeps_the_image_shape_and_changes_training_images_only():
 
 def test_should_cache_policies(monkeypatch):
     assert data.should_cache(10**12, (224, 224, 3), "memory") is True
-    assert data.should_cache(1, (2, 2, 1), "none") is False
+    assert data.should_cache(1, (2, 2, 1), "off") is False
     assert data.should_cache(64, (32, 32, 3), "auto") is True
     assert data.should_cache(10**12, (224, 224, 3), "auto") is False
-    monkeypatch.setattr(data.pipeline, "_memory_budget", lambda: 10 * 4 * 2 * 2 * 1)
+    monkeypatch.setattr(data.pipeline, "memory_budget", lambda: 10 * 4 * 2 * 2 * 1)
     assert data.should_cache(10, (2, 2, 1)) is True  # exactly fills the budget
     assert data.should_cache(11, (2, 2, 1)) is False
+
+
+def test_the_memory_budget_is_a_quarter_of_the_memory_available_now(monkeypatch):
+    # Available, not physical: what other processes hold is not a cache's to fill.
+    assert 0 < data.memory_budget() <= data.available_memory() // 4 + 1
+    monkeypatch.setattr(data.pipeline, "available_memory", lambda: 4000)
+    assert data.memory_budget() == 1000
+    assert data.should_cache(250, (1,)) is True and data.should_cache(251, (1,)) is False
 
 
 # --------------------------------------------------------------------------- tfds
@@ -541,22 +548,6 @@ def test_tfds_max_examples(tfds, tmp_path):
     assert splits.sizes == counts == {"train": 3, "validation": 3, "test": 3}
 
 
-def _write_cifar10_metadata(tfds, data_dir: Path, *, train: int, test: int) -> None:
-    """Writes the metadata files a prepared cifar10 leaves behind, with small split sizes."""
-    builder = tfds.builder("cifar10", data_dir=str(data_dir))
-    builder.info.features["label"].names = CIFAR10_NAMES
-    builder.info.set_splits(
-        tfds.core.SplitDict(
-            [
-                tfds.core.SplitInfo(name="train", shard_lengths=[train], num_bytes=0),
-                tfds.core.SplitInfo(name="test", shard_lengths=[test], num_bytes=0),
-            ]
-        )
-    )
-    Path(builder.data_dir).mkdir(parents=True)
-    builder.info.write_to_directory(builder.data_dir)
-
-
 def _sliced_as_dataset(self, split, decoders=None, read_config=None, shuffle_files=False):
     """Like mock_data's fake examples, but as many as the split slice asks for (the first pixel
     is the index within the slice), and an empty slice fails as tfds' real reader fails."""
@@ -578,7 +569,7 @@ def _sliced_as_dataset(self, split, decoders=None, read_config=None, shuffle_fil
     ids=["validation_0.1", "validation_0"],
 )
 def test_tfds_prepared_metadata_holds_out_the_end_of_train(tfds, tmp_path, validation_fraction, sizes):
-    _write_cifar10_metadata(tfds, tmp_path / "tfds", train=20, test=6)
+    write_tfds_metadata(tfds, "cifar10", tmp_path / "tfds", {"train": 20, "test": 6}, label_names=CIFAR10_NAMES)
 
     with tfds.testing.mock_data(data_dir=str(tmp_path / "tfds"), as_dataset_fn=_sliced_as_dataset):
         splits = data.load_data("cifar10", data_dir=str(tmp_path / "tfds"), validation_fraction=validation_fraction)

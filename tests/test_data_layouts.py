@@ -12,7 +12,7 @@ from unittest import mock
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import write_image_folder
+from conftest import write_image_folder, write_tfds_metadata
 from PIL import Image
 
 from kerastune_flow import data, run, rundir
@@ -326,15 +326,6 @@ def test_a_bad_csv_names_the_file_the_row_and_the_fix(tmp_path, content, columns
 # --------------------------------------------------------------------------- tfds
 
 
-def _prepared(tfds, name: str, data_dir: Path, splits: dict[str, int]) -> None:
-    """Writes the metadata a prepared `name` leaves behind, with small split sizes."""
-    builder = tfds.builder(name, data_dir=str(data_dir))
-    infos = [tfds.core.SplitInfo(name=split, shard_lengths=[n], num_bytes=0) for split, n in splits.items()]
-    builder.info.set_splits(tfds.core.SplitDict(infos))
-    Path(builder.data_dir).mkdir(parents=True)
-    builder.info.write_to_directory(builder.data_dir)
-
-
 def _sliced(self, split, decoders=None, read_config=None, shuffle_files=False):
     """As many SIZE x SIZE examples as the split (slice) asks for; the first pixel tells them apart."""
     del decoders, read_config, shuffle_files
@@ -358,7 +349,7 @@ def _never_download(self, *args, **kwargs):
 )
 def test_a_prepared_tfds_image_set_is_read_offline_with_its_splits(tmp_path, name, on_disk_splits, sizes):
     tfds = pytest.importorskip("tensorflow_datasets")
-    _prepared(tfds, name, tmp_path / "tfds", on_disk_splits)
+    write_tfds_metadata(tfds, name, tmp_path / "tfds", on_disk_splits)
 
     with (
         tfds.testing.mock_data(data_dir=str(tmp_path / "tfds"), as_dataset_fn=_sliced),

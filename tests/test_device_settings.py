@@ -1,6 +1,9 @@
 """TPU and GPU settings, tested for the choices they make on the CPU (no accelerator here)."""
 
 import json
+import os
+import subprocess
+import sys
 
 import keras
 import numpy as np
@@ -10,12 +13,13 @@ import tensorflow as tf
 from kerastune_flow import data, models, rundir
 from kerastune_flow.errors import ConfigError
 from kerastune_flow.recipes import get_recipe, make_config
-from kerastune_flow.runtime import strategy
-from kerastune_flow.runtime.strategy import (
+from kerastune_flow.runtime import device
+from kerastune_flow.runtime.device import (
     CPU_STEPS_PER_EXECUTION,
     TPU_STEPS_PER_EXECUTION,
     data_autotune,
     device_settings,
+    dtype_policy,
 )
 from kerastune_flow.training import finetune, train
 from kerastune_flow.training.fitting import FitContext
@@ -89,8 +93,19 @@ def test_pipelines_on_the_cpu_run_without_tf_data_autotuning(image_folder, tmp_p
     ],
 )
 def test_auto_mixed_precision_per_device(kind, native_bf16, policy, monkeypatch):
-    monkeypatch.setattr(strategy, "cpu_has_native_bf16", lambda: native_bf16)
+    monkeypatch.setattr(device, "read_cpuinfo", lambda: CPUINFO_AVX512_BF16 if native_bf16 else CPUINFO_AVX2)
     assert device_settings(kind, mixed_precision="auto").dtype_policy == policy
+
+
+def test_the_cpu_is_read_only_when_auto_must_choose_for_it(monkeypatch):
+    reads = []
+    monkeypatch.setattr(device, "read_cpuinfo", lambda: reads.append(1) or CPUINFO_AVX2)
+    for kind in ("tpu", "gpu"):
+        device_settings(kind, mixed_precision="auto")
+    device_settings("cpu", mixed_precision="bfloat16")
+    assert reads == []
+    device_settings("cpu", mixed_precision="auto")
+    assert reads == [1]
 
 
 CPUINFO_AVX2 = "processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu sse2 avx avx2 fma avx512f\n"
@@ -112,14 +127,29 @@ CPUINFO_ARM = CPUINFO_ARM_BF16.replace(" bf16", "")
     ],
 )
 def test_native_bf16_is_read_from_the_cpu_flags(cpuinfo, native):
-    assert strategy.cpu_has_native_bf16(cpuinfo) is native
+    assert device.cpu_has_native_bf16(cpuinfo) is native
 
 
-def test_the_environment_can_decide_native_bf16_and_the_mlp_stays_float32(monkeypatch):
-    for value, native in (("1", True), ("0", False)):
-        monkeypatch.setenv(strategy.CPU_BF16_ENV, value)
-        assert strategy.cpu_has_native_bf16() is native
-    monkeypatch.setenv(strategy.CPU_BF16_ENV, "1")
+def test_the_cpu_is_read_from_its_cpuinfo_file_and_a_missing_one_means_no_bf16(monkeypatch, tmp_path):
+    # The tests' processes read os.devnull instead of /proc/cpuinfo (conftest.py, tests/fake_cpu).
+    (tmp_path / "cpuinfo").write_text(CPUINFO_ARM_BF16)
+    monkeypatch.setattr(device, "CPUINFO", str(tmp_path / "cpuinfo"))
+    assert device.cpu_has_native_bf16() is True
+    monkeypatch.setattr(device, "CPUINFO", str(tmp_path / "missing"))  # as on macOS
+    assert device.read_cpuinfo() == "" and device.cpu_has_native_bf16() is False
+
+
+def test_the_tests_and_the_processes_they_start_see_a_cpu_without_bf16():
+    # So that `--mixed-precision auto` trains float32 in every test, on every CPU (conftest.py).
+    assert device.CPUINFO == os.devnull
+    code = "from kerastune_flow.runtime import device; print(device.CPUINFO, device.cpu_has_native_bf16())"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == [os.devnull, "False"]
+
+
+def test_on_a_cpu_with_native_bf16_the_mlp_stays_float32(monkeypatch):
+    monkeypatch.setattr(device, "read_cpuinfo", lambda: CPUINFO_AMX)
     assert make_config("scratch_mlp").train.mixed_precision == "off"  # bfloat16 slows its small matrices
     for recipe in ("cifar10_cnn", "vgg16_features", "vgg16_finetune"):
         assert device_settings("cpu", mixed_precision=make_config(recipe).train.mixed_precision).dtype_policy == (
@@ -135,6 +165,15 @@ def test_explicit_settings_win():
         device_settings("cpu", mixed_precision="int8")
     with pytest.raises(ConfigError, match="jit_compile must be one of auto, true, false. Received: jit_compile='yes'"):
         device_settings("gpu", jit_compile="yes")  # used to mean auto, without a word
+
+
+def test_dtype_policy_is_set_inside_and_put_back_after_an_error():
+    before = keras.config.dtype_policy().name
+    with pytest.raises(KeyboardInterrupt), dtype_policy("mixed_bfloat16"):
+        assert keras.config.dtype_policy().name == "mixed_bfloat16"
+        assert keras.layers.Dense(2).compute_dtype == "bfloat16"
+        raise KeyboardInterrupt  # as a user stopping a run in a notebook
+    assert keras.config.dtype_policy().name == before
 
 
 @pytest.fixture
@@ -175,7 +214,7 @@ def test_tpu_pipelines_have_static_batch_shapes(image_folder):
 def test_a_cpu_with_native_bf16_trains_the_cnn_in_bfloat16_by_default_and_restores_the_policy(
     image_folder, tmp_path, monkeypatch, caplog
 ):
-    monkeypatch.setenv(strategy.CPU_BF16_ENV, "1")  # as on an AVX-512 BF16, AMX or Arm bf16 CPU
+    monkeypatch.setattr(device, "read_cpuinfo", lambda: CPUINFO_AVX512_BF16)  # as on an AVX-512 BF16 CPU
     before = keras.config.dtype_policy().name
     config = make_config("cifar10_cnn", "smoke", data=str(image_folder), steps_per_execution=2)
     assert config.train.mixed_precision == "auto"

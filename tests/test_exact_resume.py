@@ -6,37 +6,23 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import time
 
 import keras
 import numpy as np
 import pytest
-from conftest import REPO, write_image_folder
+from conftest import CHILD_PYTHONPATH, CLI, backed_up_epoch, run_outcome, smoke, staged
 
 from kerastune_flow import rundir
-from kerastune_flow.recipes import make_config
 from kerastune_flow.training import callbacks as cb
 from kerastune_flow.training import finetune, train
 
-TIMINGS = ("epoch_seconds", "wall_time")
 # Augmentation, dropout and early stopping on: every kind of randomness and state a resume needs.
 RANDOM = dict(augment=("flip", "crop"), dropout=0.3, epochs=4, patience=2, steps_per_execution=1)
 
 
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    return write_image_folder(tmp_path_factory.mktemp("data") / "images", per_class=16)
-
-
 def _config(folder, recipe="cifar10_cnn", **overrides):
-    return make_config(recipe, "smoke", data=str(folder), max_examples=None, **{**RANDOM, **overrides})
-
-
-def _outcome(run_dir):
-    results = rundir.read_json(run_dir / rundir.RESULTS_JSON)
-    history = [{k: v for k, v in r.items() if k not in TIMINGS} for r in rundir.read_history(run_dir)]
-    return results["weights_sha256"], results["test"], history
+    return smoke(recipe, folder, max_examples=None, **{**RANDOM, **overrides})
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +31,7 @@ def uninterrupted(folder, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("runs") / "uninterrupted"
     keras.utils.set_random_seed(0)
     train.train_and_evaluate(_config(folder), run_dir)
-    return _outcome(run_dir)
+    return run_outcome(run_dir)
 
 
 class _KillOnce(keras.callbacks.Callback):
@@ -96,16 +82,16 @@ def _killed_then_resumed(config, run_dir, monkeypatch, kill_setup, *, after_an_e
     assert (run_dir / rundir.BACKUP_DIR).is_dir() == after_an_epoch  # else nothing to resume: it starts over
     result = train.train_and_evaluate(config, run_dir)
     assert result.results["resumed"] is after_an_epoch
-    return _outcome(run_dir)
+    return run_outcome(run_dir)
 
 
 @pytest.mark.slow  # 14 s; the default suite's resumed run equals the uninterrupted one, bit for bit
 def test_two_runs_with_one_seed_are_identical(folder, tmp_path, uninterrupted):
     # Augmentation used to draw from Keras layers' seed generators in a parallel map: epoch 0 differed.
     train.train_and_evaluate(_config(folder), tmp_path / "again")
-    assert _outcome(tmp_path / "again") == uninterrupted
+    assert run_outcome(tmp_path / "again") == uninterrupted
     train.train_and_evaluate(_config(folder, seed=1), tmp_path / "other")
-    assert _outcome(tmp_path / "other")[0] != uninterrupted[0]
+    assert run_outcome(tmp_path / "other")[0] != uninterrupted[0]
 
 
 KILLS = {
@@ -144,7 +130,7 @@ def test_a_resumed_run_keeps_early_stoppings_state(folder, tmp_path, monkeypatch
     # With patience 1 the run stops early; a kill after the stop must not train on.
     config = _config(folder, epochs=8, patience=1, learning_rate=1e-1)
     train.train_and_evaluate(config, tmp_path / "whole")
-    whole = _outcome(tmp_path / "whole")
+    whole = run_outcome(tmp_path / "whole")
     assert len(whole[2]) < 8  # it did stop early
     stop = len(whole[2]) - 1
     kill = lambda m, fired: _with_kill(m, _KillOnce(fired, epoch=stop, at="epoch_end"), before_backup=False)  # noqa: E731
@@ -154,11 +140,8 @@ def test_a_resumed_run_keeps_early_stoppings_state(folder, tmp_path, monkeypatch
 # --------------------------------------------------------------------------- the staged fine-tune
 
 
-def _staged(folder, base_model, **overrides):
-    settings = dict(
-        head_epochs=2, epochs=2, base=str(base_model), base_output="dense", augment=(), unfreeze_at="conv_3"
-    )
-    return _config(folder, "vgg16_finetune", **{**settings, **overrides})
+# The staged fine-tune: two epochs a stage, its base's frozen layers cut at conv_3.
+STAGES = {**RANDOM, "max_examples": None, "head_epochs": 2, "epochs": 2, "augment": (), "unfreeze_at": "conv_3"}
 
 
 def _kill_feature_pass(monkeypatch, fired):
@@ -183,8 +166,8 @@ STAGED_KILLS = {
 @pytest.fixture(scope="module")
 def staged_uninterrupted(folder, base_model, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("runs") / "staged"
-    train.train_and_evaluate(_staged(folder, base_model), run_dir)
-    return _outcome(run_dir)
+    train.train_and_evaluate(staged(folder, base_model, **STAGES), run_dir)
+    return run_outcome(run_dir)
 
 
 @pytest.mark.parametrize(
@@ -194,7 +177,7 @@ def test_a_fine_tune_killed_in_any_stage_ends_as_the_uninterrupted_one(
     where, folder, base_model, tmp_path, monkeypatch, staged_uninterrupted
 ):
     assert [r["stage"] for r in staged_uninterrupted[2]] == ["head"] * 2 + ["finetune"] * 2
-    config = _staged(folder, base_model)
+    config = staged(folder, base_model, **STAGES)
     first_epoch = where != "feature-cache-pass"  # the features are computed before stage 1's first epoch
     outcome = _killed_then_resumed(
         config, tmp_path / "run", monkeypatch, STAGED_KILLS[where], after_an_epoch=first_epoch
@@ -208,23 +191,12 @@ def test_a_fine_tune_killed_in_any_stage_ends_as_the_uninterrupted_one(
 def _command(folder, run_dir):
     flags = ["--preset", "smoke", "--max-examples", "64", "--augment", "flip,crop", "--dropout", "0.3"]
     flags += ["--epochs", "6", "--patience", "3", "--steps-per-execution", "1", "--seed", "4", "--quiet"]
-    return [sys.executable, "-m", "kerastune_flow.run", "train", "cifar10_cnn", "--data", str(folder), *flags] + [
-        "--run-dir",
-        str(run_dir),
-    ]
-
-
-def _backed_up(run_dir):
-    state = run_dir / rundir.BACKUP_DIR / "fit" / "state.json"
-    try:
-        return rundir.read_json(state)["epoch"]
-    except (OSError, ValueError, KeyError):
-        return 0
+    return [*CLI, "train", "cifar10_cnn", "--data", str(folder), *flags, "--run-dir", str(run_dir)]
 
 
 def _run(folder, run_dir, *, kill_at=None):
     """Runs the command to the end, or SIGKILLs it `kill_at` = (epochs backed up, then seconds later)."""
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": CHILD_PYTHONPATH}
     proc = subprocess.Popen(_command(folder, run_dir), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     if kill_at is None:
         out, err = proc.communicate(timeout=300)
@@ -232,7 +204,7 @@ def _run(folder, run_dir, *, kill_at=None):
         return json.loads(out)
     epochs, seconds = kill_at
     deadline = time.time() + 300
-    while _backed_up(run_dir) < epochs and proc.poll() is None and time.time() < deadline:
+    while backed_up_epoch(run_dir) < epochs and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
     time.sleep(seconds)
     proc.send_signal(signal.SIGKILL)
@@ -256,7 +228,7 @@ def test_chaos_five_sigkills_at_random_moments_end_as_the_uninterrupted_run(fold
     assert resumed["resumed"] is True
     assert resumed["weights_sha256"] == whole["weights_sha256"]
     assert resumed["test"] == whole["test"]
-    assert _outcome(run_dir)[2] == _outcome(tmp_path / "whole")[2]
+    assert run_outcome(run_dir)[2] == run_outcome(tmp_path / "whole")[2]
     keras.saving.load_model(run_dir / rundir.BEST_MODEL)  # every file whole
     np.testing.assert_equal(resumed["epochs_run"], whole["epochs_run"])
 
@@ -268,7 +240,7 @@ def test_a_run_without_a_seed_resumes_with_the_seed_it_picked(folder, tmp_path, 
     seed = rundir.read_json(tmp_path / "run" / rundir.RESULTS_JSON)["seed"]
     assert rundir.read_json(tmp_path / "run" / rundir.CONFIG_JSON)["config"]["train"]["seed"] == seed
     train.train_and_evaluate(_config(folder, seed=seed, epochs=4), tmp_path / "replay")
-    assert _outcome(tmp_path / "replay") == outcome
+    assert run_outcome(tmp_path / "replay") == outcome
 
 
 def test_the_first_run_after_reading_the_data_starts_as_every_later_one(folder, tmp_path, monkeypatch):
@@ -282,7 +254,7 @@ def test_the_first_run_after_reading_the_data_starts_as_every_later_one(folder, 
 
     monkeypatch.setattr(train.data_lib, "load_splits", load_and_draw)
     train.train_and_evaluate(_config(folder, epochs=2), tmp_path / "drawn")
-    assert _outcome(tmp_path / "drawn") == _outcome(tmp_path / "plain")
+    assert run_outcome(tmp_path / "drawn") == run_outcome(tmp_path / "plain")
 
 
 @pytest.mark.slow  # two runs of 4 epochs: the default suite's between-epochs kill covers the CNN
@@ -294,4 +266,4 @@ def test_the_mlp_under_xla_resumes_as_the_uninterrupted_run(folder, tmp_path, mo
     result = train.train_and_evaluate(config, tmp_path / "once")
     assert result.results["jit_compile"] is True
     resumed = _killed_then_resumed(config, tmp_path / "run", monkeypatch, KILLS["between-epochs"])
-    assert resumed == _outcome(tmp_path / "once")
+    assert resumed == run_outcome(tmp_path / "once")

@@ -5,7 +5,6 @@ trained CNN; the full recipe x backbone x format matrix is marked slow."""
 
 from __future__ import annotations
 
-import importlib
 import json
 import re
 from pathlib import Path
@@ -13,10 +12,10 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
-from conftest import write_image_folder
+from conftest import hide_modules, write_image_folder
 
 from kerastune_flow import run
-from kerastune_flow.deploy import artifacts, export
+from kerastune_flow.deploy import artifacts, converters, export
 from kerastune_flow.errors import ConfigError, ExportParityError, MissingPackageError, RunDirError
 from kerastune_flow.models import BACKBONES
 from kerastune_flow.recipes import RECIPES, make_config
@@ -164,7 +163,7 @@ def test_a_crash_or_a_parity_failure_leaves_nothing_at_out(trained, tmp_path, mo
         path.write_bytes(b"half a flatbuffer")
         raise RuntimeError("killed mid-write")
 
-    monkeypatch.setitem(export.CONVERTERS, "litert", crash)
+    monkeypatch.setitem(converters.CONVERTERS, "litert", crash)
     with pytest.raises(RuntimeError, match="killed"):
         export.export_model(trained, format="litert", out=tmp_path / "crashed")
     monkeypatch.undo()
@@ -176,17 +175,6 @@ def test_a_crash_or_a_parity_failure_leaves_nothing_at_out(trained, tmp_path, mo
     assert list(tmp_path.iterdir()) == []
     with pytest.raises(ExportParityError):
         export.export_model(trained, format="saved_model", out=tmp_path / "bad")
-
-
-def _hide(monkeypatch, names):
-    real = importlib.import_module
-
-    def import_module(name, *args, **kwargs):
-        if name.split(".")[0] in names:
-            raise ImportError(f"No module named {name!r}")
-        return real(name, *args, **kwargs)
-
-    monkeypatch.setattr(importlib, "import_module", import_module)
 
 
 @pytest.mark.parametrize(
@@ -209,7 +197,7 @@ def test_a_folder_without_a_model_and_a_missing_runtime_are_one_sentence(
     (tmp_path / "empty").mkdir()
     assert run.main(["export", str(tmp_path / "empty"), "--format", "onnx"]) == 2
     assert re.search(r"No model at .*model\.keras", capsys.readouterr().err)
-    _hide(monkeypatch, RUNTIME_MODULES)
+    hide_modules(monkeypatch, RUNTIME_MODULES)
     assert run.main(["export", str(trained), "--format", "onnx", "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "pip install 'kerastune_flow[export]'" in err

@@ -6,18 +6,13 @@ import logging
 import keras
 import numpy as np
 import pytest
+from conftest import add_callbacks, smoke
 
 from kerastune_flow import models, rundir
 from kerastune_flow.errors import ConfigError, RunDirError
-from kerastune_flow.recipes import make_config
-from kerastune_flow.training import callbacks as cb
 from kerastune_flow.training import finetune, train
 
 SMALL_RGB = (32, 32, 3)
-
-
-def smoke(recipe, folder, **overrides):
-    return make_config(recipe, "smoke", data=str(folder), **overrides)
 
 
 class _Probe(keras.callbacks.Callback):
@@ -38,11 +33,6 @@ class _Probe(keras.callbacks.Callback):
 
     def on_train_end(self, logs=None):
         self.end.append(self._weights())
-
-
-def _add_callbacks(monkeypatch, *extra):
-    original = cb.standard_callbacks
-    monkeypatch.setattr(cb, "standard_callbacks", lambda *a, **k: original(*a, **k) + list(extra))
 
 
 # --------------------------------------------------------------------------- backbones
@@ -80,7 +70,7 @@ def test_mobilenetv2_keeps_its_batchnorm_frozen_when_unfrozen(image_folder, tmp_
         return [models.find_base(model).get_layer("block_16_expand_BN").moving_mean]
 
     probe = _Probe(pick)
-    _add_callbacks(monkeypatch, probe)
+    add_callbacks(monkeypatch, probe)
     # 0.9 of MobileNetV2's 154 layers is layer 139, inside block 15: snapped to block 16's first layer.
     config = smoke("vgg16_finetune", image_folder, backbone="mobilenetv2", head_epochs=1, epochs=1, unfreeze_at="0.9")
     with caplog.at_level(logging.INFO, logger="kerastune_flow"):
@@ -132,7 +122,7 @@ def test_batchnorm_statistics_do_not_move_while_the_block_learns(image_folder, t
         ]
 
     probe = _Probe(pick)
-    _add_callbacks(monkeypatch, probe)
+    add_callbacks(monkeypatch, probe)
     config = smoke(
         "vgg16_finetune",
         image_folder,
@@ -164,7 +154,7 @@ def test_a_full_training_run_becomes_the_base_of_a_fine_tune(image_folder, tmp_p
     source = _pretrained_cnn_run(image_folder, tmp_path)
     saved = keras.saving.load_model(source / "model.keras")
     probe = _Probe(lambda m: [models.find_base(m).get_layer("conv_3").kernel])
-    _add_callbacks(monkeypatch, probe)
+    add_callbacks(monkeypatch, probe)
     config = smoke("vgg16_finetune", image_folder, base=str(source), base_output="dense", head_epochs=1, epochs=1)
     result = train.train_and_evaluate(config, tmp_path / "transfer")
 
@@ -304,3 +294,38 @@ def test_finetune_with_discriminative_rates_end_to_end(image_folder, tmp_path):
     result = train.train_and_evaluate(config, tmp_path / "run")
     assert type(result.model.optimizer).__name__ == "DiscriminativeAdam"
     assert (tmp_path / "run" / "model.keras").exists()
+
+
+def test_each_stage_compiles_what_it_fits_once_at_its_rate(image_folder, tmp_path, monkeypatch):
+    compiled = []
+    original = keras.Model.compile
+
+    def compile(self, *args, **kwargs):
+        compiled.append((self.name, float(kwargs["optimizer"].learning_rate)))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(keras.Model, "compile", compile)
+    config = smoke("vgg16_finetune", image_folder, learning_rate=2e-3, finetune_learning_rate=2e-5)
+    result = train.train_and_evaluate(config, tmp_path / "run")
+    full = result.model.name
+    # Stage 1: the head on cached features, and the full model that shares its layers (its checkpoint);
+    # stage 2: the part above the cached prefix, and the full model again (what is evaluated and saved).
+    assert [name for name, _ in compiled] == ["head", full, "unfrozen_part", full]
+    assert [rate for _, rate in compiled] == pytest.approx([2e-3, 2e-3, 2e-5, 2e-5])
+
+
+def test_a_run_killed_after_its_last_stage_resumes_without_fitting_again(image_folder, tmp_path, monkeypatch):
+    config = smoke("vgg16_finetune", image_folder, seed=3)
+    whole = train.train_and_evaluate(config, tmp_path / "whole")
+    with monkeypatch.context() as m:  # killed after both stages were recorded, before the results
+        m.setattr(train, "weights_digest", lambda model: (_ for _ in ()).throw(KeyboardInterrupt))
+        with pytest.raises(KeyboardInterrupt):
+            train.train_and_evaluate(config, tmp_path / "run")
+    fits = []
+    original = keras.Model.fit
+    monkeypatch.setattr(keras.Model, "fit", lambda self, *a, **k: fits.append(self.name) or original(self, *a, **k))
+    resumed = train.train_and_evaluate(config, tmp_path / "run")
+    assert fits == []  # both stages come from the stage ledger
+    assert resumed.results["resumed"] is True
+    assert resumed.results["weights_sha256"] == whole.results["weights_sha256"]
+    assert float(resumed.model.optimizer.learning_rate) == pytest.approx(config.model.finetune_learning_rate)

@@ -11,10 +11,10 @@ import sys
 
 import pytest
 
-from kerastune_flow import run, runlock
+from kerastune_flow import run
 from kerastune_flow.errors import RunDirError
 from kerastune_flow.recipes import make_config
-from kerastune_flow.rundir import LOCK_FILE
+from kerastune_flow.rundir import LOCK_FILE, lock
 from kerastune_flow.training import train
 
 
@@ -46,23 +46,23 @@ def test_a_live_lock_refuses_a_second_process_and_names_it(image_folder, tmp_pat
 def test_a_lock_on_another_host_says_how_to_remove_it(tmp_path):
     _hold(tmp_path, 1, host="elsewhere.example")
     with pytest.raises(RunDirError, match=f"another host.*remove {tmp_path / LOCK_FILE}"):
-        runlock.acquire(tmp_path)
+        lock.acquire(tmp_path)
 
 
 def test_a_lock_left_by_a_killed_process_is_taken_over_and_logged(tmp_path, caplog):
     dead = _dead_pid()
     _hold(tmp_path, dead)
 
-    with caplog.at_level("WARNING"), runlock.run_lock(tmp_path):
-        assert runlock.read_lock(tmp_path)["pid"] == os.getpid()
+    with caplog.at_level("WARNING"), lock.run_lock(tmp_path):
+        assert lock.read_lock(tmp_path)["pid"] == os.getpid()
 
     assert f"PID {dead} started 2026-12-06 05:01:00 UTC, no longer runs" in caplog.text
     assert not (tmp_path / LOCK_FILE).exists()
 
 
 def test_the_lock_goes_on_errors_and_ctrl_c_and_inner_runs_take_none(tmp_path):
-    with pytest.raises(KeyboardInterrupt), runlock.run_lock(tmp_path):
-        with runlock.run_lock(tmp_path / "trials" / "000"):  # a trial of this search: re-entrant
+    with pytest.raises(KeyboardInterrupt), lock.run_lock(tmp_path):
+        with lock.run_lock(tmp_path / "trials" / "000"):  # a trial of this search: re-entrant
             assert (tmp_path / LOCK_FILE).exists() and not (tmp_path / "trials" / "000" / LOCK_FILE).exists()
         raise KeyboardInterrupt
     assert not (tmp_path / LOCK_FILE).exists()

@@ -8,15 +8,14 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import write_image_folder
-from test_exact_resume import _outcome
+from conftest import run_outcome, staged
 
 from kerastune_flow import models, run, rundir
 from kerastune_flow.data.samples import sample_folder
 from kerastune_flow.errors import ConfigError, TrainingDivergedError
 from kerastune_flow.recipes import make_config
 from kerastune_flow.reports import plots
-from kerastune_flow.training import fitting, lr_find, lr_range, train
+from kerastune_flow.training import lr_find, lr_range, resume, train
 from kerastune_flow.training.lr_find import find_lr
 
 NUM_EXAMPLES = 64
@@ -208,15 +207,8 @@ def test_find_lr_through_the_cli_writes_the_record_and_the_plot(tmp_path, capsys
     assert (tmp_path / "r" / "lr_find.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    return write_image_folder(tmp_path_factory.mktemp("data") / "images", per_class=16)
-
-
-def _staged(folder, base_model, **overrides):
-    settings = dict(data=str(folder), max_examples=None, base=str(base_model), base_output="dense")
-    settings.update(unfreeze_at="conv_3", head_epochs=1, epochs=1, steps_per_execution=1, verbose=0)
-    return make_config("vgg16_finetune", "smoke", **{**settings, **overrides})
+# The staged fine-tune's settings, on the `folder` fixture's images and the `base_model` fixture.
+STAGES = dict(max_examples=None, unfreeze_at="conv_3", head_epochs=1, epochs=1, steps_per_execution=1, verbose=0)
 
 
 def _short_range_tests(monkeypatch, *, kill_at=None):
@@ -250,7 +242,7 @@ def test_stage_finetune_tests_stage_two_after_training_stage_one(folder, base_mo
         return FIT(self, *args, **kwargs)
 
     monkeypatch.setattr(keras.Model, "fit", fit)
-    record = find_lr(_staged(folder, base_model, base_lr_multiplier=0.1), tmp_path / "r", stage="finetune")
+    record = find_lr(staged(folder, base_model, **STAGES, base_lr_multiplier=0.1), tmp_path / "r", stage="finetune")
     assert fits == ["head"]  # stage 1: the head on cached features, then no other fit
     (call,) = calls
     assert call["model"] != "head" and call["multiplier"] == 0.1  # the whole model, as stage 2 compiles it
@@ -276,7 +268,7 @@ def test_bad_input_to_find_lr_is_one_line_and_exit_2(tmp_path, capsys):
         (["find-lr", "scratch_mlp", "--stage", "finetune"], "no fine-tune stage"),
         (["find-lr", "scratch_mlp", "--data", str(tmp_path / "missing")], "missing"),
         (["train", "scratch_mlp", "--learning-rate", "fast"], "or auto"),
-        (["train", "vgg16_finetune", "--finetune-lr", "auto", "--progressive", "0:1:1e-5"], "progressive"),
+        (["train", "vgg16_finetune", "--finetune-learning-rate", "auto", "--progressive", "0:1:1e-5"], "progressive"),
     ]
     for argv, words in cases:
         assert run.main([*argv, "--preset", "smoke", "--run-dir", str(tmp_path / "r")]) == 2
@@ -306,7 +298,7 @@ def test_train_learning_rate_auto_trains_at_the_rate_found_and_records_it(tmp_pa
 def test_a_fine_tune_killed_in_its_stage_two_range_test_resumes_with_the_same_rates(
     folder, base_model, tmp_path, monkeypatch
 ):
-    config = _staged(folder, base_model, learning_rate="auto", finetune_learning_rate="auto", checkpoint=False)
+    config = staged(folder, base_model, **STAGES, learning_rate="auto", finetune_learning_rate="auto", checkpoint=False)
     with monkeypatch.context() as m:
         _short_range_tests(m)
         whole = train.train_and_evaluate(config, tmp_path / "whole")
@@ -317,10 +309,10 @@ def test_a_fine_tune_killed_in_its_stage_two_range_test_resumes_with_the_same_ra
         _short_range_tests(m, kill_at=2)  # killed in stage 2's range test
         with pytest.raises(KeyboardInterrupt):
             train.train_and_evaluate(config, tmp_path / "run")
-    assert set(fitting.found_learning_rates(tmp_path / "run")) == {"head"}
+    assert set(resume.found_learning_rates(tmp_path / "run")) == {"head"}
     calls = _short_range_tests(monkeypatch)
     resumed = train.train_and_evaluate(config, tmp_path / "run")
     assert len(calls) == 1 and calls[0]["model"] != "head"  # stage 2's test again, the head's rate reused
     assert resumed.results["resumed"] is True
     assert resumed.results["learning_rate_found"] == whole.results["learning_rate_found"]
-    assert _outcome(tmp_path / "run") == _outcome(tmp_path / "whole")
+    assert run_outcome(tmp_path / "run") == run_outcome(tmp_path / "whole")

@@ -4,11 +4,10 @@ import json
 import os
 import socket
 import subprocess
-import sys
 import time
 
 import pytest
-from conftest import REPO
+from conftest import CHILD_PYTHONPATH, CLI
 
 
 def _free_ports(n):
@@ -27,7 +26,7 @@ def _start_workers(argv, cwd):
     for index in range(2):
         env = {
             **os.environ,
-            "PYTHONPATH": str(REPO),
+            "PYTHONPATH": CHILD_PYTHONPATH,
             "TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}}),
             "CUDA_VISIBLE_DEVICES": "",
         }
@@ -52,14 +51,8 @@ def _finish(procs):
 
 
 def _train(recipe, folder, run_dir, *flags):
-    return [sys.executable, "-m", "kerastune_flow.run", "train", recipe, "--data", str(folder), "--preset", "smoke"] + [
-        *flags,
-        "--strategy",
-        "multiworker",
-        "--quiet",
-        "--run-dir",
-        str(run_dir),
-    ]
+    command = [*CLI, "train", recipe, "--data", str(folder), "--preset", "smoke", *flags]
+    return [*command, "--strategy", "multiworker", "--quiet", "--run-dir", str(run_dir)]
 
 
 # Slow (16-25 s, two worker processes): the slow test below trains the same two workers too, killed and restarted.

@@ -11,10 +11,11 @@ from pathlib import Path
 import keras
 import pytest
 
-from kerastune_flow import run, rundir, unfinished
+from kerastune_flow import run, rundir
 from kerastune_flow.deploy import export
 from kerastune_flow.errors import RunDirError, RunInterrupted
 from kerastune_flow.recipes import make_config
+from kerastune_flow.rundir import unfinished
 from kerastune_flow.search import tune
 
 

@@ -20,8 +20,8 @@ import tensorflow as tf
 from kerastune_flow import models, rundir
 from kerastune_flow.data import EpochClock
 from kerastune_flow.recipes import RECIPES, make_config
-from kerastune_flow.runtime.strategy import device_settings
-from kerastune_flow.training import finetune, train
+from kerastune_flow.runtime.device import device_settings, dtype_policy
+from kerastune_flow.training import finetune, fitting, train
 from kerastune_flow.training.fitting import FitContext
 
 NUM_CLASSES = 3
@@ -120,9 +120,7 @@ def _build_and_save(config, path: Path) -> keras.Model:
     """The recipe's model built, compiled (a staged recipe: for its second stage) and saved as the
     package builds, compiles and saves it, with its optimizer state created as a fit creates it."""
     settings = device_settings("cpu", mixed_precision=config.train.mixed_precision)
-    previous = keras.config.dtype_policy()
-    keras.config.set_dtype_policy(settings.dtype_policy)
-    try:
+    with dtype_policy(settings.dtype_policy):
         recipe = RECIPES[config.model.recipe]
         context = FitContext(
             config=config,
@@ -139,10 +137,10 @@ def _build_and_save(config, path: Path) -> keras.Model:
         if recipe.staged:
             step = finetune.finetune_steps(config, models.find_base(model))[0]
             finetune.compile_finetune_step(model, context, step, rate=step.learning_rate, epochs=1)
+        else:  # built uncompiled: each stage compiles what it fits, once its rate is known
+            fitting.compile_for(model, context, learning_rate=config.model.learning_rate, epochs=1)
         model.optimizer.build(model.trainable_variables)
         rundir.atomic_save_model(model, path)
-    finally:
-        keras.config.set_dtype_policy(previous)
     return model
 
 

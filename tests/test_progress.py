@@ -15,7 +15,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import REPO, write_image_folder
+from conftest import CHILD_PYTHONPATH, write_image_folder
 
 from kerastune_flow import data, models, run
 from kerastune_flow.deploy import export, inference
@@ -176,7 +176,7 @@ def test_the_export_parity_check_shows_its_progress(shown, at_once):
         model=model,
         class_names=["a", "b", "c"],
         image_shape=(8, 8, 3),
-        head=models.Head(units=NUM_CLASSES, activation="softmax", label_mode="categorical"),
+        head=models.HeadSpec(units=NUM_CLASSES, activation="softmax", label_mode="categorical"),
         config=None,
         path=Path("tiny.keras"),
     )
@@ -229,7 +229,7 @@ def test_the_command_writes_progress_to_stderr_and_not_with_quiet(split_image_fo
         "import sys; from kerastune_flow import progress, run; progress.DELAY = progress.INTERVAL = 0; "
         f"raise SystemExit(run.main({argv!r} + sys.argv[1:]))"
     )
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": CHILD_PYTHONPATH}
     loud = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert loud.returncode == 0, loud.stderr[-2000:]
     assert "[kerastune_flow] Evaluating: 4 / 12 images (33 %), " in loud.stderr

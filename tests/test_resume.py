@@ -5,57 +5,35 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import keras
 import pytest
-from conftest import REPO
+from conftest import CHILD_PYTHONPATH, CLI, backed_up_epoch
 
+from kerastune_flow import rundir
 from kerastune_flow.rundir import read_history
+from kerastune_flow.training import resume
 
 EPOCHS = 8  # SIGTERM comes after epoch 2's backup: the run is still going
 
 
 def _command(folder, run_dir):
-    return [
-        sys.executable,
-        "-m",
-        "kerastune_flow.run",
-        "train",
-        "cifar10_cnn",
-        "--data",
-        str(folder),
-        "--preset",
-        "smoke",
-        "--epochs",
-        str(EPOCHS),
-        "--no-early-stopping",
-        "--run-dir",
-        str(run_dir),
-        "--quiet",
-    ]
+    flags = ["--preset", "smoke", "--epochs", str(EPOCHS), "--no-early-stopping"]
+    return [*CLI, "train", "cifar10_cnn", "--data", str(folder), *flags, "--run-dir", str(run_dir), "--quiet"]
 
 
 def _start(folder, run_dir):
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": CHILD_PYTHONPATH}
     return subprocess.Popen(
         _command(folder, run_dir), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
 
 
-def _backed_up_epoch(run_dir):
-    meta = run_dir / "backup" / "fit" / "state.json"
-    try:
-        return json.loads(meta.read_text())["epoch"]
-    except (OSError, ValueError, KeyError):
-        return 0
-
-
 def _wait_for_backup(proc, run_dir, epoch, timeout=120):
     deadline = time.time() + timeout
     while time.time() < deadline:
-        if _backed_up_epoch(run_dir) >= epoch:
+        if backed_up_epoch(run_dir) >= epoch:
             return
         if proc.poll() is not None:
             pytest.fail(f"training ended before epoch {epoch} was backed up: {proc.stderr.read()[-2000:]}")
@@ -65,12 +43,12 @@ def _wait_for_backup(proc, run_dir, epoch, timeout=120):
 
 
 def _finish_and_check(folder, run_dir, killed_at):
-    backed_up = _backed_up_epoch(run_dir)
+    backed_up = backed_up_epoch(run_dir)
     assert 2 <= backed_up < EPOCHS  # killed in the middle, not after the end
     restart = time.time()
     proc = subprocess.run(
         _command(folder, run_dir),
-        env={**os.environ, "PYTHONPATH": str(REPO)},
+        env={**os.environ, "PYTHONPATH": CHILD_PYTHONPATH},
         capture_output=True,
         text=True,
         timeout=300,
@@ -102,5 +80,26 @@ def test_sigterm_stops_after_a_batch_with_a_message(image_folder, tmp_path):
     assert "Traceback" not in err
     history = read_history(run_dir)
     assert [r["epoch"] for r in history] == list(range(len(history)))
-    assert _backed_up_epoch(run_dir) == len(history)  # the backup holds every logged epoch
+    assert backed_up_epoch(run_dir) == len(history)  # the backup holds every logged epoch
     _finish_and_check(image_folder, run_dir, killed_at)
+
+
+def test_a_workers_copy_starts_from_the_chiefs_backup(tmp_path):
+    chief = tmp_path / "chief"
+    (resume.backup_dir(chief) / "fit").mkdir(parents=True)
+    (resume.backup_dir(chief) / "fit" / "state.json").write_text("{}")
+
+    private = resume.worker_copy(chief)
+
+    assert private != chief and (resume.backup_dir(private) / "fit" / "state.json").read_text() == "{}"
+    resume.discard(private)
+    assert not resume.backup_dir(private).exists()
+
+
+def test_only_an_interrupted_run_gives_its_seed_back(tmp_path):
+    (tmp_path / rundir.CONFIG_JSON).write_text(json.dumps({"config": {"train": {"seed": 7}}}))
+    assert resume.recorded_seed(tmp_path) is None  # no backup: nothing was interrupted
+    resume.backup_dir(tmp_path).mkdir(parents=True)
+    assert resume.recorded_seed(tmp_path) == 7
+    (tmp_path / rundir.RESULTS_JSON).write_text("{}")
+    assert resume.recorded_seed(tmp_path) is None  # finished

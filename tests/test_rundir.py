@@ -66,15 +66,6 @@ def test_a_finished_run_is_refused_unless_overwritten_and_cleared_only_when_aske
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export-mine", "notes.txt"]  # only the run's own files go
 
 
-def test_a_worker_directory_starts_from_the_chiefs_backup(tmp_path):
-    (tmp_path / rundir.BACKUP_DIR / "fit").mkdir(parents=True)
-    (tmp_path / rundir.BACKUP_DIR / "fit" / "state.json").write_text("{}")
-
-    private = rundir.worker_run_dir(tmp_path)
-
-    assert private != tmp_path and (private / rundir.BACKUP_DIR / "fit" / "state.json").read_text() == "{}"
-
-
 # --------------------------------------------------------------------------- atomic writes
 
 

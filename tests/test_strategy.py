@@ -21,20 +21,17 @@ import tensorflow as tf
 
 from kerastune_flow.config import STRATEGY_NAMES
 from kerastune_flow.errors import ConfigError, StrategyError
-from kerastune_flow.runtime import compat, process
+from kerastune_flow.runtime import compat, environment, process
 from kerastune_flow.runtime import strategy as strategy_lib
+from kerastune_flow.runtime.device import device_kind, device_settings, is_tpu, uses_gpu
 from kerastune_flow.runtime.process import prepare_process
 from kerastune_flow.runtime.strategy import (
     _cluster_size,
     describe,
-    device_kind,
-    device_settings,
     get_strategy,
     global_batch_size,
-    is_tpu,
     tf_config_cluster,
     tpu_hinted,
-    uses_gpu,
 )
 
 NUM_LOGICAL_CPUS = 2  # conftest.py splits the CPU in two
@@ -53,7 +50,7 @@ ONE_WORKER = {"cluster": {"worker": ["localhost:12345"]}, "task": {"type": "work
 def _plain_environment(monkeypatch):
     """No TF_CONFIG and no TPU hint, whatever the machine running the tests has set."""
     monkeypatch.delenv("TF_CONFIG", raising=False)
-    for name in strategy_lib._TPU_HINTS:
+    for name in environment.TPU_HINTS:
         monkeypatch.delenv(name, raising=False)
 
 
@@ -254,7 +251,7 @@ def test_cluster_size_counts_chief_and_workers(cluster, expected):
 # --------------------------------------------------------------------------- TPU hints
 
 
-@pytest.mark.parametrize("hint", strategy_lib._TPU_HINTS)
+@pytest.mark.parametrize("hint", environment.TPU_HINTS)
 def test_each_tpu_hint_is_recognised(monkeypatch, hint):
     monkeypatch.setenv(hint, "something")
 
@@ -449,10 +446,57 @@ def test_prepare_process_installs_the_keras_fixes():
     assert trainer.reduce_per_replica.__wrapped__ is not None
 
 
-def test_deterministic_turns_on_tensorflows_op_determinism(monkeypatch):
-    calls = []
-    monkeypatch.setattr(tf.config.experimental, "enable_op_determinism", lambda: calls.append(True))
+@pytest.fixture
+def determinism_as_found():
+    """Op determinism as the session had it, whatever a test leaves."""
+    before = process._op_determinism_enabled()
+    yield
+    (tf.config.experimental.enable_op_determinism if before else process._tf_framework_config.disable_op_determinism)()
+    process._determinism_ours = False
+
+
+def test_op_determinism_is_on_for_the_run_that_asks_and_off_again_for_the_next(determinism_as_found):
+    process._tf_framework_config.disable_op_determinism()
     prepare_process("cpu")
-    assert calls == []
+    assert not process._op_determinism_enabled()
     prepare_process("cpu", deterministic=True)
-    assert calls == [True]
+    assert process._op_determinism_enabled()
+    prepare_process("cpu", deterministic=True)  # a second deterministic run keeps it
+    assert process._op_determinism_enabled()
+    prepare_process("cpu")  # a later run without --deterministic in the same process
+    assert not process._op_determinism_enabled()
+
+
+def test_op_determinism_the_user_turned_on_stays_on(determinism_as_found):
+    tf.config.experimental.enable_op_determinism()  # the user's, before any run
+    process._determinism_ours = False
+    prepare_process("cpu", deterministic=True)
+    prepare_process("cpu")
+    assert process._op_determinism_enabled()
+
+
+_DETERMINISM_SCRIPT = """
+import tensorflow as tf
+from kerastune_flow.runtime.process import prepare_process
+
+def unseeded_random():
+    try:
+        tf.random.uniform([1])
+    except RuntimeError as error:  # TensorFlow refuses random ops without a seed under determinism
+        return "refused" if "determinism" in str(error) else repr(error)
+    return "ran"
+
+runs = [unseeded_random()]
+prepare_process("cpu", deterministic=True)
+runs.append(unseeded_random())
+prepare_process("cpu")
+runs.append(unseeded_random())
+print(*runs)
+"""
+
+
+def test_op_determinism_reaches_tensorflow_both_ways():
+    # In a fresh process: no test's global seed, and TensorFlow's real switch, not a stand-in.
+    proc = subprocess.run([sys.executable, "-c", _DETERMINISM_SCRIPT], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["ran", "refused", "ran"]

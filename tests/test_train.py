@@ -5,19 +5,16 @@ import json
 import keras
 import numpy as np
 import pytest
+from conftest import add_callbacks, smoke
 
-from kerastune_flow import rundir
+from kerastune_flow import models, rundir
 from kerastune_flow.deploy import inference
 from kerastune_flow.errors import DataError, RunDirError
-from kerastune_flow.recipes import RECIPES, make_config
-from kerastune_flow.training import callbacks as cb
+from kerastune_flow.models import HeadSpec
+from kerastune_flow.recipes import RECIPES
 from kerastune_flow.training import train
 
 RUN_FILES = ("config.json", "history.csv", "history.jsonl", "model.keras", "results.json", "curves.png")
-
-
-def smoke(recipe, folder, **overrides):
-    return make_config(recipe, "smoke", data=str(folder), **overrides)
 
 
 @pytest.mark.parametrize("recipe", list(RECIPES))
@@ -99,26 +96,17 @@ class _EpochRecorder(keras.callbacks.Callback):
         self.sink.append(epoch)
 
 
-def _add_callbacks(monkeypatch, *extra):
-    original = cb.standard_callbacks
-
-    def patched(*args, **kwargs):
-        return original(*args, **kwargs) + list(extra)
-
-    monkeypatch.setattr(cb, "standard_callbacks", patched)
-
-
 def test_a_crashed_run_resumes_at_the_next_epoch(image_folder, tmp_path, monkeypatch):
     config = smoke("cifar10_cnn", image_folder, epochs=4, patience=10)
     with monkeypatch.context() as m:
-        _add_callbacks(m, _Crash(at_epoch=1))
+        add_callbacks(m, _Crash(at_epoch=1))
         with pytest.raises(KeyboardInterrupt):
             train.train_and_evaluate(config, tmp_path / "run")
     assert (tmp_path / "run" / "backup").is_dir()
     assert [r["epoch"] for r in rundir.read_history(tmp_path / "run")] == [0, 1]
 
     seen = []
-    _add_callbacks(monkeypatch, _EpochRecorder(seen))
+    add_callbacks(monkeypatch, _EpochRecorder(seen))
     result = train.train_and_evaluate(config, tmp_path / "run")
     assert seen == [2, 3]  # not from zero
     assert [r["epoch"] for r in result.history] == [0, 1, 2, 3]
@@ -136,7 +124,7 @@ def test_staged_finetune_is_one_continuous_run(image_folder, tmp_path, monkeypat
         def on_train_end(self, logs=None):
             kernels.setdefault("end", []).append(self.model.get_layer("predictions").get_weights()[0].copy())
 
-    _add_callbacks(monkeypatch, Probe())
+    add_callbacks(monkeypatch, Probe())
     config = smoke("vgg16_finetune", image_folder, head_epochs=2, epochs=2, patience=10)
     result = train.train_and_evaluate(config, tmp_path / "run")
     assert [(r["epoch"], r["stage"]) for r in result.history] == [
@@ -188,13 +176,17 @@ def test_a_batch_larger_than_the_data_is_a_clear_error(image_folder, tmp_path):
 
 
 def test_probabilities_for_every_head():
-    from kerastune_flow.models import Head
-
     logits = np.array([[2.0, 0.0, -1.0]])
-    p = inference.probabilities(logits, Head(3, None, "int"))
+    p = inference.probabilities(logits, HeadSpec(3, None, "int"))
     np.testing.assert_allclose(p.sum(axis=1), 1.0)
     assert p.argmax() == 0
-    np.testing.assert_allclose(inference.probabilities(np.array([[0.8]]), Head(1, "sigmoid", "binary")), [[0.2, 0.8]])
+    binary = HeadSpec(1, "sigmoid", "binary")
+    np.testing.assert_allclose(inference.probabilities(np.array([[0.8]]), binary), [[0.2, 0.8]])
+
+
+def test_head_is_head_specs_former_name_and_warns():
+    with pytest.warns(DeprecationWarning, match="`Head` is now `HeadSpec`"):
+        assert models.Head is HeadSpec
 
 
 def test_no_validation_split_watches_the_training_loss(image_folder, tmp_path):
@@ -214,3 +206,12 @@ def test_cosine_schedule_decays_the_rate_to_zero(image_folder, tmp_path):
     rates = [r["learning_rate"] for r in result.history]
     assert rates[0] < 1e-3 and rates == sorted(rates, reverse=True)
     assert rates[-1] == pytest.approx(0.0, abs=1e-9)
+
+
+def test_workdir_is_run_dirs_former_name_and_warns(image_folder, tmp_path, monkeypatch):
+    monkeypatch.setattr(train, "_locked_run", lambda config, run_dir, *args, **kwargs: run_dir)
+    config = smoke("scratch_mlp", image_folder)
+    with pytest.warns(DeprecationWarning, match="`workdir=` is now `run_dir=`"):
+        assert train.train_and_evaluate(config, workdir=tmp_path / "run") == tmp_path / "run"
+    with pytest.raises(TypeError, match="Pass run_dir only"):
+        train.train_and_evaluate(config, tmp_path / "a", workdir=tmp_path / "b")

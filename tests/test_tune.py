@@ -23,7 +23,7 @@ from kerastune_flow.recipes import get_recipe, make_config
 from kerastune_flow.reports import plots
 from kerastune_flow.runtime import process
 from kerastune_flow.search import tune as tune_lib
-from kerastune_flow.search import tune_report, tune_space
+from kerastune_flow.search import tune_report, tune_space, tuner
 
 DIGITS = str(sample_folder("digits"))  # the sample shipped in the package
 SCREENSHOTS = REPO / "runs" / "screenshots"  # git-ignored, kept for a person
@@ -142,7 +142,8 @@ def test_the_report_shows_the_trials_sorted_and_the_plots(search):
 
 def test_a_finished_search_run_again_trains_nothing(search, monkeypatch):
     run_dir, summary, _ = search
-    monkeypatch.setattr(tune_lib, "train_and_evaluate", lambda *a, **k: pytest.fail("trained again"))
+    for module in (tune_lib, tuner):  # the trials' runs, and the defaults' run after the search
+        monkeypatch.setattr(module, "train_and_evaluate", lambda *a, **k: pytest.fail("trained again"))
     again = tune_lib.tune("scratch_mlp", run_dir, trials=3, **TINY)
     assert again["trials"] == summary["trials"] and again["best"] == summary["best"]
 
@@ -168,7 +169,7 @@ def test_the_fine_tune_searches_its_rates_and_unfreeze_points_below_the_heads():
     hp = tune_space.SearchSpace(knobs, config, tune_space.unfreeze_choices(config))
     values = kt.HyperParameters()
     hp.build(values)
-    finetune, head = values._hps["finetune_lr"][0], values._hps["learning_rate"][0]
+    finetune, head = values._hps["finetune_learning_rate"][0], values._hps["learning_rate"][0]
     assert finetune.max_value <= head.min_value  # every fine-tune rate lies below every head rate
     assert values.get("unfreeze_at") == "block5_conv1"  # the default: the recipe's own boundary
 
@@ -176,7 +177,7 @@ def test_the_fine_tune_searches_its_rates_and_unfreeze_points_below_the_heads():
 @pytest.mark.parametrize(
     "space, fixed, match",
     [
-        (("finetune_lr",), (), "scratch_mlp has no tuning knob 'finetune_lr'"),
+        (("finetune_learning_rate",), (), "scratch_mlp has no tuning knob 'finetune_learning_rate'"),
         (("magic",), (), "--space takes a comma list of learning_rate"),
         (("dropout",), ("dropout",), "nothing to search"),
     ],
@@ -184,6 +185,21 @@ def test_the_fine_tune_searches_its_rates_and_unfreeze_points_below_the_heads():
 def test_space_errors_name_the_knobs(space, fixed, match):
     with pytest.raises(ConfigError, match=match):
         tune_space.resolve_space(get_recipe("scratch_mlp"), space, fixed=fixed)
+
+
+def test_the_old_knob_name_finetune_lr_is_read_as_finetune_learning_rate_with_one_deprecation_line(tmp_path, caplog):
+    with caplog.at_level("WARNING", logger="kerastune_flow"), pytest.raises(Exception, match="/no/such/folder"):
+        tune_lib.tune("vgg16_finetune", tmp_path / "t", space=("finetune_lr",), **{**TINY, "data": "/no/such/folder"})
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
+        "`--space finetune_lr` is now `--space finetune_learning_rate`; the old name goes in the next release."
+    ]
+    assert tune_space.current_knob_names(("finetune_lr", "dropout")) == ["finetune_learning_rate", "dropout"]
+    assert "finetune_lr" not in tune_space.KNOBS  # hidden: --help and the errors name the new knob only
+    # A search started with the old name is the same search as with the new one (search.json's settings).
+    same = dict(tuner="random", objective="val_accuracy", preset="smoke")
+    assert tune_lib.search_settings("vgg16_finetune", space=("finetune_lr",), **same) == tune_lib.search_settings(
+        "vgg16_finetune", space=("finetune_learning_rate",), **same
+    )
 
 
 @pytest.mark.parametrize(
@@ -224,7 +240,7 @@ def test_both_stages_of_a_fine_tune_are_one_trial(image_folder, base_model, tmp_
         tmp_path / "search",
         tuner="random",
         trials=2,
-        space=("finetune_lr", "unfreeze_at"),
+        space=("finetune_learning_rate", "unfreeze_at"),
         data=str(image_folder),
         preset="smoke",
         base=str(base_model),
@@ -239,7 +255,7 @@ def test_both_stages_of_a_fine_tune_are_one_trial(image_folder, base_model, tmp_
     for trial in summary["trials"]:
         history = rundir.read_history(trial["run_dir"])
         assert [r["stage"] for r in history] == ["head", "finetune"]
-        assert history[1]["learning_rate"] == pytest.approx(trial["hyperparameters"]["finetune_lr"])
+        assert history[1]["learning_rate"] == pytest.approx(trial["hyperparameters"]["finetune_learning_rate"])
         assert trial["hyperparameters"]["unfreeze_at"] in choices
         ran = rundir.read_json(f"{trial['run_dir']}/config.json")["unfreeze"][0]["layer"]
         assert ran == trial["hyperparameters"]["unfreeze_at"]
@@ -270,12 +286,12 @@ def test_a_user_error_in_a_trial_stops_the_search_with_it_instead_of_retrying(tm
         calls.append(args)
         raise DataError("the images went away")
 
-    monkeypatch.setattr(tune_lib, "train_and_evaluate", failing)
+    monkeypatch.setattr(tuner, "train_and_evaluate", failing)
     with pytest.raises(DataError, match="the images went away"):
         tune_lib.tune("scratch_mlp", tmp_path / "t", trials=3, **TINY)
     assert len(calls) == 1  # KerasTuner would retry, then fail three times with a RuntimeError
     with pytest.raises(ConfigError, match="log no 'val_accuracy'"):
-        tune_lib.objective_value([{"accuracy": 0.5}], "val_accuracy")
+        tuner.objective_value([{"accuracy": 0.5}], "val_accuracy")
 
 
 # --------------------------------------------------------------------------- what a newcomer reads

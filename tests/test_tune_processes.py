@@ -7,11 +7,10 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 
 import pytest
-from conftest import REPO
+from conftest import CHILD_PYTHONPATH, CLI, backed_up_epoch
 
 from kerastune_flow import rundir
 from kerastune_flow.data.samples import sample_folder
@@ -21,21 +20,12 @@ DIGITS = str(sample_folder("digits"))  # the sample shipped in the package
 
 
 def _command(run_dir, *flags):
-    return [
-        *(sys.executable, "-m", "kerastune_flow.run", "tune", "scratch_mlp", "--data", DIGITS, "--preset", "smoke"),
-        *("--tuner", "random", "--run-dir", str(run_dir), "--quiet", *flags),
-    ]
+    search = [*CLI, "tune", "scratch_mlp", "--data", DIGITS, "--preset", "smoke", "--tuner", "random"]
+    return [*search, "--run-dir", str(run_dir), "--quiet", *flags]
 
 
 def _env(**extra):
-    return {**os.environ, "PYTHONPATH": str(REPO), **extra}
-
-
-def _backed_up(trial_dir):
-    try:
-        return rundir.read_json(trial_dir / rundir.BACKUP_DIR / "fit" / "state.json")["epoch"]
-    except (OSError, ValueError, KeyError):
-        return 0
+    return {**os.environ, "PYTHONPATH": CHILD_PYTHONPATH, **extra}
 
 
 FLAGS = ("--trials", "3", "--epochs", "3", "--steps-per-execution", "1", "--seed", "3")
@@ -46,7 +36,7 @@ def test_a_search_killed_in_a_trial_resumes_without_running_a_finished_trial_aga
     run_dir = tmp_path / "search"
     proc = subprocess.Popen(_command(run_dir, *FLAGS), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.time() + 240
-    while _backed_up(run_dir / "trials" / "001") < 1 and proc.poll() is None and time.time() < deadline:
+    while backed_up_epoch(run_dir / "trials" / "001") < 1 and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.communicate(timeout=60)

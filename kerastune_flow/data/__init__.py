@@ -7,7 +7,8 @@
     loading.py   load_data (any source) and load_splits (the data a Config names)
     augment.py   random augmentation as a function of a seed (stateless), batch by batch
     pipeline.py  the tf.data tail: cache, shuffle, batch, augment, encode labels, prefetch; the
-                 epoch clock that makes each epoch's order and augmentation follow from (seed, epoch)
+                 memory a cache may fill (`memory_budget`: a quarter of what is available)
+    order.py     the epoch clock that makes each epoch's order and augmentation follow from (seed, epoch)
 
 An image folder is either split folders (`train/`, and `valid/`, `val/` or `validation/`, and
 `test/`) with one folder per class each, or class folders directly. The splits the data does not
@@ -28,14 +29,13 @@ from kerastune_flow.data.images import (
     scan_images,
 )
 from kerastune_flow.data.loading import has_test_split, load_data, load_splits
+from kerastune_flow.data.order import SHUFFLE_BUFFER, EpochClock, epoch_ordered, epoch_seed, gathered_batches
 from kerastune_flow.data.pipeline import (
     LABEL_RANGE_MARKER,
-    SHUFFLE_BUFFER,
-    EpochClock,
+    available_memory,
     encode_labels,
-    epoch_ordered,
-    epoch_seed,
     label_range_error,
+    memory_budget,
     prepare,
     should_cache,
     with_autotune,
@@ -55,10 +55,12 @@ __all__ = [
     "ImageScan",
     "check_images",
     "detect_channels",
+    "available_memory",
     "encode_labels",
     "epoch_ordered",
     "epoch_seed",
     "expand_image_arguments",
+    "gathered_batches",
     "has_test_split",
     "index_image_folder",
     "index_table",
@@ -71,6 +73,7 @@ __all__ = [
     "load_splits",
     "load_tfds",
     "make_augmenter",
+    "memory_budget",
     "prepare",
     "scan_images",
     "should_cache",

@@ -89,6 +89,11 @@ def load_data(
             seed=seed,
             skip_bad_images=skip_bad_images,
         )
+    return _trimmed(splits, max_examples=max_examples, train_fraction=train_fraction)
+
+
+def _trimmed(splits: DataSplits, *, max_examples: int | None, train_fraction: float) -> DataSplits:
+    """`splits` with at most `max_examples` of each split, then `train_fraction` of train."""
     if max_examples:
         if splits.sizes["test"] > max_examples:
             splits.test_source += f" (its first {max_examples})"

@@ -1,199 +1,61 @@
-"""The tf.data tail: cache, shuffle, batch, augment, labels in the form the head expects, prefetch."""
+"""The tf.data tail: cache, shuffle, batch, augment, labels in the form the head expects, prefetch;
+and the memory a cache may fill (`memory_budget`)."""
 
 from __future__ import annotations
 
 import os
 import re
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
-import numpy as np
 import tensorflow as tf
 
 from kerastune_flow.data.augment import Augmenter
+from kerastune_flow.data.order import SHUFFLE_BUFFER, EpochClock, epoch_ordered, gathered_batches, with_batch_seeds
 from kerastune_flow.errors import ConfigError, DataError
-from kerastune_flow.runtime import strategy as strategy_lib
+from kerastune_flow.runtime import device as device_lib
 
 LABEL_MODES = ("int", "binary", "categorical")
 # Marks the in-pipeline label check, so that a failing fit can be told from other errors.
 LABEL_RANGE_MARKER = "kerastune_flow: label out of range"
-_DEFAULT_CACHE_BUDGET = 2 * 1024**3
-SHUFFLE_BUFFER = 10_000  # examples
+UNKNOWN_MEMORY = 8 * 1024**3  # taken as available when the memory cannot be read
 
 
-class EpochClock:
-    """The epoch a run is in, for the training pipeline to read when an epoch's data begins.
-
-    Keras makes the next epoch's iterator before the epoch begins, and a resumed run starts at an
-    epoch the pipeline cannot count to, so the pipeline asks the clock: `callbacks.EpochSeeds`
-    sets it as each epoch begins, and tf.data reads it when the epoch's first batch is made (its
-    threads start at the first request, after `on_epoch_begin`).
-
-    Attributes:
-        variable: the epoch, a scalar int64 `tf.Variable`.
-    """
-
-    def __init__(self):
-        self.variable = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch_clock")
-
-    def set(self, epoch: int) -> None:
-        self.variable.assign(epoch)
-
-
-def epoch_seed(seed: int, epoch: int, purpose: str = "order") -> int:
-    """A 31-bit seed for one epoch of a run: the same (seed, epoch, purpose), the same number."""
-    words = [seed & 0xFFFFFFFF, epoch, sum(purpose.encode())]
-    return int(np.random.SeedSequence(words).generate_state(1)[0] & 0x7FFFFFFF)
-
-
-def epoch_ordered(
-    ds: tf.data.Dataset,
-    *,
-    clock: EpochClock,
-    epochs: int,
-    seed: int,
-    shuffle_buffer: int,
-    per_epoch: Callable[[tf.data.Dataset, tf.Tensor], tf.data.Dataset] = lambda ds, epoch: ds,
-) -> tf.data.Dataset:
-    """One epoch of `ds` in an order that depends only on (seed, epoch): the epoch the clock shows.
-
-    Each iterator reads the clock once, at its first element, and serves that epoch: `ds`
-    buffer-shuffled with the epoch's seed (the order `ds.shuffle(shuffle_buffer,
-    seed=epoch_seed(seed, epoch))` gives), then `per_epoch(shuffled, epoch)`, e.g. batching and
-    augmenting with the epoch's seed (`epoch` is then a scalar int64 tensor). So epoch 7 is the
-    same whether the run got there in one go or was resumed at it. Nothing is built per epoch: an
-    earlier version held one branch per possible epoch, and every iterator paid for them all.
-
-    Args:
-        ds: the (cached) examples.
-        clock: the run's epoch clock.
-        epochs: how many epochs the run has at most (the clock reads 0 to epochs - 1).
-        seed: the run's seed.
-        shuffle_buffer: examples in the shuffle buffer.
-        per_epoch: what follows the shuffle, given the epoch.
-    """
-    # The seed pair each epoch's `ds.shuffle(seed=...)` would resolve to, here, now (the global
-    # seed included): the shuffle op takes it as a tensor, `Dataset.shuffle` only as an int.
-    pairs = tf.constant([tf.compat.v1.random.get_seed(epoch_seed(seed, e)) for e in range(epochs)], tf.int64)
-
-    def one_epoch(epoch: tf.Tensor) -> tf.data.Dataset:
-        return per_epoch(_shuffled(ds, shuffle_buffer, tf.gather(pairs, epoch)), epoch)
-
-    steps = int(per_epoch(ds, tf.constant(0, tf.int64)).cardinality())
-    # Every function of a pipeline is instantiated (and optimized) again by each new iterator,
-    # a few ms apiece: one function here reads the clock and builds the epoch.
-    out = tf.data.Dataset.from_tensors(0).flat_map(lambda _: one_epoch(clock.variable.read_value()))
-    # Keras counts an epoch's steps from the cardinality, which flat_map hides; every epoch has it.
-    return out.apply(tf.data.experimental.assert_cardinality(steps)) if steps >= 0 else out
-
-
-def _shuffled(ds: tf.data.Dataset, buffer: int, seeds: tf.Tensor) -> tf.data.Dataset:
-    """`ds.shuffle(buffer, reshuffle_each_iteration=False)` with its seed pair as a tensor."""
-    specs = tf.nest.flatten(ds.element_spec)
-    variant = tf.raw_ops.ShuffleDatasetV3(
-        input_dataset=tf.data.experimental.to_variant(ds),
-        buffer_size=tf.constant(buffer, tf.int64),
-        seed=seeds[0],
-        seed2=seeds[1],
-        seed_generator=tf.raw_ops.DummySeedGenerator(),
-        reshuffle_each_iteration=False,
-        output_types=[spec.dtype for spec in specs],
-        output_shapes=[spec.shape for spec in specs],
-    )
-    return tf.data.experimental.from_variant(variant, ds.element_spec)
-
-
-def _with_batch_seeds(seed: int, epochs: int) -> Callable[[tf.data.Dataset, tf.Tensor], tf.data.Dataset]:
-    """`epoch_ordered`'s `per_epoch` tail for batches: each batch with its epoch's augmentation
-    seed and its index in the epoch, (batch, epoch seed, i), for the batch map to stack into the
-    batch's seed (no function of its own: each iterator instantiates every one anew)."""
-    augment = tf.constant([epoch_seed(seed, e, "augment") for e in range(epochs)], tf.int64)
-
-    def zipped(batches: tf.data.Dataset, epoch: tf.Tensor) -> tf.data.Dataset:
-        epoch_seeds = tf.data.Dataset.from_tensors(tf.gather(augment, epoch)).repeat()
-        return tf.data.Dataset.zip(batches, epoch_seeds, tf.data.Dataset.range(1 << 62))
-
-    return zipped
-
-
-def gathered_batches(
-    num_examples: int,
-    gather: Callable[[tf.Tensor, tf.Tensor], tuple[tf.Tensor, tf.Tensor]],
-    *,
-    batch_size: int,
-    seed: int = 0,
-    training: bool = True,
-    shuffle_buffer: int = SHUFFLE_BUFFER,
-    drop_remainder: bool = False,
-    clock: EpochClock | None = None,
-    epochs: int | None = None,
-    seeded: bool = True,
-) -> tf.data.Dataset:
-    """Batches of examples held in memory (or a memory-mapped file), gathered by index.
-
-    A buffer shuffle's order depends only on its seed and the number of elements, never on what
-    they hold, so shuffling the indices 0..n-1 and gathering each batch gives exactly the batches
-    that shuffling the examples themselves gives (the same seeds, buffer and, with a clock, the
-    same order per epoch as `epoch_ordered`), without pushing every example through the buffer at
-    the start of each epoch: the fixed cost of a short epoch.
-
-    Args:
-        num_examples: how many examples there are.
-        gather: (index batch int64 [b], batch seed int64 [2]) -> (inputs, labels) of the batch.
-        batch_size: the global batch size.
-        seed: the run's seed (order, and the per-batch seeds handed to `gather`).
-        training: shuffle (with the epoch's order); else the examples in order, once.
-        shuffle_buffer: elements in the shuffle buffer, as for the examples.
-        drop_remainder: static batch shapes (training only).
-        clock: the run's epoch clock; `epochs` is then the most epochs.
-        epochs: with `clock`, how many epochs the run has at most.
-        seeded: hand `gather` each batch's augmentation seed (else zeros: no seed stream).
-    """
-    indices = tf.data.Dataset.range(num_examples)
-    if not training:
-        ds = indices.batch(batch_size)
-        return ds.map(lambda index: gather(index, tf.zeros(2, tf.int64)), num_parallel_calls=tf.data.AUTOTUNE)
-    if clock is not None:
-        if epochs is None:
-            raise ValueError("A training pipeline with a clock needs epochs. Received: epochs=None")
-        # Each epoch holds indices only: the gather (and its captured examples) follows the epoch.
-        seeds = _with_batch_seeds(seed, epochs)
-        ds = epoch_ordered(
-            indices,
-            clock=clock,
-            epochs=epochs,
-            seed=seed,
-            shuffle_buffer=shuffle_buffer,
-            per_epoch=lambda shuffled, e: seeds(shuffled.batch(batch_size, drop_remainder=drop_remainder), e),
-        )
-
-        def batch(index, augment_seed, i):  # one function: each iterator instantiates every one anew
-            return gather(index, tf.stack([augment_seed, i]) if seeded else tf.zeros(2, tf.int64))
-
-        return ds.map(batch, num_parallel_calls=tf.data.AUTOTUNE)
-    ds = indices.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
-    ds = ds.batch(batch_size, drop_remainder=drop_remainder)
-    if not seeded:
-        return ds.map(lambda index: gather(index, tf.zeros(2, tf.int64)), num_parallel_calls=tf.data.AUTOTUNE)
-    seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
-    return tf.data.Dataset.zip(ds, seeds).map(gather, num_parallel_calls=tf.data.AUTOTUNE)
-
-
-def _memory_budget() -> int:
+def available_memory() -> int:
+    """Bytes of memory available now: Linux' MemAvailable, else a quarter of the physical memory."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
     try:
         return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 4
     except (ValueError, OSError, AttributeError):
-        return _DEFAULT_CACHE_BUDGET
+        return UNKNOWN_MEMORY
+
+
+def memory_budget() -> int:
+    """The most bytes a cache may fill in memory: a quarter of the memory available now.
+
+    Available, not physical: a cache is filled by this process from now on, so what other
+    processes already hold is not its to take; the quarter leaves room for the copies that
+    exist for a moment (an array and the tensor served from it) and for the model's training.
+    The one budget of the package: the decoded images (`should_cache`) and the frozen layers'
+    outputs (`training/caches.py`).
+    """
+    return available_memory() // 4
 
 
 def should_cache(num_examples: int, image_shape: Sequence[int], policy: str = "auto") -> bool:
-    """Caching policy: "memory" always, "none" never, "auto" when the decoded split fits in a
-    quarter of the machine's memory."""
+    """Caching policy: "memory" always, "off" never, "auto" when the decoded split fits in
+    `memory_budget()`."""
     if policy != "auto":
         return policy == "memory"
     size = num_examples * 4
     for dim in image_shape:
         size *= dim
-    return size <= _memory_budget()
+    return size <= memory_budget()
 
 
 def label_range_error(error: Exception) -> DataError | None:
@@ -280,48 +142,66 @@ def prepare(
         clock: the run's epoch clock (training only); `epochs` is then the most epochs.
         epochs: with `clock`, how many epochs the run has at most.
         autotune: tf.data's autotuning for the whole pipeline; None: the device's choice
-            (`strategy.data_autotune`: off on the CPU, where it slows every epoch).
+            (`device.data_autotune`: off on the CPU, where it slows every epoch).
         indexed: a cached training split is shuffled by index and gathered from memory (the
             same batches as the buffer shuffle of the images); False keeps the buffer shuffle.
 
     Returns:
         A batched, prefetched data set of (images, labels).
     """
-    parallel = tf.data.AUTOTUNE
     encode = encode_labels(label_mode, num_classes)
     # Each new iterator (one per epoch) instantiates and optimizes every function of the pipeline
     # again, a few ms apiece: augmenting and encoding share one map.
+    finish = encode if augmenter is None else lambda x, y, batch_seed: encode(augmenter(x, batch_seed), y)
+    order = dict(
+        batch_size=batch_size, seed=seed, shuffle_buffer=shuffle_buffer, drop_remainder=drop_remainder, clock=clock
+    )
     if training and cache and indexed:
         # In memory and shuffled by index (see `gathered_batches`): the same batches, without
         # refilling a shuffle buffer of images at the start of every epoch.
         images, labels = _in_memory(ds)
+        gather = _gathering(images, labels, finish, seeded=augmenter is not None)
+        ds = gathered_batches(int(labels.shape[0]), gather, epochs=epochs, seeded=augmenter is not None, **order)
+    else:
+        ds = ds.cache() if cache else ds
+        if training:
+            ds = _training_batches(ds, finish, seeded=augmenter is not None, epochs=epochs, **order)
+        else:
+            batches = ds.batch(batch_size, drop_remainder=drop_remainder, num_parallel_calls=tf.data.AUTOTUNE)
+            ds = batches.map(encode, num_parallel_calls=tf.data.AUTOTUNE)
+    return with_autotune(ds.prefetch(tf.data.AUTOTUNE), autotune)
 
-        def gather(index, batch_seed):
-            x, y = tf.gather(images, index), tf.gather(labels, index)
-            return encode(augmenter(x, batch_seed) if augmenter is not None else x, y)
 
-        ds = gathered_batches(
-            int(labels.shape[0]),
-            gather,
-            batch_size=batch_size,
-            seed=seed,
-            shuffle_buffer=shuffle_buffer,
-            drop_remainder=drop_remainder,
-            clock=clock,
-            epochs=epochs,
-            seeded=augmenter is not None,
-        )
-        return with_autotune(ds.prefetch(tf.data.AUTOTUNE), autotune)
-    if cache:
-        ds = ds.cache()
+def _gathering(images: tf.Tensor, labels: tf.Tensor, finish: Callable, *, seeded: bool) -> Callable:
+    """`gathered_batches`' gather: a batch of examples by index, augmented (when `seeded`) and encoded."""
 
-    def finish(x, y, batch_seed=None):
-        return encode(augmenter(x, batch_seed) if augmenter is not None else x, y)
+    def gather(index, batch_seed):
+        x, y = tf.gather(images, index), tf.gather(labels, index)
+        return finish(x, y, batch_seed) if seeded else finish(x, y)
 
-    if training and clock is not None:
+    return gather
+
+
+def _training_batches(
+    ds: tf.data.Dataset,
+    finish: Callable,
+    *,
+    batch_size: int,
+    seed: int,
+    shuffle_buffer: int,
+    drop_remainder: bool,
+    clock: EpochClock | None,
+    epochs: int | None,
+    seeded: bool,
+) -> tf.data.Dataset:
+    """Shuffled training batches through the buffer, each `finish`ed: with a clock in the epoch's
+    order (`epoch_ordered`), else reshuffled at every iteration; `seeded`: `finish` takes each
+    batch's augmentation seed."""
+    parallel = tf.data.AUTOTUNE
+    if clock is not None:
         if epochs is None:
             raise ValueError("A training pipeline with a clock needs epochs. Received: epochs=None")
-        seeds = _with_batch_seeds(seed, epochs)
+        seeds = with_batch_seeds(seed, epochs)
         ds = epoch_ordered(
             ds,
             clock=clock,
@@ -332,20 +212,15 @@ def prepare(
                 shuffled.batch(batch_size, drop_remainder=drop_remainder, num_parallel_calls=parallel), e
             ),
         )
-        ds = ds.map(lambda xy, augment_seed, i: finish(*xy, tf.stack([augment_seed, i])), num_parallel_calls=parallel)
-    elif training:
-        ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
-        ds = ds.batch(batch_size, drop_remainder=drop_remainder, num_parallel_calls=parallel)
-        if augmenter is None:
-            ds = ds.map(encode, num_parallel_calls=parallel)
-        else:
-            seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
-            ds = tf.data.Dataset.zip(ds, seeds).map(lambda xy, s: finish(*xy, s), num_parallel_calls=parallel)
-    else:
-        ds = ds.batch(batch_size, drop_remainder=drop_remainder, num_parallel_calls=parallel).map(
-            encode, num_parallel_calls=parallel
-        )
-    return with_autotune(ds.prefetch(tf.data.AUTOTUNE), autotune)
+        if not seeded:
+            return ds.map(lambda xy, augment_seed, i: finish(*xy), num_parallel_calls=parallel)
+        return ds.map(lambda xy, augment_seed, i: finish(*xy, tf.stack([augment_seed, i])), num_parallel_calls=parallel)
+    ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+    ds = ds.batch(batch_size, drop_remainder=drop_remainder, num_parallel_calls=parallel)
+    if not seeded:
+        return ds.map(finish, num_parallel_calls=parallel)
+    seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
+    return tf.data.Dataset.zip(ds, seeds).map(lambda xy, s: finish(*xy, s), num_parallel_calls=parallel)
 
 
 def _in_memory(ds: tf.data.Dataset) -> tuple[tf.Tensor, tf.Tensor]:
@@ -362,7 +237,7 @@ def _in_memory(ds: tf.data.Dataset) -> tuple[tf.Tensor, tf.Tensor]:
 
 def with_autotune(ds: tf.data.Dataset, autotune: bool | None = None) -> tf.data.Dataset:
     """`ds` with tf.data's autotuning on or off for its whole pipeline; None: the device's choice
-    (`strategy.data_autotune`: off on the CPU, where it slows every epoch)."""
+    (`device.data_autotune`: off on the CPU, where it slows every epoch)."""
     options = tf.data.Options()
-    options.autotune.enabled = strategy_lib.data_autotune() if autotune is None else autotune
+    options.autotune.enabled = device_lib.data_autotune() if autotune is None else autotune
     return ds.with_options(options)

@@ -1,10 +1,9 @@
 """`run export`: a trained model as a SavedModel, a LiteRT flatbuffer or an ONNX file, checked.
 
-The artifact is written with Keras's own `Model.export` where it works (ONNX falls back to
-tf2onnx on the SavedModel when Model.export leaves constants as graph inputs, see
-`_to_onnx`), optionally quantized (float16, or int8 calibrated on at most 500 training images of
-the run's own data), then run with its own runtime on the run's test split and compared with
-the Keras model: a float artifact must agree on every top-1 and differ by at most 1e-4, or
+The artifact is written by converters.py (Keras's own `Model.export` where it works), optionally
+quantized (float16, or int8 calibrated on at most 500 training images of the run's own data),
+then run with its own runtime on the run's test split and compared with the Keras model (here,
+`measure_parity`): a float artifact must agree on every top-1 and differ by at most 1e-4, or
 nothing is written; a quantized one is measured (accuracy drop, size) and written. Everything
 is made in a temporary folder beside the output and renamed into place at the end.
 """
@@ -14,11 +13,8 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +24,9 @@ import tensorflow as tf
 
 from kerastune_flow import rundir
 from kerastune_flow.deploy import artifacts, inference
-from kerastune_flow.deploy.artifacts import ARTIFACT_NAMES, FORMATS, QUANTIZATIONS, import_optional
-from kerastune_flow.errors import ConfigError, DataError, ExportParityError, KerastuneFlowError, RunDirError
+from kerastune_flow.deploy.artifacts import ARTIFACT_NAMES, FORMATS, QUANTIZATIONS
+from kerastune_flow.deploy.converters import CONVERTERS, check_packages, float32_copy
+from kerastune_flow.errors import ConfigError, DataError, ExportParityError, KerastuneFlowError
 from kerastune_flow.runtime import progress
 
 log = logging.getLogger(__name__)
@@ -75,157 +72,6 @@ def check_choices(format: str, quantize: str | None) -> None:
             "A SavedModel is exported in float32 only; quantize with --format litert or onnx. "
             f"Received: format={format}, quantize={quantize}"
         )
-
-
-def _check_packages(format: str) -> None:
-    """Imports what the format's converter and runtime need before any long work starts."""
-    if format == "onnx":
-        for module in ("tf2onnx", "onnx", "onnxruntime"):
-            import_optional(module, module, why="Exporting to ONNX")
-
-
-# --------------------------------------------------------------------------- converters
-
-
-def _policies(model: keras.Model) -> set[str]:
-    found = set()
-    for layer in model.layers:
-        found.add(layer.dtype_policy.name)
-        if isinstance(layer, keras.Model):
-            found |= _policies(layer)
-    return found
-
-
-def _float32_config(config: Any) -> Any:
-    if isinstance(config, dict):
-        return {
-            key: "float32"
-            if key == "dtype" and isinstance(value, dict) and "DTypePolicy" in str(value.get("class_name"))
-            else _float32_config(value)
-            for key, value in config.items()
-        }
-    if isinstance(config, list):
-        return [_float32_config(value) for value in config]
-    return config
-
-
-def float32_copy(model: keras.Model, *, safe_mode: bool = True) -> tuple[keras.Model, str | None]:
-    """The model computing in float32 throughout, with the same weights (they are float32 already).
-
-    A run trained with mixed precision (`--mixed-precision auto` picks bfloat16 on CPUs with native
-    bfloat16, float16 on GPUs) saves its layers with that policy. Measured: tf2onnx then emits
-    float16 and bfloat16 inputs to one op, which onnxruntime refuses, and the LiteRT converter needs
-    TensorFlow ops the LiteRT interpreter lacks (tensorflow/tensorflow#46380: mixed-precision
-    models do not convert; its workaround is this one), so every artifact is made in float32.
-
-    Returns:
-        (the copy, the mixed policy the model had), or (the model itself, None) when it is float32.
-    """
-    mixed = sorted(_policies(model) - {"float32"})
-    if not mixed:
-        return model, None
-    config = _float32_config(keras.saving.serialize_keras_object(model))
-    copy = keras.saving.deserialize_keras_object(config, safe_mode=safe_mode)  # False: Lambda layers the user allowed
-    copy.set_weights(model.get_weights())
-    return copy, ", ".join(mixed)
-
-
-def _to_saved_model(model: keras.Model, path: Path, quantize: str | None, calibration: np.ndarray | None) -> str:
-    model.export(str(path), format="tf_saved_model", verbose=False)
-    return f"keras {keras.__version__} Model.export(format='tf_saved_model')"
-
-
-def _to_litert(model: keras.Model, path: Path, quantize: str | None, calibration: np.ndarray | None) -> str:
-    # Model.export passes these on to tf.lite.TFLiteConverter; the input and output stay float32
-    # (quantize and dequantize ops at the edges), so the artifact takes the same pixels.
-    options: dict[str, Any] = {}
-    if quantize:
-        options["optimizations"] = [tf.lite.Optimize.DEFAULT]
-    if quantize == "float16":
-        options["target_spec"] = {"supported_types": [tf.float16]}
-    if quantize == "int8":
-        options["representative_dataset"] = lambda: ([image[None]] for image in calibration)
-    model.export(str(path), format="litert", verbose=False, **options)
-    how = f"keras {keras.__version__} Model.export(format='litert') via tf.lite.TFLiteConverter"
-    if quantize == "float16":
-        return how + ", float16 weights"
-    if quantize == "int8":
-        return how + f", int8 calibrated on {len(calibration)} training images (float32 input and output kept)"
-    return how
-
-
-def _graph_inputs(onnx_module: Any, path: Path) -> list[str]:
-    graph = onnx_module.load(str(path), load_external_data=False).graph
-    constants = {init.name for init in graph.initializer}
-    return [i.name for i in graph.input if i.name not in constants]
-
-
-def _to_onnx(model: keras.Model, path: Path, quantize: str | None, calibration: np.ndarray | None) -> str:
-    onnx = import_optional("onnx", "onnx", why="Exporting to ONNX")
-    tf2onnx = import_optional("tf2onnx", "tf2onnx", why="Exporting to ONNX")
-    how = f"keras {keras.__version__} Model.export(format='onnx') (tf2onnx {tf2onnx.__version__})"
-    try:
-        model.export(str(path), format="onnx", verbose=False)
-        inputs = _graph_inputs(onnx, path)
-        problem = None if len(inputs) == 1 else f"left {len(inputs) - 1} captured constants as graph inputs"
-    except Exception as error:  # tf2onnx raises whatever its op handlers raise
-        problem = f"failed ({type(error).__name__}: {' '.join(str(error).split())[:100]})"
-    if problem:
-        # Measured: EfficientNet's Normalization constants are captured tensors that tf2onnx's
-        # from_function turns into inputs the runtime then demands; converting the SavedModel
-        # (tf2onnx's documented command line) freezes them.
-        log.warning("Model.export(format='onnx') %s; converting its SavedModel with tf2onnx instead", problem)
-        with tempfile.TemporaryDirectory(dir=path.parent) as folder:
-            saved_model = Path(folder) / "saved_model"
-            model.export(str(saved_model), format="tf_saved_model", verbose=False)
-            command = [sys.executable, "-m", "tf2onnx.convert", "--saved-model", str(saved_model)]
-            done = subprocess.run(
-                [*command, "--signature_def", "serve", "--output", str(path)], capture_output=True, text=True
-            )
-        if done.returncode != 0 or len(_graph_inputs(onnx, path)) != 1:
-            raise RunDirError(
-                f"The model cannot be converted to ONNX: Model.export {problem} and tf2onnx on its SavedModel "
-                f"failed too; export --format saved_model or litert instead. Received: {done.stderr.strip()[-200:]}"
-            )
-        how = f"tf2onnx {tf2onnx.__version__} on the SavedModel of Model.export (Model.export {problem})"
-    if quantize == "float16":
-        float16 = import_optional("onnxruntime.transformers.float16", "onnxruntime", why="float16 ONNX")
-        onnx.save(float16.convert_float_to_float16(onnx.load(str(path)), keep_io_types=True), str(path))
-        how += ", float16 by onnxruntime.transformers.float16 (float32 input and output kept)"
-    if quantize == "int8":
-        _quantize_onnx_int8(path, calibration)
-        how += f", int8 by onnxruntime.quantization.quantize_static (QDQ, per channel) on {len(calibration)} images"
-    return how
-
-
-def _quantize_onnx_int8(path: Path, calibration: np.ndarray) -> None:
-    quantization = import_optional("onnxruntime.quantization", "onnxruntime", why="int8 ONNX")
-    onnx = import_optional("onnx", "onnx", why="int8 ONNX")
-    name = _graph_inputs(onnx, path)[0]
-
-    class Reader(quantization.CalibrationDataReader):
-        def __init__(self):
-            self.batches: Iterator[np.ndarray] = iter(np.array_split(calibration, max(1, len(calibration) // 16)))
-
-        def get_next(self):
-            batch = next(self.batches, None)
-            return None if batch is None else {name: batch}
-
-    prepared = path.with_name("prepared.onnx")
-    quantization.quant_pre_process(str(path), str(prepared), skip_symbolic_shape=True)  # no sympy needed
-    quantization.quantize_static(
-        str(prepared),
-        str(path),
-        Reader(),
-        quant_format=quantization.QuantFormat.QDQ,
-        per_channel=True,
-        activation_type=quantization.QuantType.QInt8,
-        weight_type=quantization.QuantType.QInt8,
-    )
-    prepared.unlink()
-
-
-CONVERTERS = {"saved_model": _to_saved_model, "litert": _to_litert, "onnx": _to_onnx}
 
 
 # --------------------------------------------------------------------------- data and parity
@@ -399,7 +245,7 @@ def export_model(
             Keras model (nothing is written).
     """
     check_choices(format, quantize)
-    _check_packages(format)
+    check_packages(format)
     out = Path(out) if out else default_out(source, format, quantize)
     rundir.claim_dir(out, kinds=("export",), overwrite=overwrite, flag="--out")  # only an export is replaced
     saved = inference.load_saved(source, unsafe_deserialization=unsafe_deserialization)
@@ -408,35 +254,16 @@ def export_model(
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
         model, trained_policy = float32_copy(saved.model, safe_mode=not unsafe_deserialization)
-        # Model.export(format="onnx") refuses a model never called, as a loaded one is.
-        model(np.zeros((1, *saved.image_shape), np.float32), training=False)
-        start = time.perf_counter()
-        artifact_path = tmp / ARTIFACT_NAMES[format]
-        with progress.timed(f"Converting the model to {format}" + (f" ({quantize})" if quantize else "")):
-            converter = CONVERTERS[format](model, artifact_path, quantize, calibration)
-        seconds = time.perf_counter() - start
-        try:
-            artifact = artifacts.Artifact(format, artifact_path)
-            parity = measure_parity(
-                saved, artifact, test, labelled=labelled, model=model, trained_policy=trained_policy
-            ) | {"checked_on": checked_on}
-        except (KerastuneFlowError, tf.errors.OpError):
-            raise
-        except Exception as error:  # the runtime refuses the artifact (an op it lacks, a bad graph)
-            raise ExportParityError(
-                f"The {format} export could not be run by its runtime, so it was not written; export another format "
-                f"and report the model. Received: {type(error).__name__}: {' '.join(str(error).split())[:200]}"
-            ) from None
+        record = _write_export(saved, model, tmp, format, quantize, calibration, trained_policy)
+        record["runtime"], parity = _checked_parity(
+            saved, model, tmp, format, test, labelled=labelled, trained_policy=trained_policy
+        )
         if quantize is None:
             _check_float_parity(parity, format)
-        size = artifacts.size_bytes(artifact_path)
-        float_bytes = 4 * saved.model.count_params()
-        if quantize:
-            parity["size_ratio"] = round(size / float_bytes, 4)
+        else:
+            parity["size_ratio"] = round(record["size_bytes"] / record["float32_weights_bytes"], 4)
             parity["aims"] = {"accuracy_drop_points": AIM_INT8_DROP_POINTS, "size_ratio": AIM_SIZE_RATIO}
-        record = _record(saved, format, quantize, converter, artifact, size, float_bytes, parity, seconds)
-        record["compute_dtype"] = "float32"
-        record["trained_dtype_policy"] = trained_policy or "float32"
+        record["parity"] = parity | {"checked_on": checked_on}
         (tmp / artifacts.LABELS_TXT).write_text("\n".join(saved.class_names) + "\n", encoding="utf-8")
         rundir.atomic_write_json(tmp / artifacts.EXPORT_JSON, record)
         _readable(tmp)
@@ -444,11 +271,71 @@ def export_model(
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    log.info("Exported %s to %s (%s bytes)", saved.path, out, f"{size:,}")
+    log.info("Exported %s to %s (%s bytes)", saved.path, out, f"{record['size_bytes']:,}")
     return record | {"out": str(out)}
 
 
-def _record(saved, format, quantize, converter, artifact, size, float_bytes, parity, seconds) -> dict[str, Any]:
+def _write_export(
+    saved: inference.SavedRun,
+    model: keras.Model,
+    tmp: Path,
+    format: str,
+    quantize: str | None,
+    calibration: np.ndarray | None,
+    trained_policy: str | None,
+) -> dict[str, Any]:
+    """Converts `model` (the float32 copy of `saved.model`) into `tmp`; returns export.json's
+    record without its runtime and parity."""
+    # Model.export(format="onnx") refuses a model never called, as a loaded one is.
+    model(np.zeros((1, *saved.image_shape), np.float32), training=False)
+    start = time.perf_counter()
+    with progress.timed(f"Converting the model to {format}" + (f" ({quantize})" if quantize else "")):
+        converter = CONVERTERS[format](model, tmp / ARTIFACT_NAMES[format], quantize, calibration)
+    seconds = time.perf_counter() - start
+    return _record(saved, tmp, format, quantize, converter, seconds, trained_policy)
+
+
+def _checked_parity(
+    saved: inference.SavedRun,
+    model: keras.Model,
+    tmp: Path,
+    format: str,
+    test: tf.data.Dataset,
+    *,
+    labelled: bool,
+    trained_policy: str | None,
+) -> tuple[str, dict[str, Any]]:
+    """`measure_parity` of the artifact in `tmp` against `model`.
+
+    Returns:
+        (the artifact's runtime in words, the parity figures).
+
+    Raises:
+        ExportParityError: the artifact's runtime refuses it (an op it lacks, a bad graph).
+    """
+    try:
+        artifact = artifacts.Artifact(format, tmp / ARTIFACT_NAMES[format])
+        parity = measure_parity(saved, artifact, test, labelled=labelled, model=model, trained_policy=trained_policy)
+        return artifact.runtime, parity
+    except (KerastuneFlowError, tf.errors.OpError):
+        raise
+    except Exception as error:  # the runtime's own exceptions, whatever it raises
+        raise ExportParityError(
+            f"The {format} export could not be run by its runtime, so it was not written; export another format "
+            f"and report the model. Received: {type(error).__name__}: {' '.join(str(error).split())[:200]}"
+        ) from None
+
+
+def _record(
+    saved: inference.SavedRun,
+    folder: Path,
+    format: str,
+    quantize: str | None,
+    converter: str,
+    seconds: float,
+    trained_policy: str | None,
+) -> dict[str, Any]:
+    """export.json's record of the artifact in `folder`, but its "runtime" and "parity"."""
     model = saved.model
     training = None
     if saved.config is not None:
@@ -473,12 +360,12 @@ def _record(saved, format, quantize, converter, artifact, size, float_bytes, par
         "class_names": saved.class_names,
         "image_shape": list(saved.image_shape),
         "head": {"units": saved.head.units, "activation": saved.head.activation, "label_mode": saved.head.label_mode},
-        "size_bytes": size,
-        "float32_weights_bytes": float_bytes,
+        "size_bytes": artifacts.size_bytes(folder / ARTIFACT_NAMES[format]),
+        "float32_weights_bytes": 4 * model.count_params(),
         "converter": converter,
-        "runtime": artifact.runtime,
         "export_seconds": round(seconds, 2),
-        "parity": parity,
+        "compute_dtype": "float32",
+        "trained_dtype_policy": trained_policy or "float32",
         "parity_rule": None
         if quantize
         else f"top-1 agreement 100 % and largest absolute difference at most {PARITY_TOLERANCE:g}, against the "

@@ -42,7 +42,7 @@ class SavedRun:
     model: keras.Model | None
     class_names: list[str]
     image_shape: tuple[int, int, int]
-    head: models.Head
+    head: models.HeadSpec
     config: Config | None
     path: Path
     artifact: artifacts.Artifact | None = None
@@ -87,7 +87,7 @@ def load_saved(path: str | Path, *, unsafe_deserialization: bool = False) -> Sav
     if meta_path.exists():
         try:
             meta = rundir.read_json(meta_path)
-            head = models.Head(**meta["head"])
+            head = models.HeadSpec(**meta["head"])
             saved = SavedRun(
                 model=model,
                 class_names=list(meta["class_names"]),
@@ -105,7 +105,7 @@ def load_saved(path: str | Path, *, unsafe_deserialization: bool = False) -> Sav
         return saved
     activation = getattr(model.layers[-1], "activation", None)
     name = getattr(activation, "__name__", None)
-    head = models.Head(
+    head = models.HeadSpec(
         units=units,
         activation=name if name in ("sigmoid", "softmax") else None,
         label_mode={"sigmoid": "binary", "softmax": "categorical"}.get(name, "int"),
@@ -131,7 +131,7 @@ def load_for_inference(path: str | Path, *, unsafe_deserialization: bool = False
         model=None,
         class_names=record["class_names"],
         image_shape=tuple(record["image_shape"]),
-        head=models.Head(**record["head"]),
+        head=models.HeadSpec(**record["head"]),
         config=Config.from_dict(training["config"]) if training else None,
         path=artifact.path,
         artifact=artifact,
@@ -256,7 +256,7 @@ def evaluate_saved(
     }
 
 
-def probabilities(outputs: np.ndarray, head: models.Head) -> np.ndarray:
+def probabilities(outputs: np.ndarray, head: models.HeadSpec) -> np.ndarray:
     """Turns model outputs into class probabilities (N, classes) whatever the head."""
     outputs = np.asarray(outputs, dtype=np.float64)
     if head.activation == "sigmoid":

@@ -1,12 +1,14 @@
 """The models: heads and compiling, the from-scratch builders, the pre-trained backbones, and the
 transfer helpers (build on a frozen base, cut a user's model, unfreeze from a block).
 
-    heads.py      Head, optimizers (discriminative rates), compile_model, count_params
+    heads.py      HeadSpec, optimizers (discriminative rates), compile_model, count_params
     scratch.py    build_scratch_mlp, build_cifar10_cnn
     backbones.py  the keras.applications backbones, their preprocessing and blocks
-    transfer.py   build_transfer_model, cut_base, find_base, unfreeze_from, ...
+    transfer.py   TransferSpec, transfer_model, build_transfer_model, cut_base, find_base, unfreeze_from, ...
     saving.py     load_keras_model (safe mode unless asked)
 """
+
+import warnings
 
 from kerastune_flow.models.backbones import (
     BACKBONES,
@@ -20,7 +22,7 @@ from kerastune_flow.models.backbones import (
     preprocessing_layer,
 )
 from kerastune_flow.models.heads import (
-    Head,
+    HeadSpec,
     compile_model,
     count_params,
     logits_head,
@@ -31,6 +33,7 @@ from kerastune_flow.models.saving import UNSAFE_FLAG, load_keras_model
 from kerastune_flow.models.scratch import CNN_MIN_SIZE, build_cifar10_cnn, build_scratch_mlp
 from kerastune_flow.models.transfer import (
     CUSTOM_BASE_NAME,
+    TransferSpec,
     block_starts,
     build_transfer_model,
     build_vgg16_feature_extractor,
@@ -40,6 +43,7 @@ from kerastune_flow.models.transfer import (
     describe_layer,
     find_base,
     resolve_unfreeze_at,
+    transfer_model,
     unfreeze_from,
 )
 
@@ -51,7 +55,7 @@ __all__ = [
     "VGG16_NOTOP_FILE",
     "VGG16_UNFREEZE_AT",
     "Backbone",
-    "Head",
+    "HeadSpec",
     "ImagenetPreprocessing",
     "backbone_base",
     "block_starts",
@@ -73,6 +77,16 @@ __all__ = [
     "make_optimizer",
     "preprocessing_layer",
     "resolve_unfreeze_at",
+    "TransferSpec",
     "transfer_head",
+    "transfer_model",
     "unfreeze_from",
 ]
+
+
+def __getattr__(name: str):
+    # `Head` was HeadSpec's name: kept one release for callers of the former spelling.
+    if name == "Head":
+        warnings.warn("`Head` is now `HeadSpec`; the old name goes in the next release.", DeprecationWarning, 2)
+        return HeadSpec
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,6 +1,6 @@
 """Heads, optimizers and compiling: what every recipe's model ends in and how it learns.
 
-A `Head` says what the output layer emits and which labels and loss go with it: the
+A `HeadSpec` says what the output layer emits and which labels and loss go with it: the
 from-scratch examples emit one logit per class, the transfer examples one sigmoid unit for two
 classes or a softmax. `compile_model` compiles with the head's loss and a fresh optimizer, and
 with `base_multiplier` gives a pre-trained base a lower learning rate than the head.
@@ -19,8 +19,9 @@ from kerastune_flow.errors import ConfigError
 
 
 @dataclasses.dataclass(frozen=True)
-class Head:
-    """What the output layer emits and what the labels must look like.
+class HeadSpec:
+    """What the output layer emits and what the labels must look like (the head's description;
+    the head itself is the model's last layers, and "head" on disk also names the frozen stage).
 
     Attributes:
         units: output units.
@@ -40,18 +41,18 @@ class Head:
         return keras.losses.CategoricalCrossentropy()
 
 
-def logits_head(num_classes: int) -> Head:
+def logits_head(num_classes: int) -> HeadSpec:
     """The from-scratch examples' head: one logit per class, sparse integer labels."""
     check_num_classes(num_classes)
-    return Head(units=num_classes, activation=None, label_mode="int")
+    return HeadSpec(units=num_classes, activation=None, label_mode="int")
 
 
-def transfer_head(num_classes: int) -> Head:
+def transfer_head(num_classes: int) -> HeadSpec:
     """The transfer examples' head: 1 sigmoid unit for two classes, else softmax."""
     check_num_classes(num_classes)
     if num_classes == 2:
-        return Head(units=1, activation="sigmoid", label_mode="binary")
-    return Head(units=num_classes, activation="softmax", label_mode="categorical")
+        return HeadSpec(units=1, activation="sigmoid", label_mode="binary")
+    return HeadSpec(units=num_classes, activation="softmax", label_mode="categorical")
 
 
 def check_num_classes(num_classes: int) -> None:
@@ -151,7 +152,7 @@ def make_optimizer(
 
 def compile_model(
     model: keras.Model,
-    head: Head,
+    head: HeadSpec,
     *,
     optimizer: str = "adam",
     learning_rate: Any = 1e-3,
@@ -164,7 +165,7 @@ def compile_model(
 
     Args:
         model: the model.
-        head: its head (the loss follows from it).
+        head: its head's spec (the loss follows from it).
         optimizer: adam, sgd (momentum 0.9), rmsprop or adagrad.
         learning_rate: a rate or a `keras.optimizers.schedules` schedule.
         jit_compile: XLA.
@@ -184,6 +185,18 @@ def compile_model(
         steps_per_execution=steps_per_execution,
     )
     return model
+
+
+def compile_if(
+    compile: bool, model: keras.Model, head: HeadSpec, optimizer: str, learning_rate: Any, jit: bool | str, spe: int
+) -> keras.Model:
+    """What the public builders return: `model` compiled as their docstrings say when `compile`
+    (see `compile_model`: `jit` is `jit_compile`, `spe` the steps per execution), else as built."""
+    if not compile:
+        return model
+    return compile_model(
+        model, head, optimizer=optimizer, learning_rate=learning_rate, jit_compile=jit, steps_per_execution=spe
+    )
 
 
 def regularizer(l1: float, l2: float) -> keras.regularizers.Regularizer | None:

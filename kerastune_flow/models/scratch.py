@@ -14,7 +14,7 @@ import keras
 from keras import layers
 
 from kerastune_flow.errors import ConfigError
-from kerastune_flow.models.heads import compile_model, logits_head, regularizer
+from kerastune_flow.models.heads import compile_if, logits_head, regularizer
 
 CNN_MIN_SIZE = 18  # cifar10_cnn: three valid 3x3 convolutions and two 2x2 poolings
 
@@ -78,16 +78,7 @@ def build_scratch_mlp(
         name="logits",
     )(x)
     model = keras.Model(inputs, outputs, name="scratch_mlp")
-    if compile:
-        compile_model(
-            model,
-            head,
-            optimizer=optimizer,
-            learning_rate=learning_rate,
-            jit_compile=jit_compile,
-            steps_per_execution=steps_per_execution,
-        )
-    return model
+    return compile_if(compile, model, head, optimizer, learning_rate, jit_compile, steps_per_execution)
 
 
 def build_cifar10_cnn(
@@ -151,13 +142,4 @@ def build_cifar10_cnn(
         head.units, kernel_initializer=kernel_initializer, kernel_regularizer=reg, dtype="float32", name="logits"
     )(x)
     model = keras.Model(inputs, outputs, name="cifar10_cnn")
-    if compile:
-        compile_model(
-            model,
-            head,
-            optimizer=optimizer,
-            learning_rate=learning_rate,
-            jit_compile=jit_compile,
-            steps_per_execution=steps_per_execution,
-        )
-    return model
+    return compile_if(compile, model, head, optimizer, learning_rate, jit_compile, steps_per_execution)

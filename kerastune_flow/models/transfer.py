@@ -8,6 +8,7 @@ after unfreezing, as the Keras transfer-learning guide prescribes.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections.abc import Sequence
@@ -28,7 +29,7 @@ from kerastune_flow.models.backbones import (
     is_preprocessing,
     preprocessing_layer,
 )
-from kerastune_flow.models.heads import compile_model, regularizer, transfer_head
+from kerastune_flow.models.heads import compile_if, regularizer, transfer_head
 from kerastune_flow.models.saving import load_keras_model
 
 log = logging.getLogger(__name__)
@@ -36,35 +37,12 @@ log = logging.getLogger(__name__)
 CUSTOM_BASE_NAME = "base"
 
 
-def build_transfer_model(
-    *,
-    backbone: str = "vgg16",
-    base: keras.Model | None = None,
-    input_shape: Sequence[int] = (150, 150, 3),
-    num_classes: int = 2,
-    weights: str | None = "imagenet",
-    pooling: str = "auto",
-    dense_units: int = 256,
-    kernel_initializer: str = "glorot_uniform",
-    dropout: float = 0.0,
-    l1: float = 0.0,
-    l2: float = 0.0,
-    optimizer: str = "adam",
-    learning_rate: float = 1e-3,
-    compile: bool = True,
-    jit_compile: bool | str = False,
-    steps_per_execution: int = 1,
-    name: str | None = None,
-) -> keras.Model:
-    """A frozen pre-trained base, then pooling -> Dense ReLU -> a new head.
+@dataclasses.dataclass(frozen=True)
+class TransferSpec:
+    """The architecture of a transfer model: a frozen pre-trained base, then pooling -> Dense ReLU
+    -> a new head (see `transfer_model`).
 
-    The head is 1 sigmoid unit with binary cross-entropy for two classes, softmax with
-    categorical cross-entropy otherwise. The backbone's own preprocessing is the first layer, so
-    the model takes raw 0..255 pixels, and the base always runs in inference mode
-    (`base(x, training=False)`), which keeps BatchNormalization statistics fixed even after
-    unfreezing, as the Keras transfer-learning guide prescribes.
-
-    Args:
+    Attributes:
         backbone: a name of `BACKBONES` (ignored when `base` is given).
         base: a ready base model instead, e.g. `cut_base(...)` of the user's own model; its
             input shape wins over `input_shape` and no preprocessing is added.
@@ -75,29 +53,48 @@ def build_transfer_model(
         dense_units: width of the new hidden layer.
         kernel_initializer: for the new dense layers.
         dropout: rate after the hidden dense layer.
-        l1: L1 weight penalty on the new dense kernels.
-        l2: L2 weight penalty on the new dense kernels.
-        optimizer: optimizer name.
-        learning_rate: for the head.
-        compile: compile with the head's loss and accuracy.
-        jit_compile: XLA (train leaves it off on the CPU, where convolutions run slower under it).
-        steps_per_execution: training steps per call into the graph.
-        name: the model's name; default "<backbone>_features".
+        l1: L1 weight penalty on the new hidden dense kernel.
+        l2: L2 weight penalty on the new hidden dense kernel.
+        name: the model's name; default "<base>_features".
+    """
+
+    backbone: str = "vgg16"
+    base: keras.Model | None = None
+    input_shape: Sequence[int] = (150, 150, 3)
+    num_classes: int = 2
+    weights: str | None = "imagenet"
+    pooling: str = "auto"
+    dense_units: int = 256
+    kernel_initializer: str = "glorot_uniform"
+    dropout: float = 0.0
+    l1: float = 0.0
+    l2: float = 0.0
+    name: str | None = None
+
+
+def transfer_model(spec: TransferSpec) -> keras.Model:
+    """The transfer model `spec` describes, not compiled: the backbone's own preprocessing first (it
+    takes raw 0..255 pixels), the base in inference mode (see the module's docstring), and a head
+    of 1 sigmoid unit for two classes, else a softmax (`transfer_head`).
 
     Returns:
         A keras.Model whose nested model (see `find_base`) is the frozen base.
+
+    Raises:
+        ConfigError: for an unknown pooling or backbone.
     """
-    head = transfer_head(num_classes)
+    head = transfer_head(spec.num_classes)
+    base, input_shape = spec.base, spec.input_shape
     if base is None:
-        spec = get_backbone(backbone)
-        base = backbone_base(backbone, input_shape=input_shape, weights=weights)
-        preprocessing, auto_pooling = spec.preprocessing, spec.pooling
+        backbone = get_backbone(spec.backbone)
+        base = backbone_base(spec.backbone, input_shape=input_shape, weights=spec.weights)
+        preprocessing, auto_pooling = backbone.preprocessing, backbone.pooling
     else:
         input_shape = tuple(int(d) for d in base.input_shape[1:])
         preprocessing, auto_pooling = "none", "flatten"
-    if pooling not in POOLINGS:
-        raise ConfigError(f"pooling must be one of {', '.join(POOLINGS)}. Received: pooling={pooling}")
-    pooling = auto_pooling if pooling == "auto" else pooling
+    if spec.pooling not in POOLINGS:
+        raise ConfigError(f"pooling must be one of {', '.join(POOLINGS)}. Received: pooling={spec.pooling}")
+    pooling = auto_pooling if spec.pooling == "auto" else spec.pooling
     base.trainable = False
     inputs = keras.Input(shape=tuple(input_shape), name="pixels")
     x = inputs
@@ -110,32 +107,58 @@ def build_transfer_model(
     else:
         x = layers.Flatten(name="flatten")(x)
     x = layers.Dense(
-        dense_units,
+        spec.dense_units,
         activation="relu",
-        kernel_initializer=kernel_initializer,
-        kernel_regularizer=regularizer(l1, l2),
+        kernel_initializer=spec.kernel_initializer,
+        kernel_regularizer=regularizer(spec.l1, spec.l2),
         name="dense",
     )(x)
-    if dropout:
-        x = layers.Dropout(dropout, name="dropout")(x)
+    if spec.dropout:
+        x = layers.Dropout(spec.dropout, name="dropout")(x)
     outputs = layers.Dense(
         head.units,
         activation=head.activation,
-        kernel_initializer=kernel_initializer,
+        kernel_initializer=spec.kernel_initializer,
         dtype="float32",  # probabilities and the loss in float32 under a mixed-precision policy
         name="predictions",
     )(x)
-    model = keras.Model(inputs, outputs, name=name or f"{base.name}_features")
-    if compile:
-        compile_model(
-            model,
-            head,
-            optimizer=optimizer,
-            learning_rate=learning_rate,
-            jit_compile=jit_compile,
-            steps_per_execution=steps_per_execution,
-        )
-    return model
+    return keras.Model(inputs, outputs, name=spec.name or f"{base.name}_features")
+
+
+def build_transfer_model(
+    *,
+    optimizer: str = "adam",
+    learning_rate: float = 1e-3,
+    compile: bool = True,
+    jit_compile: bool | str = False,
+    steps_per_execution: int = 1,
+    **architecture: Any,
+) -> keras.Model:
+    """A frozen pre-trained base, then pooling -> Dense ReLU -> a new head (`transfer_model`).
+
+    The head is 1 sigmoid unit with binary cross-entropy for two classes, softmax with
+    categorical cross-entropy otherwise.
+
+    Args:
+        optimizer: optimizer name.
+        learning_rate: for the head.
+        compile: compile with the head's loss and accuracy.
+        jit_compile: XLA (train leaves it off on the CPU, where convolutions run slower under it).
+        steps_per_execution: training steps per call into the graph.
+        **architecture: the fields of `TransferSpec` (backbone, base, input_shape, num_classes,
+            weights, pooling, dense_units, kernel_initializer, dropout, l1, l2, name).
+
+    Returns:
+        A keras.Model whose nested model (see `find_base`) is the frozen base.
+
+    Raises:
+        ConfigError: for an unknown pooling or backbone.
+        TypeError: for a keyword that is not a field of `TransferSpec`.
+    """
+    spec = TransferSpec(**architecture)
+    model = transfer_model(spec)
+    head = transfer_head(spec.num_classes)
+    return compile_if(compile, model, head, optimizer, learning_rate, jit_compile, steps_per_execution)
 
 
 def build_vgg16_feature_extractor(
@@ -179,7 +202,7 @@ def build_vgg16_feature_extractor(
     Returns:
         A keras.Model named "vgg16_features" whose layer "vgg16" is the frozen base.
     """
-    return build_transfer_model(
+    spec = TransferSpec(
         backbone="vgg16",
         input_shape=input_shape,
         num_classes=num_classes,
@@ -190,12 +213,9 @@ def build_vgg16_feature_extractor(
         dropout=dropout,
         l1=l1,
         l2=l2,
-        optimizer=optimizer,
-        learning_rate=learning_rate,
-        compile=compile,
-        jit_compile=jit_compile,
-        steps_per_execution=steps_per_execution,
     )
+    head = transfer_head(num_classes)
+    return compile_if(compile, transfer_model(spec), head, optimizer, learning_rate, jit_compile, steps_per_execution)
 
 
 def cut_base(
@@ -377,11 +397,4 @@ def build_vgg16_finetune(
         model = build_vgg16_feature_extractor(num_classes=num_classes, compile=False, **feature_extractor_kwargs)
     unfreeze_from(find_base(model), unfreeze_at)
     head = transfer_head(max(2, model.output_shape[-1]))
-    return compile_model(
-        model,
-        head,
-        optimizer=optimizer,
-        learning_rate=learning_rate,
-        jit_compile=jit_compile,
-        steps_per_execution=steps_per_execution,
-    )
+    return compile_if(True, model, head, optimizer, learning_rate, jit_compile, steps_per_execution)

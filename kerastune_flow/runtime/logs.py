@@ -28,7 +28,9 @@ import sys
 import tempfile
 from collections.abc import Iterator
 
-DEBUG_ENV = "KERASTUNE_FLOW_DEBUG"  # show everything (run.py also shows tracebacks under it)
+from kerastune_flow.runtime import environment
+
+DEBUG_ENV = environment.KERASTUNE_FLOW_DEBUG  # show everything (run.py also shows tracebacks under it)
 # absl's prefix: severity, MMDD, time (before absl is set up, "00:00:" and the epoch's seconds), thread,
 # file:line]
 _ABSL_LINE = re.compile(r"^([IWEF])\d{4} [\d:.]+\s+\d+ \S+:\d+\] ")
@@ -39,7 +41,7 @@ _SEVERITIES = "IWEF"  # TF_CPP_MIN_LOG_LEVEL 0, 1, 2, 3
 def min_level() -> int:
     """The lowest absl severity shown: TF_CPP_MIN_LOG_LEVEL if set, else 1 (warnings and up)."""
     try:
-        return int(os.environ.get("TF_CPP_MIN_LOG_LEVEL", "1"))
+        return int(environment.read(environment.TF_CPP_MIN_LOG_LEVEL, "1"))
     except ValueError:
         return 1
 
@@ -63,6 +65,11 @@ def each_once(text: str, *, level: int = 1) -> str:
     return "".join(kept)
 
 
+def debugging() -> bool:
+    """True under KERASTUNE_FLOW_DEBUG (anything but unset, "" or "0")."""
+    return environment.is_on(DEBUG_ENV)
+
+
 def _holder() -> int:
     """A file descriptor to hold the lines: in memory where the system has memfd, else a temporary file."""
     if hasattr(os, "memfd_create"):
@@ -78,7 +85,7 @@ def once_each() -> Iterator[None]:
     """Holds what native code writes to file descriptor 2 inside the block and writes it out after,
     through `each_once`. Does nothing when TensorFlow is already imported, under
     KERASTUNE_FLOW_DEBUG=1, or when file descriptor 2 cannot be held."""
-    if "tensorflow" in sys.modules or os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+    if "tensorflow" in sys.modules or debugging():
         yield
         return
     try:

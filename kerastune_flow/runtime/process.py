@@ -2,8 +2,9 @@
 
     runtime.prepare_process("auto")   # then strategy.get_strategy("auto"), then build and fit
 
-It installs the narrow fixes to Keras under tf.distribute (`compat.apply`) and, when the process
-will compute on the CPU, sets TensorFlow to one inter-op thread. `train_and_evaluate` calls it
+It installs the narrow fixes to Keras under tf.distribute (`compat.apply`), when the process
+will compute on the CPU sets TensorFlow to one inter-op thread, and turns TensorFlow's op
+determinism on or off as the run asks. `train_and_evaluate` calls it
 first; call it yourself before `get_strategy` when you build and fit a model with your own code.
 """
 
@@ -11,12 +12,16 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 
 import tensorflow as tf
 
-from kerastune_flow.runtime import compat
+from kerastune_flow.runtime import compat, environment
 from kerastune_flow.runtime.strategy import tpu_hinted
+
+try:  # TensorFlow's own switch back: public is only enable_op_determinism (TensorFlow 2.21)
+    from tensorflow.python.framework import config as _tf_framework_config
+except ImportError:  # another TensorFlow layout: determinism, once on, stays on
+    _tf_framework_config = None
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +41,7 @@ def prefer_cpu_threads() -> bool:
     Returns:
         True when the setting is in effect.
     """
-    if os.environ.get("TF_NUM_INTEROP_THREADS"):
+    if environment.read(environment.TF_NUM_INTEROP_THREADS):
         return False
     current = tf.config.threading.get_inter_op_parallelism_threads()
     if current == CPU_INTER_OP_THREADS:
@@ -75,12 +80,55 @@ def prepare_process(strategy_name: str = "auto", *, deterministic: bool = False)
     """Applies the process-wide settings for a strategy name, before the strategy exists.
 
     Installs the Keras fixes of `compat` (each a no-op once Keras is fixed) and, for CPU
-    training, one inter-op thread (see `prefer_cpu_threads`). With `deterministic`, turns on
-    TensorFlow's op determinism for the rest of the process (GPU kernels otherwise may sum in
-    a different order each run). Safe to call more than once.
+    training, one inter-op thread (see `prefer_cpu_threads`). TensorFlow's op determinism
+    follows `deterministic` (see `set_op_determinism`). Safe to call more than once: each run of
+    a search or a comparison calls it with its own settings.
     """
     compat.apply()
     if computes_on_cpu(strategy_name):
         prefer_cpu_threads()
-    if deterministic:
+    set_op_determinism(deterministic)
+
+
+# True while op determinism is on because this package turned it on (not the user, before a run).
+_determinism_ours = False
+
+
+def set_op_determinism(on: bool) -> bool:
+    """Turns TensorFlow's op determinism on for a run that asks for it, and off again for a later
+    run that does not, when this package turned it on: GPU kernels otherwise may sum in a different
+    order each run, and determinism slows some ops, so one deterministic run must not slow the next
+    runs of a search or a notebook. Determinism the user turned on is left on.
+
+    Args:
+        on: whether the coming run asks for determinism (`--deterministic`).
+
+    Returns:
+        Whether op determinism is on now.
+    """
+    global _determinism_ours
+    enabled = _op_determinism_enabled()
+    if on and not enabled:
         tf.config.experimental.enable_op_determinism()
+        _determinism_ours = True
+    elif not on and enabled and _determinism_ours:
+        disable = getattr(_tf_framework_config, "disable_op_determinism", None)
+        if disable is None:
+            _log_determinism_stays_on()
+            return True
+        disable()
+        _determinism_ours = False
+    return _op_determinism_enabled()
+
+
+def _op_determinism_enabled() -> bool:
+    is_enabled = getattr(_tf_framework_config, "is_op_determinism_enabled", None)
+    return _determinism_ours if is_enabled is None else bool(is_enabled())
+
+
+@functools.cache
+def _log_determinism_stays_on() -> None:
+    log.warning(
+        "This TensorFlow cannot turn op determinism off again: runs after a --deterministic one in this "
+        "process stay deterministic (and may be slower)"
+    )

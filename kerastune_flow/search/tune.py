@@ -1,9 +1,9 @@
 """`tune`: a KerasTuner search over the knobs the articles say decide the result.
 
-KerasTuner drives the search (its oracles: Bayesian optimisation, random search, Hyperband; its
-trial records; its chief/worker mode), and one trial is one whole run of the package's own
-training, `train_and_evaluate` in `DIR/trials/NNN/`, with everything a run has: logs, curves, the
-best model, exact resume, the bad-input checks. Both stages of a fine-tune are one trial.
+KerasTuner drives the search (its side, the oracle and the Tuner, is in tuner.py), and one trial
+is one whole run of the package's own training, `train_and_evaluate` in `DIR/trials/NNN/`, with
+everything a run has: logs, curves, the best model, exact resume, the bad-input checks. Both
+stages of a fine-tune are one trial. The knobs are in tune_space.py, the report in tune_report.py.
 
 The test split is never looked at during the search: trials choose by validation. At the end
 the best trial's settings are written to `DIR/best_config.json` (the shape of a run's
@@ -13,208 +13,39 @@ a run of the recipe's defaults are each evaluated once on the test split.
 A search killed at any moment resumes with the same command: KerasTuner reloads its trials, no
 finished trial runs again, and the interrupted trial's run directory resumes at its last
 finished epoch (KerasTuner alone reruns it from the start, keras-tuner#439). The oracle's and
-the trials' files are written atomically here, so a kill never leaves one half-written.
+the trials' files are written atomically, so a kill never leaves one half-written.
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
-import json
 import logging
-import os
-import time
-from collections.abc import Callable, Sequence
-from concurrent import futures
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import grpc
 import keras
-import keras_tuner as kt
-from keras_tuner.src import protos
-from keras_tuner.src.distribute import oracle_chief
-from keras_tuner.src.distribute import utils as kt_distribute
 
 from kerastune_flow import data as data_lib
-from kerastune_flow import rundir, runlock
+from kerastune_flow import rundir
 from kerastune_flow.config import Config, new_seed
 from kerastune_flow.deploy import inference
-from kerastune_flow.errors import ConfigError, KerastuneFlowError
+from kerastune_flow.errors import ConfigError
 from kerastune_flow.recipes import get_recipe, make_config
-from kerastune_flow.runtime import process
+from kerastune_flow.runtime import environment, process
 from kerastune_flow.search import tune_report as report_lib
-from kerastune_flow.search.tune_space import Knob, SearchSpace, resolve_space, unfreeze_choices
+from kerastune_flow.search import tuner as tuner_lib
+from kerastune_flow.search.tune_space import Knob, SearchSpace, current_knob_names, resolve_space, unfreeze_choices
+from kerastune_flow.search.tuner import OBJECTIVES, TUNERS, objective_value
 from kerastune_flow.training.train import best_epoch, check_before_data, train_and_evaluate
 
 log = logging.getLogger(__name__)
 
-TUNERS = ("bayesian", "random", "hyperband")
-OBJECTIVES = ("val_accuracy", "val_loss", "accuracy", "loss")
 SEARCH_JSON = "search.json"  # what the search was started with: the same command resumes it
 BEST_CONFIG = "best_config.json"
 DEFAULTS_DIR = "defaults"
-PROJECT = "keras_tuner"  # KerasTuner's own files: DIR/keras_tuner/oracle.json, trial_N/trial.json
 DEFAULT_TRIALS = 10
-SERVER_POLL_SECONDS = 0.5
-
-
-# --------------------------------------------------------------------------- KerasTuner's side
-
-
-class AtomicOracleFiles:
-    """Mixed into a KerasTuner oracle: its state and trial files are written atomically (a kill
-    during KerasTuner's own write leaves a half file that makes the search unloadable), the
-    time budget and a trial cap hold for every oracle (Hyperband has no max_trials), and
-    DIR/tune.json is brought up to date whenever a trial ends, wherever the oracle runs."""
-
-    budget_seconds: float | None = None
-    trial_cap: int | None = None
-    defaults_first = False
-    on_trial_ended: Callable[[], None] | None = None
-    _seconds_before = 0.0
-    _session_start = 0.0
-
-    def spent_seconds(self) -> float:
-        return self._seconds_before + (time.monotonic() - self._session_start)
-
-    def get_state(self):
-        return {**super().get_state(), "kerastune_flow_seconds": self.spent_seconds()}
-
-    def set_state(self, state):
-        super().set_state(state)
-        self._seconds_before = float(state.get("kerastune_flow_seconds", 0.0))
-        self._session_start = time.monotonic()
-
-    def save(self):
-        rundir.atomic_write_text(self._get_oracle_fname(), json.dumps(self.get_state()))
-
-    def _save_trial(self, trial):
-        path = os.path.join(self._get_trial_dir(trial.trial_id), "trial.json")
-        rundir.atomic_write_text(path, json.dumps(trial.get_state()))
-
-    def _over_budget(self) -> bool:
-        # The time budget stops the next trial, never the first: a search always has a result.
-        over_time = (
-            bool(self.trials) and self.budget_seconds is not None and self.spent_seconds() >= self.budget_seconds
-        )
-        over_count = self.trial_cap is not None and len(self.trials) >= self.trial_cap
-        return over_time or over_count
-
-    def populate_space(self, trial_id):
-        # The first trial is the recipe's defaults: a search then never reports a best worse on
-        # validation than the settings it replaces, and that trial's run is the defaults' run.
-        if self.defaults_first and not self.trials:
-            return {"status": kt.engine.trial.TrialStatus.RUNNING, "values": self.get_space().values}
-        return super().populate_space(trial_id)
-
-    def create_trial(self, tuner_id):
-        if tuner_id not in self.ongoing_trials and not self._retry_queue and self._over_budget():
-            self.tuner_ids.discard(tuner_id)
-            return kt.engine.trial.Trial(self.get_space(), status=kt.engine.trial.TrialStatus.STOPPED)
-        return super().create_trial(tuner_id)
-
-    def end_trial(self, trial):
-        super().end_trial(trial)
-        if self.on_trial_ended is not None:
-            self.on_trial_ended()
-
-
-_ORACLES = {
-    "bayesian": kt.oracles.BayesianOptimizationOracle,
-    "random": kt.oracles.RandomSearchOracle,
-    "hyperband": kt.oracles.HyperbandOracle,
-}
-
-
-def make_oracle(tuner: str, objective: str, *, trials: int, epochs: int, seed: int, max_minutes: float | None):
-    """The KerasTuner oracle of `tuner`, with atomic files, the time budget and the trial cap."""
-    cls = type(f"Atomic{_ORACLES[tuner].__name__}", (AtomicOracleFiles, _ORACLES[tuner]), {})
-    direction = "min" if "loss" in objective else "max"
-    kwargs: dict[str, Any] = dict(objective=kt.Objective(objective, direction), seed=seed)
-    if tuner == "hyperband":
-        kwargs.update(max_epochs=max(epochs, 2), factor=3)
-    else:
-        kwargs["max_trials"] = trials
-    oracle = cls(**kwargs)
-    oracle._session_start = time.monotonic()
-    oracle.budget_seconds = None if max_minutes is None else 60.0 * max_minutes
-    oracle.trial_cap = trials
-    oracle.defaults_first = tuner != "hyperband"  # Hyperband's brackets decide their own first trials
-    return oracle
-
-
-class _UserError(kt.errors.FatalError):
-    """A user error inside a trial: KerasTuner would retry a failing trial, but bad data fails
-    them all alike, so the search stops and the error is told as every other command tells it."""
-
-    def __init__(self, error: KerastuneFlowError):
-        super().__init__(str(error))
-        self.error = error
-
-
-class RunTuner(kt.Tuner):
-    """KerasTuner's Tuner, where one trial is one `train_and_evaluate` run in DIR/trials/NNN/."""
-
-    def __init__(self, oracle, space: SearchSpace, run_dir: Path, *, objective: str, epochs_field: str, **kwargs):
-        super().__init__(oracle=oracle, hypermodel=space, directory=str(run_dir), project_name=PROJECT, **kwargs)
-        self.run_dir, self.space, self.objective, self.epochs_field = run_dir, space, objective, epochs_field
-
-    def save(self):
-        rundir.atomic_write_text(self._get_tuner_fname(), json.dumps(self.get_state()))
-
-    def trial_config(self, trial) -> Config:
-        hp = trial.hyperparameters
-        values = {knob.field: knob.to_config(hp.get(knob.name)) for knob in self.space.knobs if knob.name in hp}
-        if "tuner/epochs" in hp.values:  # Hyperband's budget for this trial (trained from the start)
-            values[self.epochs_field] = int(hp.values["tuner/epochs"])
-        return self.space.config.replace(**values)
-
-    def run_trial(self, trial, *args, **kwargs):
-        run_dir = report_lib.trial_run_dir(self.run_dir, trial.trial_id)
-        started = time.perf_counter()
-        try:
-            if (run_dir / rundir.RESULTS_JSON).exists():  # finished before a kill, not yet recorded by the oracle
-                log.info("Trial %s had finished before the interruption: its results are kept", trial.trial_id)
-            else:
-                train_and_evaluate(self.trial_config(trial), run_dir, evaluate_test=False)
-            value = objective_value(rundir.read_history(run_dir), self.objective)
-        except KerastuneFlowError as error:
-            raise _UserError(error) from None
-        finally:
-            keras.backend.clear_session()
-        _log_trial(self, trial, value, time.perf_counter() - started, run_dir)
-        return {self.objective: value}
-
-
-def objective_value(history: list[dict[str, Any]], objective: str) -> float:
-    """The objective's best value over a run's epochs, as KerasTuner scores a Keras fit."""
-    values = [r[objective] for r in history if r.get(objective) is not None]
-    if not values:
-        raise ConfigError(f"The runs log no {objective!r}; choose --objective from {', '.join(OBJECTIVES)}.")
-    return float(min(values) if "loss" in objective else max(values))
-
-
-def _log_trial(tuner: RunTuner, trial, value: float, seconds: float, run_dir: Path) -> None:
-    earlier = [t for t in tuner.oracle.get_best_trials(1) if t.score is not None and t.trial_id != trial.trial_id]
-    oracle = getattr(tuner.oracle, "_oracle", tuner.oracle)  # a worker's OracleClient wraps its local oracle
-    budget = getattr(oracle, "budget_seconds", None)
-    results_path = run_dir / rundir.RESULTS_JSON
-    results = rundir.read_json(results_path) if results_path.exists() else {}
-    line = report_lib.trial_line(
-        trial.trial_id,
-        {k: v for k, v in trial.hyperparameters.values.items() if not k.startswith("tuner/")},
-        tuner.objective,
-        value,
-        best=(earlier[0].trial_id, earlier[0].score) if earlier else None,
-        seconds=seconds,
-        train_seconds=results.get("train_seconds"),
-        minutes_left=max(0.0, budget - oracle.spent_seconds()) / 60 if budget else None,
-    )
-    log.info("%s", line)
-
-
-# --------------------------------------------------------------------------- the search
 
 
 def tune(
@@ -237,7 +68,7 @@ def tune(
         tuner: bayesian, random or hyperband (KerasTuner's oracles).
         trials: at most this many trials.
         max_minutes: stop starting trials once the search has run this long (over all sessions).
-        space: knob names to search (default: the recipe's `space`); see `KNOBS`.
+        space: knob names to search (default: the recipe's `space`); see `tune_space.KNOBS`.
         objective: a validation metric the runs log (the test split is never used to choose).
         preset: a config preset, as for train.
         **overrides: config fields fixed for every trial (a knob given here is not searched).
@@ -250,14 +81,10 @@ def tune(
             package's user errors as `train` raises them.
     """
     spec = get_recipe(recipe)
-    if tuner not in TUNERS:
-        raise ConfigError(f"--tuner must be one of {', '.join(TUNERS)}. Received: tuner={tuner}")
-    if objective not in OBJECTIVES:
-        raise ConfigError(f"--objective must be one of {', '.join(OBJECTIVES)}. Received: objective={objective}")
-    if trials < 1 or (max_minutes is not None and max_minutes <= 0):
-        raise ConfigError(f"--trials and --max-minutes must be positive. Received: trials={trials}, {max_minutes=}")
+    _check_search_flags(tuner, objective, trials, max_minutes)
+    space = current_knob_names(space)
     run_dir = Path(run_dir)
-    worker = kt_is_worker()  # a distributed search's chief holds the folder for its workers
+    worker = tuner_lib.is_worker()  # a distributed search's chief holds the folder for its workers
     if not worker:
         rundir.claim_dir(run_dir, kinds=("search",))
     # The data and the settings checked before anything is written: a typo leaves no search behind.
@@ -266,90 +93,70 @@ def tune(
     # Before reading the data starts TensorFlow: then the process still sets its threads itself.
     process.prepare_process(given.train.strategy, deterministic=given.train.deterministic)
     data_lib.load_splits(given)
-    with runlock.run_lock(run_dir, take=not worker):  # released at the end, on errors and Ctrl-C too
+    with rundir.run_lock(run_dir, take=not worker):  # released at the end, on errors and Ctrl-C too
         asked = search_settings(recipe, tuner=tuner, objective=objective, preset=preset, space=space, **overrides)
         started = _search_record(run_dir, asked, budget=dict(trials_asked=trials, max_minutes=max_minutes))
-        fixed = {**overrides, "seed": started["seed"]}
-        if objective.startswith("val_") and make_config(recipe, preset, **fixed).data.validation_fraction == 0:
-            if "validation_fraction" in overrides:
-                raise ConfigError(
-                    "tune chooses by validation, so --validation-fraction must be above 0. "
-                    "Received: validation_fraction=0"
-                )
-            fixed["validation_fraction"] = 0.1  # the from-scratch recipes hold none out by default
-        config = make_config(recipe, preset, **fixed)
+        config = make_config(recipe, preset, **_fixed_settings(recipe, preset, objective, started["seed"], overrides))
         knobs = resolve_space(spec, space, fixed=tuple(overrides))
         blocks = unfreeze_choices(config) if any(k.name == "unfreeze_at" for k in knobs) else []
-        epochs_field = "epochs"
-        oracle = make_oracle(
+        oracle = tuner_lib.make_oracle(
             tuner, objective, trials=trials, epochs=config.train.epochs, seed=started["seed"], max_minutes=max_minutes
         )
         oracle.on_trial_ended = lambda: report_lib.write_tune_json(run_dir, oracle, started, knobs)
         with contextlib.redirect_stdout(io.StringIO()) as chatter:  # KerasTuner prints; the log says it once
-            tuner_obj = RunTuner(
-                oracle, SearchSpace(knobs, config, blocks), run_dir, objective=objective, epochs_field=epochs_field
+            search = tuner_lib.RunTuner(
+                oracle, SearchSpace(knobs, config, blocks), run_dir, objective=objective, epochs_field="epochs"
             )
         if "Reloading" in chatter.getvalue():
             done = sum(t.status == "COMPLETED" for t in oracle.trials.values())
             log.info("Resuming the search in %s: %d trial(s) finished, none is run again", run_dir, done)
-        log.info(
-            "Searching %s with %s over %s (%s trials%s), objective %s",
-            recipe,
-            tuner,
-            ", ".join(k.name for k in knobs),
-            trials,
-            f", {max_minutes:g} min" if max_minutes else "",
-            objective,
-        )
+        budget = f"{trials} trials" + (f", {max_minutes:g} min" if max_minutes else "")
+        names = ", ".join(k.name for k in knobs)
+        log.info("Searching %s with %s over %s (%s), objective %s", recipe, tuner, names, budget, objective)
         try:
-            if kt_is_chief():
-                _serve(oracle)
+            if tuner_lib.is_chief():
+                tuner_lib.serve(oracle)
             else:
-                tuner_obj.search(verbose=0)
-        except _UserError as error:
+                search.search(verbose=0)
+        except tuner_lib.TrialUserError as error:
             raise error.error from None
-        if kt_is_worker():  # the chief writes the summary once every trial has ended
-            return {"worker": os.environ.get("KERASTUNER_TUNER_ID")}
+        if worker:  # the chief writes the summary once every trial has ended
+            return {"worker": environment.read(environment.KERASTUNER_TUNER_ID) or None}
         return finish(run_dir, oracle, started, knobs, config)
 
 
-def kt_is_chief() -> bool:
-    """This process is KerasTuner's chief (KERASTUNER_TUNER_ID holds "chief"): it serves the oracle."""
-    return kt_distribute.is_chief_oracle()
+def _check_search_flags(tuner: str, objective: str, trials: int, max_minutes: float | None) -> None:
+    """Refuses an unknown tuner or objective, and a budget that is not positive."""
+    if tuner not in TUNERS:
+        raise ConfigError(f"--tuner must be one of {', '.join(TUNERS)}. Received: tuner={tuner}")
+    if objective not in OBJECTIVES:
+        raise ConfigError(f"--objective must be one of {', '.join(OBJECTIVES)}. Received: objective={objective}")
+    if trials < 1 or (max_minutes is not None and max_minutes <= 0):
+        raise ConfigError(f"--trials and --max-minutes must be positive. Received: trials={trials}, {max_minutes=}")
 
 
-def kt_is_worker() -> bool:
-    """This process is a KerasTuner worker: it asks the chief for trials and runs them."""
-    return kt_distribute.has_chief_oracle() and not kt_is_chief()
+def _fixed_settings(recipe: str, preset: str, objective: str, seed: int, overrides: dict[str, Any]) -> dict[str, Any]:
+    """The settings every trial shares: the flags given, the search's seed, and a validation
+    split when the objective is a validation metric.
 
-
-def _serve(oracle) -> None:
-    """KerasTuner's chief: serves the oracle to the workers until every trial has ended.
-
-    KerasTuner's own `start_server` polls every 20 s once stopping; this one polls often, and
-    also stops when the time budget is spent (workers then stop asking)."""
-    oracle.save()
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=1))
-    servicer = oracle_chief.OracleServicer(oracle)
-    protos.get_service_grpc().add_OracleServicer_to_server(servicer, server)
-    address = f"{os.environ['KERASTUNER_ORACLE_IP']}:{os.environ['KERASTUNER_ORACLE_PORT']}"
-    server.add_insecure_port(address)
-    server.start()
-    log.info("Chief oracle serving on %s", address)
-    try:
-        while True:
-            time.sleep(SERVER_POLL_SECONDS)
-            idle = not oracle.ongoing_trials
-            if idle and ((servicer.stop_triggered and not oracle.tuner_ids) or oracle._over_budget()):
-                break
-    finally:
-        server.stop(grace=1)
+    Raises:
+        ConfigError: a validation objective with --validation-fraction 0 given.
+    """
+    fixed = {**overrides, "seed": seed}
+    if objective.startswith("val_") and make_config(recipe, preset, **fixed).data.validation_fraction == 0:
+        if "validation_fraction" in overrides:
+            raise ConfigError(
+                "tune chooses by validation, so --validation-fraction must be above 0. Received: validation_fraction=0"
+            )
+        fixed["validation_fraction"] = 0.1  # the from-scratch recipes hold none out by default
+    return fixed
 
 
 def search_settings(
     recipe: str, *, tuner: str, objective: str, preset: str, space: Sequence[str] | None, **overrides: Any
 ) -> dict[str, Any]:
     """What a search is started with (search.json's settings): the same command resumes it."""
+    space = current_knob_names(space, warn=False)  # an old knob name is the same search as its new one
     asked = dict(recipe=recipe, tuner=tuner, objective=objective, preset=preset, space=space, **overrides)
     asked["seed"] = make_config(recipe, preset, **overrides).train.seed  # a flag's or the preset's; None: picked
     return asked
@@ -422,7 +229,7 @@ def finish(run_dir: Path, oracle, started: dict[str, Any], knobs: Sequence[Knob]
         test=test,
     )
     rundir.atomic_write_json(run_dir / report_lib.TUNE_JSON, summary)
-    report_lib.write_reports(run_dir, summary)
+    _, html_path = report_lib.write_reports(run_dir, summary)
     log.info(
         "Best: trial %s, %s %.4f; test accuracy %.4f (defaults %.4f); report %s",
         best[0].trial_id,
@@ -430,7 +237,7 @@ def finish(run_dir: Path, oracle, started: dict[str, Any], knobs: Sequence[Knob]
         best[0].score,
         test["best"].get("accuracy", float("nan")),
         test["defaults"].get("accuracy", float("nan")),
-        run_dir / report_lib.REPORT_HTML,
+        html_path,
     )
     return summary
 

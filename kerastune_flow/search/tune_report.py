@@ -6,7 +6,6 @@ line each finished trial logs (`trial_line`)."""
 
 from __future__ import annotations
 
-import html
 import os
 import time
 from collections.abc import Sequence
@@ -17,8 +16,6 @@ from kerastune_flow import reports, rundir
 from kerastune_flow.reports import plots
 
 TUNE_JSON = "tune.json"
-REPORT_MD = "report.md"
-REPORT_HTML = "report.html"
 TRIALS_DIR = "trials"
 
 
@@ -135,14 +132,6 @@ def trial_line(
     return f"Trial {trial_id}: {shown} -> {objective} {value:.4f}, {standing}; {timing}{left}"
 
 
-def _cell(value: Any) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value)
-
-
 def _table(summary: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     names = summary["space"]
     header = ["trial", *names, summary["objective"], "best epoch", "epochs", "training s", "status"]
@@ -150,10 +139,10 @@ def _table(summary: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
         [
             t["trial"],
             *["-" if n not in t["hyperparameters"] else display_value(t["hyperparameters"][n]) for n in names],
-            _cell(t["objective"]),
-            _cell(t["best_epoch"]),
-            _cell(t["epochs_run"]),
-            "-" if t["seconds"] is None else f"{t['seconds']:.1f}",
+            reports.cell(t["objective"], "{:.4g}"),
+            reports.cell(t["best_epoch"]),
+            reports.cell(t["epochs_run"]),
+            reports.cell(t["seconds"], "{:.1f}"),
             t["status"].lower(),
         ]
         for t in _sorted_trials(summary)
@@ -182,22 +171,17 @@ def summary_lines(summary: dict[str, Any], run_dir: Path) -> list[str]:
 
 
 def write_reports(run_dir: str | os.PathLike, summary: dict[str, Any]) -> tuple[Path, Path]:
-    """Writes report.md and report.html (with its plots inlined) beside tune.json."""
+    """Writes the plots, report.md and report.html (with its plots inlined) beside tune.json."""
     run_dir = Path(run_dir)
     figures = plots.tuning_plots(summary, run_dir)
     header, rows = _table(summary)
-    lines = summary_lines(summary, run_dir)
     title = f"Tuning {summary['recipe']}"
-    md = [f"# {title}", "", *[f"- {line}" for line in lines], "", *reports.md_table(header, rows), ""]
-    md += [f"![{name}]({path.name})" for name, path in figures.items()]
-    md_path = run_dir / REPORT_MD
-    rundir.atomic_write_text(md_path, "\n".join(md) + "\n")
-    body = [
-        f"<h1>{html.escape(title)}</h1>",
-        "<ul>" + "".join(f"<li>{html.escape(line)}</li>" for line in lines) + "</ul>",
-        reports.html_table(header, rows),
-        *[reports.html_figure(path, name.replace("_", " ")) for name, path in figures.items()],
-    ]
-    html_path = run_dir / REPORT_HTML
-    rundir.atomic_write_text(html_path, reports.html_page(f"kerastune_flow: {title}", body))
-    return md_path, html_path
+    page = reports.Report(
+        title=title,
+        findings=summary_lines(summary, run_dir),
+        header=header,
+        rows=rows,
+        figures=figures,
+        page_title=f"kerastune_flow: {title}",
+    )
+    return page.write(run_dir)

@@ -28,7 +28,7 @@ class Knob:
     Attributes:
         name: as `--space` takes it and the trials table shows it.
         field: the config field it sets.
-        applies: whether a recipe has it (`finetune_lr` needs a second stage).
+        applies: whether a recipe has it (`finetune_learning_rate` needs a second stage).
         declare: declares the hyperparameter on KerasTuner's `HyperParameters` (given the
             search's fixed config and the recipe); returns its value.
         to_config: the config value of a hyperparameter value.
@@ -53,8 +53,13 @@ def _augment_config(value: str) -> tuple[str, ...]:
 
 def _choice(hp: kt.HyperParameters, name: str, values: list[Any], current: Any) -> Any:
     """A Choice whose default is the config's value when it is one of them: the first trial of a
-    Bayesian or random search is the recipe's defaults (see `tune.DefaultsFirst`)."""
+    Bayesian or random search is the recipe's defaults (see `tuner.AtomicOracleFiles.populate_space`)."""
     return hp.Choice(name, values, default=current if current in values else values[0])
+
+
+def _log_rate(name: str, low: float, high: float, current: Callable[[Config], float]):
+    """Declares a rate searched on a log scale in [low, high], its default the config's, clipped in."""
+    return lambda hp, c, _: hp.Float(name, low, high, sampling="log", default=min(high, max(low, current(c))))
 
 
 KNOBS: dict[str, Knob] = {
@@ -65,18 +70,14 @@ KNOBS: dict[str, Knob] = {
             "learning_rate",
             "learning_rate",
             _always,
-            lambda hp, c, _: hp.Float(
-                "learning_rate", 1e-4, 1e-2, sampling="log", default=min(1e-2, max(1e-4, c.model.learning_rate))
-            ),
+            _log_rate("learning_rate", 1e-4, 1e-2, lambda c: c.model.learning_rate),
             scale="log",
         ),
         Knob(
-            "finetune_lr",
+            "finetune_learning_rate",
             "finetune_learning_rate",
             lambda r: r.staged,
-            lambda hp, c, _: hp.Float(
-                "finetune_lr", 1e-6, 1e-4, sampling="log", default=min(1e-4, max(1e-6, c.model.finetune_learning_rate))
-            ),
+            _log_rate("finetune_learning_rate", 1e-6, 1e-4, lambda c: c.model.finetune_learning_rate),
             scale="log",
         ),
         Knob(
@@ -121,6 +122,19 @@ KNOBS: dict[str, Knob] = {
     )
 }
 assert {"flip", "crop"} <= set(AUGMENTATIONS)  # the augment knob's choices
+# Knob names of earlier releases, accepted in `--space` and `space=` until the next release.
+OLD_KNOB_NAMES = {"finetune_lr": "finetune_learning_rate"}
+
+
+def current_knob_names(space: Sequence[str] | None, *, warn: bool = True) -> list[str] | None:
+    """`space` with old knob names replaced by their new ones (logging a deprecation line each,
+    unless `warn` is False); None stays None (the recipe's space)."""
+    if space is None:
+        return None
+    for old in (name for name in space if name in OLD_KNOB_NAMES and warn):
+        new = OLD_KNOB_NAMES[old]
+        log.warning("`--space %s` is now `--space %s`; the old name goes in the next release.", old, new)
+    return [OLD_KNOB_NAMES.get(name, name) for name in space]
 
 
 def resolve_space(recipe: Recipe, space: Sequence[str] | None, fixed: Sequence[str] = ()) -> list[Knob]:

@@ -4,7 +4,8 @@ The frozen stage caches the base's features (`finetune.split_at_base`), stage 2 
 output of the base's frozen layers below the unfreeze point (`finetune.split_at_prefix`). Either
 cache is computed in one pass over the unshuffled, unaugmented images and served as the batches
 the image pipeline would give (`data.gathered_batches`: the same order per epoch). It stays in
-memory while it fits in a quarter of the memory available; beyond that, or with `feature_cache="disk"`,
+memory while it fits in the package's one memory budget (`data.memory_budget`: a quarter of the
+memory available); beyond that, or with `feature_cache="disk"`,
 it goes to a file in the run directory that is memory-mapped. A cache is never trusted across
 attempts: each attempt computes its own (written under a temporary name, then renamed), so a
 crash leaves nothing a resumed run could read half-written.
@@ -23,7 +24,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from kerastune_flow.data.pipeline import EpochClock, gathered_batches, with_autotune
+from kerastune_flow.data.pipeline import EpochClock, gathered_batches, memory_budget, with_autotune
 from kerastune_flow.runtime import progress
 
 log = logging.getLogger(__name__)
@@ -48,26 +49,6 @@ class Cached:
     @property
     def nbytes(self) -> int:
         return int(self.inputs.nbytes)
-
-
-def available_memory() -> int:
-    """Bytes of memory available now (Linux' MemAvailable; else a quarter of physical memory)."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 4
-    except (ValueError, OSError, AttributeError):
-        return 2 * 1024**3
-
-
-def memory_budget() -> int:
-    """The largest cache kept in memory: a quarter of what is available when the pass starts (the
-    array and the tensor served from it may both exist for a moment)."""
-    return available_memory() // 4
 
 
 def compute(

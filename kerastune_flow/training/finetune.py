@@ -11,22 +11,23 @@ starts at the next one.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from pathlib import Path
-from typing import Any
 
 import keras
 import tensorflow as tf
 
 from kerastune_flow import data as data_lib
-from kerastune_flow import models, rundir
-from kerastune_flow.config import AUTO, Config
-from kerastune_flow.errors import ConfigError
-from kerastune_flow.recipes import fitted
-from kerastune_flow.training import caches, fitting
+from kerastune_flow import models
+from kerastune_flow.config import Config
+from kerastune_flow.training import caches, fitting, resume
 from kerastune_flow.training.fitting import FitContext
+from kerastune_flow.training.stages import FIRST_STAGE, FinetuneStep, finetune_steps, stage_name
+
+# The plan's names, also reached from here by callers of this module's earlier home of them.
+from kerastune_flow.training.stages import parse_progressive as parse_progressive
+from kerastune_flow.training.stages import resolve_steps as resolve_steps
 
 log = logging.getLogger(__name__)
 
@@ -66,15 +67,6 @@ def extract_features(
     """One pass of the frozen part over a batched, unshuffled (images, labels) data set, kept in
     memory or on disk (see `caches.compute`)."""
     return caches.compute(features, ds, policy=policy, folder=folder, name=name)
-
-
-def cache_policy(config: Config, run_dir: str | Path | None) -> str:
-    """Where a cache goes: `feature_cache`'s "memory" or "disk", or for "auto" memory while it fits
-    (on disk beside the run only when there is a run directory to hold it)."""
-    policy = config.model.feature_cache
-    if policy == "auto" and run_dir is None:
-        return "memory"
-    return policy
 
 
 def cached_feature_pipelines(
@@ -138,30 +130,21 @@ def cached_feature_pipelines(
 
 
 def frozen_stage(
-    model: keras.Model, pipes: dict[str, tf.data.Dataset | None], context: FitContext, *, epochs: int
+    model: keras.Model, pipes: dict[str, tf.data.Dataset | None], context: FitContext
 ) -> tuple[keras.Model, tf.data.Dataset, tf.data.Dataset | None]:
-    """What the frozen stage fits, and on what: (model, train, validation).
+    """What the frozen stage fits, and on what: (model, train, validation), not yet compiled.
 
     Features are cached unless `feature_cache` is "off" or random augmentation is on (with
     augmentation every epoch sees new images, so the full forward pass is needed, and the log
-    says so): then the head alone, compiled at the head's rate for `epochs`, on the cached
-    features; else the whole model (compiled by its builder) on the images.
+    says so): then the head alone, on the cached features; else the whole model on the images.
     """
-    config = context.config
-    if not _can_cache(config):
+    if not _can_cache(context.config):
         return model, pipes["train"], pipes["validation"]
     start = time.perf_counter()
     with context.strategy.scope():  # a model made in the scope fits in it (its optimizer's variables too)
         features, head = split_at_base(model)
     cached = _cached_pipelines(features, pipes, context, what="frozen_base_features")
     log.info("The frozen base's features took %.1f s to compute", time.perf_counter() - start)
-    with context.strategy.scope():
-        models.compile_model(
-            head,
-            models.transfer_head(max(2, model.output_shape[-1])),
-            learning_rate=fitting.learning_rate(context, config.model.learning_rate, epochs=epochs),
-            **fitting.compile_kwargs(context),
-        )
     return head, cached["train"], cached["validation"]
 
 
@@ -246,17 +229,8 @@ def fit_frozen(
     Returns:
         (the epoch the stage ended at, the best monitored value).
     """
-    fit_model, train_ds, val_ds = frozen_stage(model, pipes, context, epochs=epochs)
-    if context.config.model.learning_rate == AUTO:
-        words = fitted(context.config, "head")
-        rate = fitting.auto_learning_rate(context, fit_model, train_ds, stage="head", fitted=words)
-        with context.strategy.scope():  # compiled again, at the rate found
-            models.compile_model(
-                fit_model,
-                models.transfer_head(max(2, model.output_shape[-1])),
-                learning_rate=fitting.learning_rate(context, rate, epochs=epochs),
-                **fitting.compile_kwargs(context),
-            )
+    fit_model, train_ds, val_ds = frozen_stage(model, pipes, context)
+    fitting.compile_stage(fit_model, train_ds, context, stage=FIRST_STAGE, epochs=epochs, full_model=model)
     save_model = model if fit_model is not model else None
     callbacks = fitting.stage_callbacks(context, epochs=epochs, stage=stage, save_model=save_model)
     end = fitting.fit(fit_model, train_ds, val_ds, context, callbacks, epochs=epochs)
@@ -267,108 +241,25 @@ def fit_frozen(
 # --------------------------------------------------------------------------- the staged fine-tune
 
 
-@dataclasses.dataclass(frozen=True)
-class FinetuneStep:
-    """One step of stage two: from `offset` epochs after its start, the base is unfrozen from
-    `unfreeze_at` and trains at `learning_rate`."""
-
-    offset: int
-    unfreeze_at: int | float | str
-    learning_rate: float
-
-
-def parse_progressive(spec: str | None) -> list[FinetuneStep]:
-    """Parses progressive unfreezing steps "EPOCH:UNFREEZE_AT:LR,...", epochs counted from the
-    start of stage two; the first step must start at 0.
-
-    Raises:
-        ConfigError: naming the malformed step.
-    """
-    if not spec:
-        return []
-    steps = []
-    for part in spec.split(","):
-        fields = part.strip().split(":")
-        try:
-            if len(fields) != 3:
-                raise ValueError
-            epoch, at, lr = int(fields[0]), fields[1], float(fields[2])
-            if epoch < 0 or lr <= 0:
-                raise ValueError
-        except ValueError:
-            raise ConfigError(
-                "--progressive takes EPOCH:UNFREEZE_AT:LR steps separated by commas, such as "
-                f"0:block5_conv1:1e-5,3:block4_conv1:5e-6. Received: {part.strip()!r}"
-            ) from None
-        steps.append(FinetuneStep(epoch, at, lr))
-    epochs = [step.offset for step in steps]
-    if epochs[0] != 0 or epochs != sorted(set(epochs)):
-        raise ConfigError(f"--progressive steps must start at epoch 0 and increase. Received: epochs={epochs}")
-    return steps
-
-
-def finetune_steps(config: Config, base: keras.Model) -> list[FinetuneStep]:
-    """The steps of stage two: `progressive`'s, or one step from `unfreeze_at` (default: the
-    base's last block) at `finetune_learning_rate`."""
-    m = config.model
-    unfreeze_at = m.unfreeze_at if m.unfreeze_at is not None else models.default_unfreeze_at(base)
-    return parse_progressive(m.progressive) or [FinetuneStep(0, unfreeze_at, m.finetune_learning_rate)]
-
-
-def resolve_steps(config: Config, base: keras.Model) -> list[dict[str, Any]]:
-    """Resolves every fine-tune boundary on the built base before stage one trains, so that an
-    `unfreeze_at` out of range or a layer name that does not exist fails at once.
-
-    Returns:
-        Per step: the stage name, what was asked ("at"), the layer index and name it resolved
-        to (a fraction snapped to a block start), and the learning rate: for config.json.
-
-    Raises:
-        ConfigError: from `models.resolve_unfreeze_at`.
-    """
-    out = []
-    for i, step in enumerate(finetune_steps(config, base)):
-        index = models.resolve_unfreeze_at(base, step.unfreeze_at)
-        layer = base.layers[index].name if index < len(base.layers) else None
-        out.append(
-            {"stage": _stage_name(i), "at": step.unfreeze_at, "index": index, "layer": layer, "lr": step.learning_rate}
-        )
-    return out
-
-
-def _stage_name(i: int) -> str:
-    return "finetune" if i == 0 else f"finetune_{i + 1}"
-
-
 def compile_finetune_step(
-    model: keras.Model,
-    context: FitContext,
-    step: FinetuneStep,
-    *,
-    rate: float | str,
-    epochs: int,
-    fit_model: keras.Model | None = None,
+    model: keras.Model, context: FitContext, step: FinetuneStep, *, rate: float | str, epochs: int
 ) -> int:
-    """Unfreezes the base from `step.unfreeze_at` and compiles the whole model (or `fit_model`,
-    the part above a cached prefix, see `split_at_prefix`) at `rate` for a fit of `epochs` (the
-    base at `rate` x `base_lr_multiplier` when that is given).
+    """Unfreezes the base from `step.unfreeze_at` and compiles the whole model at `rate` (for
+    "auto", the placeholder a range test is run at: see `fitting.compile_stage`) for `epochs`.
 
     Returns:
         The index of the first unfrozen layer of the base.
     """
-    m = context.config.model
-    base = models.find_base(model)
-    with context.strategy.scope():
-        index = models.unfreeze_from(base, step.unfreeze_at)
-        models.compile_model(
-            fit_model or model,
-            models.transfer_head(max(2, model.output_shape[-1])),
-            learning_rate=fitting.learning_rate(context, rate, epochs=epochs),
-            base_variables=base.trainable_variables if m.base_lr_multiplier is not None else None,
-            base_multiplier=m.base_lr_multiplier,
-            **fitting.compile_kwargs(context),
-        )
+    index = unfreeze(model, context, step)
+    fitting.compile_for(model, context, learning_rate=rate, epochs=epochs, base=models.find_base(model))
     return index
+
+
+def unfreeze(model: keras.Model, context: FitContext, step: FinetuneStep) -> int:
+    """Unfreezes the base from `step.unfreeze_at` (it takes effect at the next compile); returns
+    the index of the first unfrozen layer of the base."""
+    with context.strategy.scope():
+        return models.unfreeze_from(models.find_base(model), step.unfreeze_at)
 
 
 def prefix_stage(
@@ -396,30 +287,6 @@ def prefix_stage(
     return rest, cached["train"], cached["validation"]
 
 
-class StageLedger:
-    """Remembers finished stages (weights and where they ended) under backup/, so a resumed run
-    skips them; removed with the backup when the run finishes."""
-
-    def __init__(self, run_dir: Path, enabled: bool):
-        self.folder = Path(run_dir) / rundir.BACKUP_DIR / "stages"
-        self.enabled = enabled
-
-    def done(self, stage: str, model: keras.Model) -> dict | None:
-        """The state recorded when `stage` finished (its weights loaded into `model`), or None."""
-        marker = self.folder / f"{stage}.json"
-        if not (self.enabled and marker.exists()):
-            return None
-        model.load_weights(self.folder / f"{stage}.weights.h5")
-        return rundir.read_json(marker)
-
-    def record(self, stage: str, model: keras.Model, **state: Any) -> None:
-        """Records that `stage` finished, with the model's weights and `state`."""
-        if self.enabled:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            model.save_weights(self.folder / f"{stage}.weights.h5")
-            rundir.atomic_write_json(self.folder / f"{stage}.json", state)
-
-
 def fit_staged(model: keras.Model, pipes: dict[str, tf.data.Dataset | None], context: FitContext) -> list[int]:
     """The staged fine-tune: head on the frozen base, then unfreeze and continue at a low rate.
 
@@ -434,55 +301,80 @@ def fit_staged(model: keras.Model, pipes: dict[str, tf.data.Dataset | None], con
     Returns:
         The first epoch of each fine-tune step (the stage boundaries).
     """
-    m, t = context.config.model, context.config.train
-    base = models.find_base(model)
-    ledger = StageLedger(context.run_dir, t.backup)
-    state = ledger.done("head", model)
+    t = context.config.train
+    ledger = resume.StageLedger(context.run_dir, t.backup)
+    state = ledger.done(FIRST_STAGE, model)
     if state is None:
         log.info("Stage 1: training the head on the frozen base for up to %d epoch(s)", t.head_epochs)
-        end, best = fit_frozen(model, pipes, context, epochs=t.head_epochs, stage="head")
-        ledger.record("head", model, end=end, best=best)
+        end, best = fit_frozen(model, pipes, context, epochs=t.head_epochs, stage=FIRST_STAGE)
+        ledger.record(FIRST_STAGE, model, end=end, best=best)
     else:
         end, best = state["end"], state["best"]
         log.info("Stage 1 (head) finished in an earlier attempt: continuing at epoch %d", end + 1)
-    plan = finetune_steps(context.config, base)
+    plan = finetune_steps(context.config, models.find_base(model))
     stage2_start, final = end, end + t.epochs
     boundaries = []
     for i, step in enumerate(plan):
-        stage = _stage_name(i)
         start = max(end, stage2_start + step.offset)
         stop = stage2_start + plan[i + 1].offset if i + 1 < len(plan) else final
         boundaries.append(start)
-        index = compile_finetune_step(model, context, step, rate=step.learning_rate, epochs=stop - start)
-        state = ledger.done(stage, model)
-        if state is not None:
-            end, best = state["end"], state["best"]
-            continue
-        if start >= stop:
-            log.info("Step %s has no epochs left (stage ends at epoch %d): skipped", stage, stop)
-            continue
-        fit_model, train_ds, val_ds = prefix_stage(model, pipes, context, index)
-        rate = step.learning_rate
-        if fit_model is not model:
-            compile_finetune_step(model, context, step, rate=rate, epochs=stop - start, fit_model=fit_model)
-        if rate == AUTO:  # tested on what stage 2 trains: unfrozen, with any base multiplier
-            words = fitted(context.config, "finetune")
-            rate = fitting.auto_learning_rate(context, fit_model, train_ds, stage=stage, fitted=words, epoch=start)
-            compile_finetune_step(model, context, step, rate=rate, epochs=stop - start, fit_model=fit_model)
-        log.info(
-            "Stage %s: base layers from %s unfrozen, learning rate %g%s, epochs %d to %d",
-            stage,
-            models.describe_layer(base, index),
-            rate,
-            f" (base x{m.base_lr_multiplier:g})" if m.base_lr_multiplier else "",
-            start + 1,
-            stop,
-        )
-        save_model = model if fit_model is not model else None
-        callbacks = fitting.stage_callbacks(context, epochs=stop - start, stage=stage, best=best, save_model=save_model)
-        end = fitting.fit(fit_model, train_ds, val_ds, context, callbacks, epochs=stop, initial_epoch=start)
-        best = fitting.best_so_far(callbacks)
-        ledger.record(stage, model, end=end, best=best)
-        del fit_model, train_ds, val_ds  # the step's cache, before the next step computes its own
-        caches.remove(context.run_dir)
+        ended = _finetune_step(model, pipes, context, ledger, stage_name(i), step, (start, stop), best)
+        end, best = ended if ended is not None else (end, best)
     return boundaries
+
+
+def _finetune_step(
+    model: keras.Model,
+    pipes: dict[str, tf.data.Dataset | None],
+    context: FitContext,
+    ledger: resume.StageLedger,
+    stage: str,
+    step: FinetuneStep,
+    epochs: tuple[int, int],
+    best: float | None,
+) -> tuple[int, float | None] | None:
+    """One step of stage two over epochs [start, stop): unfreeze, compile once the rate is known,
+    fit; a step the ledger holds is skipped with its weights. Returns (end epoch, best value), or
+    None when the step has no epochs left."""
+    start, stop = epochs
+    base = models.find_base(model)
+    index = unfreeze(model, context, step)
+    state = ledger.done(stage, model)
+    if state is not None or start >= stop:
+        # Skipped, yet compiled as the step left it: the model is evaluated and saved at the end.
+        recorded = resume.found_learning_rates(context.run_dir).get(stage, step.learning_rate)
+        fitting.compile_for(model, context, learning_rate=recorded, epochs=max(1, stop - start), base=base)
+        if state is not None:
+            return state["end"], state["best"]
+        log.info("Step %s has no epochs left (stage ends at epoch %d): skipped", stage, stop)
+        return None
+    fit_model, train_ds, val_ds = prefix_stage(model, pipes, context, index)
+    rate = fitting.compile_stage(  # tested, for "auto", on what stage 2 trains: with any base multiplier
+        fit_model,
+        train_ds,
+        context,
+        stage=stage,
+        learning_rate=step.learning_rate,
+        epochs=stop - start,
+        epoch=start,
+        full_model=model,
+        base=base,
+    )
+    multiplier = context.config.model.base_lr_multiplier
+    log.info(
+        "Stage %s: base layers from %s unfrozen, learning rate %g%s, epochs %d to %d",
+        stage,
+        models.describe_layer(base, index),
+        rate,
+        f" (base x{multiplier:g})" if multiplier else "",
+        start + 1,
+        stop,
+    )
+    save_model = model if fit_model is not model else None
+    callbacks = fitting.stage_callbacks(context, epochs=stop - start, stage=stage, best=best, save_model=save_model)
+    end = fitting.fit(fit_model, train_ds, val_ds, context, callbacks, epochs=stop, initial_epoch=start)
+    best = fitting.best_so_far(callbacks)
+    ledger.record(stage, model, end=end, best=best)
+    del fit_model, train_ds, val_ds  # the step's cache, before the next step computes its own
+    caches.remove(context.run_dir)
+    return end, best

@@ -1,7 +1,10 @@
-"""One fit of one stage: its learning rate, steps per epoch, callbacks, and the `fit` call.
+"""One fit of one stage: its compile, its learning rate ("auto" found by a range test), steps per
+epoch, callbacks, and the `fit` call.
 
-Both `train.py` (single-stage recipes) and `finetune.py` (the frozen stage and the staged
-fine-tune) fit through here, so neither imports the other.
+`compile_for` is the one place training compiles, and `compile_stage` calls it once a stage's rate
+is known; the builders' own compile (`models`) is for the public API, and training builds its
+models uncompiled (`setup.build_model`). Both `train.py` (single-stage recipes) and `finetune.py`
+(the frozen stage and the staged fine-tune) fit through here, so neither imports the other.
 """
 
 from __future__ import annotations
@@ -14,11 +17,13 @@ from typing import Any
 import keras
 import tensorflow as tf
 
-from kerastune_flow import rundir
+from kerastune_flow import models, rundir
 from kerastune_flow.config import AUTO, Config
 from kerastune_flow.data.pipeline import EpochClock
+from kerastune_flow.recipes import fitted, get_recipe
 from kerastune_flow.reports import plots
-from kerastune_flow.runtime.strategy import DeviceSettings, global_batch_size
+from kerastune_flow.runtime.device import DeviceSettings
+from kerastune_flow.runtime.strategy import global_batch_size
 from kerastune_flow.training import callbacks as cb
 from kerastune_flow.training import lr_range, resume
 
@@ -58,29 +63,96 @@ def steps_per_epoch(num_train: int, batch_size: int, settings: DeviceSettings) -
     return num_train // batch_size if settings.drop_remainder else -(-num_train // batch_size)
 
 
-# What a model compiled for a rate of "auto" is compiled at: no step ever runs at it, since the range
-# test runs on its own copy of the optimizer and the fit compiles again at the rate found.
+# What a model is compiled at for a range test when its rate is "auto": no step ever runs at it, since the
+# test runs on its own copy of the optimizer and `compile_stage` compiles again at the rate found.
 AUTO_PLACEHOLDER_RATE = 1e-3
 
 
-def learning_rate(context: FitContext, rate: float | str, *, epochs: int) -> Any:
-    """The rate, or with `lr_schedule="cosine"` a CosineDecay from it to 0 over `epochs`; for
-    "auto", `AUTO_PLACEHOLDER_RATE` until `auto_learning_rate` has found the rate."""
-    if rate == AUTO:
-        rate = AUTO_PLACEHOLDER_RATE
-    if context.config.model.lr_schedule == "cosine" and context.steps_per_epoch:
-        return keras.optimizers.schedules.CosineDecay(rate, decay_steps=max(1, epochs * context.steps_per_epoch))
-    return rate
+def compile_for(
+    model: keras.Model,
+    context: FitContext,
+    *,
+    epochs: int,
+    learning_rate: float | str | None = None,
+    base: keras.Model | None = None,
+) -> keras.Model:
+    """Compiles `model` for a fit of `epochs` epochs at `learning_rate`: the one place training compiles.
+
+    The loss follows from the recipe's head on the model's output; the optimizer, XLA and steps
+    per execution from the run's settings; with `lr_schedule="cosine"` the rate decays to 0 over
+    the fit (a CosineDecay). Call it after the rate is known and `trainable` is set: both only
+    take effect at compile time.
+
+    Args:
+        model: the model the fit trains (or the full model that shares its layers).
+        context: the run's fit context.
+        learning_rate: the rate; None: the config's `learning_rate` (the first stage's); "auto":
+            `AUTO_PLACEHOLDER_RATE`, for a range test (see `compile_stage`).
+        epochs: the fit's epochs, over which a cosine schedule decays.
+        base: the pre-trained base, whose trainable variables train at `learning_rate` x
+            `base_lr_multiplier` when that is set (discriminative rates, stage 2).
+
+    Returns:
+        The model, compiled.
+    """
+    m = context.config.model
+    rate: Any = m.learning_rate if learning_rate is None else learning_rate
+    rate = AUTO_PLACEHOLDER_RATE if rate == AUTO else float(rate)
+    if m.lr_schedule == "cosine" and context.steps_per_epoch:
+        rate = keras.optimizers.schedules.CosineDecay(rate, decay_steps=max(1, epochs * context.steps_per_epoch))
+    discriminative = base is not None and m.base_lr_multiplier is not None
+    with context.strategy.scope():  # a model compiled in the scope fits in it (its optimizer's variables too)
+        return models.compile_model(
+            model,
+            get_recipe(m.recipe).head_spec(max(2, model.output_shape[-1])),  # 1 sigmoid unit: two classes
+            optimizer=m.optimizer,
+            learning_rate=rate,
+            jit_compile=context.settings.jit_compile,
+            steps_per_execution=context.config.train.steps_per_execution,
+            base_variables=base.trainable_variables if discriminative else None,
+            base_multiplier=m.base_lr_multiplier if discriminative else None,
+        )
 
 
-def compile_kwargs(context: FitContext) -> dict[str, Any]:
-    """The compile settings every stage shares: optimizer, XLA, steps per execution."""
-    t = context.config.train
-    return dict(
-        optimizer=context.config.model.optimizer,
-        jit_compile=context.settings.jit_compile,
-        steps_per_execution=t.steps_per_execution,
-    )
+def compile_stage(
+    fit_model: keras.Model,
+    train_ds: tf.data.Dataset,
+    context: FitContext,
+    *,
+    stage: str,
+    epochs: int,
+    learning_rate: float | str | None = None,
+    epoch: int = 0,
+    full_model: keras.Model | None = None,
+    base: keras.Model | None = None,
+) -> float:
+    """Compiles what a stage fits once its rate is known; returns the rate.
+
+    For "auto" the rate is found first by a range test on `fit_model` (`auto_learning_rate`),
+    which needs a compiled model (its loss, its optimizer's class): so it is compiled at
+    `AUTO_PLACEHOLDER_RATE` for the test, then at the rate found.
+
+    Args:
+        fit_model: what the stage fits (the head alone on cached features, or the whole model).
+        train_ds: the stage's training pipeline (what a range test reads).
+        context: the run's fit context.
+        stage: "head" for the first fit of a run, "finetune" (or "finetune_N") for stage 2.
+        learning_rate: the rate, or "auto"; None: the config's `learning_rate` (the first stage's).
+        epochs: the stage's epochs.
+        epoch: the stage's first epoch, whose data a range test reads.
+        full_model: the model that shares `fit_model`'s layers, when the stage fits a part of it:
+            compiled the same way, for its checkpoint and the evaluation at the end.
+        base: the pre-trained base, for discriminative rates (see `compile_for`).
+    """
+    if learning_rate is None:
+        learning_rate = context.config.model.learning_rate
+    if learning_rate == AUTO:
+        compile_for(fit_model, context, learning_rate=AUTO, epochs=epochs, base=base)
+        words = fitted(context.config, "finetune" if stage.startswith("finetune") else "head")
+        learning_rate = auto_learning_rate(context, fit_model, train_ds, stage=stage, fitted=words, epoch=epoch)
+    for model in {id(m): m for m in (fit_model, full_model) if m is not None}.values():
+        compile_for(model, context, learning_rate=float(learning_rate), epochs=epochs, base=base)
+    return float(learning_rate)
 
 
 def auto_learning_rate(
@@ -90,8 +162,9 @@ def auto_learning_rate(
     `model`, compiled as the fit will be, with the data and dropout of the fit's first epoch.
 
     The test's record goes to lr_find.json and lr_find.png in the run directory (for stage 2,
-    lr_find_finetune.*) and the rate also under backup/, so that a resumed run takes the rate its
-    first attempt found instead of testing again on other weights.
+    lr_find_finetune.*) and the rate also into the resume state (`resume.record_learning_rate`),
+    so that a resumed run takes the rate its first attempt found instead of testing again on
+    other weights.
 
     Args:
         context: the run's fit context.
@@ -104,15 +177,13 @@ def auto_learning_rate(
     Returns:
         The rate found (or recorded).
     """
-    recorded = found_learning_rates(context.run_dir)
+    recorded = resume.found_learning_rates(context.run_dir)
     if stage in recorded:
         log.info("learning rate auto: %.3g, found by the interrupted run (%s)", recorded[stage], stage)
         return recorded[stage]
     record = {**range_test_record(context, model, train_ds, stage=stage, epoch=epoch), "fitted": fitted}
     write_range_test(record, context.run_dir, stage=stage)
-    rundir.atomic_write_json(
-        context.run_dir / rundir.BACKUP_DIR / rundir.LEARNING_RATES_JSON, {**recorded, stage: record["suggestion"]}
-    )
+    resume.record_learning_rate(context.run_dir, stage, record["suggestion"])
     log.info(
         "learning rate auto: %.3g (rule %s, %d range-test steps; %s)",
         record["suggestion"],
@@ -140,15 +211,6 @@ def range_test_record(
     seeds.on_epoch_begin(epoch)
     test = lr_range.range_test(model, train_ds, max_steps=max_steps)
     return {**test.record(), "stage": stage, "global_batch_size": context.global_batch_size}
-
-
-def found_learning_rates(run_dir: str | Path) -> dict[str, float]:
-    """The rates "auto" found so far in an unfinished run, by stage ({} when none)."""
-    path = Path(run_dir) / rundir.BACKUP_DIR / rundir.LEARNING_RATES_JSON
-    try:
-        return {str(k): float(v) for k, v in rundir.read_json(path).items()}
-    except (OSError, ValueError, AttributeError):
-        return {}
 
 
 def write_range_test(record: dict[str, Any], run_dir: str | Path, *, stage: str | None = None) -> tuple[Path, Path]:

@@ -18,27 +18,23 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import keras
 import tensorflow as tf
 
 from kerastune_flow import data as data_lib
-from kerastune_flow import models, rundir, runlock
+from kerastune_flow import models, rundir
 from kerastune_flow.config import Config
 from kerastune_flow.errors import ConfigError
 from kerastune_flow.recipes import fitted, get_recipe
 from kerastune_flow.runtime import process
-from kerastune_flow.runtime.strategy import (
-    DeviceSettings,
-    get_strategy,
-    global_batch_size,
-    is_chief,
-)
-from kerastune_flow.training import finetune, fitting, lr_range, train
-from kerastune_flow.training.fitting import FitContext
+from kerastune_flow.runtime.device import DeviceSettings, dtype_policy
+from kerastune_flow.runtime.strategy import get_strategy, is_chief
+from kerastune_flow.training import finetune, fitting, lr_range
+from kerastune_flow.training.setup import run_settings, set_up, with_seed
+from kerastune_flow.training.stages import FIRST_STAGE, finetune_steps
 
 log = logging.getLogger(__name__)
 
-STAGES = ("head", "finetune")
+STAGES = (FIRST_STAGE, "finetune")
 # Stage 1 before a fine-tune's range test writes none of a run's files (it is thrown away).
 QUIET_STAGE_ONE = dict(checkpoint=False, backup=False, tensorboard=False, csv_log=False, jsonl_log=False)
 
@@ -80,14 +76,14 @@ def find_lr(
         )
     process.prepare_process(config.train.strategy, deterministic=config.train.deterministic)
     strategy = get_strategy(config.train.strategy)
-    config = train.with_seed(config, run_dir, strategy)
+    config = with_seed(config, run_dir, strategy)
     chief = is_chief(strategy)
     if chief:  # a range test goes in a new folder, its own earlier one's, or a run's
         rundir.claim_dir(run_dir, kinds=("lr_find", "run"))
     out_dir = Path(run_dir) if chief else Path(tempfile.mkdtemp(prefix="kerastune_flow_worker_"))
-    settings, config = train.run_settings(config, strategy)
+    settings, config = run_settings(config, strategy)
     try:
-        with runlock.run_lock(out_dir, take=chief), train.dtype_policy(settings.dtype_policy):
+        with rundir.run_lock(out_dir, take=chief), dtype_policy(settings.dtype_policy):
             record = _find_lr(config, out_dir, strategy, settings, stage, max_steps)
     except tf.errors.InvalidArgumentError as error:  # labels outside the head's classes: a user error
         translated = data_lib.label_range_error(error)
@@ -108,35 +104,10 @@ def _find_lr(
     stage: str,
     max_steps: int,
 ) -> dict[str, Any]:
-    keras.utils.set_random_seed(config.train.seed)
-    recipe = get_recipe(config.model.recipe)
-    train.check_before_data(config)
-    base = train.load_base(config)
-    if base is not None:
-        splits = data_lib.load_splits(
-            config, image_size=tuple(base.input_shape[1:3]), channels=int(base.input_shape[-1])
-        )
-    else:
-        splits = data_lib.load_splits(config, channels=3 if recipe.transfer else None)
-    if splits.sizes["validation"] == 0 and config.train.monitor.startswith("val_"):
-        config = config.replace(monitor=config.train.monitor.removeprefix("val_"))
-    head = recipe.head(splits.num_classes)
+    run = set_up(config, run_dir, strategy, settings)  # as `train` sets its run up
+    config, recipe, splits, context = run.config, run.recipe, run.splits, run.context
+    pipes, model = run.pipes, run.model
     t = config.train
-    context = FitContext(
-        config=config,
-        run_dir=run_dir,
-        strategy=strategy,
-        settings=settings,
-        steps_per_epoch=fitting.steps_per_epoch(
-            splits.sizes["train"], global_batch_size(config.data.batch_size, strategy), settings
-        ),
-        clock=data_lib.EpochClock(),
-        epochs=t.head_epochs + t.epochs if recipe.staged else t.epochs,
-    )
-    pipes = train.make_pipelines(splits, context, head)
-    keras.utils.set_random_seed(config.train.seed)  # as `train` does, just before the weights are drawn
-    with strategy.scope():
-        model = train.build_model(context, input_shape=splits.image_shape, num_classes=splits.num_classes, base=base)
     log.info(
         "Range test of %s, stage %s, on %s (%d training examples, global batch %d)",
         f"{recipe.name} on {config.model.base}" if config.model.base else recipe.model_name(config.model.backbone),
@@ -146,18 +117,18 @@ def _find_lr(
         context.global_batch_size,
     )
     epoch = 0
-    if stage == "head" and recipe.transfer:
-        fit_model, train_ds, _ = finetune.frozen_stage(
-            model, pipes, context, epochs=t.head_epochs if recipe.staged else t.epochs
+    if stage == FIRST_STAGE:
+        # What the first fit trains: the head on cached features, or the whole model.
+        fit_model, train_ds, _ = (
+            finetune.frozen_stage(model, pipes, context) if recipe.transfer else (model, pipes["train"], None)
         )
-    elif stage == "head":
-        fit_model, train_ds = model, pipes["train"]
+        fitting.compile_for(fit_model, context, epochs=t.head_epochs if recipe.staged else t.epochs)
     else:
         with tempfile.TemporaryDirectory(prefix="kerastune_flow_stage1_") as scratch:
             quiet = dataclasses.replace(context, run_dir=Path(scratch), config=config.replace(**QUIET_STAGE_ONE))
             log.info("Stage 1: training the head on the frozen base for up to %d epoch(s) first", t.head_epochs)
-            epoch, _ = finetune.fit_frozen(model, pipes, quiet, epochs=t.head_epochs, stage="head")
-        step = finetune.finetune_steps(config, models.find_base(model))[0]
+            epoch, _ = finetune.fit_frozen(model, pipes, quiet, epochs=t.head_epochs, stage=FIRST_STAGE)
+        step = finetune_steps(config, models.find_base(model))[0]
         finetune.compile_finetune_step(model, context, step, rate=step.learning_rate, epochs=t.epochs)
         fit_model, train_ds = model, pipes["train"]
     record = fitting.range_test_record(context, fit_model, train_ds, stage=stage, epoch=epoch, max_steps=max_steps)

@@ -19,22 +19,7 @@ distribute it; the reported loss is the mean over the global batch, so one repli
 the same curve (up to the order of float sums). The model's `steps_per_execution` plays no part:
 the test runs its own step.
 
-`suggest(lrs, losses, rule)` reads a rate off the curve:
-    descent    the default: where the loss falls fastest before its minimum, on the curve smoothed
-               without lag (a Gaussian over a quarter of a decade of rates)
-    valley     fastai's default: the longest descending stretch of the exponentially smoothed
-               curve, about halfway down it
-    steepest   Lightning's: where the exponentially smoothed loss falls fastest (its gradient's
-               minimum)
-    minimum    fastai's `minimum`: a tenth of the rate at the lowest exponentially smoothed loss
-The default rule and the test's length were chosen by benchmarks/lr_find.py (results in
-benchmarks/lr_find_results.json): for the MNIST MLP, the CIFAR-10 CNN on 3,000 images and the
-cat-vs-dog head, the test accuracy at each rule's suggestion against the best of a 7-point grid of
-rates, 6 seeds. Behind the grid's best by, in points (MLP / CNN / head): descent 0.02 / 1.00 /
-0.27 at 300 steps; fastai's valley 0.55 / 1.07 / 1.62 (0.92 / 1.20 / 1.11 at its 100 steps);
-minimum 0.65 / -0.15 / 1.48; Lightning's steepest 29 / 2.4 / 9.6, its pick falling past the
-minimum into the noise of the diverging end. The exponential average lags the curve by tens of
-steps, so its valley starts early; 300 steps read every rule's curve more steadily than 100.
+`lr_suggest.suggest` reads a rate off the curve (the rules, and how the default was chosen, are there).
 """
 
 from __future__ import annotations
@@ -43,7 +28,6 @@ import dataclasses
 import logging
 import math
 import time
-from collections.abc import Sequence
 from typing import Any
 
 import keras
@@ -51,20 +35,18 @@ import numpy as np
 import tensorflow as tf
 
 from kerastune_flow.errors import ConfigError, TrainingDivergedError
+from kerastune_flow.training.lr_suggest import BETA, DEFAULT_RULE, RULES, centered_smooth, suggest
+
+# The rules' helper, also reached from here by callers of its former home.
+from kerastune_flow.training.lr_suggest import ema_smooth as ema_smooth
 
 log = logging.getLogger(__name__)
 
-RULES = ("descent", "valley", "steepest", "minimum")
-DEFAULT_RULE = "descent"  # measured: benchmarks/lr_find.py
 MIN_LR = 1e-7  # fastai's start_lr and end_lr
 MAX_LR = 10.0
 MAX_STEPS = 300  # fastai and Lightning take 100; 300 read the curve more steadily (measured)
-BETA = 0.98  # the loss's exponential smoothing, debiased (fastai and Lightning)
-DESCENT_SIGMA_DECADES = 0.25  # the "descent" rule's Gaussian smoothing, in decades of the rate
 DIVERGE_FACTOR = 4.0  # stop once the smoothed loss exceeds this times its minimum (both)
 DIVERGE_WINDOW = 10  # ... or the median of this many raw losses does (one noisy batch is not a rise)
-VALLEY_SKIP_END = 5  # fastai drops the last 5 points; both skip the first tenth of the steps
-STEEPEST_SKIP_END = 1  # Lightning's skip_end
 
 
 @dataclasses.dataclass(frozen=True)
@@ -191,23 +173,27 @@ def range_test(
         seconds=time.perf_counter() - start,
         why=check.why,
     )
+    _log_outcome(test, diverge_factor)
+    return test
+
+
+def _log_outcome(test: RangeTest, diverge_factor: float) -> None:
     if test.diverged:
-        outcome = f"stopped where the loss diverged: {check.why}"
+        outcome = f"stopped where the loss diverged: {test.why}"
     else:
-        finite = [v for v in losses if math.isfinite(v)]
+        finite = [v for v in test.losses if math.isfinite(v)]
         outcome = (
             f"the loss never diverged (its lowest {min(finite):.3g}, its last {finite[-1]:.3g}; the test stops at "
             f"{diverge_factor:g}x the lowest)"
         )
     log.info(
         "Range test: %d step(s), rate %.2g to %.2g, %s, in %.1f s",
-        len(losses),
+        len(test.losses),
         test.lrs[0],
         test.lrs[-1],
         outcome,
         test.seconds,
     )
-    return test
 
 
 class DivergenceCheck:
@@ -307,111 +293,3 @@ def _snapshot(model: keras.Model) -> list[np.ndarray]:
 def _restore(model: keras.Model, saved: list[np.ndarray]) -> None:
     for variable, value in zip(_state_variables(model), saved, strict=True):
         variable.assign(value)
-
-
-# --------------------------------------------------------------------------- suggestion rules
-
-
-def ema_smooth(losses: Sequence[float], beta: float = BETA) -> np.ndarray:
-    """The exponential moving average of `losses`, debiased, as fastai and Lightning smooth."""
-    out, average = np.empty(len(losses)), 0.0
-    for i, loss in enumerate(losses):
-        average = beta * average + (1 - beta) * loss
-        out[i] = average / (1 - beta ** (i + 1)) if beta else loss
-    return out
-
-
-def centered_smooth(
-    lrs: Sequence[float], losses: Sequence[float], sigma_decades: float = DESCENT_SIGMA_DECADES
-) -> np.ndarray:
-    """`losses` smoothed with a Gaussian over `sigma_decades` of the (log) rate, which unlike an
-    exponential average does not lag behind the curve; cut at the first loss that is not finite."""
-    losses = np.asarray(losses, dtype=np.float64)
-    bad = np.flatnonzero(~np.isfinite(losses))
-    losses = losses[: int(bad[0])] if bad.size else losses
-    if len(losses) < 2:
-        return losses
-    decades_per_step = math.log10(lrs[1] / lrs[0])
-    sigma = max(1.0, sigma_decades / decades_per_step)
-    steps = np.arange(len(losses))
-    weights = np.exp(-0.5 * ((steps[:, None] - steps[None, :]) / sigma) ** 2)
-    return weights @ losses / weights.sum(axis=1)
-
-
-def suggest(
-    lrs: Sequence[float],
-    losses: Sequence[float],
-    rule: str = DEFAULT_RULE,
-    *,
-    planned_steps: int | None = None,
-    beta: float = BETA,
-) -> float:
-    """Reads a learning rate off a range test's loss curve.
-
-    Every rule skips the first tenth of the planned steps (where the loss still moves for
-    reasons other than the rate) and ignores the curve from its first value that is not finite.
-
-    Args:
-        lrs: the rate of each step, increasing exponentially.
-        losses: each step's loss (`RangeTest.losses`), as measured: each rule smooths it its way.
-        rule: "descent": the steepest point of the curve smoothed without lag (a Gaussian over
-            `DESCENT_SIGMA_DECADES` of the rate), between the start and the curve's minimum.
-            "valley" (fastai's): on the exponentially smoothed curve, the longest descending
-            stretch, skipping also the last 5 points, then 1/2 of the way down it. "steepest"
-            (Lightning's): the minimum of the smoothed curve's gradient, skipping the last point.
-            "minimum" (fastai's): the rate at the smoothed curve's lowest loss, divided by 10.
-        planned_steps: the steps the test planned (what the first tenth is counted from);
-            None: `len(lrs)`.
-        beta: the exponential smoothing of fastai's and Lightning's rules (0: none).
-
-    Returns:
-        The suggested rate, one of `lrs` (a tenth of one for "minimum").
-
-    Raises:
-        ConfigError: for an unknown rule or curves of different lengths.
-        TrainingDivergedError: when the curve is too short to read (the loss diverged at once).
-    """
-    if rule not in RULES:
-        raise ConfigError(f"Unknown suggestion rule {rule!r}; choose one of {', '.join(RULES)}. Received: rule={rule}")
-    lrs_arr, loss_arr = np.asarray(lrs, dtype=np.float64), np.asarray(losses, dtype=np.float64)
-    if lrs_arr.shape != loss_arr.shape:
-        raise ConfigError(f"lrs and losses must have one value per step. Received: {len(lrs)} and {len(losses)}")
-    bad = np.flatnonzero(~np.isfinite(loss_arr))
-    end = int(bad[0]) if bad.size else len(loss_arr)
-    curve = centered_smooth(lrs_arr, loss_arr) if rule == "descent" else ema_smooth(loss_arr[:end], beta)
-    skip_begin = (planned_steps or len(lrs_arr)) // 10
-    skip_end = VALLEY_SKIP_END if rule == "valley" else STEEPEST_SKIP_END if rule == "steepest" else 0
-    first, last = skip_begin, end - skip_end
-    if last - first < 2:  # a curve cut short: read what there is
-        first, last = 0, end
-    if last - first < 2:
-        raise TrainingDivergedError(
-            f"The loss diverged within {end} step(s) of the range test, so no rate can be read off it; lower "
-            f"min_lr or check the data. Received: steps={len(loss_arr)}"
-        )
-    lrs_arr, curve = lrs_arr[first:last], curve[first:last]
-    if rule == "descent":
-        down = curve[: int(np.argmin(curve)) + 1]
-        return float(lrs_arr[int(np.argmin(np.gradient(down)))] if len(down) > 1 else lrs_arr[0])
-    if rule == "minimum":
-        return float(lrs_arr[int(np.argmin(curve))] / 10)
-    if rule == "steepest":
-        return float(lrs_arr[int(np.argmin(np.gradient(curve)))])
-    return float(lrs_arr[_valley_index(curve)])
-
-
-def _valley_index(losses: np.ndarray) -> int:
-    """fastai's `valley`: the end of the longest decreasing subsequence and its length give the
-    valley; the point 1/3 + 1/6 of the way into it is the suggestion."""
-    n = len(losses)
-    lengths = [1] * n
-    start = end = 0
-    for i in range(1, n):
-        for j in range(i):
-            if losses[i] < losses[j] and lengths[i] < lengths[j] + 1:
-                lengths[i] = lengths[j] + 1
-            if lengths[end] < lengths[i]:
-                end = i
-                start = end - lengths[end]
-    sections = (end - start) / 3
-    return max(0, start + int(sections) + int(sections / 2))

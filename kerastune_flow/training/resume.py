@@ -1,4 +1,14 @@
-"""Resume: what a fit saves at the end of every epoch, and how the same command continues it exactly.
+"""Resume: every file of a run's resume state, and how the same command continues a run exactly.
+
+A run's resume state is its backup/ folder (`rundir.BACKUP_DIR`), written here only:
+
+    backup/<stage>/        one fit's epochs (`RunBackup`, below); "fit" for a single-stage recipe
+    backup/stages/         the finished stages of a staged fine-tune (`StageLedger`)
+    backup/learning_rates.json   the rates "auto" found, by stage (`record_learning_rate`)
+
+and the seed the interrupted run recorded in config.json (`recorded_seed`). A worker of a cluster
+starts from a copy of the chief's backup (`worker_copy`); a finished run's backup goes
+(`discard`).
 
 At the end of each epoch `RunBackup` writes, into the fit's folder under backup/:
 
@@ -23,6 +33,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
@@ -36,6 +47,87 @@ from kerastune_flow import rundir
 log = logging.getLogger(__name__)
 
 STATE_JSON = "state.json"
+STAGES_DIR = "stages"  # under backup/: the stage ledger of a staged fine-tune
+SINGLE_FIT = "fit"  # the backup folder of a recipe's only fit (a stage's is named after it)
+
+
+def backup_dir(run_dir: str | os.PathLike) -> Path:
+    """The folder of a run's resume state."""
+    return Path(run_dir) / rundir.BACKUP_DIR
+
+
+def fit_folder(run_dir: str | os.PathLike, stage: str | None = None) -> Path:
+    """Where `RunBackup` keeps the epochs of one fit: backup/<stage>, or backup/fit."""
+    return backup_dir(run_dir) / (stage or SINGLE_FIT)
+
+
+def is_interrupted(run_dir: str | os.PathLike) -> bool:
+    """True when `run_dir` holds an interrupted run: a backup and no results."""
+    run_dir = Path(run_dir)
+    return backup_dir(run_dir).exists() and not (run_dir / rundir.RESULTS_JSON).exists()
+
+
+def recorded_seed(run_dir: str | os.PathLike) -> int | None:
+    """The seed an interrupted run in `run_dir` recorded in config.json, or None."""
+    if not is_interrupted(run_dir):
+        return None
+    try:
+        return rundir.read_json(Path(run_dir) / rundir.CONFIG_JSON)["config"]["train"]["seed"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def worker_copy(chief_dir: str | os.PathLike) -> Path:
+    """A non-chief worker's private run directory: the same files are written, then thrown away.
+    It starts from the chief's backup, if any, so a restarted cluster resumes in step."""
+    private = Path(tempfile.mkdtemp(prefix="kerastune_flow_worker_"))
+    if backup_dir(chief_dir).is_dir():
+        shutil.copytree(backup_dir(chief_dir), backup_dir(private))
+    return private
+
+
+def discard(run_dir: str | os.PathLike) -> None:
+    """Removes a run's resume state (the run finished: nothing is left to resume)."""
+    shutil.rmtree(backup_dir(run_dir), ignore_errors=True)
+
+
+def found_learning_rates(run_dir: str | os.PathLike) -> dict[str, float]:
+    """The rates "auto" found so far in an unfinished run, by stage ({} when none)."""
+    try:
+        rates = rundir.read_json(backup_dir(run_dir) / rundir.LEARNING_RATES_JSON)
+        return {str(k): float(v) for k, v in rates.items()}
+    except (OSError, ValueError, AttributeError):
+        return {}
+
+
+def record_learning_rate(run_dir: str | os.PathLike, stage: str, rate: float) -> None:
+    """Records the rate "auto" found for `stage`, so that a resumed run takes it instead of testing again."""
+    rates = {**found_learning_rates(run_dir), stage: rate}
+    rundir.atomic_write_json(backup_dir(run_dir) / rundir.LEARNING_RATES_JSON, rates)
+
+
+class StageLedger:
+    """Remembers finished stages (weights and where they ended) under backup/stages, so a resumed
+    run skips them; removed with the backup when the run finishes."""
+
+    def __init__(self, run_dir: str | os.PathLike, enabled: bool):
+        self.folder = backup_dir(run_dir) / STAGES_DIR
+        self.enabled = enabled
+
+    def done(self, stage: str, model: keras.Model) -> dict | None:
+        """The state recorded when `stage` finished (its weights loaded into `model`), or None."""
+        marker = self.folder / f"{stage}.json"
+        if not (self.enabled and marker.exists()):
+            return None
+        model.load_weights(self.folder / f"{stage}.weights.h5")
+        return rundir.read_json(marker)
+
+    def record(self, stage: str, model: keras.Model, **state: Any) -> None:
+        """Records that `stage` finished, with the model's weights and `state`."""
+        if self.enabled:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            model.save_weights(self.folder / f"{stage}.weights.h5")
+            rundir.atomic_write_json(self.folder / f"{stage}.json", state)
 
 
 class Stateful(Protocol):

@@ -1,22 +1,22 @@
-"""`train_and_evaluate(config, workdir)`: the one function the CLI, notebooks and tests call.
+"""`train_and_evaluate(config, run_dir)`: the one function the CLI, notebooks and tests call.
 
-It chooses the strategy, loads the data, builds and compiles the model inside the strategy's
-scope, fits with the standard callbacks (two fits with a compile between them for a staged
-recipe, see `finetune.py`), evaluates on the test split, and leaves a complete run directory
-(see `rundir.py`). Running the same call again after a crash resumes from the last finished
-epoch. `inference.py` uses the run directory afterwards.
+It chooses the strategy, sets the run up (`setup.py`: data, pipelines, the model built in the
+strategy's scope), fits the recipe's stages (each compiles what it fits once its rate is known:
+`fitting.compile_stage`; two fits with a compile between them for a staged recipe, see
+`finetune.py`), evaluates on the test split, and leaves a complete run directory (see `rundir`).
+Running the same call again after a crash resumes from the last finished epoch (`resume.py`).
+`deploy/inference.py` uses the run directory afterwards.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import logging
 import platform
 import shutil
 import time
-from collections.abc import Iterator, Sequence
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -25,27 +25,23 @@ import numpy as np
 import tensorflow as tf
 
 from kerastune_flow import data as data_lib
-from kerastune_flow import models, rundir, runlock
-from kerastune_flow.config import AUTO, Config, new_seed
-from kerastune_flow.errors import DataError, KerastuneFlowError
-from kerastune_flow.recipes import check_image_size, fitted, get_recipe
+from kerastune_flow import models, rundir
+from kerastune_flow.config import Config
+from kerastune_flow.errors import KerastuneFlowError
 from kerastune_flow.reports import plots
 from kerastune_flow.runtime import process
-from kerastune_flow.runtime.strategy import (
-    DeviceSettings,
-    barrier,
-    broadcast_from_first_replica,
-    describe,
-    device_kind,
-    device_settings,
-    get_strategy,
-    global_batch_size,
-    is_chief,
-    is_multi_worker,
-)
+from kerastune_flow.runtime.device import DeviceSettings, dtype_policy
+from kerastune_flow.runtime.strategy import barrier, describe, get_strategy, is_chief
 from kerastune_flow.training import callbacks as cb
-from kerastune_flow.training import finetune, fitting
-from kerastune_flow.training.fitting import FitContext
+from kerastune_flow.training import finetune, fitting, resume
+from kerastune_flow.training.setup import RunSetup, run_settings, set_up, with_seed
+
+# The set-up's steps, also reached from here (their former home) by tune and the tests.
+from kerastune_flow.training.setup import build_model as build_model
+from kerastune_flow.training.setup import check_before_data as check_before_data
+from kerastune_flow.training.setup import load_base as load_base
+from kerastune_flow.training.setup import make_pipelines as make_pipelines
+from kerastune_flow.training.stages import FIRST_STAGE, resolve_steps
 
 log = logging.getLogger(__name__)
 
@@ -71,142 +67,16 @@ class RunResult:
         return self.results["test"]
 
 
-# --------------------------------------------------------------------------- building
-
-
-def load_base(config: Config) -> keras.Model | None:
-    """The user's own pre-trained base (`--base PATH --base-output LAYER`), or None."""
-    m = config.model
-    if not m.base:
-        return None
-    return models.cut_base(m.base, m.base_output, unsafe_deserialization=m.unsafe_deserialization)
-
-
-def build_model(
-    context: FitContext,
-    *,
-    input_shape: Sequence[int],
-    num_classes: int,
-    base: keras.Model | None = None,
-) -> keras.Model:
-    """Builds and compiles the recipe's model (call inside `strategy.scope()`).
-
-    For a transfer recipe this is the frozen base (`config.model.backbone`, or `base`: the
-    user's own model, see `load_base`) under a new head; a staged recipe's second stage is
-    `finetune.fit_staged`.
-    """
-    config = context.config
-    m, t = config.model, config.train
-    recipe = get_recipe(m.recipe)
-    first_fit_epochs = t.head_epochs if recipe.staged else t.epochs
-    kwargs: dict[str, Any] = dict(
-        input_shape=tuple(input_shape),
-        num_classes=num_classes,
-        kernel_initializer=m.initializer,
-        dropout=m.dropout,
-        l1=m.l1,
-        l2=m.l2,
-        learning_rate=fitting.learning_rate(context, m.learning_rate, epochs=first_fit_epochs),
-        **fitting.compile_kwargs(context),
-    )
-    if recipe.transfer:
-        kwargs.update(backbone=m.backbone, base=base, weights=m.weights, pooling=m.pooling, dense_units=m.dense_units)
-    return recipe.build(**kwargs)
-
-
-def make_pipelines(
-    splits: data_lib.DataSplits, context: FitContext, head: models.Head
-) -> dict[str, tf.data.Dataset | None]:
-    """Batched train / validation / test pipelines at the global batch size, and "_ordered"
-    variants (no shuffle, no augmentation) for one-pass feature extraction.
-
-    Raises:
-        DataError: when the training split is smaller than one global batch.
-    """
-    config, settings = context.config, context.settings
-    batch = context.global_batch_size
-    if splits.sizes["train"] < batch:
-        raise DataError(
-            f"The training split has {splits.sizes['train']} examples, fewer than one global batch of {batch}; "
-            f"lower --batch-size or add data. Received: batch_size={config.data.batch_size}"
-        )
-    augmenter = data_lib.make_augmenter(config.data.augment, splits.image_shape)
-    common = dict(
-        batch_size=batch, label_mode=head.label_mode, num_classes=splits.num_classes, autotune=settings.data_autotune
-    )
-    out: dict[str, tf.data.Dataset | None] = {}
-    for name in ("train", "validation", "test"):
-        training = name == "train"
-        # unshuffled, unaugmented: one pass for feature caching
-        out[f"{name}_ordered"] = data_lib.prepare(getattr(splits, name), cache=False, **common)
-        out[name] = data_lib.prepare(
-            getattr(splits, name),
-            training=training,
-            cache=data_lib.should_cache(splits.sizes[name], splits.image_shape, config.data.cache),
-            augmenter=augmenter if training else None,
-            drop_remainder=training and settings.drop_remainder,
-            seed=config.train.seed,
-            clock=context.clock if training else None,
-            epochs=context.epochs,
-            # Several workers serialize the pipeline's graph to shard it: no images held in it.
-            indexed=not is_multi_worker(context.strategy),
-            **common,
-        )
-    if is_multi_worker(context.strategy):
-        # Each worker keeps every n-th example: correct for any source (a folder's file list,
-        # tfds shards fewer than workers), where sharding by file can fail or unbalance.
-        options = tf.data.Options()
-        options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
-        out = {name: ds.with_options(options) for name, ds in out.items()}
-    if splits.sizes["validation"] == 0:  # --validation-fraction 0: train on all of train, as some references do
-        out["validation"] = out["validation_ordered"] = None
-    return out
-
-
-def check_before_data(config: Config) -> None:
-    """Checks what can be checked before reading any data, so a typo costs no waiting.
-
-    Raises:
-        ConfigError: for an image size below the model's minimum or a malformed
-            `progressive` spec.
-    """
-    check_image_size(config)
-    if get_recipe(config.model.recipe).staged:
-        finetune.parse_progressive(config.model.progressive)
-
-
 # --------------------------------------------------------------------------- the run
 
 
-@contextlib.contextmanager
-def dtype_policy(policy: str) -> Iterator[None]:
-    """Keras' global dtype policy set to `policy` inside, and put back after: a run in a notebook
-    leaves the session's policy as it found it."""
-    previous = keras.config.dtype_policy()
-    keras.config.set_dtype_policy(policy)
-    try:
-        yield
-    finally:
-        keras.config.set_dtype_policy(previous)
-
-
-def run_settings(config: Config, strategy: tf.distribute.Strategy) -> tuple[DeviceSettings, Config]:
-    """The device settings of a run of `config` on `strategy` (its flags over the device's and the
-    recipe's defaults), and `config` with the steps per execution they resolve."""
-    t = config.train
-    settings = device_settings(
-        device_kind(strategy),
-        steps_per_execution=t.steps_per_execution,
-        mixed_precision=t.mixed_precision,
-        jit_compile=t.jit_compile,
-        replicas=strategy.num_replicas_in_sync,
-        xla_on_cpu=get_recipe(config.model.recipe).xla_on_cpu,
-    )
-    return settings, config.replace(steps_per_execution=settings.steps_per_execution)
-
-
 def train_and_evaluate(
-    config: Config, workdir: str | Path, *, overwrite: bool = False, evaluate_test: bool = True
+    config: Config,
+    run_dir: str | Path | None = None,
+    *,
+    overwrite: bool = False,
+    evaluate_test: bool = True,
+    workdir: str | Path | None = None,
 ) -> RunResult:
     """Trains the configured recipe and leaves a complete run directory.
 
@@ -214,36 +84,45 @@ def train_and_evaluate(
 
     Args:
         config: what to train and how (see `recipes.make_config`).
-        workdir: the run directory.
-        overwrite: replace a finished run in `workdir` instead of refusing.
+        run_dir: the run directory.
+        overwrite: replace a finished run in `run_dir` instead of refusing.
         evaluate_test: False leaves the test split unseen (`results["test"]` is None): a tuning
             trial must choose by validation only.
+        workdir: `run_dir`'s former name (flax's), kept one release; it warns.
 
     Returns:
         RunResult with the model, history and results.
 
     Raises:
         KerastuneFlowError: (a subclass) for every user error: data, weights, strategy, run dir.
+        TypeError: without a run directory, or with both names.
     """
+    if workdir is not None:
+        warnings.warn("`workdir=` is now `run_dir=`; the old name goes in the next release.", DeprecationWarning, 2)
+        if run_dir is not None:
+            raise TypeError(f"Pass run_dir only. Received: run_dir={run_dir}, workdir={workdir}")
+        run_dir = workdir
+    if run_dir is None:
+        raise TypeError("train_and_evaluate needs a run directory. Received: run_dir=None")
     process.prepare_process(config.train.strategy, deterministic=config.train.deterministic)
     strategy = get_strategy(config.train.strategy)  # first: multi-worker collectives precede any op
     chief = is_chief(strategy)  # the other workers of a cluster write private folders: no lock
     if chief:  # refused before anything is written
-        rundir.claim_dir(workdir, kinds=rundir.RUN_KINDS, overwrite=overwrite)
-    with runlock.run_lock(workdir, take=chief):
-        return _locked_run(config, workdir, strategy, overwrite=overwrite, evaluate_test=evaluate_test)
+        rundir.claim_dir(run_dir, kinds=rundir.RUN_KINDS, overwrite=overwrite)
+    with rundir.run_lock(run_dir, take=chief):
+        return _locked_run(config, run_dir, strategy, overwrite=overwrite, evaluate_test=evaluate_test)
 
 
 def _locked_run(
-    config: Config, workdir: str | Path, strategy: tf.distribute.Strategy, *, overwrite: bool, evaluate_test: bool
+    config: Config, given_dir: str | Path, strategy: tf.distribute.Strategy, *, overwrite: bool, evaluate_test: bool
 ) -> RunResult:
-    config = with_seed(config, workdir, strategy)
+    config = with_seed(config, given_dir, strategy)
     keras.utils.set_random_seed(config.train.seed)
     if is_chief(strategy):
-        run_dir = Path(workdir)
+        run_dir = Path(given_dir)
         resumed = rundir.prepare_run_dir(run_dir, overwrite=overwrite)
     else:
-        run_dir, resumed = rundir.worker_run_dir(workdir), False
+        run_dir, resumed = resume.worker_copy(given_dir), False
     if resumed:
         log.info("Found a backup in %s: resuming the interrupted run", run_dir)
     settings, config = run_settings(config, strategy)
@@ -260,19 +139,6 @@ def _locked_run(
     finally:
         if not is_chief(strategy):
             shutil.rmtree(run_dir, ignore_errors=True)
-
-
-def with_seed(config: Config, workdir: str | Path, strategy: tf.distribute.Strategy) -> Config:
-    """The config with a seed: its own; else an interrupted run's in `workdir`, so that the same
-    command resumes the same run; else a new one (the same on every worker). It is recorded in
-    config.json and results.json, so every run can be replayed."""
-    if config.train.seed is not None:
-        return config
-    recorded = rundir.interrupted_run_seed(workdir) if is_chief(strategy) else None
-    seed = broadcast_from_first_replica(strategy, new_seed() if recorded is None else recorded)
-    if recorded is None:
-        log.info("No --seed given: this run's seed is %d (pass --seed %d to repeat it)", seed, seed)
-    return config.replace(seed=seed)
 
 
 def _translate_runtime_error(error: Exception, run_dir: Path) -> KerastuneFlowError | None:
@@ -293,44 +159,9 @@ def _train_and_evaluate(
     settings: DeviceSettings,
     evaluate_test: bool,
 ) -> RunResult:
-    why = ""
-    if config.train.mixed_precision == "auto" and settings.kind == "cpu":
-        native = settings.dtype_policy == "mixed_bfloat16"  # what device_settings chose, not read again
-        why = " (auto: this CPU has native bfloat16)" if native else " (auto: no native bfloat16 here)"
-    log.info(
-        "Strategy: %s; XLA %s; %s%s; %d step(s) per execution; inter-op threads %s",
-        describe(strategy),
-        "on" if settings.jit_compile else "off",
-        settings.dtype_policy,
-        why,
-        settings.steps_per_execution,
-        tf.config.threading.get_inter_op_parallelism_threads() or "TensorFlow's default",
-    )
-    recipe = get_recipe(config.model.recipe)
-    check_before_data(config)
-    base = load_base(config)
-    if base is not None:  # the user's base decides the images: its size and channels
-        splits = data_lib.load_splits(
-            config, image_size=tuple(base.input_shape[1:3]), channels=int(base.input_shape[-1])
-        )
-    else:
-        splits = data_lib.load_splits(config, channels=3 if recipe.transfer else None)
-    if splits.sizes["validation"] == 0 and config.train.monitor.startswith("val_"):
-        monitor = config.train.monitor.removeprefix("val_")
-        log.info("No validation split: early stopping and the best model watch %s instead", monitor)
-        config = config.replace(monitor=monitor)
-    head = recipe.head(splits.num_classes)
-    batch = global_batch_size(config.data.batch_size, strategy)
-    context = FitContext(
-        config=config,
-        run_dir=run_dir,
-        strategy=strategy,
-        settings=settings,
-        steps_per_epoch=fitting.steps_per_epoch(splits.sizes["train"], batch, settings),
-        clock=data_lib.EpochClock(),
-        epochs=config.train.head_epochs + config.train.epochs if recipe.staged else config.train.epochs,
-    )
-    pipes = make_pipelines(splits, context, head)
+    _log_settings(config, strategy, settings)
+    run = set_up(config, run_dir, strategy, settings)
+    config, splits = run.config, run.splits
     log.info(
         "Data %s: %s train / %s validation / %s test, %d classes, images %s",
         splits.source,
@@ -340,62 +171,17 @@ def _train_and_evaluate(
         splits.num_classes,
         "x".join(map(str, splits.image_shape)),
     )
-    # Again, just before the weights are drawn: reading the data may have drawn from the global
-    # generators (tfds preparing a data set does), and the first run must start as every later one.
-    keras.utils.set_random_seed(config.train.seed)
-    with strategy.scope():
-        model = build_model(context, input_shape=splits.image_shape, num_classes=splits.num_classes, base=base)
-    metadata = {
-        "config": config.to_dict(),
-        "class_names": splits.class_names,
-        "image_shape": list(splits.image_shape),
-        "head": dataclasses.asdict(head),
-        "sizes": splits.sizes,
-        "test_source": splits.test_source,
-        "split_sources": splits.split_sources,  # which folder, rows or tfds split served each split
-        "strategy": describe(strategy),
-        "replicas": strategy.num_replicas_in_sync,
-        "global_batch_size": batch,
-        "jit_compile": settings.jit_compile,
-        "device": dataclasses.asdict(settings),
-        "versions": _versions(),
-    }
-    if recipe.staged:
-        metadata["unfreeze"] = finetune.resolve_steps(config, models.find_base(model))
-        for step in metadata["unfreeze"]:
-            log.info("Stage %s will unfreeze the base from layer %d (%s)", step["stage"], step["index"], step["layer"])
+    metadata = _metadata(run, strategy, settings)
     # Only now, with the data read and the model built, does an overwritten run go.
     rundir.clear_finished_run(run_dir)
     rundir.atomic_write_json(run_dir / rundir.CONFIG_JSON, metadata)
 
     start = time.perf_counter()
-    boundaries: list[int] = []
-    if recipe.staged:
-        boundaries = finetune.fit_staged(model, pipes, context)
-    elif recipe.transfer:
-        finetune.fit_frozen(model, pipes, context, epochs=config.train.epochs, stage=None)
-    else:
-        if config.model.learning_rate == AUTO:
-            words = fitted(config, "head")
-            rate = fitting.auto_learning_rate(context, model, pipes["train"], stage="head", fitted=words)
-            with strategy.scope():  # compiled again, at the rate found
-                models.compile_model(
-                    model,
-                    head,
-                    learning_rate=fitting.learning_rate(context, rate, epochs=config.train.epochs),
-                    **fitting.compile_kwargs(context),
-                )
-        fitting.fit(
-            model,
-            pipes["train"],
-            pipes["validation"],
-            context,
-            fitting.stage_callbacks(context, epochs=config.train.epochs),
-            epochs=config.train.epochs,
-        )
+    boundaries = _fit(run)
     train_seconds = time.perf_counter() - start
 
-    test = model.evaluate(pipes["test"], verbose=0, return_dict=True) if evaluate_test else None
+    model = run.model
+    test = model.evaluate(run.pipes["test"], verbose=0, return_dict=True) if evaluate_test else None
     history = rundir.read_history(run_dir)
     results = {
         "recipe": config.model.recipe,
@@ -413,7 +199,7 @@ def _train_and_evaluate(
         "seed": config.train.seed,
         "weights_sha256": weights_digest(model),
     }
-    found = fitting.found_learning_rates(run_dir)  # by stage, with --learning-rate / --finetune-lr auto
+    found = resume.found_learning_rates(run_dir)  # by stage, with --learning-rate / --finetune-lr auto
     if found:
         results["learning_rate_found"] = found
     rundir.atomic_write_json(run_dir / rundir.RESULTS_JSON, results)
@@ -421,11 +207,68 @@ def _train_and_evaluate(
         plots.save_curves(history, run_dir / rundir.CURVES_PNG, title=f"{config.model.recipe} on {splits.source}")
     if config.train.checkpoint and not (run_dir / rundir.BEST_MODEL).exists():
         rundir.atomic_save_model(model, run_dir / rundir.BEST_MODEL)
-    shutil.rmtree(run_dir / rundir.BACKUP_DIR, ignore_errors=True)
+    resume.discard(run_dir)
     barrier(strategy)
     if test is not None:
         log.info("Test %s; run directory %s", ", ".join(f"{k} {v:.4f}" for k, v in results["test"].items()), run_dir)
     return RunResult(run_dir=run_dir, model=model, history=history, results=results)
+
+
+def _log_settings(config: Config, strategy: tf.distribute.Strategy, settings: DeviceSettings) -> None:
+    why = ""
+    if config.train.mixed_precision == "auto" and settings.kind == "cpu":
+        native = settings.dtype_policy == "mixed_bfloat16"  # what device_settings chose, not read again
+        why = " (auto: this CPU has native bfloat16)" if native else " (auto: no native bfloat16 here)"
+    log.info(
+        "Strategy: %s; XLA %s; %s%s; %d step(s) per execution; inter-op threads %s",
+        describe(strategy),
+        "on" if settings.jit_compile else "off",
+        settings.dtype_policy,
+        why,
+        settings.steps_per_execution,
+        tf.config.threading.get_inter_op_parallelism_threads() or "TensorFlow's default",
+    )
+
+
+def _metadata(run: RunSetup, strategy: tf.distribute.Strategy, settings: DeviceSettings) -> dict[str, Any]:
+    """config.json: the config, the data's classes, shape, sizes and sources, the device, versions,
+    and for a staged recipe the fine-tune boundaries resolved on the built base."""
+    splits = run.splits
+    metadata = {
+        "config": run.config.to_dict(),
+        "class_names": splits.class_names,
+        "image_shape": list(splits.image_shape),
+        "head": dataclasses.asdict(run.recipe.head_spec(splits.num_classes)),  # the key a saved run keeps
+        "sizes": splits.sizes,
+        "test_source": splits.test_source,
+        "split_sources": splits.split_sources,  # which folder, rows or tfds split served each split
+        "strategy": describe(strategy),
+        "replicas": strategy.num_replicas_in_sync,
+        "global_batch_size": run.context.global_batch_size,
+        "jit_compile": settings.jit_compile,
+        "device": dataclasses.asdict(settings),
+        "versions": _versions(),
+    }
+    if run.recipe.staged:
+        metadata["unfreeze"] = resolve_steps(run.config, models.find_base(run.model))
+        for step in metadata["unfreeze"]:
+            log.info("Stage %s will unfreeze the base from layer %d (%s)", step["stage"], step["index"], step["layer"])
+    return metadata
+
+
+def _fit(run: RunSetup) -> list[int]:
+    """Fits the recipe's stages; returns the first epoch of each fine-tune step (none unless staged)."""
+    config, context, model, pipes = run.config, run.context, run.model, run.pipes
+    if run.recipe.staged:
+        return finetune.fit_staged(model, pipes, context)
+    if run.recipe.transfer:
+        finetune.fit_frozen(model, pipes, context, epochs=config.train.epochs, stage=None)
+        return []
+    epochs = config.train.epochs
+    fitting.compile_stage(model, pipes["train"], context, stage=FIRST_STAGE, epochs=epochs)
+    callbacks = fitting.stage_callbacks(context, epochs=epochs)
+    fitting.fit(model, pipes["train"], pipes["validation"], context, callbacks, epochs=epochs)
+    return []
 
 
 def weights_digest(model: keras.Model) -> str:

@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from kerastune_flow.errors import RunDirError
-from kerastune_flow.rundir import LOCK_FILE, umask
+from kerastune_flow.rundir.files import LOCK_FILE
+from kerastune_flow.rundir.writes import umask
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from kerastune_flow import rundir, runlock
+from kerastune_flow.rundir import lock
+from kerastune_flow.rundir.claim import is_finished
+from kerastune_flow.rundir.files import BACKUP_DIR, CONFIG_JSON
+from kerastune_flow.rundir.writes import read_json, to_jsonable
 
 log = logging.getLogger(__name__)
 
@@ -38,10 +41,10 @@ def default_run_dir(prefix: str, *, matches: Callable[[Path], bool], root: str |
     root = Path(root)
     found = sorted((p for p in root.glob(f"{prefix}*") if p.is_dir()), key=_mtime, reverse=True)
     for folder in found:
-        if rundir.is_finished(folder) or not matches(folder):
+        if is_finished(folder) or not matches(folder):
             continue
-        holder = runlock.read_lock(folder)
-        if holder and not runlock.is_stale(holder):
+        holder = lock.read_lock(folder)
+        if holder and not lock.is_stale(holder):
             log.info("The unfinished run %s is in use by PID %s: starting a new one", folder, holder.get("pid"))
             continue
         log.info("Resuming the unfinished run %s: same recipe and settings; pass --run-dir to start a new one", folder)
@@ -64,13 +67,13 @@ def _mtime(folder: Path) -> float:
 def same_run(folder: Path, config: dict[str, Any]) -> bool:
     """`folder` holds an interrupted run (a backup, no results) of `config` (`Config.to_dict()`):
     equal in every setting, except those the run resolved where `config` leaves them unset."""
-    if not (folder / rundir.BACKUP_DIR).is_dir():
+    if not (folder / BACKUP_DIR).is_dir():
         return False
     try:
-        recorded = rundir.read_json(folder / rundir.CONFIG_JSON)["config"]
+        recorded = read_json(folder / CONFIG_JSON)["config"]
     except (OSError, ValueError, KeyError, TypeError):
         return False
-    asked = rundir.to_jsonable(config)
+    asked = to_jsonable(config)
     for section, values in asked.items():
         for name, value in values.items():
             got = recorded.get(section, {}).get(name, value)
@@ -85,10 +88,10 @@ def same_run(folder: Path, config: dict[str, Any]) -> bool:
 def same_search(folder: Path, asked: dict[str, Any]) -> bool:
     """`folder` holds an unfinished search started with the settings `asked` (search.json's)."""
     try:
-        previous = rundir.read_json(folder / "search.json")
+        previous = read_json(folder / "search.json")
     except (OSError, ValueError):
         return False
-    asked = rundir.to_jsonable(asked)
+    asked = to_jsonable(asked)
     keys = (set(previous) | set(asked)) - set(SEARCH_BUDGET)
     if asked.get("seed") is None:
         keys.discard("seed")

@@ -1,22 +1,21 @@
-"""Frozen configuration for data, model and training, and the presets.
-
-Each field is a setting, defined once here with its help text and choices: `validate` checks the
-choices, and `run.py` generates the command line's flags from the same definitions (flag names
-are the field names with dashes; a boolean that defaults to True gets a `--no-` flag). Field
-names are unique across the three sections, so `make_config(recipe, **overrides)` (in
-`recipes.py`, which adds each recipe's defaults) can route each override.
-"""
+"""The settings: frozen dataclasses, one field per setting, each with its flag's name, help and
+choices (`setting`), in three sections (data, model, train) whose field names are unique."""
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 import secrets
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
+from kerastune_flow.config.parsing import (
+    NO_CACHE,
+    parse_cache,
+    parse_image_size,
+    parse_names,
+    parse_rate,
+    parse_weights,
+)
 from kerastune_flow.errors import ConfigError
 
 AUGMENTATIONS = ("flip", "rotation", "zoom", "crop")
@@ -24,79 +23,12 @@ OPTIMIZER_NAMES = ("adam", "sgd", "rmsprop", "adagrad")
 INITIALIZER_NAMES = ("glorot_uniform", "he_normal", "he_uniform", "glorot_normal")
 STRATEGY_NAMES = ("auto", "cpu", "gpu", "mirrored", "tpu", "multiworker")
 BACKBONE_NAMES = ("vgg16", "resnet50", "mobilenetv2", "efficientnetb0")
-CACHE_POLICIES = ("auto", "memory", "none")
+CACHE_POLICIES = ("auto", "memory", NO_CACHE)
 POOLINGS = ("auto", "flatten", "avg")
 LR_SCHEDULES = ("constant", "cosine")
-FEATURE_CACHE = ("auto", "memory", "disk", "off")
+FEATURE_CACHE = ("auto", "memory", "disk", NO_CACHE)
 MIXED_PRECISION = ("off", "auto", "bfloat16", "float16")
 JIT_COMPILE = ("auto", "true", "false")
-AUTO = "auto"  # a learning rate found by the range test (`lr_range`) right before its fit
-
-
-# --------------------------------------------------------------------------- parsing flag text
-
-
-def parse_image_size(text: str) -> tuple[int, int]:
-    """ "32" or "150x150" (also "150,150") -> (height, width).
-
-    Raises:
-        ValueError: for anything else.
-    """
-    try:
-        parts = [int(p) for p in text.lower().replace(",", "x").split("x")]
-    except ValueError:
-        raise ValueError(f"expected N or HxW, such as 32 or 150x150, not {text!r}") from None
-    if len(parts) == 1:
-        parts *= 2
-    if len(parts) != 2 or min(parts) < 1:
-        raise ValueError(f"expected N or HxW with positive sizes, not {text!r}")
-    return (parts[0], parts[1])
-
-
-def parse_names(text: str) -> tuple[str, ...]:
-    """ "flip, crop" -> ("flip", "crop")."""
-    return tuple(p.strip() for p in text.split(",") if p.strip())
-
-
-def parse_fractions(text: str) -> tuple[float, ...]:
-    """ "0.1,0.3,1" -> (0.1, 0.3, 1.0).
-
-    Raises:
-        ValueError: when a part is not a number.
-    """
-    try:
-        return tuple(float(p) for p in text.split(",") if p.strip())
-    except ValueError:
-        raise ValueError(f"expected fractions such as 0.1,0.3,1.0, not {text!r}") from None
-
-
-def parse_weights(text: str) -> str:
-    """ "imagenet", "none" (any case), or a path kept as typed."""
-    return text.lower() if text.lower() in ("none", "imagenet") else text
-
-
-def parse_rate(text: str) -> float | str:
-    """ "1e-3" -> 0.001; "auto" (any case) -> "auto": found by a range test before the fit.
-
-    Raises:
-        ValueError: for anything else.
-    """
-    if text.strip().lower() == AUTO:
-        return AUTO
-    try:
-        return float(text)
-    except ValueError:
-        raise ValueError(f"expected a rate such as 1e-3, or auto, not {text!r}") from None
-
-
-def is_rate(value: Any) -> bool:
-    """True for a positive number or "auto" (what a learning-rate setting accepts)."""
-    if value == AUTO:
-        return True
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
-
-
-# --------------------------------------------------------------------------- settings
 
 
 def setting(
@@ -110,6 +42,7 @@ def setting(
     bare: Any = None,
     shown: str | None = None,
     metavar: str | None = None,
+    old_flag: str | None = None,
 ) -> Any:
     """A config field with what the command line needs to know about it.
 
@@ -123,9 +56,19 @@ def setting(
         bare: the value of the flag given without a value (`--mixed-precision` alone).
         shown: the default as `--help` shows it, when the recipe decides it.
         metavar: what `--help` shows for the flag's value.
+        old_flag: the flag's former name (a flag taking a value): still read, hidden from `--help`,
+            with a deprecation line.
     """
     metadata = dict(
-        help=help, choices=choices, parse=parse, flag=flag, store=store, bare=bare, shown=shown, metavar=metavar
+        help=help,
+        choices=choices,
+        parse=parse,
+        flag=flag,
+        store=store,
+        bare=bare,
+        shown=shown,
+        metavar=metavar,
+        old_flag=old_flag,
     )
     return dataclasses.field(default=default, metadata=metadata)
 
@@ -170,7 +113,12 @@ class DataConfig:
     manual_dir: str | None = setting(None, "folder with the original tfds archives: prepare without a download")
     max_examples: int | None = setting(None, "use at most N examples of each split (quick tries)", shown="all")
     train_fraction: float = setting(1.0, "share of the training split to use (data-size sweeps)")
-    cache: str = setting("auto", "keep decoded images in memory (auto: if they fit)", choices=CACHE_POLICIES)
+    cache: str = setting(
+        "auto",
+        "keep decoded images in memory (auto: if they fit in a quarter of the memory available)",
+        choices=CACHE_POLICIES,
+        parse=parse_cache,
+    )
     skip_bad_images: bool = setting(
         False, "leave out image files that cannot be decoded, with a warning naming each", shown="refuse the folder"
     )
@@ -217,8 +165,8 @@ class ModelConfig:
     finetune_learning_rate: float | str = setting(
         1e-5,
         "stage 2 learning rate; auto: a range test on the unfrozen model finds it after stage 1",
-        flag="--finetune-lr",
         parse=parse_rate,
+        old_flag="--finetune-lr",
         metavar="RATE|auto",
     )
     progressive: str | None = setting(
@@ -227,7 +175,9 @@ class ModelConfig:
         "e.g. 0:block5_conv1:1e-5,3:block4_conv1:5e-6",
     )
     base_lr_multiplier: float | None = setting(
-        None, "discriminative rates: the base trains at finetune-lr x this (e.g. 0.1), the head at finetune-lr"
+        None,
+        "discriminative rates: the base trains at finetune-learning-rate x this (e.g. 0.1), the head at "
+        "finetune-learning-rate",
     )
     feature_cache: str = setting(
         "auto",
@@ -325,25 +275,6 @@ class Config:
 
 SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig}
 
-PRESETS: dict[str, dict[str, Any]] = {
-    "reference": {},
-    # A few seconds on a laptop CPU: tiny images, few examples, no downloads.
-    "smoke": dict(
-        image_size=(32, 32),
-        batch_size=8,
-        max_examples=64,
-        epochs=2,
-        head_epochs=1,
-        weights=None,
-        tensorboard=False,
-        seed=0,
-        validation_fraction=0.1,  # validation curves and early stopping on them, whatever the recipe
-        # A smoke run's few steps never pay back XLA's compile time (tests/test_tune.py and
-        # test_cli.py: 177 s with XLA on for the MLP, 124 s without, issue 19)
-        jit_compile="false",
-    ),
-}
-
 
 def fields() -> Iterator[dataclasses.Field]:
     """Every setting of every section, in order."""
@@ -368,120 +299,15 @@ def new_seed() -> int:
     return secrets.randbelow(2**31)
 
 
-def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
-    """The settings in a run's config.json, or in any JSON of the same shape
-    ({"data": {...}, "model": {...}, "train": {...}}), as field values by name.
-
-    Raises:
-        ConfigError: when the file is missing, is not JSON, or names a setting that does not exist.
-    """
-    path = Path(path)
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(
-            f"Config file {path} does not exist; pass a run's config.json. Received: config={path}"
-        ) from None
-    except (OSError, ValueError) as error:
-        raise ConfigError(
-            f"Config file {path} is not readable JSON ({' '.join(str(error).split())[:80]}); pass a run's "
-            f"config.json. Received: config={path}"
-        ) from None
-    sections = raw.get("config", raw) if isinstance(raw, dict) else None
-    if not isinstance(sections, dict) or not set(sections) <= set(SECTIONS) or not sections:
-        raise ConfigError(
-            f"Config file {path} holds no settings: it needs data, model and train sections, as a run's config.json "
-            f"does. Received: keys={sorted(raw) if isinstance(raw, dict) else type(raw).__name__}"
-        )
-    values: dict[str, Any] = {}
-    for name, section in sections.items():
-        for key, value in dict(section).items():
-            if field_section(key) != name:
-                raise ConfigError(
-                    f"Config file {path} puts {key!r} under {name!r}; it belongs in {field_section(key)!r}."
-                )
-            values[key] = tuple(value) if isinstance(value, list) else value
-    return values
-
-
 def field_help(name: str) -> str:
     """The help text of a setting, for commands that take it outside the config (`evaluate`)."""
     return next(f for f in fields() if f.name == name).metadata["help"]
 
 
-def from_values(values: dict[str, Any]) -> Config:
-    """A validated Config from field values by name; fields left out keep their defaults.
-
-    Raises:
-        ConfigError: for an unknown field or an invalid value.
-    """
-    return validate(Config().replace(**values))
-
-
-def validate(config: Config) -> Config:
-    """Checks each value against its field's choices and the ranges no type can express.
-
-    Returns:
-        The config, unchanged.
-
-    Raises:
-        ConfigError: naming the first invalid setting and the accepted range.
-    """
-    for section in (config.data, config.model, config.train):
-        for f in dataclasses.fields(section):
-            value = getattr(section, f.name)
-            if value is None and "None" not in str(f.type):
-                raise ConfigError(f"{f.name} needs a value; leave it out to keep the default. Received: {f.name}=None")
-            choices = f.metadata["choices"]
-            items = value if isinstance(value, tuple) else (value,)
-            for item in items:
-                if choices and value is not None and item not in choices:
-                    raise ConfigError(f"{f.name} must be one of {', '.join(choices)}. Received: {f.name}={item!r}")
-    d, m, t = config.data, config.model, config.train
-    checks = [
-        (d.batch_size >= 1, "batch_size must be at least 1", d.batch_size),
-        (0 <= d.validation_fraction < 1, "validation_fraction must be in [0, 1)", d.validation_fraction),
-        (0 <= d.test_fraction < 1, "test_fraction must be in [0, 1)", d.test_fraction),
-        (
-            d.validation_fraction + d.test_fraction < 1,
-            "validation_fraction + test_fraction must leave some training data",
-            d.validation_fraction + d.test_fraction,
-        ),
-        (d.max_examples is None or d.max_examples >= 1, "max_examples must be at least 1", d.max_examples),
-        (0 < d.train_fraction <= 1, "train_fraction must be in (0, 1]", d.train_fraction),
-        (is_rate(m.learning_rate), "learning_rate must be positive, or auto", m.learning_rate),
-        (
-            is_rate(m.finetune_learning_rate),
-            "finetune_learning_rate must be positive, or auto",
-            m.finetune_learning_rate,
-        ),
-        (
-            not (m.finetune_learning_rate == AUTO and m.progressive),
-            "finetune_learning_rate auto finds one rate for stage 2; --progressive gives each step its own",
-            m.progressive,
-        ),
-        (0 <= m.dropout < 1, "dropout must be in [0, 1)", m.dropout),
-        (m.l1 >= 0 and m.l2 >= 0, "l1 and l2 must not be negative", (m.l1, m.l2)),
-        (m.dense_units >= 1, "dense_units must be at least 1", m.dense_units),
-        (
-            m.base_lr_multiplier is None or m.base_lr_multiplier > 0,
-            "base_lr_multiplier must be positive",
-            m.base_lr_multiplier,
-        ),
-        (m.base_output is None or m.base, "base_output needs base (the model to cut)", m.base_output),
-        (t.epochs >= 1, "epochs must be at least 1", t.epochs),
-        (t.head_epochs >= 1, "head_epochs must be at least 1", t.head_epochs),
-        (t.patience is None or t.patience >= 0, "patience must not be negative", t.patience),
-        (
-            t.steps_per_execution is None or t.steps_per_execution >= 1,
-            "steps_per_execution must be at least 1",
-            t.steps_per_execution,
-        ),
-    ]
-    for ok, message, received in checks:
-        if not ok:
-            raise ConfigError(f"{message}. Received: {received!r}")
-    size = d.image_size
-    if size is not None and (not isinstance(size, tuple) or len(size) != 2 or min(size) < 1):
-        raise ConfigError(f"image_size must be two positive integers. Received: image_size={size!r}")
-    return config
+def flag_name(field: dataclasses.Field) -> str:
+    """The flag of a setting: its own, else `--name-with-dashes`, or `--no-name` for a boolean
+    that is on by default."""
+    if field.metadata["flag"]:
+        return field.metadata["flag"]
+    dashed = field.name.replace("_", "-")
+    return f"--no-{dashed}" if field.default is True else f"--{dashed}"
