@@ -1,6 +1,8 @@
 """train_and_evaluate end to end on tiny generated folders: run directory, resume, staged fine-tune."""
 
 import json
+import os
+import signal
 
 import keras
 import numpy as np
@@ -9,10 +11,12 @@ from conftest import add_callbacks, smoke
 
 from kerastune_flow import models, rundir
 from kerastune_flow.deploy import inference
-from kerastune_flow.errors import DataError, RunDirError
+from kerastune_flow.errors import DataError, RunDirError, RunInterrupted
 from kerastune_flow.models import HeadSpec
 from kerastune_flow.recipes import RECIPES
+from kerastune_flow.training import callbacks as callbacks_lib
 from kerastune_flow.training import train
+from kerastune_flow.training.guards import InterruptGuard
 
 RUN_FILES = ("config.json", "history.csv", "history.jsonl", "model.keras", "results.json", "curves.png")
 
@@ -215,3 +219,27 @@ def test_workdir_is_run_dirs_former_name_and_warns(image_folder, tmp_path, monke
         assert train.train_and_evaluate(config, workdir=tmp_path / "run") == tmp_path / "run"
     with pytest.raises(TypeError, match="Pass run_dir only"):
         train.train_and_evaluate(config, tmp_path / "a", workdir=tmp_path / "b")
+
+
+def test_a_signal_during_training_stops_after_the_batch_with_a_backup(image_folder, tmp_path, monkeypatch):
+    # The guard reaches the fit through the run's FitContext (no process-wide state): SIGTERM in the
+    # second epoch ends the fit at the batch's end, and the first epoch's backup stays to resume from.
+    class Terminate(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            if epoch == 1:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    add_callbacks(monkeypatch, Terminate())
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(RunInterrupted, match="SIGTERM"):
+        train.train_and_evaluate(smoke("scratch_mlp", image_folder, epochs=3), tmp_path / "run")
+    assert (tmp_path / "run" / "backup").is_dir() and not (tmp_path / "run" / "results.json").exists()
+    assert signal.getsignal(signal.SIGTERM) is before  # the run's handler is gone again
+
+
+def test_standard_callbacks_hold_the_guard_only_when_given_it(tmp_path):
+    with callbacks_lib.interrupt_guard() as guard:
+        without = callbacks_lib.standard_callbacks(tmp_path / "a")
+        given = callbacks_lib.standard_callbacks(tmp_path / "b", guard=guard)
+    assert guard not in without and not any(isinstance(c, InterruptGuard) for c in without)
+    assert guard in given

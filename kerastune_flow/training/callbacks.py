@@ -276,6 +276,7 @@ def standard_callbacks(
     best: float | None = None,
     save_model: keras.Model | None = None,
     clock=None,
+    guard: guards.InterruptGuard | None = None,
 ) -> list[keras.callbacks.Callback]:
     """The callbacks of a run directory; each can be switched off.
 
@@ -300,6 +301,7 @@ def standard_callbacks(
         best: best monitored value reached by an earlier stage, so the checkpoint keeps it.
         save_model: the model the checkpoint saves, if not the one being fitted.
         clock: the run's `data.EpochClock` (see `EpochSeeds`), or None.
+        guard: the `interrupt_guard` of the run, which ends the fit at the next batch on SIGINT / SIGTERM.
 
     Returns:
         A list of callbacks for `model.fit`.
@@ -308,7 +310,6 @@ def standard_callbacks(
     run_dir.mkdir(parents=True, exist_ok=True)
     callbacks: list[keras.callbacks.Callback] = [EpochSeeds(clock)]
     stateful: dict[str, Any] = {}
-    guard = guards.active_guard()
     if guard is not None:
         callbacks.append(guard)
     if terminate_on_nan:

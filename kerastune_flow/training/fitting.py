@@ -26,6 +26,7 @@ from kerastune_flow.runtime.device import DeviceSettings
 from kerastune_flow.runtime.strategy import global_batch_size
 from kerastune_flow.training import callbacks as cb
 from kerastune_flow.training import lr_range, resume
+from kerastune_flow.training.guards import InterruptGuard
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,7 @@ class FitContext:
         steps_per_epoch: training steps in one epoch at the global batch size.
         clock: the epoch clock the training pipelines read (see `data.EpochClock`).
         epochs: the most epochs the run has (all stages), which the pipelines are built for.
+        guard: the run's `interrupt_guard`: SIGINT / SIGTERM end a fit at the next batch.
     """
 
     config: Config
@@ -51,6 +53,7 @@ class FitContext:
     steps_per_epoch: int
     clock: EpochClock
     epochs: int
+    guard: InterruptGuard | None = None
 
     @property
     def global_batch_size(self) -> int:
@@ -258,6 +261,7 @@ def stage_callbacks(
         best=best,
         save_model=save_model,
         clock=context.clock,
+        guard=context.guard,
     )
 
 

@@ -11,7 +11,6 @@ last backup stay those of the last good epoch, where the same command resumes.
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import logging
 import math
 import os
@@ -122,17 +121,14 @@ class InterruptGuard(keras.callbacks.Callback):
             raise RunInterrupted(self.signal_name)
 
 
-_ACTIVE_GUARD: contextvars.ContextVar[InterruptGuard | None] = contextvars.ContextVar("guard", default=None)
-
-
 @contextlib.contextmanager
 def interrupt_guard(signals=(signal.SIGINT, signal.SIGTERM)):
-    """Turns SIGINT / SIGTERM into "stop after the current batch" for every `standard_callbacks`
-    set made inside the block; a second signal stops at once. Handlers are restored on exit.
-    Outside the main thread (where Python cannot install handlers) it does nothing.
+    """Turns SIGINT / SIGTERM into "stop after the current batch" for the fits given the guard it
+    yields (`standard_callbacks(guard=...)`, `FitContext.guard`); a second signal stops at once.
+    Handlers are restored on exit. Outside the main thread (where Python cannot install handlers)
+    the guard never fires.
     """
     guard = InterruptGuard()
-    token = _ACTIVE_GUARD.set(guard)
     previous = {}
 
     def handler(signum, frame):
@@ -150,9 +146,3 @@ def interrupt_guard(signals=(signal.SIGINT, signal.SIGTERM)):
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
-        _ACTIVE_GUARD.reset(token)
-
-
-def active_guard() -> InterruptGuard | None:
-    """The guard of the innermost `interrupt_guard` block, or None outside one."""
-    return _ACTIVE_GUARD.get()

@@ -32,6 +32,7 @@ from kerastune_flow.runtime.strategy import (
 )
 from kerastune_flow.training import fitting, resume
 from kerastune_flow.training.fitting import FitContext
+from kerastune_flow.training.guards import InterruptGuard
 from kerastune_flow.training.stages import parse_progressive
 
 log = logging.getLogger(__name__)
@@ -58,7 +59,13 @@ class RunSetup:
     model: keras.Model
 
 
-def set_up(config: Config, run_dir: Path, strategy: tf.distribute.Strategy, settings: DeviceSettings) -> RunSetup:
+def set_up(
+    config: Config,
+    run_dir: Path,
+    strategy: tf.distribute.Strategy,
+    settings: DeviceSettings,
+    guard: InterruptGuard | None = None,
+) -> RunSetup:
     """Everything before a run's first fit: checks, data, context, pipelines, the model.
 
     Args:
@@ -66,6 +73,7 @@ def set_up(config: Config, run_dir: Path, strategy: tf.distribute.Strategy, sett
         run_dir: where the fits write.
         strategy: the run's strategy.
         settings: its device's settings.
+        guard: the run's `interrupt_guard`, which its fits obey (None: signals act as usual).
 
     Raises:
         KerastuneFlowError: (a subclass) for the data, the weights or the image size.
@@ -95,6 +103,7 @@ def set_up(config: Config, run_dir: Path, strategy: tf.distribute.Strategy, sett
         ),
         clock=data_lib.EpochClock(),
         epochs=t.head_epochs + t.epochs if recipe.staged else t.epochs,
+        guard=guard,
     )
     pipes = make_pipelines(splits, context, recipe.head_spec(splits.num_classes))
     # Again, just before the weights are drawn: reading the data may have drawn from the global

@@ -34,6 +34,7 @@ from kerastune_flow.runtime.device import DeviceSettings, dtype_policy
 from kerastune_flow.runtime.strategy import barrier, describe, get_strategy, is_chief
 from kerastune_flow.training import callbacks as cb
 from kerastune_flow.training import finetune, fitting, resume
+from kerastune_flow.training.guards import InterruptGuard
 from kerastune_flow.training.setup import RunSetup, run_settings, set_up, with_seed
 
 # The set-up's steps, also reached from here (their former home) by tune and the tests.
@@ -127,8 +128,8 @@ def _locked_run(
         log.info("Found a backup in %s: resuming the interrupted run", run_dir)
     settings, config = run_settings(config, strategy)
     try:
-        with dtype_policy(settings.dtype_policy), cb.interrupt_guard():
-            return _train_and_evaluate(config, run_dir, strategy, resumed, settings, evaluate_test)
+        with dtype_policy(settings.dtype_policy), cb.interrupt_guard() as guard:
+            return _train_and_evaluate(config, run_dir, strategy, resumed, settings, evaluate_test, guard)
     except KerastuneFlowError:
         raise
     except (OSError, tf.errors.OpError) as error:
@@ -158,9 +159,10 @@ def _train_and_evaluate(
     resumed: bool,
     settings: DeviceSettings,
     evaluate_test: bool,
+    guard: InterruptGuard,
 ) -> RunResult:
     _log_settings(config, strategy, settings)
-    run = set_up(config, run_dir, strategy, settings)
+    run = set_up(config, run_dir, strategy, settings, guard)
     config, splits = run.config, run.splits
     log.info(
         "Data %s: %s train / %s validation / %s test, %d classes, images %s",
