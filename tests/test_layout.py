@@ -1,4 +1,5 @@
-"""The package's layout: one job per module, none over 500 lines, imports at the top and one way."""
+"""The package's layout: one job per module, none over 400 lines and no function over 80, imports at the
+top and one way."""
 
 import ast
 from pathlib import Path
@@ -8,7 +9,8 @@ import pytest
 # Not conftest's REPO: `python tests/test_layout.py` checks README.md's tree without starting TensorFlow.
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "kerastune_flow"
-MAX_LINES = 500
+MAX_LINES = 400
+MAX_FUNCTION_LINES = 80  # a function longer than a screen is two jobs
 # Each module imports only modules of a lower rank: errors and config at the bottom, run at the top.
 RANKS = {
     "errors": 0,
@@ -138,8 +140,19 @@ def test_every_module_has_a_rank():
 
 
 @pytest.mark.parametrize("name, path", list(_modules()), ids=lambda v: str(v))
-def test_no_module_is_over_500_lines(name, path):
+def test_no_module_is_over_400_lines(name, path):
     assert len(path.read_text().splitlines()) <= MAX_LINES
+
+
+@pytest.mark.parametrize("name, path", list(_modules()), ids=lambda v: str(v))
+def test_no_function_is_over_80_lines(name, path):
+    long = {
+        node.name: node.end_lineno - node.lineno + 1
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+        and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES
+    }
+    assert not long
 
 
 @pytest.mark.parametrize("name, path", list(_modules()), ids=lambda v: str(v))

@@ -106,6 +106,34 @@ def with_batch_seeds(seed: int, epochs: int) -> Callable[[tf.data.Dataset, tf.Te
     return zipped
 
 
+def clocked_batches(
+    ds: tf.data.Dataset,
+    *,
+    clock: EpochClock,
+    epochs: int | None,
+    seed: int | None,
+    shuffle_buffer: int,
+    batch: Callable[[tf.data.Dataset], tf.data.Dataset],
+) -> tf.data.Dataset:
+    """`ds` in each epoch's order (`epoch_ordered`), `batch`ed, as (batch, epoch seed, index)
+    (`with_batch_seeds`): the training pipelines that follow the run's clock.
+
+    Raises:
+        ValueError: without `epochs` (the clock's pipelines are built for a number of epochs).
+    """
+    if epochs is None:
+        raise ValueError("A training pipeline with a clock needs epochs. Received: epochs=None")
+    seeds = with_batch_seeds(seed, epochs)
+    return epoch_ordered(
+        ds,
+        clock=clock,
+        epochs=epochs,
+        seed=seed,
+        shuffle_buffer=shuffle_buffer,
+        per_epoch=lambda shuffled, e: seeds(batch(shuffled), e),
+    )
+
+
 def gathered_batches(
     num_examples: int,
     gather: Callable[[tf.Tensor, tf.Tensor], tuple[tf.Tensor, tf.Tensor]],
@@ -144,17 +172,14 @@ def gathered_batches(
         ds = indices.batch(batch_size)
         return ds.map(lambda index: gather(index, tf.zeros(2, tf.int64)), num_parallel_calls=tf.data.AUTOTUNE)
     if clock is not None:
-        if epochs is None:
-            raise ValueError("A training pipeline with a clock needs epochs. Received: epochs=None")
         # Each epoch holds indices only: the gather (and its captured examples) follows the epoch.
-        seeds = with_batch_seeds(seed, epochs)
-        ds = epoch_ordered(
+        ds = clocked_batches(
             indices,
             clock=clock,
             epochs=epochs,
             seed=seed,
             shuffle_buffer=shuffle_buffer,
-            per_epoch=lambda shuffled, e: seeds(shuffled.batch(batch_size, drop_remainder=drop_remainder), e),
+            batch=lambda shuffled: shuffled.batch(batch_size, drop_remainder=drop_remainder),
         )
 
         def batch(index, augment_seed, i):  # one function: each iterator instantiates every one anew

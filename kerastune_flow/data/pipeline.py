@@ -11,7 +11,7 @@ from pathlib import Path
 import tensorflow as tf
 
 from kerastune_flow.data.augment import Augmenter
-from kerastune_flow.data.order import SHUFFLE_BUFFER, EpochClock, epoch_ordered, gathered_batches, with_batch_seeds
+from kerastune_flow.data.order import SHUFFLE_BUFFER, EpochClock, clocked_batches, gathered_batches
 from kerastune_flow.errors import ConfigError, DataError
 from kerastune_flow.runtime import device as device_lib
 
@@ -199,17 +199,14 @@ def _training_batches(
     batch's augmentation seed."""
     parallel = tf.data.AUTOTUNE
     if clock is not None:
-        if epochs is None:
-            raise ValueError("A training pipeline with a clock needs epochs. Received: epochs=None")
-        seeds = with_batch_seeds(seed, epochs)
-        ds = epoch_ordered(
+        ds = clocked_batches(
             ds,
             clock=clock,
             epochs=epochs,
             seed=seed,
             shuffle_buffer=shuffle_buffer,
-            per_epoch=lambda shuffled, e: seeds(
-                shuffled.batch(batch_size, drop_remainder=drop_remainder, num_parallel_calls=parallel), e
+            batch=lambda shuffled: shuffled.batch(
+                batch_size, drop_remainder=drop_remainder, num_parallel_calls=parallel
             ),
         )
         if not seeded:
