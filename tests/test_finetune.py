@@ -314,6 +314,7 @@ def test_each_stage_compiles_what_it_fits_once_at_its_rate(image_folder, tmp_pat
     assert [rate for _, rate in compiled] == pytest.approx([2e-3, 2e-3, 2e-5, 2e-5])
 
 
+@pytest.mark.slow  # 27 s; the default suite resumes a fine-tune killed in each stage (test_exact_resume)
 def test_a_run_killed_after_its_last_stage_resumes_without_fitting_again(image_folder, tmp_path, monkeypatch):
     config = smoke("vgg16_finetune", image_folder, seed=3)
     whole = train.train_and_evaluate(config, tmp_path / "whole")

@@ -68,6 +68,7 @@ def _finish_and_check(folder, run_dir, killed_at):
     assert not (run_dir / "backup").exists()
 
 
+@pytest.mark.slow  # 31 s: the real command; the default suite's test_train sends SIGTERM to an in-process run
 def test_sigterm_stops_after_a_batch_with_a_message(image_folder, tmp_path):
     run_dir = tmp_path / "run"
     proc = _start(image_folder, run_dir)

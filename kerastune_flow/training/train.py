@@ -201,7 +201,7 @@ def _train_and_evaluate(
         "seed": config.train.seed,
         "weights_sha256": weights_digest(model),
     }
-    found = resume.found_learning_rates(run_dir)  # by stage, with --learning-rate / --finetune-lr auto
+    found = resume.found_learning_rates(run_dir)  # by stage, with --learning-rate / --finetune-learning-rate auto
     if found:
         results["learning_rate_found"] = found
     rundir.atomic_write_json(run_dir / rundir.RESULTS_JSON, results)
