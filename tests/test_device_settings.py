@@ -139,6 +139,12 @@ def test_the_cpu_is_read_from_its_cpuinfo_file_and_a_missing_one_means_no_bf16(m
     assert device.read_cpuinfo() == "" and device.cpu_has_native_bf16() is False
 
 
+def test_this_test_process_sees_a_cpu_without_bf16():
+    # conftest.py's fake CPU: `--mixed-precision auto` trains float32 here on every CPU.
+    assert device.CPUINFO == os.devnull and not device.cpu_has_native_bf16()
+
+
+@pytest.mark.slow  # 9 s, a fresh process; the default suite checks this process (the test above)
 def test_the_tests_and_the_processes_they_start_see_a_cpu_without_bf16():
     # So that `--mixed-precision auto` trains float32 in every test, on every CPU (conftest.py).
     assert device.CPUINFO == os.devnull

@@ -495,6 +495,7 @@ print(*runs)
 """
 
 
+@pytest.mark.slow  # 9 s, a fresh process; the default suite checks the switch both ways in this process
 def test_op_determinism_reaches_tensorflow_both_ways():
     # In a fresh process: no test's global seed, and TensorFlow's real switch, not a stand-in.
     proc = subprocess.run([sys.executable, "-c", _DETERMINISM_SCRIPT], capture_output=True, text=True, timeout=120)
