@@ -35,7 +35,15 @@ pytestmark = pytest.mark.slow
 README = REPO / "README.md"
 COMMAND = "kerastune-flow"
 SMOKE = {"--epochs 10": "--preset smoke"}  # the demo at smoke size: the one change to README's lines
-NOT_COPIED = (".venv", ".git", "runs", "build", "dist", "*.egg-info", ".pytest_cache", "__pycache__", "deploy")
+# What the copy leaves out: folders of the clone's root only (a package folder may share a name: the
+# package's deploy/ sub-package and README's `--out deploy/digits`), and build litter anywhere.
+NOT_COPIED_AT_ROOT = {".venv", ".git", "runs", "build", "dist", ".pytest_cache", "deploy"}
+NOT_COPIED_ANYWHERE = shutil.ignore_patterns("*.egg-info", "__pycache__")
+
+
+def _not_copied(folder: str, names: list[str]) -> set[str]:
+    at_root = NOT_COPIED_AT_ROOT & set(names) if Path(folder) == REPO else set()
+    return at_root | NOT_COPIED_ANYWHERE(folder, names)
 
 
 def _section(heading: str) -> str:
@@ -68,7 +76,7 @@ def installed(tmp_path_factory):
     """(wheel, venv, environment): the wheel built from a copy of the clone, installed in a new venv."""
     root = tmp_path_factory.mktemp("installed")
     source = root / "source"
-    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(*NOT_COPIED))
+    shutil.copytree(REPO, source, ignore=_not_copied)
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "-w", str(root / "dist"), "."], source, env)
     (wheel,) = (root / "dist").glob("kerastune_flow-*.whl")

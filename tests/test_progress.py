@@ -226,7 +226,8 @@ def test_the_command_writes_progress_to_stderr_and_not_with_quiet(split_image_fo
     _tiny_classifier(20).save(model_path)
     argv = ["evaluate", str(model_path), "--data", str(split_image_folder), "--batch-size", "4"]
     code = (
-        "import sys; from kerastune_flow import progress, run; progress.DELAY = progress.INTERVAL = 0; "
+        "import sys; from kerastune_flow import run; from kerastune_flow.runtime import progress; "
+        "progress.DELAY = progress.INTERVAL = 0; "
         f"raise SystemExit(run.main({argv!r} + sys.argv[1:]))"
     )
     env = {**os.environ, "PYTHONPATH": CHILD_PYTHONPATH}
