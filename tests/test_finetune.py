@@ -296,24 +296,6 @@ def test_finetune_with_discriminative_rates_end_to_end(image_folder, tmp_path):
     assert (tmp_path / "run" / "model.keras").exists()
 
 
-def test_each_stage_compiles_what_it_fits_once_at_its_rate(image_folder, tmp_path, monkeypatch):
-    compiled = []
-    original = keras.Model.compile
-
-    def compile(self, *args, **kwargs):
-        compiled.append((self.name, float(kwargs["optimizer"].learning_rate)))
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(keras.Model, "compile", compile)
-    config = smoke("vgg16_finetune", image_folder, learning_rate=2e-3, finetune_learning_rate=2e-5)
-    result = train.train_and_evaluate(config, tmp_path / "run")
-    full = result.model.name
-    # Stage 1: the head on cached features, and the full model that shares its layers (its checkpoint);
-    # stage 2: the part above the cached prefix, and the full model again (what is evaluated and saved).
-    assert [name for name, _ in compiled] == ["head", full, "unfrozen_part", full]
-    assert [rate for _, rate in compiled] == pytest.approx([2e-3, 2e-3, 2e-5, 2e-5])
-
-
 @pytest.mark.slow  # 27 s; the default suite resumes a fine-tune killed in each stage (test_exact_resume)
 def test_a_run_killed_after_its_last_stage_resumes_without_fitting_again(image_folder, tmp_path, monkeypatch):
     config = smoke("vgg16_finetune", image_folder, seed=3)

@@ -22,8 +22,26 @@ RUN_FILES = ("config.json", "history.csv", "history.jsonl", "model.keras", "resu
 
 
 @pytest.mark.parametrize("recipe", list(RECIPES))
-def test_every_recipe_leaves_a_complete_run_directory(recipe, image_folder, tmp_path):
-    result = train.train_and_evaluate(smoke(recipe, image_folder), tmp_path / "run")
+def test_every_recipe_leaves_a_complete_run_directory(recipe, image_folder, tmp_path, monkeypatch):
+    compiled = []
+    original = keras.Model.compile
+
+    def compile(self, *args, **kwargs):
+        compiled.append((self.name, float(kwargs["optimizer"].learning_rate)))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(keras.Model, "compile", compile)
+    staged = RECIPES[recipe].staged
+    rates = {"learning_rate": 2e-3, **({"finetune_learning_rate": 2e-5} if staged else {})}
+    result = train.train_and_evaluate(smoke(recipe, image_folder, **rates), tmp_path / "run")
+    # Compiled once per stage, at its rate, by the one function (training.fitting.compile_for).
+    if staged:  # stage 1: the head on cached features and the full model (its checkpoint); stage 2: the
+        # part above the cached prefix and the full model again (what is evaluated and saved)
+        assert [name for name, _ in compiled] == ["head", result.model.name, "unfrozen_part", result.model.name]
+        assert [rate for _, rate in compiled] == pytest.approx([2e-3, 2e-3, 2e-5, 2e-5])
+    else:
+        assert compiled and len({name for name, _ in compiled}) == len(compiled)
+        assert [rate for _, rate in compiled] == pytest.approx([2e-3] * len(compiled))
     run = tmp_path / "run"
     for name in RUN_FILES:
         assert (run / name).is_file(), name
