@@ -26,6 +26,8 @@ from kerastune_flow.models import (
     build_scratch_mlp,
     build_transfer_model,
     get_backbone,
+    hub,
+    is_hub,
     logits_head,
     transfer_head,
 )
@@ -68,7 +70,9 @@ class Recipe:
 
     def min_size(self, backbone: str) -> int:
         """The smallest height and width for this recipe on `backbone`."""
-        return self.min_image_size if self.min_image_size is not None else get_backbone(backbone).min_size
+        if self.min_image_size is not None:
+            return self.min_image_size
+        return hub.min_size(backbone) if is_hub(backbone) else get_backbone(backbone).min_size
 
     def model_name(self, backbone: str) -> str:
         """How messages name the model: "vgg16_finetune on resnet50" for a transfer recipe."""
@@ -205,13 +209,16 @@ def check_image_size(config: Config, image_size: Sequence[int] | None = None) ->
         image_size: the size to check; None: the config's.
 
     Raises:
-        ConfigError: naming the minimum and the flag that sets the size.
+        ConfigError: naming the minimum and the flag that sets the size; for a KerasHub preset,
+            see `models.hub.check_preset` (MissingPackageError without KerasHub).
     """
     size = image_size if image_size is not None else config.data.image_size
     if size is None or config.model.base:
         return
     spec = get_recipe(config.model.recipe)
     minimum = spec.min_size(config.model.backbone)
+    if spec.transfer and is_hub(config.model.backbone):
+        hub.check_preset(config.model.backbone, size)
     if min(size) < minimum:
         raise ConfigError(
             f"{spec.model_name(config.model.backbone)} needs images of at least {minimum}x{minimum} pixels; pass "

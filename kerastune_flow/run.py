@@ -27,6 +27,7 @@ from kerastune_flow.config import BACKBONE_NAMES, ModelConfig
 from kerastune_flow.deploy.export import export_model
 from kerastune_flow.deploy.inference import evaluate_saved, predict_images
 from kerastune_flow.errors import ConfigError, KerastuneFlowError
+from kerastune_flow.models.hub import describe_families
 from kerastune_flow.recipes import RECIPES, make_config
 from kerastune_flow.rundir import unfinished
 from kerastune_flow.runtime import logs, progress
@@ -51,6 +52,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
     transfer = ", ".join(name for name, spec in RECIPES.items() if spec.transfer)
     default = ModelConfig.backbone
     others = "|".join(name for name in BACKBONE_NAMES if name != default)
+    print(f"\n--backbone also takes a KerasHub preset (hub:NAME, or a local preset folder) of:\n{describe_families()}")
     print(f"\n{transfer}: named after the {default.upper()} articles they follow; --backbone {others} runs them too")
     return 0
 

@@ -238,7 +238,7 @@ CASES = [
     ("export-bare-int8", "export {classifier.keras} --format litert --quantize int8 --out {run}", r"calibrate int8"),
     # names, environment, divergence
     ("unknown-recipe", "train resnet --data {good}", r"invalid choice: 'resnet' \(choose from .*cifar10_cnn"),
-    ("unknown-backbone", f"{FEATURES} --backbone alexnet", r"invalid choice: 'alexnet' \(choose from .*mobilenetv2"),
+    ("unknown-backbone", f"{FEATURES} --backbone alexnet", r"one of vgg16, .*mobilenetv2.*backbone='alexnet'"),
     ("unknown-strategy", f"{CNN} --strategy cluster", r"invalid choice: 'cluster' \(choose from .*multiworker"),
     ("unknown-augmentation", f"{CNN} --augment blur", r"augment must be one of flip, .*Received: augment='blur'"),
     (

@@ -37,6 +37,8 @@ RANKS = {
     "training.resume": 3,
     "training.guards": 3,  # callbacks that stop a fit before harm: NaN, full disk, a signal
     "training.callbacks": 4,
+    "training.tracking_store": 4.5,  # MLflow's side of tracking: a run's client that warns once, opening a run
+    "training.tracking": 5,  # MLflow tracking (optional): a run's MLflow run, its epochs, parent runs for search
     "runtime.process": 4,
     "reports.plots": 3,
     "reports": 3,  # the one report builder: writes report.md and report.html through rundir
@@ -53,6 +55,7 @@ RANKS = {
     "models.heads": 3,
     "models.saving": 3,
     "models.backbones": 3,
+    "models.hub": 3.5,  # KerasHub presets as bases: the supported families, their blocks, the converter as a layer
     "models.scratch": 4,
     "models.transfer": 4,
     "models": 5,
@@ -75,6 +78,7 @@ RANKS = {
     "cli.flags": 2,  # the config flags, generated from the config's fields
     "search.tune_space": 10,
     "search.tune_report": 4,
+    "search.tune_hparams": 5,  # the trials in TensorBoard's HParams view, written as each ends
     "search.tuner": 10,  # KerasTuner's side of tune: the oracle, the Tuner, the chief's server
     "search.tune": 11,
     "cli.parser": 12,  # the parser of every command, one function each

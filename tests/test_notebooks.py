@@ -5,21 +5,28 @@ import ast
 import nbformat
 import pytest
 from conftest import REPO
+from IPython.core.inputtransformer2 import TransformerManager
 
 from kerastune_flow.data.samples import sample_folder
 
 NOTEBOOKS = REPO / "notebooks"
 DIGITS = str(sample_folder("digits"))  # the sample shipped in the package
-TINY = dict(MAX_EXAMPLES=64, EPOCHS=1)
+TINY = dict(MAX_EXAMPLES=64, EPOCHS=1, SHOW_TENSORBOARD=False)  # no TensorBoard server: the cell prints its command
 PARAMETERS = {
     "01_train_from_scratch.ipynb": dict(DATA=DIGITS, **TINY),
     "02_full_training_cifar10.ipynb": dict(DATA=DIGITS, **TINY),
     "03_transfer_learning_vgg16.ipynb": dict(DATA=DIGITS, IMAGE_SIZE=(32, 32), WEIGHTS=None, **TINY),
     "04_fine_tuning_vgg16.ipynb": dict(DATA=DIGITS, IMAGE_SIZE=(32, 32), WEIGHTS=None, HEAD_EPOCHS=1, **TINY),
     "05_compare_approaches.ipynb": dict(
-        DATA=DIGITS, TRAIN_FRACTIONS=(1.0,), WEIGHTS=None, HEAD_EPOCHS=1, MAX_EXAMPLES=32, EPOCHS=1
+        DATA=DIGITS,
+        TRAIN_FRACTIONS=(1.0,),
+        WEIGHTS=None,
+        HEAD_EPOCHS=1,
+        MAX_EXAMPLES=32,
+        EPOCHS=1,
+        SHOW_TENSORBOARD=False,
     ),  # the sweep itself is tested in test_compare.py
-    "06_tuning.ipynb": dict(DATA=DIGITS, EPOCHS=1, TRIALS=2, MAX_EXAMPLES=64),
+    "06_tuning.ipynb": dict(DATA=DIGITS, EPOCHS=1, TRIALS=2, MAX_EXAMPLES=64, SHOW_TENSORBOARD=False),
     "colab_tpu.ipynb": dict(INSTALL=False, DATA=DIGITS, HEAD_EPOCHS=1, BATCH_SIZE=8, WEIGHTS=None, **TINY),
 }
 
@@ -32,6 +39,16 @@ EXPECTED_PICTURES = {
     "04_fine_tuning_vgg16.ipynb": 1,
     "05_compare_approaches.ipynb": 1,
     "06_tuning.ipynb": 2,  # the range test's curve, the search's report
+}
+# Where each notebook's TensorBoard cell points (beside the notebook): event files must be there.
+TENSORBOARD_LOGS = {
+    "01_train_from_scratch.ipynb": "runs/notebook_scratch_mlp/tensorboard",
+    "02_full_training_cifar10.ipynb": "runs/notebook_cifar10_cnn/tensorboard",
+    "03_transfer_learning_vgg16.ipynb": "runs/notebook_vgg16_features_no_cache/tensorboard",
+    "04_fine_tuning_vgg16.ipynb": "runs/notebook_vgg16_finetune/tensorboard",
+    "05_compare_approaches.ipynb": "runs/notebook_compare",
+    "06_tuning.ipynb": "runs/notebook_tuning/search/tensorboard",  # the trials in the HParams view
+    "colab_tpu.ipynb": "runs/colab_vgg16_finetune/tensorboard",
 }
 
 
@@ -54,7 +71,7 @@ def test_notebooks_are_committed_thin_and_without_outputs(name):
     tagged = [c for c in code if "parameters" in c.metadata.get("tags", [])]
     assert len(tagged) == 1  # one parameters cell, papermill-style
     for cell in code:  # thin users of the package: no functions or classes of their own
-        tree = ast.parse(cell.source)
+        tree = ast.parse(TransformerManager().transform_cell(cell.source))  # %tensorboard as IPython reads it
         assert not [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.ClassDef, ast.Lambda))]
     assert set(PARAMETERS[name]) <= {t.id for n in ast.parse(tagged[0].source).body for t in n.targets}
 
@@ -85,3 +102,5 @@ def test_notebook_runs_on_tiny_settings(name, tmp_path):
         assert len(pictures) >= EXPECTED_PICTURES[name]
     if name == "06_tuning.ipynb":
         assert "the same weights as the best trial: True" in text
+    assert "tensorboard --logdir" in text  # the TensorBoard cell ran, without a server
+    assert list((tmp_path / "notebooks" / TENSORBOARD_LOGS[name]).rglob("events.out.tfevents*"))

@@ -12,6 +12,7 @@ import keras_tuner as kt
 import pytest
 from conftest import REPO
 from matplotlib.backends.backend_agg import FigureCanvasAgg
+from test_tune_hparams import read_view
 
 from kerastune_flow import config as config_lib
 from kerastune_flow import data as data_lib
@@ -23,7 +24,7 @@ from kerastune_flow.recipes import get_recipe, make_config
 from kerastune_flow.reports import plots
 from kerastune_flow.runtime import process
 from kerastune_flow.search import tune as tune_lib
-from kerastune_flow.search import tune_report, tune_space, tuner
+from kerastune_flow.search import tune_hparams, tune_report, tune_space, tuner
 
 DIGITS = str(sample_folder("digits"))  # the sample shipped in the package
 SCREENSHOTS = REPO / "runs" / "screenshots"  # git-ignored, kept for a person
@@ -146,6 +147,18 @@ def test_a_finished_search_run_again_trains_nothing(search, monkeypatch):
         monkeypatch.setattr(module, "train_and_evaluate", lambda *a, **k: pytest.fail("trained again"))
     again = tune_lib.tune("scratch_mlp", run_dir, trials=3, **TINY)
     assert again["trials"] == summary["trials"] and again["best"] == summary["best"]
+
+
+def test_each_trial_is_in_tensorboards_hparams_view(search):
+    run_dir, summary, _ = search
+    experiment, runs = read_view(run_dir / tune_hparams.TENSORBOARD_DIR)
+    assert [h["name"] for h in experiment["hparamInfos"]] == summary["space"]
+    assert [m["name"]["tag"] for m in experiment["metricInfos"]] == ["val_accuracy", "val_loss"]
+    assert sorted(runs) == [tune_hparams.trial_folder_name(t["trial"]) for t in summary["trials"]]
+    for t in summary["trials"]:
+        run = runs[tune_hparams.trial_folder_name(t["trial"])]
+        assert run["hparams"] == t["hyperparameters"]
+        assert run["metrics"]["val_accuracy"][1] == pytest.approx(t["objective"])
 
 
 def test_a_search_that_cannot_start_writes_nothing(tmp_path):

@@ -43,6 +43,8 @@ def test_a_search_killed_in_a_trial_resumes_without_running_a_finished_trial_aga
     first = run_dir / "trials" / "000" / rundir.RESULTS_JSON
     assert first.exists() and not (run_dir / "trials" / "001" / rundir.RESULTS_JSON).exists()
     finished_before = first.stat().st_mtime_ns, first.read_text()
+    shown_before = sorted((run_dir / "tensorboard").rglob("events.out.tfevents*"))  # the HParams view so far
+    assert [p.parent.name for p in shown_before] == ["tensorboard", "trial_000"]
 
     done = subprocess.run(_command(run_dir, *FLAGS), env=_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -52,6 +54,8 @@ def test_a_search_killed_in_a_trial_resumes_without_running_a_finished_trial_aga
     assert resumed["resumed"] is True  # it continued from its backup
     history = rundir.read_history(run_dir / "trials" / "001")
     assert [r["epoch"] for r in history] == list(range(len(history)))  # no epoch twice
+    shown = sorted((run_dir / "tensorboard").rglob("events.out.tfevents*"))
+    assert set(shown_before) < set(shown) and [p.parent.name for p in shown][2:] == ["trial_001", "trial_002"]
 
     summary = json.loads((run_dir / "tune.json").read_text())
     assert [t["trial"] for t in summary["trials"]] == ["0", "1", "2"]
@@ -102,6 +106,10 @@ def test_a_chief_and_two_workers_run_every_trial_exactly_once(tmp_path):
     assert [t["status"] for t in summary["trials"]] == ["COMPLETED"] * 4
     assert summary["test"]["best"]["examples"] > 0  # the chief wrote the summary once all had ended
     assert all((run_dir / "trials" / f"{i:03d}" / rundir.RESULTS_JSON).exists() for i in range(4))
+    # TensorBoard's HParams view: every trial once, written by the chief (its pid in each event file's name).
+    shown = sorted((run_dir / "tensorboard").glob("trial_*/events.out.tfevents*"))
+    assert [p.parent.name for p in shown] == [f"trial_{i:03d}" for i in range(4)]
+    assert all(f".{procs['chief'].pid}." in p.name for p in shown)
 
 
 @pytest.fixture(autouse=True)

@@ -14,6 +14,7 @@ from kerastune_flow import config as config_lib
 from kerastune_flow.cli.flags import add_config_flags, show_defaults, text_type
 from kerastune_flow.cli.model_commands import add_model_commands
 from kerastune_flow.config import PRESETS
+from kerastune_flow.config.settings import TRACKING_FIELDS
 from kerastune_flow.recipes import RECIPES
 from kerastune_flow.search.compare import APPROACHES
 from kerastune_flow.search.tune import DEFAULT_TRIALS, OBJECTIVES, TUNERS
@@ -138,7 +139,7 @@ def _add_find_lr(sub: argparse._SubParsersAction) -> None:
         "its fit.",
     )
     _add_recipe(find)
-    add_config_flags(find)
+    add_config_flags(find, skip=TRACKING_FIELDS)  # a range test is no run to track
     g = find.add_argument_group("the range test")
     g.add_argument(
         "--stage",

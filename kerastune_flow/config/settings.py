@@ -23,12 +23,17 @@ OPTIMIZER_NAMES = ("adam", "sgd", "rmsprop", "adagrad")
 INITIALIZER_NAMES = ("glorot_uniform", "he_normal", "he_uniform", "glorot_normal")
 STRATEGY_NAMES = ("auto", "cpu", "gpu", "mirrored", "tpu", "multiworker")
 BACKBONE_NAMES = ("vgg16", "resnet50", "mobilenetv2", "efficientnetb0")
+HUB_PREFIX = "hub:"  # --backbone hub:NAME: a KerasHub preset by name (models/hub.py)
 CACHE_POLICIES = ("auto", "memory", NO_CACHE)
 POOLINGS = ("auto", "flatten", "avg")
 LR_SCHEDULES = ("constant", "cosine")
 FEATURE_CACHE = ("auto", "memory", "disk", NO_CACHE)
 MIXED_PRECISION = ("off", "auto", "bfloat16", "float16")
 JIT_COMPILE = ("auto", "true", "false")
+TRACKERS = ("off", "mlflow")
+# Where a run is recorded, not what it is: left out of a tracked run's parameters, and of the
+# settings an unfinished run or search must share with the command that takes it up.
+TRACKING_FIELDS = ("track", "tracking_uri")
 
 
 def setting(
@@ -148,7 +153,12 @@ class ModelConfig:
     )
     lr_schedule: str = setting("constant", "cosine: decay to 0 over each fit's epochs", choices=LR_SCHEDULES)
     dense_units: int = setting(256, "width of the transfer head's hidden layer")
-    backbone: str = setting("vgg16", "transfer recipes: the pre-trained base", choices=BACKBONE_NAMES)
+    backbone: str = setting(
+        "vgg16",
+        f"transfer recipes: the pre-trained base: {', '.join(BACKBONE_NAMES)}, a KerasHub preset "
+        f"({HUB_PREFIX}NAME) or a local KerasHub preset folder",
+        metavar="NAME|DIR",
+    )
     base: str | None = setting(
         None, "your own pre-trained model as the base: a .keras file or a run directory (e.g. of cifar10_cnn)"
     )
@@ -238,6 +248,18 @@ class TrainConfig:
     backup: bool = setting(True, "the resume state under backup/")
     terminate_on_nan: bool = setting(True, "stop at a NaN or infinite loss (the NaN guard)")
     verbose: str | int = setting("auto", "Keras fit verbosity: auto, 0, 1 or 2", flag=None)
+    track: str = setting(
+        "off",
+        "experiment tracking: mlflow records the run (config as parameters, per-epoch metrics, results, curves, "
+        "model) in an MLflow run; tune and compare add a parent run (needs pip install 'kerastune_flow[track]')",
+        choices=TRACKERS,
+    )
+    tracking_uri: str | None = setting(
+        None,
+        "with --track mlflow, the MLflow tracking store: sqlite:///FILE.db, or an MLflow server's http://HOST:PORT",
+        shown="MLFLOW_TRACKING_URI, else MLflow's default, sqlite:///mlflow.db in the current folder",
+        metavar="URI",
+    )
 
 
 @dataclasses.dataclass(frozen=True)

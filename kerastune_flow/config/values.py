@@ -12,7 +12,15 @@ from pathlib import Path
 from typing import Any
 
 from kerastune_flow.config.parsing import AUTO, is_rate
-from kerastune_flow.config.settings import SECTIONS, Config, field_section, fields, flag_name
+from kerastune_flow.config.settings import (
+    BACKBONE_NAMES,
+    HUB_PREFIX,
+    SECTIONS,
+    Config,
+    field_section,
+    fields,
+    flag_name,
+)
 from kerastune_flow.errors import ConfigError
 
 
@@ -176,7 +184,26 @@ def validate(config: Config) -> Config:
     for ok, message, received in checks:
         if not ok:
             raise ConfigError(f"{message}. Received: {received!r}")
+    check_backbone(m.backbone)
     size = d.image_size
     if size is not None and (not isinstance(size, tuple) or len(size) != 2 or min(size) < 1):
         raise ConfigError(f"image_size must be two positive integers. Received: image_size={size!r}")
     return config
+
+
+def check_backbone(backbone: str) -> None:
+    """Checks the form of `backbone`: a `keras.applications` name, a KerasHub preset name after
+    `HUB_PREFIX`, or a path (a local KerasHub preset folder, read when the model is built, so
+    that a run's config stays valid where the folder is not).
+
+    Raises:
+        ConfigError: for a bare word that is none of them, naming what is accepted.
+    """
+    if backbone in BACKBONE_NAMES or (backbone.startswith(HUB_PREFIX) and len(backbone) > len(HUB_PREFIX)):
+        return
+    if backbone.startswith((".", "~")) or os.sep in backbone or "/" in backbone or os.path.isdir(backbone):
+        return
+    raise ConfigError(
+        f"backbone must be one of {', '.join(BACKBONE_NAMES)}, a KerasHub preset as {HUB_PREFIX}NAME, or the path "
+        f"of a KerasHub preset folder. Received: backbone={backbone!r}"
+    )

@@ -110,6 +110,7 @@ def _to_onnx(model: keras.Model, path: Path, quantize: str | None, calibration: 
     onnx = import_optional("onnx", "onnx", why="Exporting to ONNX")
     tf2onnx = import_optional("tf2onnx", "tf2onnx", why="Exporting to ONNX")
     how = f"keras {keras.__version__} Model.export(format='onnx') (tf2onnx {tf2onnx.__version__})"
+    _teach_erfc()
     try:
         model.export(str(path), format="onnx", verbose=False)
         inputs = _graph_inputs(onnx, path)
@@ -142,6 +143,26 @@ def _to_onnx(model: keras.Model, path: Path, quantize: str | None, calibration: 
         _quantize_onnx_int8(path, calibration)
         how += f", int8 by onnxruntime.quantization.quantize_static (QDQ, per channel) on {len(calibration)} images"
     return how
+
+
+def _teach_erfc() -> None:
+    """Gives tf2onnx a handler for TensorFlow's Erfc, which it lacks (it writes an op onnxruntime
+    refuses): Keras' exact GELU, the MLP of a ViT (a KerasHub preset), computes 0.5 x erfc(-x / sqrt 2).
+    Erfc(x) becomes ONNX's Erf (opset 9 on) subtracted from 1. Once per process; a handler of
+    tf2onnx's own, should it ever have one, is kept."""
+    handler = import_optional("tf2onnx.handler", "tf2onnx", why="Exporting to ONNX")
+    utils = import_optional("tf2onnx.utils", "tf2onnx", why="Exporting to ONNX")
+    domain = import_optional("tf2onnx.constants", "tf2onnx", why="Exporting to ONNX").ONNX_DOMAIN
+    if any("Erfc" in ops for ops in handler.tf_op.get_opsets().get(domain, [])):
+        return
+
+    def erfc(ctx: Any, node: Any, **kwargs: Any) -> None:
+        node.type = "Erf"
+        dtype = utils.map_onnx_to_numpy_type(ctx.get_dtype(node.input[0]))
+        one = ctx.make_const(utils.make_name("erfc_one"), np.array(1, dtype=dtype))
+        ctx.insert_new_node_on_output("Sub", node.output[0], inputs=[one.output[0], node.output[0]])
+
+    handler.tf_op.register_handler(erfc, 9, ["Erfc"], domain, {})
 
 
 def _quantize_onnx_int8(path: Path, calibration: np.ndarray) -> None:

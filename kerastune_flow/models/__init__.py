@@ -4,6 +4,7 @@ transfer helpers (build on a frozen base, cut a user's model, unfreeze from a bl
     heads.py      HeadSpec, optimizers (discriminative rates), compile_model, count_params
     scratch.py    build_scratch_mlp, build_cifar10_cnn
     backbones.py  the keras.applications backbones, their preprocessing and blocks
+    hub.py        KerasHub presets (hub:NAME or a folder) as bases: HubFamily, hub_base, pretrained_base
     transfer.py   TransferSpec, transfer_model, build_transfer_model, cut_base, find_base, unfreeze_from, ...
     saving.py     load_keras_model (safe mode unless asked)
 """
@@ -29,6 +30,14 @@ from kerastune_flow.models.heads import (
     make_optimizer,
     transfer_head,
 )
+from kerastune_flow.models.hub import (
+    HUB_FAMILIES,
+    HubFamily,
+    base_record,
+    hub_base,
+    is_hub,
+    pretrained_base,
+)
 from kerastune_flow.models.saving import UNSAFE_FLAG, load_keras_model
 from kerastune_flow.models.scratch import CNN_MIN_SIZE, build_cifar10_cnn, build_scratch_mlp
 from kerastune_flow.models.transfer import (
@@ -51,13 +60,16 @@ __all__ = [
     "BACKBONES",
     "CNN_MIN_SIZE",
     "CUSTOM_BASE_NAME",
+    "HUB_FAMILIES",
     "UNSAFE_FLAG",
     "VGG16_NOTOP_FILE",
     "VGG16_UNFREEZE_AT",
     "Backbone",
     "HeadSpec",
+    "HubFamily",
     "ImagenetPreprocessing",
     "backbone_base",
+    "base_record",
     "block_starts",
     "build_cifar10_cnn",
     "build_scratch_mlp",
@@ -71,11 +83,14 @@ __all__ = [
     "describe_layer",
     "find_base",
     "get_backbone",
+    "hub_base",
+    "is_hub",
     "is_preprocessing",
     "load_keras_model",
     "logits_head",
     "make_optimizer",
     "preprocessing_layer",
+    "pretrained_base",
     "resolve_unfreeze_at",
     "TransferSpec",
     "transfer_head",

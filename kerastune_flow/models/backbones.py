@@ -106,6 +106,23 @@ class ImagenetPreprocessing(layers.Layer):
         return {**super().get_config(), "mode": self.mode}
 
 
+def pool(x: Any, pooling: str) -> Any:
+    """Pools a base's output for the dense head, with built-in layers.
+
+    Args:
+        x: a feature map (batch, height, width, channels) or a ViT's (batch, tokens, dim).
+        pooling: "avg" (the mean over positions or tokens), "token" (a ViT's class token, the first,
+            as `keras_hub.models.ViTImageClassifier` pools) or "flatten" (everything).
+    """
+    if pooling == "avg" and len(x.shape) == 4:
+        return layers.GlobalAveragePooling2D(name="pool")(x)
+    if pooling == "avg" and len(x.shape) == 3:
+        return layers.GlobalAveragePooling1D(name="pool")(x)
+    if pooling == "token" and len(x.shape) == 3:
+        x = layers.Cropping1D((0, x.shape[1] - 1), name="class_token_output")(x)
+    return layers.Flatten(name="flatten")(x)
+
+
 @dataclasses.dataclass(frozen=True)
 class Backbone:
     """A `keras.applications` model usable as a frozen base.
@@ -138,6 +155,10 @@ class Backbone:
         """The block a layer belongs to, or None for the stem and the layers after the last block."""
         found = re.match(self.block, layer_name)
         return found.group(1) if found else None
+
+    def default_unfreeze_at(self, base: keras.Model) -> str:
+        """The default fine-tune boundary: `unfreeze_at` (as `hub.HubFamily` finds its own in `base`)."""
+        return self.unfreeze_at
 
 
 BACKBONES = {

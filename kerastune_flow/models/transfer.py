@@ -1,7 +1,8 @@
 """Transfer learning: a frozen pre-trained base under a new head, cutting a user's model into a
 base, and unfreezing a base from a layer for a fine-tune.
 
-The base is a nested model inside the transfer model (see `find_base`); it always runs in
+The base (a `keras.applications` backbone, a KerasHub preset rebuilt by `hub.py`, or a cut of
+the user's model) is a nested model inside the transfer model (see `find_base`); it always runs in
 inference mode (`base(x, training=False)`), which keeps BatchNormalization statistics fixed even
 after unfreezing, as the Keras transfer-learning guide prescribes.
 """
@@ -20,16 +21,9 @@ from keras import layers
 
 from kerastune_flow.config import POOLINGS
 from kerastune_flow.errors import ConfigError, RunDirError
-from kerastune_flow.models.backbones import (
-    BACKBONES,
-    PREPROCESS_SUFFIX,
-    VGG16_UNFREEZE_AT,
-    backbone_base,
-    get_backbone,
-    is_preprocessing,
-    preprocessing_layer,
-)
+from kerastune_flow.models.backbones import VGG16_UNFREEZE_AT, is_preprocessing, pool
 from kerastune_flow.models.heads import compile_if, regularizer, transfer_head
+from kerastune_flow.models.hub import base_record, pretrained_base
 from kerastune_flow.models.saving import load_keras_model
 
 log = logging.getLogger(__name__)
@@ -43,7 +37,8 @@ class TransferSpec:
     -> a new head (see `transfer_model`).
 
     Attributes:
-        backbone: a name of `BACKBONES` (ignored when `base` is given).
+        backbone: a name of `BACKBONES`, a KerasHub preset `hub:NAME` or a local preset folder
+            (ignored when `base` is given).
         base: a ready base model instead, e.g. `cut_base(...)` of the user's own model; its
             input shape wins over `input_shape` and no preprocessing is added.
         input_shape: (height, width, 3), at least 32x32.
@@ -82,30 +77,21 @@ def transfer_model(spec: TransferSpec) -> keras.Model:
 
     Raises:
         ConfigError: for an unknown pooling or backbone.
+        WeightsError, MissingPackageError: see `hub.pretrained_base`.
     """
     head = transfer_head(spec.num_classes)
     base, input_shape = spec.base, spec.input_shape
-    if base is None:
-        backbone = get_backbone(spec.backbone)
-        base = backbone_base(spec.backbone, input_shape=input_shape, weights=spec.weights)
-        preprocessing, auto_pooling = backbone.preprocessing, backbone.pooling
-    else:
-        input_shape = tuple(int(d) for d in base.input_shape[1:])
-        preprocessing, auto_pooling = "none", "flatten"
     if spec.pooling not in POOLINGS:
         raise ConfigError(f"pooling must be one of {', '.join(POOLINGS)}. Received: pooling={spec.pooling}")
-    pooling = auto_pooling if spec.pooling == "auto" else spec.pooling
+    if base is None:
+        base, preprocess, auto_pooling = pretrained_base(spec.backbone, input_shape=input_shape, weights=spec.weights)
+    else:
+        input_shape = tuple(int(d) for d in base.input_shape[1:])
+        preprocess, auto_pooling = None, "flatten"
     base.trainable = False
     inputs = keras.Input(shape=tuple(input_shape), name="pixels")
-    x = inputs
-    preprocess = preprocessing_layer(preprocessing, name=f"{base.name}{PREPROCESS_SUFFIX}")
-    if preprocess is not None:
-        x = preprocess(x)
-    x = base(x, training=False)
-    if len(x.shape) == 4 and pooling == "avg":
-        x = layers.GlobalAveragePooling2D(name="pool")(x)
-    else:
-        x = layers.Flatten(name="flatten")(x)
+    x = preprocess(inputs) if preprocess is not None else inputs
+    x = pool(base(x, training=False), auto_pooling if spec.pooling == "auto" else spec.pooling)
     x = layers.Dense(
         spec.dense_units,
         activation="relu",
@@ -272,8 +258,9 @@ def find_base(model: keras.Model) -> keras.Model:
 def default_unfreeze_at(base: keras.Model) -> int | str:
     """The fine-tune boundary of a base: its backbone's last block, or for a user's own base the
     second-to-last layer that has weights (the top block and what follows it)."""
-    if base.name in BACKBONES:
-        return BACKBONES[base.name].unfreeze_at
+    record = base_record(base)
+    if record is not None:
+        return record.default_unfreeze_at(base)
     weighted = _learnable(base)
     return weighted[-2] if len(weighted) >= 2 else (weighted[-1] if weighted else 0)
 
@@ -288,9 +275,9 @@ def block_starts(base: keras.Model) -> list[int]:
     """Indices of the layers where a block of the base starts: the places a fine-tune can unfreeze
     from without cutting a block in half (keras-io#995). For a backbone, the first layer of each
     of its blocks; for a user's own base, every layer with weights (but its preprocessing)."""
-    if base.name not in BACKBONES:
+    spec = base_record(base)
+    if spec is None:
         return _learnable(base)
-    spec = BACKBONES[base.name]
     starts, previous = [], None
     for i, layer in enumerate(base.layers):
         block = spec.block_of(layer.name)

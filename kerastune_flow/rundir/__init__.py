@@ -11,6 +11,7 @@ A run directory holds:
                     (lr_find.png its plot; lr_find_finetune.* for `--finetune-learning-rate auto`)
     tensorboard/    TensorBoard event files
     backup/         the resume state (see `training/resume.py`); removed when the run finishes
+    mlflow_run.json with `--track mlflow`: the run's MLflow run, which a resumed run continues
     .lock           while a command writes the folder: which process (see `lock.py`)
 
     files.py        the names above, and the history files
@@ -52,6 +53,7 @@ from kerastune_flow.rundir.files import (
     RESULTS_JSON,
     RUN_FILES,
     TENSORBOARD_DIR,
+    TRACKING_JSON,
     lr_find_paths,
     read_history,
     records_to_csv,
@@ -94,6 +96,7 @@ __all__ = [
     "RUN_FILES",
     "RUN_KINDS",
     "TENSORBOARD_DIR",
+    "TRACKING_JSON",
     "atomic_file",
     "atomic_save_model",
     "atomic_write_json",

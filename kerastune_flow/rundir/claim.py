@@ -18,6 +18,7 @@ from kerastune_flow.rundir.files import (
     LR_FIND,
     RESULTS_JSON,
     RUN_FILES,
+    TRACKING_JSON,
 )
 
 log = logging.getLogger(__name__)
@@ -58,8 +59,8 @@ def folder_kind(folder: str | os.PathLike) -> str | None:
     for kind, markers in KIND_MARKERS.items():
         if any((folder / name).exists() for name in markers):
             return kind
-    if all(p.is_dir() and folder_kind(p) == "run" for p in entries):
-        return "compare"  # a comparison stopped before its report: its approaches' runs only
+    if all(p.is_dir() and folder_kind(p) == "run" for p in entries if p.name != TRACKING_JSON):
+        return "compare"  # a comparison stopped before its report: its approaches' runs (and its MLflow run)
     return "foreign"
 
 

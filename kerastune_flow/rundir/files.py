@@ -25,6 +25,9 @@ LEARNING_RATES_JSON = "learning_rates.json"  # under backup/: the rates "auto" f
 EXPORT_PREFIX = "export-"
 EXPORT_JSON = "export.json"
 LOCK_FILE = ".lock"  # while a command writes the folder: who (see `rundir/lock.py`)
+# With --track mlflow: the MLflow run of a run, search or comparison folder (its ID, experiment and store),
+# so that the same command continues that MLflow run (see `training/tracking.py`).
+TRACKING_JSON = "mlflow_run.json"
 RUN_FILES = (
     CONFIG_JSON,
     RESULTS_JSON,
@@ -34,6 +37,7 @@ RUN_FILES = (
     HISTORY_JSONL,
     BACKUP_DIR,
     TENSORBOARD_DIR,
+    TRACKING_JSON,
     *(f"{LR_FIND}{part}.{ext}" for part in ("", "_finetune") for ext in ("json", "png")),
 )
 

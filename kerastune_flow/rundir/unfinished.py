@@ -27,6 +27,9 @@ RUNS_ROOT = "runs"
 # per execution (the device's), and the monitor (without "val_" when there is no validation split).
 RESOLVED_AT_RUN = ("seed", "steps_per_execution")
 SEARCH_BUDGET = ("trials_asked", "max_minutes")  # a resumed search may have another budget
+# Where a run is recorded, not what it is (config.settings.TRACKING_FIELDS): `--track mlflow` may be
+# added to the command that takes an unfinished run or search up.
+TRACKING = ("track", "tracking_uri")
 
 
 def default_run_dir(prefix: str, *, matches: Callable[[Path], bool], root: str | os.PathLike = RUNS_ROOT) -> Path:
@@ -76,6 +79,8 @@ def same_run(folder: Path, config: dict[str, Any]) -> bool:
     asked = to_jsonable(config)
     for section, values in asked.items():
         for name, value in values.items():
+            if name in TRACKING:
+                continue
             got = recorded.get(section, {}).get(name, value)
             if got == value or (value is None and name in RESOLVED_AT_RUN):
                 continue
@@ -92,7 +97,7 @@ def same_search(folder: Path, asked: dict[str, Any]) -> bool:
     except (OSError, ValueError):
         return False
     asked = to_jsonable(asked)
-    keys = (set(previous) | set(asked)) - set(SEARCH_BUDGET)
+    keys = (set(previous) | set(asked)) - set(SEARCH_BUDGET) - set(TRACKING)
     if asked.get("seed") is None:
         keys.discard("seed")
     return all(previous.get(key) == asked.get(key) for key in keys)

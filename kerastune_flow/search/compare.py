@@ -35,11 +35,13 @@ import tensorflow as tf
 from kerastune_flow import data as data_lib
 from kerastune_flow import models, rundir
 from kerastune_flow.config import new_seed
+from kerastune_flow.config.settings import TRACKING_FIELDS
 from kerastune_flow.deploy import analysis, inference
 from kerastune_flow.errors import ConfigError
 from kerastune_flow.recipes import get_recipe, make_config
 from kerastune_flow.runtime import process
 from kerastune_flow.search.compare_report import FROM_SCRATCH, recommend, share_text, write_report
+from kerastune_flow.training import tracking
 from kerastune_flow.training.train import train_and_evaluate
 
 log = logging.getLogger(__name__)
@@ -115,6 +117,7 @@ def compare(
     approaches: Sequence[str] = tuple(APPROACHES),
     train_fractions: Sequence[float] = (1.0,),
     preset: str = "reference",
+    callbacks: Sequence[keras.callbacks.Callback] | None = None,
     **overrides: Any,
 ) -> dict[str, Any]:
     """Trains each approach on the same split and budget and writes the report.
@@ -125,6 +128,7 @@ def compare(
         approaches: any of "cnn" (from scratch), "features", "finetune".
         train_fractions: shares of the training split, for a data-size sweep.
         preset: a config preset ("smoke" for a tiny run).
+        callbacks: your own Keras callbacks, for every approach's fits (see `train_and_evaluate`).
         **overrides: config fields shared by every approach (epochs, head_epochs, batch_size,
             image_size, backbone, base, base_output, weights, patience, seed, ...).
 
@@ -140,11 +144,24 @@ def compare(
     if not train_fractions or any(not 0 < f <= 1 for f in train_fractions):
         raise ConfigError(f"Training fractions must lie in (0, 1]. Received: {list(train_fractions)}")
     approaches = [_current_name(a) for a in approaches]  # after the checks: a refused command says one thing
+    tracked = make_config(
+        APPROACHES[approaches[0]][0], preset, **{k: overrides[k] for k in TRACKING_FIELDS if k in overrides}
+    )
+    tracking.require(tracked)
     run_dir = Path(run_dir)
     if rundir.claim_dir(run_dir, kinds=("compare",)) is not None:
         log.info("Replacing the comparison in %s: its approaches resume or train again", run_dir)
+    params = dict(data=data, approaches=approaches, train_fractions=list(train_fractions), preset=preset, **overrides)
+    again = not (run_dir / rundir.RESULTS_JSON).exists()  # an interrupted comparison continues its MLflow run
     with rundir.run_lock(run_dir):
-        return _compare(data, run_dir, approaches, train_fractions, preset, overrides)
+        # --track mlflow: the comparison's parent run, each approach a nested run.
+        with tracking.parent_run(tracked, run_dir, experiment="compare", params=params, continue_run=again) as parent:
+            report = _compare(data, run_dir, approaches, train_fractions, preset, overrides, tuple(callbacks or ()))
+            parent.log_metrics(
+                {f"{Path(r['run_dir']).name}.test_accuracy": r["test_accuracy"] for r in report["results"]}
+            )
+            parent.log_files(run_dir / name for name in (rundir.RESULTS_JSON, "report.md", "report.html", "curves.png"))
+            return report
 
 
 def _current_name(approach: str) -> str:
@@ -163,6 +180,7 @@ def _compare(
     train_fractions: Sequence[float],
     preset: str,
     overrides: dict[str, Any],
+    callbacks: tuple[keras.callbacks.Callback, ...] = (),
 ) -> dict[str, Any]:
     """The comparison of `compare`, its arguments checked, with its folder held."""
     # Before a base is read starts TensorFlow: then the process still sets its threads itself.
@@ -187,7 +205,9 @@ def _compare(
             "[%d/%d] %s (%s), %s: starting", step, len(runs), approach, APPROACHES[approach][0], share_text(fraction)
         )
         measure_forgetting = approach == "finetune" and source_before is not None
-        result = _run_approach(data, run_dir / name, approach, fraction, preset, common, measure_forgetting)
+        result = _run_approach(
+            data, run_dir / name, approach, fraction, preset, common, measure_forgetting, callbacks=callbacks
+        )
         results.append(result)
         log.info(
             "[%d/%d] %s: test accuracy %.4f in %.1f s (%d epochs) on %s",
@@ -242,6 +262,8 @@ def _run_approach(
     preset: str,
     common: dict[str, Any],
     measure_forgetting: bool,
+    *,
+    callbacks: tuple[keras.callbacks.Callback, ...] = (),
 ) -> ApproachResult:
     """Trains one approach on `fraction` of the training split in `run_dir`, and measures it."""
     recipe = APPROACHES[approach][0]
@@ -250,7 +272,7 @@ def _run_approach(
         shared.pop("base", None)
         shared.pop("base_output", None)
     config = make_config(recipe, preset, data=data, train_fraction=fraction, **shared)
-    run = train_and_evaluate(config, run_dir, overwrite=True)
+    run = train_and_evaluate(config, run_dir, overwrite=True, callbacks=callbacks)
     meta = rundir.read_json(run.run_dir / rundir.CONFIG_JSON)
     epoch_times = [r["epoch_seconds"] for r in run.history if "epoch_seconds" in r]
     unsafe = bool(common.get("unsafe_deserialization"))

@@ -3,7 +3,8 @@
 KerasTuner drives the search (its side, the oracle and the Tuner, is in tuner.py), and one trial
 is one whole run of the package's own training, `train_and_evaluate` in `DIR/trials/NNN/`, with
 everything a run has: logs, curves, the best model, exact resume, the bad-input checks. Both
-stages of a fine-tune are one trial. The knobs are in tune_space.py, the report in tune_report.py.
+stages of a fine-tune are one trial. The knobs are in tune_space.py, the report in tune_report.py,
+TensorBoard's HParams view of the trials (DIR/tensorboard/) in tune_hparams.py.
 
 The test split is never looked at during the search: trials choose by validation. At the end
 the best trial's settings are written to `DIR/best_config.json` (the shape of a run's
@@ -30,14 +31,17 @@ import keras
 from kerastune_flow import data as data_lib
 from kerastune_flow import rundir
 from kerastune_flow.config import Config, new_seed
+from kerastune_flow.config.settings import TRACKING_FIELDS
 from kerastune_flow.deploy import inference
 from kerastune_flow.errors import ConfigError
 from kerastune_flow.recipes import get_recipe, make_config
 from kerastune_flow.runtime import environment, process
+from kerastune_flow.search import tune_hparams as hparams_lib
 from kerastune_flow.search import tune_report as report_lib
 from kerastune_flow.search import tuner as tuner_lib
 from kerastune_flow.search.tune_space import Knob, SearchSpace, current_knob_names, resolve_space, unfreeze_choices
 from kerastune_flow.search.tuner import OBJECTIVES, TUNERS, objective_value
+from kerastune_flow.training import tracking
 from kerastune_flow.training.train import best_epoch, check_before_data, train_and_evaluate
 
 log = logging.getLogger(__name__)
@@ -58,6 +62,7 @@ def tune(
     space: Sequence[str] | None = None,
     objective: str = "val_accuracy",
     preset: str = "reference",
+    callbacks: Sequence[keras.callbacks.Callback] | None = None,
     **overrides: Any,
 ) -> dict[str, Any]:
     """Searches the recipe's knobs and writes tune.json, best_config.json and the report.
@@ -71,6 +76,8 @@ def tune(
         space: knob names to search (default: the recipe's `space`); see `tune_space.KNOBS`.
         objective: a validation metric the runs log (the test split is never used to choose).
         preset: a config preset, as for train.
+        callbacks: your own Keras callbacks, for every trial's fits and the defaults' run (see
+            `train_and_evaluate`).
         **overrides: config fields fixed for every trial (a knob given here is not searched).
 
     Returns:
@@ -90,6 +97,7 @@ def tune(
     # The data and the settings checked before anything is written: a typo leaves no search behind.
     given = make_config(recipe, preset, **overrides)
     check_before_data(given)
+    tracking.require(given)
     # Before reading the data starts TensorFlow: then the process still sets its threads itself.
     process.prepare_process(given.train.strategy, deterministic=given.train.deterministic)
     data_lib.load_splits(given)
@@ -102,27 +110,51 @@ def tune(
         oracle = tuner_lib.make_oracle(
             tuner, objective, trials=trials, epochs=config.train.epochs, seed=started["seed"], max_minutes=max_minutes
         )
-        oracle.on_trial_ended = lambda: report_lib.write_tune_json(run_dir, oracle, started, knobs)
-        with contextlib.redirect_stdout(io.StringIO()) as chatter:  # KerasTuner prints; the log says it once
-            search = tuner_lib.RunTuner(
-                oracle, SearchSpace(knobs, config, blocks), run_dir, objective=objective, epochs_field="epochs"
-            )
-        if "Reloading" in chatter.getvalue():
-            done = sum(t.status == "COMPLETED" for t in oracle.trials.values())
-            log.info("Resuming the search in %s: %d trial(s) finished, none is run again", run_dir, done)
+        oracle.on_trial_ended = lambda: _trial_ended(run_dir, oracle, started, knobs)
+        search = _run_tuner(oracle, SearchSpace(knobs, config, blocks), run_dir, objective, callbacks)
         budget = f"{trials} trials" + (f", {max_minutes:g} min" if max_minutes else "")
         names = ", ".join(k.name for k in knobs)
         log.info("Searching %s with %s over %s (%s), objective %s", recipe, tuner, names, budget, objective)
-        try:
-            if tuner_lib.is_chief():
-                tuner_lib.serve(oracle)
-            else:
-                search.search(verbose=0)
-        except tuner_lib.TrialUserError as error:
-            raise error.error from None
-        if worker:  # the chief writes the summary once every trial has ended
-            return {"worker": environment.read(environment.KERASTUNER_TUNER_ID) or None}
-        return finish(run_dir, oracle, started, knobs, config)
+        # --track mlflow: the search's parent run, each trial a nested run (a worker's nest in the chief's).
+        with tracking.parent_run(config, run_dir, experiment=recipe, params=started, join=worker) as parent:
+            try:
+                if tuner_lib.is_chief():
+                    tuner_lib.serve(oracle)
+                else:
+                    search.search(verbose=0)
+            except tuner_lib.TrialUserError as error:
+                raise error.error from None
+            if worker:  # the chief writes the summary once every trial has ended
+                return {"worker": environment.read(environment.KERASTUNER_TUNER_ID) or None}
+            summary = finish(run_dir, oracle, started, knobs, config, callbacks=callbacks)
+            _track_summary(parent, run_dir, summary)
+            return summary
+
+
+def _run_tuner(
+    oracle, space: SearchSpace, run_dir: Path, objective: str, callbacks: Sequence[keras.callbacks.Callback] | None
+) -> tuner_lib.RunTuner:
+    """The search's KerasTuner Tuner; an interrupted search's trials reloaded (the log says so)."""
+    with contextlib.redirect_stdout(io.StringIO()) as chatter:  # KerasTuner prints; the log says it once
+        search = tuner_lib.RunTuner(
+            oracle, space, run_dir, objective=objective, epochs_field="epochs", run_callbacks=callbacks
+        )
+    if "Reloading" in chatter.getvalue():
+        done = sum(t.status == "COMPLETED" for t in oracle.trials.values())
+        log.info("Resuming the search in %s: %d trial(s) finished, none is run again", run_dir, done)
+    return search
+
+
+def _track_summary(parent: tracking.Tracker, run_dir: Path, summary: dict[str, Any]) -> None:
+    """The search's result on its parent MLflow run: the best trial and objective, both on the
+    test split, and the search's files."""
+    best, test = summary["best"], summary["test"]
+    parent.set_tags({"best_trial": best["trial"]})
+    numbers = {f"best_{summary['objective']}": best["objective"]}
+    numbers.update({f"test_{k}_{which}": v for which in ("best", "defaults") for k, v in test[which].items()})
+    parent.log_metrics({k: v for k, v in numbers.items() if isinstance(v, (int, float))})
+    names = (report_lib.TUNE_JSON, BEST_CONFIG, "report.md", "report.html")
+    parent.log_files(run_dir / name for name in names)
 
 
 def _check_search_flags(tuner: str, objective: str, trials: int, max_minutes: float | None) -> None:
@@ -171,6 +203,7 @@ def _search_record(run_dir: Path, asked: dict[str, Any], *, budget: dict[str, An
     if path.exists():
         previous = {k: v for k, v in rundir.read_json(path).items() if k not in budget}
         differs = {k for k in set(previous) | set(started) if previous.get(k) != started.get(k)}
+        differs -= set(TRACKING_FIELDS)  # where the search is recorded may change, not what it is
         if started.get("seed") is None:  # none given: the search's own, picked when it started
             differs.discard("seed")
         if differs:
@@ -188,10 +221,26 @@ def _search_record(run_dir: Path, asked: dict[str, Any], *, budget: dict[str, An
     return record
 
 
-def finish(run_dir: Path, oracle, started: dict[str, Any], knobs: Sequence[Knob], config: Config) -> dict[str, Any]:
+def _trial_ended(run_dir: Path, oracle, started: dict[str, Any], knobs: Sequence[Knob]) -> None:
+    """Whenever a trial ends, where the oracle runs (a distributed search's chief): tune.json and
+    TensorBoard's HParams view brought up to date."""
+    report_lib.write_tune_json(run_dir, oracle, started, knobs)
+    hparams_lib.write_trials(run_dir, oracle, knobs)
+
+
+def finish(
+    run_dir: Path,
+    oracle,
+    started: dict[str, Any],
+    knobs: Sequence[Knob],
+    config: Config,
+    *,
+    callbacks: Sequence[keras.callbacks.Callback] | None = None,
+) -> dict[str, Any]:
     """After the search: the best trial's config, the best and the defaults on the test split
-    (once each), tune.json and the reports."""
+    (once each), tune.json and the reports; `callbacks` go to the defaults' run when it trains."""
     summary = report_lib.write_tune_json(run_dir, oracle, started, knobs)
+    hparams_lib.write_trials(run_dir, oracle, knobs)  # a trial a kill left out of TensorBoard
     best = oracle.get_best_trials(1)
     if not best:
         raise ConfigError(
@@ -205,7 +254,7 @@ def finish(run_dir: Path, oracle, started: dict[str, Any], knobs: Sequence[Knob]
     defaults_dir = _defaults_trial(run_dir, oracle) or run_dir / DEFAULTS_DIR
     if not (defaults_dir / rundir.RESULTS_JSON).exists():
         log.info("The recipe's defaults, for comparison on the test split, in %s", defaults_dir)
-        train_and_evaluate(config, defaults_dir)
+        train_and_evaluate(config, defaults_dir, callbacks=callbacks)
         keras.backend.clear_session()
     max_examples = config.data.max_examples
     test = {

@@ -172,7 +172,7 @@ def unfreeze_choices(config: Config) -> list[str]:
     if base is None:
         recipe = get_recipe(config.model.recipe)
         size = recipe.min_size(config.model.backbone)
-        base = models.backbone_base(config.model.backbone, input_shape=(size, size, 3), weights=None)
+        base = models.pretrained_base(config.model.backbone, input_shape=(size, size, 3), weights=None)[0]
     default = models.resolve_unfreeze_at(base, config.model.unfreeze_at or models.default_unfreeze_at(base))
     starts = [i for i in models.block_starts(base) if i < default] + [default]
     return [base.layers[i].name for i in starts[-UNFREEZE_CHOICES:]]

@@ -12,7 +12,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent import futures
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,6 +29,7 @@ from kerastune_flow.config import Config
 from kerastune_flow.errors import ConfigError, KerastuneFlowError
 from kerastune_flow.runtime import environment
 from kerastune_flow.search import tune_report as report_lib
+from kerastune_flow.training import tracking
 from kerastune_flow.training.train import train_and_evaluate
 
 if TYPE_CHECKING:  # tune_space ranks beside this module: the annotation only
@@ -136,11 +137,23 @@ class TrialUserError(kt.errors.FatalError):
 
 
 class RunTuner(kt.Tuner):
-    """KerasTuner's Tuner, where one trial is one `train_and_evaluate` run in DIR/trials/NNN/."""
+    """KerasTuner's Tuner, where one trial is one `train_and_evaluate` run in DIR/trials/NNN/
+    (with the user's `run_callbacks` in its fits)."""
 
-    def __init__(self, oracle, space: SearchSpace, run_dir: Path, *, objective: str, epochs_field: str, **kwargs):
+    def __init__(
+        self,
+        oracle,
+        space: SearchSpace,
+        run_dir: Path,
+        *,
+        objective: str,
+        epochs_field: str,
+        run_callbacks: Sequence[keras.callbacks.Callback] | None = None,
+        **kwargs,
+    ):
         super().__init__(oracle=oracle, hypermodel=space, directory=str(run_dir), project_name=PROJECT, **kwargs)
         self.run_dir, self.space, self.objective, self.epochs_field = run_dir, space, objective, epochs_field
+        self.run_callbacks = tuple(run_callbacks or ())
 
     def save(self):
         rundir.atomic_write_text(self._get_tuner_fname(), json.dumps(self.get_state()))
@@ -159,13 +172,14 @@ class RunTuner(kt.Tuner):
             if (run_dir / rundir.RESULTS_JSON).exists():  # finished before a kill, not yet recorded by the oracle
                 log.info("Trial %s had finished before the interruption: its results are kept", trial.trial_id)
             else:
-                train_and_evaluate(self.trial_config(trial), run_dir, evaluate_test=False)
+                train_and_evaluate(self.trial_config(trial), run_dir, evaluate_test=False, callbacks=self.run_callbacks)
             value = objective_value(rundir.read_history(run_dir), self.objective)
         except KerastuneFlowError as error:
             raise TrialUserError(error) from None
         finally:
             keras.backend.clear_session()
         _log_trial(self, trial, value, time.perf_counter() - started, run_dir)
+        tracking.log_trial(run_dir, trial.hyperparameters.values, self.objective, value)  # with --track mlflow
         return {self.objective: value}
 
 

@@ -44,6 +44,9 @@ class FitContext:
         clock: the epoch clock the training pipelines read (see `data.EpochClock`).
         epochs: the most epochs the run has (all stages), which the pipelines are built for.
         guard: the run's `interrupt_guard`: SIGINT / SIGTERM end a fit at the next batch.
+        callbacks: more Keras callbacks for every fit of the run (the user's own, and the
+            tracker's), called after the package's own (`stage_callbacks`); never in a range
+            test's fits. Not part of the config: nothing saves them.
     """
 
     config: Config
@@ -54,6 +57,7 @@ class FitContext:
     clock: EpochClock
     epochs: int
     guard: InterruptGuard | None = None
+    callbacks: tuple[keras.callbacks.Callback, ...] = ()
 
     @property
     def global_batch_size(self) -> int:
@@ -244,9 +248,15 @@ def stage_callbacks(
     best: float | None = None,
     save_model: keras.Model | None = None,
 ) -> list[keras.callbacks.Callback]:
-    """The standard callbacks of one stage (a fit of `epochs` epochs), as the config switches them."""
+    """The callbacks of one stage (a fit of `epochs` epochs): the standard ones, as the config
+    switches them, then `context.callbacks`.
+
+    The order is the package's own (ending with `resume.RunBackup`: an epoch is in history.jsonl,
+    model.keras and the backup before anything after it sees the epoch end), then
+    `context.callbacks` in their order; `fit` adds the progress bar last.
+    """
     t = context.config.train
-    return cb.standard_callbacks(
+    standard = cb.standard_callbacks(
         context.run_dir,
         stage=stage,
         monitor=t.monitor,
@@ -263,6 +273,7 @@ def stage_callbacks(
         clock=context.clock,
         guard=context.guard,
     )
+    return [*standard, *context.callbacks]
 
 
 def best_so_far(callbacks: list[keras.callbacks.Callback]) -> float | None:

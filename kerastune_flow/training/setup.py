@@ -65,6 +65,7 @@ def set_up(
     strategy: tf.distribute.Strategy,
     settings: DeviceSettings,
     guard: InterruptGuard | None = None,
+    callbacks: Sequence[keras.callbacks.Callback] = (),
 ) -> RunSetup:
     """Everything before a run's first fit: checks, data, context, pipelines, the model.
 
@@ -74,6 +75,8 @@ def set_up(
         strategy: the run's strategy.
         settings: its device's settings.
         guard: the run's `interrupt_guard`, which its fits obey (None: signals act as usual).
+        callbacks: Keras callbacks every fit of the run calls after the package's own
+            (`FitContext.callbacks`).
 
     Raises:
         KerastuneFlowError: (a subclass) for the data, the weights or the image size.
@@ -104,6 +107,7 @@ def set_up(
         clock=data_lib.EpochClock(),
         epochs=t.head_epochs + t.epochs if recipe.staged else t.epochs,
         guard=guard,
+        callbacks=tuple(callbacks),
     )
     pipes = make_pipelines(splits, context, recipe.head_spec(splits.num_classes))
     # Again, just before the weights are drawn: reading the data may have drawn from the global

@@ -3,7 +3,8 @@
 It chooses the strategy, sets the run up (`setup.py`: data, pipelines, the model built in the
 strategy's scope), fits the recipe's stages (each compiles what it fits once its rate is known:
 `fitting.compile_stage`; two fits with a compile between them for a staged recipe, see
-`finetune.py`), evaluates on the test split, and leaves a complete run directory (see `rundir`).
+`finetune.py`), evaluates on the test split, and leaves a complete run directory (see `rundir`),
+recorded in MLflow too with `track="mlflow"` (`tracking.py`).
 Running the same call again after a crash resumes from the last finished epoch (`resume.py`).
 `deploy/inference.py` uses the run directory afterwards.
 """
@@ -17,6 +18,7 @@ import platform
 import shutil
 import time
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +35,7 @@ from kerastune_flow.runtime import process
 from kerastune_flow.runtime.device import DeviceSettings, dtype_policy
 from kerastune_flow.runtime.strategy import barrier, describe, get_strategy, is_chief
 from kerastune_flow.training import callbacks as cb
-from kerastune_flow.training import finetune, fitting, resume
+from kerastune_flow.training import finetune, fitting, resume, tracking
 from kerastune_flow.training.guards import InterruptGuard
 from kerastune_flow.training.setup import RunSetup, run_settings, set_up, with_seed
 
@@ -77,6 +79,7 @@ def train_and_evaluate(
     *,
     overwrite: bool = False,
     evaluate_test: bool = True,
+    callbacks: Sequence[keras.callbacks.Callback] | None = None,
     workdir: str | Path | None = None,
 ) -> RunResult:
     """Trains the configured recipe and leaves a complete run directory.
@@ -89,6 +92,13 @@ def train_and_evaluate(
         overwrite: replace a finished run in `run_dir` instead of refusing.
         evaluate_test: False leaves the test split unseen (`results["test"]` is None): a tuning
             trial must choose by validation only.
+        callbacks: your own Keras callbacks (e.g. `WandbMetricsLogger()`), called in every fit of
+            the run, both stages of a fine-tune, after the package's own: when one sees an epoch
+            end, that epoch is already in history.jsonl, model.keras and the resume backup (and in
+            MLflow with `track="mlflow"`); Keras' progress bar comes last. In the frozen stage
+            on cached features the fit trains the head alone, so there `self.model` is the head
+            model (features in), not the whole model. Not called in a learning-rate range test's
+            steps, and not saved in config.json. A resumed run calls them from the epoch it resumes at.
         workdir: `run_dir`'s former name (flax's), kept one release; it warns.
 
     Returns:
@@ -96,7 +106,8 @@ def train_and_evaluate(
 
     Raises:
         KerastuneFlowError: (a subclass) for every user error: data, weights, strategy, run dir.
-        TypeError: without a run directory, or with both names.
+        TypeError: without a run directory, with both names, or `callbacks` that are not a
+            sequence of Keras callbacks.
     """
     if workdir is not None:
         warnings.warn("`workdir=` is now `run_dir=`; the old name goes in the next release.", DeprecationWarning, 2)
@@ -105,17 +116,25 @@ def train_and_evaluate(
         run_dir = workdir
     if run_dir is None:
         raise TypeError("train_and_evaluate needs a run directory. Received: run_dir=None")
+    extra = check_callbacks(callbacks)
+    tracking.require(config)  # mlflow missing: one sentence, before anything runs
     process.prepare_process(config.train.strategy, deterministic=config.train.deterministic)
     strategy = get_strategy(config.train.strategy)  # first: multi-worker collectives precede any op
     chief = is_chief(strategy)  # the other workers of a cluster write private folders: no lock
     if chief:  # refused before anything is written
         rundir.claim_dir(run_dir, kinds=rundir.RUN_KINDS, overwrite=overwrite)
     with rundir.run_lock(run_dir, take=chief):
-        return _locked_run(config, run_dir, strategy, overwrite=overwrite, evaluate_test=evaluate_test)
+        return _locked_run(config, run_dir, strategy, overwrite=overwrite, evaluate_test=evaluate_test, callbacks=extra)
 
 
 def _locked_run(
-    config: Config, given_dir: str | Path, strategy: tf.distribute.Strategy, *, overwrite: bool, evaluate_test: bool
+    config: Config,
+    given_dir: str | Path,
+    strategy: tf.distribute.Strategy,
+    *,
+    overwrite: bool,
+    evaluate_test: bool,
+    callbacks: tuple[keras.callbacks.Callback, ...],
 ) -> RunResult:
     config = with_seed(config, given_dir, strategy)
     keras.utils.set_random_seed(config.train.seed)
@@ -129,7 +148,7 @@ def _locked_run(
     settings, config = run_settings(config, strategy)
     try:
         with dtype_policy(settings.dtype_policy), cb.interrupt_guard() as guard:
-            return _train_and_evaluate(config, run_dir, strategy, resumed, settings, evaluate_test, guard)
+            return _train_and_evaluate(config, run_dir, strategy, resumed, settings, evaluate_test, guard, callbacks)
     except KerastuneFlowError:
         raise
     except (OSError, tf.errors.OpError) as error:
@@ -140,6 +159,22 @@ def _locked_run(
     finally:
         if not is_chief(strategy):
             shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def check_callbacks(callbacks: Sequence[keras.callbacks.Callback] | None) -> tuple[keras.callbacks.Callback, ...]:
+    """The user's callbacks as a tuple, checked before anything runs.
+
+    Raises:
+        TypeError: for anything but a sequence of `keras.callbacks.Callback`.
+    """
+    if callbacks is None:
+        return ()
+    if isinstance(callbacks, keras.callbacks.Callback) or not isinstance(callbacks, (list, tuple)):
+        raise TypeError(f"callbacks= takes a list of Keras callbacks. Received: callbacks={callbacks!r}")
+    wrong = [c for c in callbacks if not isinstance(c, keras.callbacks.Callback)]
+    if wrong:
+        raise TypeError(f"callbacks= takes keras.callbacks.Callback objects only. Received: {wrong[0]!r}")
+    return tuple(callbacks)
 
 
 def _translate_runtime_error(error: Exception, run_dir: Path) -> KerastuneFlowError | None:
@@ -160,9 +195,10 @@ def _train_and_evaluate(
     settings: DeviceSettings,
     evaluate_test: bool,
     guard: InterruptGuard,
+    callbacks: tuple[keras.callbacks.Callback, ...],
 ) -> RunResult:
     _log_settings(config, strategy, settings)
-    run = set_up(config, run_dir, strategy, settings, guard)
+    run = set_up(config, run_dir, strategy, settings, guard, callbacks)
     config, splits = run.config, run.splits
     log.info(
         "Data %s: %s train / %s validation / %s test, %d classes, images %s",
@@ -177,7 +213,29 @@ def _train_and_evaluate(
     # Only now, with the data read and the model built, does an overwritten run go.
     rundir.clear_finished_run(run_dir)
     rundir.atomic_write_json(run_dir / rundir.CONFIG_JSON, metadata)
+    tracker = tracking.Tracker()  # only the chief tracks
+    if is_chief(strategy):
+        tracker = tracking.start(config, run_dir, experiment=config.model.recipe, continue_run=resumed)
+    with tracking.tracked(tracker):
+        tracker.log_params(tracking.config_params(config))
+        if tracker.active:  # after the package's own callbacks, before the user's
+            epochs = tracking.EpochMetrics(tracker, run_dir)
+            run.context = dataclasses.replace(run.context, callbacks=(epochs, *run.context.callbacks))
+        result = _fit_and_evaluate(run, strategy, settings, resumed=resumed, evaluate_test=evaluate_test)
+        tracking.log_run_results(tracker, run_dir, result.results, result.history)
+    resume.discard(run_dir)
+    barrier(strategy)
+    if result.results["test"] is not None:
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in result.results["test"].items())
+        log.info("Test %s; run directory %s", shown, run_dir)
+    return result
 
+
+def _fit_and_evaluate(
+    run: RunSetup, strategy: tf.distribute.Strategy, settings: DeviceSettings, *, resumed: bool, evaluate_test: bool
+) -> RunResult:
+    """Fits the recipe's stages, evaluates, and writes results.json, curves.png and the model."""
+    config, splits, run_dir = run.config, run.splits, run.context.run_dir
     start = time.perf_counter()
     boundaries = _fit(run)
     train_seconds = time.perf_counter() - start
@@ -209,10 +267,6 @@ def _train_and_evaluate(
         plots.save_curves(history, run_dir / rundir.CURVES_PNG, title=f"{config.model.recipe} on {splits.source}")
     if config.train.checkpoint and not (run_dir / rundir.BEST_MODEL).exists():
         rundir.atomic_save_model(model, run_dir / rundir.BEST_MODEL)
-    resume.discard(run_dir)
-    barrier(strategy)
-    if test is not None:
-        log.info("Test %s; run directory %s", ", ".join(f"{k} {v:.4f}" for k, v in results["test"].items()), run_dir)
     return RunResult(run_dir=run_dir, model=model, history=history, results=results)
 
 

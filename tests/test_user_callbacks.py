@@ -1,0 +1,75 @@
+"""The user's own Keras callbacks (`train_and_evaluate(..., callbacks=[...])`, and through `tune` and
+`compare`): called in every fit of a run, both stages of a fine-tune, after the package's own, and
+never written into config.json."""
+
+import json
+
+import keras
+import pytest
+from conftest import smoke, staged
+
+from kerastune_flow import rundir
+from kerastune_flow.training import train
+
+EPOCHS = 2
+
+
+class Recorder(keras.callbacks.Callback):
+    """Records every epoch end it sees: the epoch, the log keys, the model's name, and what the
+    package had written by then (the epoch in history.jsonl, the epochs in the backup)."""
+
+    def __init__(self, run_dir=None):
+        super().__init__()
+        self.run_dir = run_dir
+        self.seen = []
+
+    def on_epoch_end(self, epoch, logs=None):
+        run_dir = self.run_dir
+        logged = [r["epoch"] for r in rundir.read_history(run_dir)] if run_dir else []
+        backup = [rundir.read_json(path)["epoch"] for path in run_dir.glob("backup/*/state.json")] if run_dir else []
+        self.seen.append(
+            {"epoch": epoch, "keys": sorted(logs or {}), "model": self.model.name, "logged": logged, "backup": backup}
+        )
+
+
+def test_a_users_callback_sees_every_epoch_after_the_package_wrote_it(folder, tmp_path, monkeypatch):
+    fits = []
+    original = keras.Model.fit
+
+    def recording_fit(self, *args, callbacks=None, **kwargs):
+        fits.append([type(c).__name__ for c in callbacks or ()])
+        return original(self, *args, callbacks=callbacks, **kwargs)
+
+    monkeypatch.setattr(keras.Model, "fit", recording_fit)
+    run_dir = tmp_path / "run"
+    recorder = Recorder(run_dir)
+    config = smoke("scratch_mlp", folder, epochs=EPOCHS, patience=5)
+    result = train.train_and_evaluate(config, run_dir, callbacks=[recorder])
+    assert fits == [[*fits[0][:-3], "RunBackup", "Recorder", "ProgressBar"]]  # after the package's own
+    assert [s["epoch"] for s in recorder.seen] == list(range(EPOCHS))
+    for seen in recorder.seen:
+        assert seen["logged"] == list(range(seen["epoch"] + 1))  # HistoryLogger wrote this epoch first
+        assert seen["backup"] == [seen["epoch"] + 1]  # and RunBackup backed it up
+        assert {"loss", "accuracy", "val_loss", "val_accuracy"} <= set(seen["keys"])
+    assert len(result.history) == EPOCHS
+    saved = (run_dir / rundir.CONFIG_JSON).read_text()
+    assert "Recorder" not in saved and "callbacks" not in json.loads(saved)["config"]["train"]
+
+
+def test_a_users_callback_sees_both_stages_of_a_fine_tune_in_order(folder, base_model, tmp_path):
+    run_dir = tmp_path / "run"
+    recorder = Recorder(run_dir)
+    config = staged(folder, base_model, head_epochs=1, epochs=1, patience=5)
+    result = train.train_and_evaluate(config, run_dir, callbacks=[recorder])
+    assert [s["epoch"] for s in recorder.seen] == [0, 1]
+    assert [r["stage"] for r in result.history] == ["head", "finetune"]
+    # The frozen stage fits the head on cached features: there the callback's model is the head.
+    assert [s["model"] for s in recorder.seen] == ["head", "unfrozen_part"]
+    assert [s["logged"] for s in recorder.seen] == [[0], [0, 1]]
+
+
+@pytest.mark.parametrize("bad", ["a string", keras.callbacks.History(), [keras.callbacks.History(), print]])
+def test_callbacks_that_are_not_a_list_of_callbacks_are_refused_before_anything_runs(tmp_path, bad):
+    with pytest.raises(TypeError, match="callbacks= takes"):
+        train.train_and_evaluate(smoke("scratch_mlp", "digits"), tmp_path / "run", callbacks=bad)
+    assert not (tmp_path / "run").exists()
