@@ -41,9 +41,10 @@ test: lint
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS)
 
 # The longer checks (-m slow): the real data sets, the accuracy of the recipes as typed, the process-level
-# kills and the variants of what the default suite tests once. CI runs them after `make test`.
+# kills and the variants of what the default suite tests once. CI runs them after `make test`; the 25 slowest
+# are listed at the end, so a CI log shows where its time went.
 slow: $(STAMP)
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) -m slow
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) -m slow --durations=25
 
 clean:
 	rm -rf runs .pytest_cache

@@ -2,6 +2,7 @@
 absl's logging in its profiler plugin), and its Python logger's lines twice (its own handler and the
 CLI's root handler)."""
 
+import io
 import logging
 import os
 import subprocess
@@ -17,11 +18,16 @@ from kerastune_flow.runtime import logs
 BANNER = "WARNING: All log messages before absl::InitializeLog() is called are written to STDERR\n"
 ONEDNN = "port.cc:153] oneDNN custom operations are on. You may see slightly different numerical results.\n"
 GUARD = "cpu_feature_guard.cc:227] This TensorFlow binary is optimized to use available CPU instructions.\n"
+# The full `tensorflow` wheel (KerasHub's requirements install it) on a machine without CUDA: not an error here.
+NO_GPU = (
+    "cuda_platform.cc:52] failed call to cuInit: INTERNAL: CUDA error: Failed call to cuInit: UNKNOWN ERROR (303)\n"
+)
 # What `import tensorflow` 2.21 writes to file descriptor 2 (shortened): the second copy's lines come later.
 TF_IMPORT = (
     f"{BANNER}I0000 00:00:1796532652.553146    4873 {ONEDNN}"
     f"I0000 00:00:1796532652.600000    4873 {GUARD}To enable the following instructions: AVX2 FMA.\n"
     f"W0000 00:00:1796532653.000000    4873 some.cc:1] a warning of its own\n"
+    f"E0000 00:00:1796532653.100000    4873 {NO_GPU}"
     f"{BANNER}I0000 00:00:1796532655.517474    4873 {ONEDNN}"
 )
 
@@ -39,8 +45,29 @@ def test_native_lines_written_twice_while_tensorflow_loads_are_shown_once(level,
     assert err.count("a warning of its own") == 1 and err.count("python's own line") == 1
     if level == "0":  # asked for INFO lines: each once
         assert (err.count(BANNER), err.count(ONEDNN), err.count(GUARD), err.count("AVX2 FMA")) == (1, 1, 1, 1)
+        assert err.count(NO_GPU) == 1
     else:  # the default: no INFO line, and not the banner that comes with them
         assert BANNER not in err and ONEDNN not in err and GUARD not in err and "AVX2 FMA" not in err
+        assert NO_GPU not in err  # "no GPU" is not an error on a CPU machine
+
+
+def test_a_handler_made_while_tensorflow_loads_still_writes_after(monkeypatch, capfd):
+    # TensorFlow's logger gets its handler during `import tensorflow`, inside once_each, where
+    # sys.stderr is a stream once_each closes after: its retracing warning in compare and tune was
+    # "--- Logging error --- I/O operation on closed file" (fixed 2026-12-06).
+    monkeypatch.delitem(sys.modules, "tensorflow")
+    monkeypatch.delenv(logs.DEBUG_ENV, raising=False)
+    fd_2 = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), line_buffering=True)
+    monkeypatch.setattr(sys, "stderr", fd_2)  # as in the command line: Python's stderr is fd 2
+    logger = logging.getLogger("kerastune_flow_test_import_time")
+    monkeypatch.setattr(logger, "handlers", [])
+    monkeypatch.setattr(logger, "propagate", False)
+    with logs.once_each():
+        assert sys.stderr is not fd_2  # held: the block's Python writes go through another stream
+        logger.addHandler(logging.StreamHandler())  # takes sys.stderr as it is now
+    logger.warning("a retracing warning after the import")
+    assert logger.handlers[0].stream is fd_2
+    assert "a retracing warning after the import" in capfd.readouterr().err
 
 
 def test_tensorflows_python_log_lines_are_printed_once(monkeypatch, capsys):

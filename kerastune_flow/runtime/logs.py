@@ -36,6 +36,10 @@ DEBUG_ENV = environment.KERASTUNE_FLOW_DEBUG  # show everything (run.py also sho
 _ABSL_LINE = re.compile(r"^([IWEF])\d{4} [\d:.]+\s+\d+ \S+:\d+\] ")
 _ABSL_BANNER = "WARNING: All log messages before absl::InitializeLog() is called are written to STDERR"
 _SEVERITIES = "IWEF"  # TF_CPP_MIN_LOG_LEVEL 0, 1, 2, 3
+# Errors that only say there is no GPU, shown as INFO: the full `tensorflow` wheel (what KerasHub's
+# tensorflow-text requirement installs beside tensorflow-cpu) writes one at every start on a machine
+# without CUDA, and the run's "Strategy:" line already says where it trains.
+_NO_GPU = ("failed call to cuInit",)
 
 
 def min_level() -> int:
@@ -54,7 +58,8 @@ def each_once(text: str, *, level: int = 1) -> str:
     for line in text.splitlines(keepends=True):
         record = _ABSL_LINE.match(line)
         if record:
-            shown, key = _SEVERITIES.index(record.group(1)) >= level, line[record.end() :]
+            severity = 0 if any(text in line for text in _NO_GPU) else _SEVERITIES.index(record.group(1))
+            shown, key = severity >= level, line[record.end() :]
         elif line.rstrip("\r\n") == _ABSL_BANNER:
             shown, key = level <= 0, line
         else:  # a continuation of the record above, or a line of its own
@@ -116,6 +121,7 @@ def once_each() -> Iterator[None]:
     finally:
         if through is not None:
             sys.stderr = python_stderr
+            _repoint_handlers(through, python_stderr)
             through.close()  # flushes; the descriptor stays open (closefd=False)
         os.dup2(saved, 2)
         os.close(saved)
@@ -125,6 +131,17 @@ def once_each() -> Iterator[None]:
         out = each_once(text, level=min_level())
         if out:
             os.write(2, out.encode("utf-8", errors="replace"))
+
+
+def _repoint_handlers(old: object, new: object) -> None:
+    """Points the logging handlers made inside `once_each` (TensorFlow's own, made while it imports)
+    at `new`: they took `sys.stderr` as it was then, the stream about to be closed, and every later
+    line of theirs (the retracing warning) was a "Logging error ... I/O operation on closed file"."""
+    loggers = [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]
+    for logger in loggers:
+        for handler in getattr(logger, "handlers", ()):  # placeholders have none
+            if isinstance(handler, logging.StreamHandler) and handler.stream is old:
+                handler.setStream(new)
 
 
 def _uses_fd_2(stream: object) -> bool:
