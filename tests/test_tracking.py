@@ -221,11 +221,10 @@ class _KillAt(keras.callbacks.Callback):
             raise KeyboardInterrupt
 
 
-@pytest.mark.slow
-def test_a_killed_and_resumed_run_continues_the_same_mlflow_run(store, tmp_path, monkeypatch):
-    add_callbacks(monkeypatch, _KillAt(1))
+def _check_a_killed_and_resumed_run_continues_the_same_mlflow_run(store, tmp_path, monkeypatch):
     config = smoke("scratch_mlp", DIGITS, epochs=3, patience=5, track="mlflow", tracking_uri=store, verbose=0)
-    with pytest.raises(KeyboardInterrupt):
+    with monkeypatch.context() as patched, pytest.raises(KeyboardInterrupt):
+        add_callbacks(patched, _KillAt(1))
         train.train_and_evaluate(config, tmp_path / "run")
     run_id = rundir.read_json(tmp_path / "run" / rundir.TRACKING_JSON)["run_id"]
     client, runs = _runs(store, "scratch_mlp")
@@ -262,8 +261,7 @@ class _Epochs(keras.callbacks.Callback):
         self.seen.append(epoch)
 
 
-@pytest.mark.slow
-def test_a_tracked_search_is_a_parent_run_with_a_nested_run_per_trial(store, tmp_path):
+def _check_a_tracked_search_is_a_parent_run_with_a_nested_run_per_trial(store, tmp_path):
     epochs = _Epochs()  # the user's own callback reaches every trial too
     summary = tune_lib.tune(
         "scratch_mlp",
@@ -277,6 +275,7 @@ def test_a_tracked_search_is_a_parent_run_with_a_nested_run_per_trial(store, tmp
     )
     assert epochs.seen == [0, 0, 0]
     client, runs = _runs(store, "scratch_mlp")
+    runs = [r for r in runs if r.info.run_name != "run"]  # the killed and resumed run of the same recipe
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     assert len(parents) == 1 and len(runs) == 4
     parent = parents[0]
@@ -297,8 +296,9 @@ def test_a_tracked_search_is_a_parent_run_with_a_nested_run_per_trial(store, tmp
     }
 
 
-@pytest.mark.slow
-def test_a_tracked_comparison_is_a_parent_run_with_a_nested_run_per_approach(store, tmp_path, base_model, image_folder):
+def _check_a_tracked_comparison_is_a_parent_run_with_a_nested_run_per_approach(
+    store, tmp_path, base_model, image_folder
+):
     epochs = _Epochs()  # the user's own callback reaches every approach too
     report = compare_lib.compare(
         str(image_folder),
@@ -325,3 +325,26 @@ def test_a_tracked_comparison_is_a_parent_run_with_a_nested_run_per_approach(sto
         assert nested[name].data.metrics["test_accuracy"] == pytest.approx(result["test_accuracy"])
     assert parent.data.params["approaches"] == "cnn,features"
     assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {"report.html", "results.json"}
+
+
+@pytest.mark.slow
+def test_a_train_a_search_and_a_comparison_are_tracked_in_one_store(
+    store, tmp_path, monkeypatch, base_model, image_folder
+):
+    """Issue 28's check: a killed and resumed `train`, a 3-trial `tune` and a `compare`, each tracked in
+    the same local store, then read back together through `mlflow.search_runs`."""
+    _check_a_killed_and_resumed_run_continues_the_same_mlflow_run(store, tmp_path, monkeypatch)
+    _check_a_tracked_search_is_a_parent_run_with_a_nested_run_per_trial(store, tmp_path)
+    _check_a_tracked_comparison_is_a_parent_run_with_a_nested_run_per_approach(
+        store, tmp_path, base_model, image_folder
+    )
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    found = mlflow.search_runs(search_all_experiments=True)
+    names = dict(zip(found["run_id"], found["tags.mlflow.runName"], strict=True))
+    nested = found["tags.mlflow.parentRunId"].map(names.get, na_action="ignore")
+    assert sorted(found["tags.mlflow.runName"]) == sorted(
+        ["run", "search", "trials/000", "trials/001", "trials/002", "cmp", "cnn", "features"]
+    )
+    assert sorted(nested.dropna()) == ["cmp", "cmp", "search", "search", "search"]
+    assert (found["status"] == "FINISHED").all()
+    assert found["params.model.recipe"].notna().sum() >= 6  # every run that trained logged its config
