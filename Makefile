@@ -5,8 +5,8 @@
 PYTHON ?= python3
 EXTRA ?= cpu
 # pytest workers (pytest-xdist): 2 halves the suite's time on 2 cores; each worker is one TensorFlow process.
-# worksteal: a worker that runs out takes tests queued behind a long one on the other (with xdist's default
-# `load`, tests queued behind the slow suite's 15-minute accuracy run waited for it while the other worker idled).
+# make slow's worksteal: a worker that runs out takes tests queued behind a long one on the other (with xdist's
+# default `load`, tests queued behind the 15-minute accuracy run waited for it while the other worker idled).
 TEST_WORKERS ?= 2
 DIST := --dist worksteal
 VENV := .venv
@@ -41,7 +41,7 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix .
 
 test: lint
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) $(DIST)
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS)
 
 # The longer checks (-m slow): the real data sets, the accuracy of the recipes as typed, the process-level
 # kills and the variants of what the default suite tests once. CI runs them after `make test`; the 25 slowest

@@ -171,8 +171,8 @@ def staged_uninterrupted(folder, base_model, tmp_path_factory):
 
 
 @pytest.mark.parametrize(
-    "where", [pytest.param(w, marks=pytest.mark.slow) if w == "stage-1" else w for w in STAGED_KILLS]
-)  # a kill in stage 1 is the plain run's kill; stage 2 and the feature pass are the fine-tune's own
+    "where", [w if w == "stage-2" else pytest.param(w, marks=pytest.mark.slow) for w in STAGED_KILLS]
+)  # a kill in stage 1 is the plain run's kill; stage 2 is the fine-tune's own (the feature pass: slow, 7 s)
 def test_a_fine_tune_killed_in_any_stage_ends_as_the_uninterrupted_one(
     where, folder, base_model, tmp_path, monkeypatch, staged_uninterrupted
 ):
@@ -233,6 +233,7 @@ def test_chaos_five_sigkills_at_random_moments_end_as_the_uninterrupted_run(fold
     np.testing.assert_equal(resumed["epochs_run"], whole["epochs_run"])
 
 
+@pytest.mark.slow  # three runs (10 s); the default suite resumes seeded runs killed between epochs and in stage 2
 def test_a_run_without_a_seed_resumes_with_the_seed_it_picked(folder, tmp_path, monkeypatch):
     config = _config(folder, seed=None, epochs=4)
     kill = lambda m, fired: _with_kill(m, _KillOnce(fired, epoch=2, at="epoch_begin"))  # noqa: E731

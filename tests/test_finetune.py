@@ -289,6 +289,7 @@ def test_discriminative_rates_scale_only_the_base_updates(tmp_path):
     assert loaded.optimizer.base_multiplier == 0.25
 
 
+@pytest.mark.slow  # a whole staged run (8 s); the default suite checks the rates on the optimizer's updates
 def test_finetune_with_discriminative_rates_end_to_end(image_folder, tmp_path):
     config = smoke("vgg16_finetune", image_folder, head_epochs=1, epochs=1, base_lr_multiplier=0.1)
     result = train.train_and_evaluate(config, tmp_path / "run")

@@ -173,7 +173,9 @@ def _check_report(report: dict, ours: dict[str, np.ndarray], folder: Path) -> No
 
 def test_plain_keras_loads_every_recipes_model(base_model, tmp_path):
     jobs, ours = {}, {}
-    for name, config in _cases(base_model, backbones=QUICK_BACKBONES).items():
+    # vgg16_features-vgg16 saves the model vgg16_finetune-vgg16 saves, less stage 2's compile (5 s)
+    cases = {k: v for k, v in _cases(base_model, backbones=QUICK_BACKBONES).items() if k != "vgg16_features-vgg16"}
+    for name, config in cases.items():
         (tmp_path / name).mkdir()
         _build_and_save(config, tmp_path / name / rundir.BEST_MODEL)
         loaded = models.load_keras_model(tmp_path / name / rundir.BEST_MODEL)

@@ -402,7 +402,7 @@ print("inter-op", tf.config.threading.get_inter_op_parallelism_threads())
     "when, name, env, expected",
     [
         ("fresh", "auto", None, 1),  # CPU training: one inter-op thread ("cpu" too, see computes_on_cpu)
-        ("fresh", "auto", "3", 0),  # the user's TF_NUM_INTEROP_THREADS is left alone
+        pytest.param("fresh", "auto", "3", 0, marks=pytest.mark.slow),  # the user's TF_NUM_INTEROP_THREADS stays
         ("started", "auto", None, 0),  # too late: logged, not raised
     ],
 )

@@ -21,6 +21,20 @@ from kerastune_flow.training.guards import InterruptGuard
 RUN_FILES = ("config.json", "history.csv", "history.jsonl", "model.keras", "results.json", "curves.png")
 
 
+class _HeadKernels(keras.callbacks.Callback):
+    """The output layer's kernel as each fit begins and ends (the head model's in the cached stage)."""
+
+    def __init__(self):
+        super().__init__()
+        self.begin, self.end = [], []
+
+    def on_train_begin(self, logs=None):
+        self.begin.append(self.model.layers[-1].get_weights()[0].copy())
+
+    def on_train_end(self, logs=None):
+        self.end.append(self.model.layers[-1].get_weights()[0].copy())
+
+
 @pytest.mark.parametrize("recipe", list(RECIPES))
 def test_every_recipe_leaves_a_complete_run_directory(recipe, image_folder, tmp_path, monkeypatch):
     compiled = []
@@ -33,12 +47,23 @@ def test_every_recipe_leaves_a_complete_run_directory(recipe, image_folder, tmp_
     monkeypatch.setattr(keras.Model, "compile", compile)
     staged = RECIPES[recipe].staged
     rates = {"learning_rate": 2e-3, **({"finetune_learning_rate": 2e-5} if staged else {})}
-    result = train.train_and_evaluate(smoke(recipe, image_folder, **rates), tmp_path / "run")
+    kernels = _HeadKernels()
+    result = train.train_and_evaluate(smoke(recipe, image_folder, **rates), tmp_path / "run", callbacks=[kernels])
     # Compiled once per stage, at its rate, by the one function (training.fitting.compile_for).
     if staged:  # stage 1: the head on cached features and the full model (its checkpoint); stage 2: the
         # part above the cached prefix and the full model again (what is evaluated and saved)
         assert [name for name, _ in compiled] == ["head", result.model.name, "unfrozen_part", result.model.name]
         assert [rate for _, rate in compiled] == pytest.approx([2e-3, 2e-3, 2e-5, 2e-5])
+        # One continuous run: the stages' epochs and rates in one history, stage 2 from stage 1's head,
+        # the base's last block (and only it) unfrozen.
+        assert [(r["epoch"], r["stage"]) for r in result.history] == [(0, "head"), (1, "finetune"), (2, "finetune")]
+        assert result.results["stage_boundaries"] == [1]
+        assert [r["learning_rate"] for r in result.history] == pytest.approx([2e-3, 2e-5, 2e-5])
+        np.testing.assert_array_equal(kernels.begin[1], kernels.end[0])
+        trainable = [
+            layer.name for layer in result.model.get_layer("vgg16").layers if layer.trainable and layer.weights
+        ]
+        assert trainable == ["block5_conv1", "block5_conv2", "block5_conv3"]
     else:
         assert compiled and len({name for name, _ in compiled}) == len(compiled)
         assert [rate for _, rate in compiled] == pytest.approx([2e-3] * len(compiled))
@@ -134,36 +159,6 @@ def test_a_crashed_run_resumes_at_the_next_epoch(image_folder, tmp_path, monkeyp
     assert [r["epoch"] for r in result.history] == [0, 1, 2, 3]
     assert result.results["resumed"] is True
     assert not (tmp_path / "run" / "backup").exists()
-
-
-def test_staged_finetune_is_one_continuous_run(image_folder, tmp_path, monkeypatch):
-    kernels = {}
-
-    class Probe(keras.callbacks.Callback):
-        def on_train_begin(self, logs=None):
-            kernels.setdefault("begin", []).append(self.model.get_layer("predictions").get_weights()[0].copy())
-
-        def on_train_end(self, logs=None):
-            kernels.setdefault("end", []).append(self.model.get_layer("predictions").get_weights()[0].copy())
-
-    add_callbacks(monkeypatch, Probe())
-    config = smoke("vgg16_finetune", image_folder, head_epochs=2, epochs=2, patience=10)
-    result = train.train_and_evaluate(config, tmp_path / "run")
-    assert [(r["epoch"], r["stage"]) for r in result.history] == [
-        (0, "head"),
-        (1, "head"),
-        (2, "finetune"),
-        (3, "finetune"),
-    ]
-    assert result.results["stage_boundaries"] == [2]
-    assert [r["learning_rate"] for r in result.history] == pytest.approx([1e-3, 1e-3, 1e-5, 1e-5])
-    np.testing.assert_array_equal(kernels["begin"][1], kernels["end"][0])  # stage 2 starts from stage 1
-    base = result.model.get_layer("vgg16")
-    assert [layer.name for layer in base.layers if layer.trainable and layer.weights] == [
-        "block5_conv1",
-        "block5_conv2",
-        "block5_conv3",
-    ]
 
 
 def test_evaluate_and_predict_use_the_saved_run(image_folder, tmp_path):
