@@ -211,6 +211,7 @@ def test_a_finished_run_dir_is_refused(image_folder, tmp_path, capsys):
     assert run.build_parser().parse_args([*argv, "--overwrite"]).overwrite
 
 
+@pytest.mark.slow  # 6 s; test_installed runs the demo itself from the wheel, and the sample's loading is test_samples'
 def test_the_demo_data_trains(tmp_path, capsys):
     """The digits shipped in the package, by name, through the demo's recipe (one epoch; `make demo` runs ten)."""
     argv = [

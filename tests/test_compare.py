@@ -37,7 +37,7 @@ class _Collector(HTMLParser):
             self._in_cell = False
 
 
-@pytest.mark.slow  # nine runs; the default suite's compare tests run each approach once
+@pytest.mark.slow  # nine runs; the default suite runs compare once (the cnn, by its old name)
 def test_compare_with_a_data_size_sweep(image_folder, tmp_path):
     # Two approaches (the three run together in notebook 05 and test_compare_from_the_cli's pair).
     approaches = ("cnn", "finetune")
@@ -115,6 +115,7 @@ def test_compare_rejects_unknown_approaches_and_fractions(image_folder, tmp_path
         compare_lib.compare(str(image_folder), tmp_path, train_fractions=(0.0,))
 
 
+@pytest.mark.slow  # 12 s; the default suite runs compare in test_the_old_approach_name_scratch_still_runs_the_cnn
 def test_compare_from_the_cli(image_folder, tmp_path, capsys, caplog):
     argv = [
         "compare",
@@ -214,7 +215,7 @@ def test_identical_learning_curves_stay_visible_in_their_own_styles():
     assert [t.get_text() for t in ax.texts] == ["finetune: stage 2"]
 
 
-@pytest.mark.slow  # the three approaches again; test_compare_from_the_cli runs each once in the default suite
+@pytest.mark.slow  # the three approaches; the default suite runs compare once, on the cnn
 def test_every_approach_gets_the_same_split_and_seed_with_the_recipes_defaults(image_folder, tmp_path):
     # The from-scratch recipe holds out no validation by default and transfer does: compare gives
     # every approach one split (the transfer recipes' hold-out) and one seed (picked, none given).

@@ -236,6 +236,7 @@ def test_a_cpu_with_native_bf16_trains_the_cnn_in_bfloat16_by_default_and_restor
     assert keras.config.dtype_policy().name == before
 
 
+@pytest.mark.slow  # 6 s; test_exact_resume's XLA resume (slow) trains it too; the settings' choice is tested in-process
 def test_the_mlp_trains_under_xla_on_the_cpu_by_default(image_folder, tmp_path, caplog):
     assert make_config("scratch_mlp").train.jit_compile == "auto"  # the smoke preset turns it off
     config = make_config(

@@ -150,6 +150,7 @@ def _pretrained_cnn_run(image_folder, tmp_path):
     return tmp_path / "source"
 
 
+@pytest.mark.slow  # 11 s; every default fine-tune test already fine-tunes a trained CNN run (conftest's base_model)
 def test_a_full_training_run_becomes_the_base_of_a_fine_tune(image_folder, tmp_path, monkeypatch):
     source = _pretrained_cnn_run(image_folder, tmp_path)
     saved = keras.saving.load_model(source / "model.keras")
@@ -207,6 +208,7 @@ def test_the_best_model_saved_from_cached_training_is_the_full_model(image_folde
     np.testing.assert_allclose(saved.predict(x, verbose=0), result.model.predict(x, verbose=0), atol=1e-6)
 
 
+@pytest.mark.slow  # 6 s; the default suite's augmented runs (test_augment) and cached runs stay
 def test_augmentation_falls_back_to_the_full_pass_and_says_so(image_folder, tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="kerastune_flow"):
         train.train_and_evaluate(smoke("vgg16_features", image_folder, augment=("flip",)), tmp_path / "run")
