@@ -65,3 +65,14 @@ def test_callbacks_that_are_not_a_list_of_callbacks_are_refused_before_anything_
     with pytest.raises(TypeError, match="callbacks= takes"):
         train.train_and_evaluate(smoke("scratch_mlp", "digits"), tmp_path / "run", callbacks=bad)
     assert not (tmp_path / "run").exists()
+
+
+def test_tune_and_compare_refuse_callbacks_that_are_not_a_list_before_writing(tmp_path):
+    from kerastune_flow.search import compare as compare_lib
+    from kerastune_flow.search import tune as tune_lib
+
+    with pytest.raises(TypeError, match="callbacks= takes"):
+        tune_lib.tune("scratch_mlp", tmp_path / "search", data="digits", callbacks=keras.callbacks.History())
+    with pytest.raises(TypeError, match="callbacks= takes"):
+        compare_lib.compare("digits", tmp_path / "cmp", callbacks=[print])
+    assert not (tmp_path / "search").exists() and not (tmp_path / "cmp").exists()

@@ -42,7 +42,7 @@ from kerastune_flow.recipes import get_recipe, make_config
 from kerastune_flow.runtime import process
 from kerastune_flow.search.compare_report import FROM_SCRATCH, recommend, share_text, write_report
 from kerastune_flow.training import tracking
-from kerastune_flow.training.train import train_and_evaluate
+from kerastune_flow.training.train import check_callbacks, train_and_evaluate
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +138,7 @@ def compare(
     Raises:
         ConfigError: for an unknown approach or a fraction outside (0, 1].
     """
+    callbacks = check_callbacks(callbacks)  # refused before anything is written, as train refuses them
     unknown = [a for a in approaches if a not in APPROACHES and a not in OLD_APPROACHES]
     if unknown:
         raise ConfigError(f"Unknown approach {unknown[0]!r}; choose from {', '.join(APPROACHES)}. Received: {unknown}")
@@ -156,7 +157,7 @@ def compare(
     with rundir.run_lock(run_dir):
         # --track mlflow: the comparison's parent run, each approach a nested run.
         with tracking.parent_run(tracked, run_dir, experiment="compare", params=params, continue_run=again) as parent:
-            report = _compare(data, run_dir, approaches, train_fractions, preset, overrides, tuple(callbacks or ()))
+            report = _compare(data, run_dir, approaches, train_fractions, preset, overrides, callbacks)
             parent.log_metrics(
                 {f"{Path(r['run_dir']).name}.test_accuracy": r["test_accuracy"] for r in report["results"]}
             )

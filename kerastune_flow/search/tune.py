@@ -42,7 +42,7 @@ from kerastune_flow.search import tuner as tuner_lib
 from kerastune_flow.search.tune_space import Knob, SearchSpace, current_knob_names, resolve_space, unfreeze_choices
 from kerastune_flow.search.tuner import OBJECTIVES, TUNERS, objective_value
 from kerastune_flow.training import tracking
-from kerastune_flow.training.train import best_epoch, check_before_data, train_and_evaluate
+from kerastune_flow.training.train import best_epoch, check_before_data, check_callbacks, train_and_evaluate
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +89,7 @@ def tune(
     """
     spec = get_recipe(recipe)
     _check_search_flags(tuner, objective, trials, max_minutes)
+    callbacks = check_callbacks(callbacks)  # refused before anything is written, as train refuses them
     space = current_knob_names(space)
     run_dir = Path(run_dir)
     worker = tuner_lib.is_worker()  # a distributed search's chief holds the folder for its workers
