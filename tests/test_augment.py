@@ -67,6 +67,29 @@ def test_rotation_and_zoom_are_identities_at_zero_strength():
     np.testing.assert_allclose(augment.random_zoom(images, 0.0, _seed(5)), images, atol=1e-3)
 
 
+@pytest.mark.parametrize("names", [("crop", "flip"), ("crop", "flip", "rotation", "zoom")])
+def test_a_uint8_batch_augments_as_the_same_whole_values_in_float32(names):
+    # A uint8 cache hands the augmenter uint8 batches: the same images, the same float32 result.
+    whole = np.round(_images())
+    augmenter = data.make_augmenter(names, SHAPE)
+    from_uint8 = augmenter(tf.constant(whole.astype(np.uint8)), _seed(3))
+    assert from_uint8.dtype == tf.float32
+    np.testing.assert_array_equal(from_uint8.numpy(), augmenter(tf.constant(whole), _seed(3)).numpy())
+
+
+def test_a_uint8_cached_pipeline_serves_the_float32_batches_of_the_float_one():
+    whole = np.round(_images(n=40))
+    ds = tf.data.Dataset.from_tensor_slices((whole, np.arange(40, dtype=np.int32) % 3))
+    augmenter = data.make_augmenter(("crop", "flip"), SHAPE)
+    for training in (True, False):
+        kwargs = dict(batch_size=16, training=training, cache=True, augmenter=augmenter, seed=4)
+        as_uint8 = [x.numpy() for x, _ in data.prepare(ds, uint8=True, **kwargs)]
+        as_float = [x.numpy() for x, _ in data.prepare(ds, **kwargs)]
+        assert all(x.dtype == np.float32 for x in as_uint8) and len(as_uint8) == 3
+        for a, b in zip(as_uint8, as_float, strict=True):
+            np.testing.assert_array_equal(a, b)
+
+
 def test_unknown_names_and_no_names():
     assert data.make_augmenter((), SHAPE) is None
     with pytest.raises(ValueError, match="augment must be one of flip, rotation, zoom, crop"):

@@ -461,9 +461,12 @@ def test_should_cache_policies(monkeypatch):
     assert data.should_cache(1, (2, 2, 1), "off") is False
     assert data.should_cache(64, (32, 32, 3), "auto") is True
     assert data.should_cache(10**12, (224, 224, 3), "auto") is False
-    monkeypatch.setattr(data.pipeline, "memory_budget", lambda: 10 * 4 * 2 * 2 * 1)
+    # filling a cache holds the batches and their stack for a moment: twice the split's bytes
+    monkeypatch.setattr(data.pipeline, "memory_budget", lambda: 2 * 10 * 4 * 2 * 2 * 1)
     assert data.should_cache(10, (2, 2, 1)) is True  # exactly fills the budget
     assert data.should_cache(11, (2, 2, 1)) is False
+    assert data.should_cache(40, (2, 2, 1), uint8=True) is True  # a byte per value
+    assert data.should_cache(41, (2, 2, 1), uint8=True) is False
 
 
 def test_the_memory_budget_is_a_quarter_of_the_memory_available_now(monkeypatch):
@@ -471,7 +474,7 @@ def test_the_memory_budget_is_a_quarter_of_the_memory_available_now(monkeypatch)
     assert 0 < data.memory_budget() <= data.available_memory() // 4 + 1
     monkeypatch.setattr(data.pipeline, "available_memory", lambda: 4000)
     assert data.memory_budget() == 1000
-    assert data.should_cache(250, (1,)) is True and data.should_cache(251, (1,)) is False
+    assert data.should_cache(125, (1,)) is True and data.should_cache(126, (1,)) is False
 
 
 # --------------------------------------------------------------------------- tfds
@@ -615,3 +618,14 @@ def test_tfds_real_mnist_from_manual_dir(tmp_path):
     no_validation = data.load_data("mnist", data_dir=str(tmp_path / "tfds"), validation_fraction=0.0)
     assert no_validation.sizes == {"train": 60000, "validation": 0, "test": 10000}
     assert count(no_validation.validation) == 0
+
+
+def test_folder_images_are_whole_pixel_values_after_resizing(tmp_path):
+    # Resizing leaves fractions; rounded, every value is one a uint8 cache keeps exactly.
+    root = write_image_folder(tmp_path / "zoo", classes=("zebra", "apple"), per_class=3)
+    splits = data.load_image_folder(root, image_size=(7, 5), validation_fraction=0.0, test_fraction=0.0)
+    assert splits.uint8
+    images = np.stack([x.numpy() for x, _ in splits.train])
+    assert images.dtype == np.float32 and images.shape[1:] == (7, 5, 3)
+    np.testing.assert_array_equal(images, np.clip(np.round(images), 0, 255))
+    assert not np.signbit(images).any()  # no -0.0: the same bytes in every path

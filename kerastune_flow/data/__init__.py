@@ -33,6 +33,7 @@ from kerastune_flow.data.order import SHUFFLE_BUFFER, EpochClock, epoch_ordered,
 from kerastune_flow.data.pipeline import (
     LABEL_RANGE_MARKER,
     available_memory,
+    cache_bytes,
     encode_labels,
     label_range_error,
     memory_budget,
@@ -76,6 +77,7 @@ __all__ = [
     "memory_budget",
     "prepare",
     "scan_images",
+    "cache_bytes",
     "should_cache",
     "with_autotune",
 ]

@@ -35,8 +35,11 @@ def make_augmenter(names: Sequence[str], image_shape: Sequence[int]) -> Augmente
         image_shape: (height, width, channels) of the images.
 
     Returns:
-        A function of a batch (B, H, W, C) of float pixels and a seed (a shape-(2,) integer
-        tensor) that returns the augmented batch; the same seed gives the same batch.
+        A function of a batch (B, H, W, C) of pixels (float, or uint8 from a uint8 cache) and a
+        seed (a shape-(2,) integer tensor) that returns the augmented batch as float32; the same
+        seed gives the same batch. Crops and flips only move pixels, so they run on the batch as
+        it comes (a uint8 batch is a quarter of the bytes to move); rotation and zoom interpolate,
+        on float32.
 
     Raises:
         ValueError: for an unknown name.
@@ -57,10 +60,10 @@ def make_augmenter(names: Sequence[str], image_shape: Sequence[int]) -> Augmente
             elif name == "flip":
                 images = random_flip(images, step_seed)
             elif name == "rotation":
-                images = random_rotation(images, ROTATION, step_seed)
+                images = random_rotation(tf.cast(images, tf.float32), ROTATION, step_seed)
             else:
-                images = random_zoom(images, ZOOM, step_seed)
-        return images
+                images = random_zoom(tf.cast(images, tf.float32), ZOOM, step_seed)
+        return tf.cast(images, tf.float32)
 
     return augment
 

@@ -31,7 +31,7 @@ from kerastune_flow.data.images import (
     refuse_tiff,
     walk_files,
 )
-from kerastune_flow.data.sources import SPLITS, VALIDATION_NAMES, DataSplits, ImageIndex, nfc
+from kerastune_flow.data.sources import SPLITS, VALIDATION_NAMES, DataSplits, ImageIndex, nfc, whole_pixels
 from kerastune_flow.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -331,7 +331,7 @@ def load_index(
 
     def decode(path, label):
         image = decode_image(tf.io.read_file(path), channels, webp=webp)
-        image = tf.image.resize(image, size)
+        image = whole_pixels(tf.image.resize(image, size))  # 8-bit values: a cache keeps them as uint8
         image.set_shape((*size, channels))
         return image, label
 
@@ -351,4 +351,5 @@ def load_index(
         source=str(root),
         test_source=sources["test"],
         split_sources=sources,
+        uint8=True,
     )

@@ -15,6 +15,7 @@ import tensorflow as tf
 from PIL import Image
 
 from kerastune_flow.data.pipeline import with_autotune
+from kerastune_flow.data.sources import whole_pixels
 from kerastune_flow.errors import DataError
 from kerastune_flow.runtime import progress
 
@@ -318,7 +319,7 @@ def load_images(paths: Sequence[str], *, image_size: tuple[int, int], channels: 
                 f"Cannot read image {path}: it is missing or not a JPEG/PNG/GIF/BMP/WebP file. "
                 f"Received: {type(error).__name__}"
             ) from None
-        images.append(tf.image.resize(image, image_size))
+        images.append(whole_pixels(tf.image.resize(image, image_size)))  # as the training images
     return tf.stack(images)
 
 

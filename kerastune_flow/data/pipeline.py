@@ -47,15 +47,23 @@ def memory_budget() -> int:
     return available_memory() // 4
 
 
-def should_cache(num_examples: int, image_shape: Sequence[int], policy: str = "auto") -> bool:
-    """Caching policy: "memory" always, "off" never, "auto" when the decoded split fits in
-    `memory_budget()`."""
+def cache_bytes(num_examples: int, image_shape: Sequence[int], *, uint8: bool = False, peak: bool = False) -> int:
+    """The bytes a cache of a split holds: one value per pixel and channel, 1 byte as uint8
+    (`prepare(uint8=True)`), else 4 (float32); `peak`: while it is filled, when the batches read
+    and their stack exist together for a moment (twice that; checked against the measured
+    memory in tests/test_cache_memory.py)."""
+    size = num_examples * (1 if uint8 else 4) * (2 if peak else 1)
+    for dim in image_shape:
+        size *= int(dim)
+    return size
+
+
+def should_cache(num_examples: int, image_shape: Sequence[int], policy: str = "auto", *, uint8: bool = False) -> bool:
+    """Caching policy: "memory" always, "off" never, "auto" when filling the cache (its peak,
+    `cache_bytes`) fits in `memory_budget()`."""
     if policy != "auto":
         return policy == "memory"
-    size = num_examples * 4
-    for dim in image_shape:
-        size *= dim
-    return size <= memory_budget()
+    return cache_bytes(num_examples, image_shape, uint8=uint8, peak=True) <= memory_budget()
 
 
 def label_range_error(error: Exception) -> DataError | None:
@@ -118,6 +126,7 @@ def prepare(
     epochs: int | None = None,
     autotune: bool | None = None,
     indexed: bool = True,
+    uint8: bool = False,
 ) -> tf.data.Dataset:
     """The pipeline tail: cache, shuffle (training only), batch, augment, encode labels, prefetch.
 
@@ -145,14 +154,20 @@ def prepare(
             (`device.data_autotune`: off on the CPU, where it slows every epoch).
         indexed: a cached training split is shuffled by index and gathered from memory (the
             same batches as the buffer shuffle of the images); False keeps the buffer shuffle.
+        uint8: the images hold whole values in 0..255 (`DataSplits.uint8`): a cache keeps them
+            as uint8, a quarter of the memory, and batches come out as float32 as ever.
 
     Returns:
         A batched, prefetched data set of (images, labels).
     """
     encode = encode_labels(label_mode, num_classes)
+    stored = uint8 and cache
+    if stored:  # whole values: nothing lost; the augmenter and `floats` give float32 batches
+        ds = ds.map(lambda x, y: (tf.cast(x, tf.uint8), y), num_parallel_calls=tf.data.AUTOTUNE)
     # Each new iterator (one per epoch) instantiates and optimizes every function of the pipeline
     # again, a few ms apiece: augmenting and encoding share one map.
-    finish = encode if augmenter is None else lambda x, y, batch_seed: encode(augmenter(x, batch_seed), y)
+    plain = (lambda x, y: encode(tf.cast(x, tf.float32), y)) if stored else encode
+    finish = plain if augmenter is None else lambda x, y, batch_seed: encode(augmenter(x, batch_seed), y)
     order = dict(
         batch_size=batch_size, seed=seed, shuffle_buffer=shuffle_buffer, drop_remainder=drop_remainder, clock=clock
     )
@@ -168,7 +183,7 @@ def prepare(
             ds = _training_batches(ds, finish, seeded=augmenter is not None, epochs=epochs, **order)
         else:
             batches = ds.batch(batch_size, drop_remainder=drop_remainder, num_parallel_calls=tf.data.AUTOTUNE)
-            ds = batches.map(encode, num_parallel_calls=tf.data.AUTOTUNE)
+            ds = batches.map(plain, num_parallel_calls=tf.data.AUTOTUNE)
     return with_autotune(ds.prefetch(tf.data.AUTOTUNE), autotune)
 
 
@@ -220,8 +235,14 @@ def _training_batches(
     return tf.data.Dataset.zip(ds, seeds).map(lambda xy, s: finish(*xy, s), num_parallel_calls=parallel)
 
 
-def _in_memory(ds: tf.data.Dataset) -> tuple[tf.Tensor, tf.Tensor]:
-    """Every (image, label) example of `ds`, stacked: one pass, as the first epoch of a cache."""
+def _in_memory(ds: tf.data.Dataset) -> tuple[tf.Tensor | tf.Variable, tf.Tensor]:
+    """Every (image, label) example of `ds`, stacked: one pass, as the first epoch of a cache.
+
+    The images are held once, in a variable on the CPU: a tensor captured by a tf.data function
+    is copied into the pipeline's graph when tf.data rewrites it, at every epoch's iterator (a
+    second copy of the split, measured), while a variable is passed by handle. In a distribution
+    strategy's scope, where a variable would be mirrored per replica, a tensor instead.
+    """
     images, labels = [], []
     for x, y in ds.batch(1024).prefetch(2):
         images.append(x)
@@ -229,7 +250,13 @@ def _in_memory(ds: tf.data.Dataset) -> tuple[tf.Tensor, tf.Tensor]:
     if not images:
         spec = ds.element_spec
         return tf.zeros((0, *spec[0].shape), spec[0].dtype), tf.zeros((0, *spec[1].shape), spec[1].dtype)
-    return tf.concat(images, 0), tf.concat(labels, 0)
+    stacked = tf.concat(images, 0)
+    del images  # the batches go before the variable is made: two copies at most, for a moment
+    if tf.distribute.has_strategy():
+        return stacked, tf.concat(labels, 0)
+    with tf.device("/CPU:0"):
+        held = tf.Variable(stacked, trainable=False, name="cached_images")
+    return held, tf.concat(labels, 0)
 
 
 def with_autotune(ds: tf.data.Dataset, autotune: bool | None = None) -> tf.data.Dataset:

@@ -51,6 +51,9 @@ class DataSplits:
         test_source: which images the test split holds, in words, for the output of `evaluate`.
         split_sources: split name -> where its examples come from, in words (a folder, the rows
             of a file, a tfds split, or what was carved from which), for the log and config.json.
+        uint8: every pixel is a whole number in 0..255 (decoded from 8-bit files or a tfds image
+            feature, rounded after resizing), so a cache may hold the images as uint8: a quarter
+            of their float32 size, with nothing lost.
     """
 
     train: tf.data.Dataset
@@ -62,6 +65,7 @@ class DataSplits:
     source: str
     test_source: str
     split_sources: dict[str, str] = dataclasses.field(default_factory=dict)
+    uint8: bool = False
 
     @property
     def num_classes(self) -> int:
@@ -250,7 +254,8 @@ def load_tfds(
     in_channels = native[-1] or 3
     out_channels = channels or in_channels
     size = tuple(image_size) if image_size else (tuple(native[:2]) if None not in native[:2] else (32, 32))
-    convert = _converter(in_channels, out_channels, size, resize=size != tuple(native[:2]))
+    eight_bit = info.features[image_key].dtype == tf.uint8
+    convert = _converter(in_channels, out_channels, size, resize=size != tuple(native[:2]), round_=eight_bit)
     train, val, test = (ds.map(convert, num_parallel_calls=tf.data.AUTOTUNE) for ds in datasets)
     sources = {split: plan[split][1] for split in SPLITS}
     return DataSplits(
@@ -263,7 +268,15 @@ def load_tfds(
         source=name,
         test_source=sources["test"],
         split_sources=sources,
+        uint8=eight_bit,
     )
+
+
+def whole_pixels(image: tf.Tensor) -> tf.Tensor:
+    """`image` (float, 0..255 up to resampling) rounded to whole values in 0..255: what an 8-bit
+    image holds, so that a uint8 cache keeps it exactly."""
+    # through uint8, which also makes a rounded -0.0 a plain 0 (the same bytes in every path)
+    return tf.cast(tf.saturate_cast(tf.round(image), tf.uint8), image.dtype)
 
 
 def _empty(instruction: str, n_train: int) -> bool:
@@ -272,7 +285,10 @@ def _empty(instruction: str, n_train: int) -> bool:
     return (int(stop) if stop else n_train) - (int(start) if start else 0) <= 0
 
 
-def _converter(in_channels: int, out_channels: int, size, *, resize: bool) -> Callable:
+def _converter(in_channels: int, out_channels: int, size, *, resize: bool, round_: bool) -> Callable:
+    """float32 images of `size` and `out_channels`; `round_`: to whole pixel values, as 8-bit
+    images hold (resizing and grey conversion leave fractions)."""
+
     def convert(image, label):
         image = tf.cast(image, tf.float32)
         if in_channels == 1 and out_channels == 3:
@@ -281,6 +297,8 @@ def _converter(in_channels: int, out_channels: int, size, *, resize: bool) -> Ca
             image = tf.image.rgb_to_grayscale(image)
         if resize:
             image = tf.image.resize(image, size)
+        if round_ and (resize or in_channels != out_channels):
+            image = whole_pixels(image)
         return image, tf.cast(label, tf.int32)
 
     return convert

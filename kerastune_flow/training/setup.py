@@ -183,7 +183,8 @@ def make_pipelines(
         out[name] = data_lib.prepare(
             getattr(splits, name),
             training=training,
-            cache=data_lib.should_cache(splits.sizes[name], splits.image_shape, config.data.cache),
+            cache=data_lib.should_cache(splits.sizes[name], splits.image_shape, config.data.cache, uint8=splits.uint8),
+            uint8=splits.uint8,
             augmenter=augmenter if training else None,
             drop_remainder=training and settings.drop_remainder,
             seed=config.train.seed,
