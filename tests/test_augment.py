@@ -77,12 +77,12 @@ def test_a_uint8_batch_augments_as_the_same_whole_values_in_float32(names):
     np.testing.assert_array_equal(from_uint8.numpy(), augmenter(tf.constant(whole), _seed(3)).numpy())
 
 
-def test_a_uint8_cached_pipeline_serves_the_float32_batches_of_the_float_one():
+def test_a_uint8_pipeline_serves_the_float32_batches_of_the_float_one():
     whole = np.round(_images(n=40))
     ds = tf.data.Dataset.from_tensor_slices((whole, np.arange(40, dtype=np.int32) % 3))
     augmenter = data.make_augmenter(("crop", "flip"), SHAPE)
-    for training in (True, False):
-        kwargs = dict(batch_size=16, training=training, cache=True, augmenter=augmenter, seed=4)
+    for training, cache in ((True, True), (True, False), (False, True)):  # streamed: a uint8 shuffle buffer
+        kwargs = dict(batch_size=16, training=training, cache=cache, augmenter=augmenter, seed=4)
         as_uint8 = [x.numpy() for x, _ in data.prepare(ds, uint8=True, **kwargs)]
         as_float = [x.numpy() for x, _ in data.prepare(ds, **kwargs)]
         assert all(x.dtype == np.float32 for x in as_uint8) and len(as_uint8) == 3

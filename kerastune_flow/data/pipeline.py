@@ -154,15 +154,18 @@ def prepare(
             (`device.data_autotune`: off on the CPU, where it slows every epoch).
         indexed: a cached training split is shuffled by index and gathered from memory (the
             same batches as the buffer shuffle of the images); False keeps the buffer shuffle.
-        uint8: the images hold whole values in 0..255 (`DataSplits.uint8`): a cache keeps them
-            as uint8, a quarter of the memory, and batches come out as float32 as ever.
+        uint8: the images hold whole values in 0..255 (`DataSplits.uint8`): a cache (and the
+            shuffle buffer of a streamed training split) keeps them as uint8, a quarter of the
+            memory, and batches come out as float32 as ever.
 
     Returns:
         A batched, prefetched data set of (images, labels).
     """
     encode = encode_labels(label_mode, num_classes)
-    stored = uint8 and cache
-    if stored:  # whole values: nothing lost; the augmenter and `floats` give float32 batches
+    stored = uint8 and (cache or training)
+    if stored:
+        # Whole values, nothing lost; the augmenter and `plain` give float32 batches. Streamed
+        # training data passes through the shuffle buffer (10,000 images), a quarter as uint8.
         ds = ds.map(lambda x, y: (tf.cast(x, tf.uint8), y), num_parallel_calls=tf.data.AUTOTUNE)
     # Each new iterator (one per epoch) instantiates and optimizes every function of the pipeline
     # again, a few ms apiece: augmenting and encoding share one map.
