@@ -67,6 +67,16 @@ def test_rotation_and_zoom_are_identities_at_zero_strength():
     np.testing.assert_allclose(augment.random_zoom(images, 0.0, _seed(5)), images, atol=1e-3)
 
 
+def test_crop_and_flip_in_one_gather_are_the_two_steps():
+    images, seed = tf.constant(_images(n=32)), _seed(7)
+    crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, num=2))
+    two_steps = augment.random_flip(augment.random_crop(images, 2, 1, crop_seed), flip_seed)
+    fused = data.make_augmenter(("flip", "crop"), SHAPE)(images, seed)
+    np.testing.assert_array_equal(fused.numpy(), two_steps.numpy())
+    flipped = tf.reverse(augment.random_crop(images, 2, 1, crop_seed), axis=[2])
+    assert 0 < sum(np.array_equal(a, b) for a, b in zip(fused.numpy(), flipped.numpy(), strict=True)) < 32
+
+
 @pytest.mark.parametrize("names", [("crop", "flip"), ("crop", "flip", "rotation", "zoom")])
 def test_a_uint8_batch_augments_as_the_same_whole_values_in_float32(names):
     # A uint8 cache hands the augmenter uint8 batches: the same images, the same float32 result.
