@@ -32,6 +32,7 @@ SMALLEST = {
     "short_epochs": ["short_epochs.py", "--sizes", "128,256", "--repeats", "1", "--epochs", "2", "--no-write"],
     "keras_epoch_cost": ["keras_epoch_cost.py", "--repeats", "1", "--epochs", "2"],
     "scaling": ["scaling.py", "--examples", "256", "--repeats", "1", "--batch-sizes", "32,64"],
+    "threads": ["threads.py", "--quick", "--rounds", "1", "--settings", "0:0", "--only", "cnn augmented", "--no-write"],
 }
 
 

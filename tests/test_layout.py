@@ -63,6 +63,7 @@ RANKS = {
     "training.stages": 7,  # the plan of a fine-tune's second stage: steps, names, boundaries
     "training.setup": 8,  # a run's set-up, shared by train and find-lr
     "training.caches": 4,
+    "training.view_cache": 7.5,  # K augmented views of the training images through a frozen part, once
     "recipes": 6,
     "training.finetune": 8,
     "deploy.inference": 8,

@@ -191,11 +191,17 @@ class ModelConfig:
     )
     feature_cache: str = setting(
         "auto",
-        "when nothing random touches the images, compute the frozen base's features (stage 1) and the "
-        "frozen layers' output (stage 2) once: auto keeps them in memory while they fit in a quarter of it, "
-        "else in a memory-mapped file in the run directory; memory, disk: there; off: the full forward "
-        "pass every epoch",
+        "compute the frozen base's features (stage 1) and the frozen layers' output (stage 2) once (with "
+        "--augment, of --augment-views views of each image): auto keeps them in memory while they fit in a "
+        "quarter of it, else in a memory-mapped file in the run directory; memory, disk: there; off: the full "
+        "forward pass every epoch",
         choices=FEATURE_CACHE,
+    )
+    augment_views: int = setting(
+        4,
+        "with --augment on a transfer recipe: K augmented views of each training image pass through the frozen "
+        "layers once, and each epoch trains on one of them per image; 0: the full forward pass every epoch",
+        metavar="K",
     )
     unsafe_deserialization: bool = setting(
         False, "load a .keras model holding Lambda layers: their Python code runs, so only for files you trust"

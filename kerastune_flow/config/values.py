@@ -185,6 +185,10 @@ def validate(config: Config) -> Config:
         if not ok:
             raise ConfigError(f"{message}. Received: {received!r}")
     check_backbone(m.backbone)
+    if m.augment_views < 0:
+        raise ConfigError(
+            f"augment_views must be 0 (the full forward pass) or more. Received: augment_views={m.augment_views!r}"
+        )
     size = d.image_size
     if size is not None and (not isinstance(size, tuple) or len(size) != 2 or min(size) < 1):
         raise ConfigError(f"image_size must be two positive integers. Received: image_size={size!r}")

@@ -18,6 +18,7 @@ import logging
 import os
 import shutil
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import keras
@@ -141,24 +142,10 @@ def pipeline(
 ) -> tf.data.Dataset:
     """The batches the image pipeline would give, from the cache: in memory a gather from the
     array, on disk a read of the memory-mapped rows of the batch."""
-    labels = tf.constant(cached.labels)
-    if cached.where == "memory":
-        inputs = tf.constant(cached.inputs)
+    labels, rows = tf.constant(cached.labels), reader(cached)
 
-        def gather(index, batch_seed):
-            return tf.gather(inputs, index), tf.gather(labels, index)
-
-    else:
-        array = cached.inputs
-        row_shape = array.shape[1:]
-
-        def read(index):
-            return np.ascontiguousarray(array[index])
-
-        def gather(index, batch_seed):
-            rows = tf.numpy_function(read, [index], tf.as_dtype(array.dtype), stateful=False)
-            rows.set_shape((None, *row_shape))
-            return rows, tf.gather(labels, index)
+    def gather(index, batch_seed):
+        return rows(index), tf.gather(labels, index)
 
     ds = gathered_batches(
         len(cached.labels),
@@ -173,3 +160,23 @@ def pipeline(
         seeded=False,
     )
     return with_autotune(ds.prefetch(tf.data.AUTOTUNE), autotune)
+
+
+def reader(cached: Cached) -> Callable[[tf.Tensor], tf.Tensor]:
+    """A function from int64 row numbers [b] to those rows of the cache, for a tf.data map: in
+    memory a gather from the array, on disk a read of the memory-mapped rows."""
+    if cached.where == "memory":
+        inputs = tf.constant(cached.inputs)
+        return lambda index: tf.gather(inputs, index)
+    array = cached.inputs
+    row_shape = array.shape[1:]
+
+    def read(index):
+        return np.ascontiguousarray(array[index])
+
+    def rows(index):
+        out = tf.numpy_function(read, [index], tf.as_dtype(array.dtype), stateful=False)
+        out.set_shape((None, *row_shape))
+        return out
+
+    return rows

@@ -1,7 +1,8 @@
 """Learning on a frozen base, and the staged fine-tune.
 
-The frozen stage trains the head on the base's features, computed once when nothing random
-touches the images (`split_at_base`, `cached_feature_pipelines`); stage 2 likewise trains the
+The frozen stage trains the head on the base's features, computed once (`split_at_base`,
+`cached_feature_pipelines`; with random augmentation, of K augmented views of each image:
+`view_cache`); stage 2 likewise trains the
 unfrozen layers and the head on the output of the frozen layers below them (`split_at_prefix`,
 `prefix_stage`), computed once per step. The staged fine-tune is two
 (or, with `progressive`, more) `fit()` calls with a `compile()` between them: `trainable` only
@@ -21,7 +22,7 @@ import tensorflow as tf
 from kerastune_flow import data as data_lib
 from kerastune_flow import models
 from kerastune_flow.config import Config
-from kerastune_flow.training import caches, fitting, resume
+from kerastune_flow.training import caches, fitting, resume, view_cache
 from kerastune_flow.training.fitting import FitContext
 from kerastune_flow.training.stages import FIRST_STAGE, FinetuneStep, finetune_steps, stage_name
 
@@ -134,9 +135,10 @@ def frozen_stage(
 ) -> tuple[keras.Model, tf.data.Dataset, tf.data.Dataset | None]:
     """What the frozen stage fits, and on what: (model, train, validation), not yet compiled.
 
-    Features are cached unless `feature_cache` is "off" or random augmentation is on (with
-    augmentation every epoch sees new images, so the full forward pass is needed, and the log
-    says so): then the head alone, on the cached features; else the whole model on the images.
+    Features are cached (with random augmentation, of K augmented views of each image:
+    `view_cache`) unless `feature_cache` is "off" or augmentation is on with `augment_views` 0
+    (the full forward pass, and the log says so): then the head alone, on the cached features;
+    else the whole model on the images.
     """
     if not _can_cache(context.config):
         return model, pipes["train"], pipes["validation"]
@@ -150,10 +152,11 @@ def frozen_stage(
 
 def _can_cache(config: Config) -> bool:
     """Whether a frozen part's output may be cached: asked for, and nothing random touches the
-    images (the base runs with training=False, so no dropout or noise inside it draws)."""
+    images, or augmentation with `augment_views` to cache (the base runs with training=False, so
+    no dropout or noise inside it draws)."""
     if config.model.feature_cache == "off":
         return False
-    if config.data.augment:
+    if config.data.augment and not config.model.augment_views:
         log.info("Random augmentation is on: training with the full forward pass (no feature cache)")
         return False
     return True
@@ -163,6 +166,8 @@ def _cached_pipelines(
     features: keras.Model, pipes: dict[str, tf.data.Dataset | None], context: FitContext, *, what: str
 ) -> dict[str, tf.data.Dataset | None]:
     caches.remove(context.run_dir)  # an earlier attempt's, or the previous step's, is never read
+    if context.config.data.augment:  # K augmented views of each training image (`_can_cache`)
+        return view_cache.cached_view_pipelines(features, pipes, context, what=what)
     return cached_feature_pipelines(
         features,
         pipes,
@@ -270,8 +275,8 @@ def prefix_stage(
     The frozen layers below the unfreeze point compute the same output in every epoch when
     nothing random touches the images, so it is computed once per step (a progressive step
     unfreezes more, and computes its own) and the unfrozen layers and the head train on it,
-    as for the frozen stage. Else, or when the base cannot be cut at `index`, the whole model on
-    the images; the log says which.
+    as for the frozen stage (with augmentation, on K augmented views: `view_cache`). Else, or when
+    the base cannot be cut at `index`, the whole model on the images; the log says which.
     """
     if not _can_cache(context.config):
         return model, pipes["train"], pipes["validation"]
