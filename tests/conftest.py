@@ -7,10 +7,12 @@ fixtures itself.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import logging
 import os
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -98,6 +100,24 @@ def hide_modules(monkeypatch, names: Iterable[str]) -> None:
         return real(name, *args, **kwargs)
 
     monkeypatch.setattr(importlib, "import_module", import_module)
+
+
+@contextlib.contextmanager
+def package_log_lines() -> Iterator[list[str]]:
+    """The messages the package logs at INFO and above inside the block (for module-scoped
+    fixtures, where pytest's caplog is not available)."""
+    lines: list[str] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda record: lines.append(record.getMessage())
+    logger = logging.getLogger("kerastune_flow")
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    try:
+        yield lines
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
 
 
 def write_tfds_metadata(tfds, name: str, data_dir: Path, splits: dict[str, int], *, label_names=None) -> None:

@@ -3,14 +3,13 @@ looked at once after the search, the best replays with `train --config`, and the
 report are there and agree with the trials."""
 
 import json
-import logging
 import shutil
 from html.parser import HTMLParser
 
 import browser_check
 import keras_tuner as kt
 import pytest
-from conftest import REPO
+from conftest import REPO, package_log_lines
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from test_tune_hparams import read_view
 
@@ -31,15 +30,6 @@ SCREENSHOTS = REPO / "runs" / "screenshots"  # git-ignored, kept for a person
 TINY = dict(data=DIGITS, preset="smoke", epochs=2, verbose=0)
 
 
-class _Lines(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.INFO)
-        self.lines = []
-
-    def emit(self, record):
-        self.lines.append(record.getMessage())
-
-
 @pytest.fixture(scope="module")
 def search_log():
     """The lines the search of `search` logged."""
@@ -57,18 +47,10 @@ def search(tmp_path_factory, search_log):
         evaluated.append(str(path))
         return original(path, *args, **kwargs)
 
-    logger, handler = logging.getLogger("kerastune_flow"), _Lines()
-    level = logger.level
-    logger.setLevel(logging.INFO)
-    logger.addHandler(handler)
-    try:
-        with pytest.MonkeyPatch.context() as m:
-            m.setattr(inference, "evaluate_saved", counting)
-            summary = tune_lib.tune("scratch_mlp", run_dir, trials=3, **TINY)
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
-    search_log.extend(handler.lines)
+    with package_log_lines() as lines, pytest.MonkeyPatch.context() as m:
+        m.setattr(inference, "evaluate_saved", counting)
+        summary = tune_lib.tune("scratch_mlp", run_dir, trials=3, **TINY)
+    search_log.extend(lines)
     return run_dir, summary, evaluated
 
 

@@ -8,7 +8,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import add_callbacks, run_outcome, smoke, staged
+from conftest import add_callbacks, package_log_lines, run_outcome, smoke, staged
 
 from kerastune_flow import data
 from kerastune_flow.errors import ConfigError
@@ -148,31 +148,15 @@ class _KillAt(keras.callbacks.Callback):
             raise KeyboardInterrupt
 
 
-class _Lines(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.INFO)
-        self.lines = []
-
-    def emit(self, record):
-        self.lines.append(record.getMessage())
-
-
 @pytest.fixture(scope="module")
 def uninterrupted(folder, base_model, tmp_path_factory):
     """The staged fine-tune on cached views, never interrupted, once for the module: (its
     outcome, its history, its log, its folder)."""
     run_dir = tmp_path_factory.mktemp("runs") / "whole"
-    handler, logger = _Lines(), logging.getLogger("kerastune_flow")
-    level = logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    try:
+    with package_log_lines() as lines:
         keras.utils.set_random_seed(0)
         result = train.train_and_evaluate(staged(folder, base_model, **STAGES), run_dir)
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
-    return run_outcome(run_dir), result.history, "\n".join(handler.lines), run_dir
+    return run_outcome(run_dir), result.history, "\n".join(lines), run_dir
 
 
 def test_a_fine_tune_trains_on_cached_views_of_both_frozen_parts(uninterrupted):
