@@ -504,7 +504,7 @@ def keras_tuner_search(work: Path, out_dir: Path, trials: int, max_minutes: floa
 def diagnostics(work: Path) -> dict:
     """After the searches: the package's best trial replayed from DIR/best_config.json (is it the same
     model?), then the same settings over seeds 0-2, alone and with random flips or crops and flips
-    (augmentation is not in the recipe's space, since it turns off stage 1's feature cache).
+    (augmentation is not in the recipe's space: each trial would pay the augmented-view pass).
     Accuracy only: not timed, so run without waiting."""
     tune_dir = work / "runs" / "tune_package"
     best = json.loads((tune_dir / "best_config.json").read_text())

@@ -147,7 +147,8 @@ RECIPES: dict[str, Recipe] = {
             ),
             transfer=True,
             staged=True,
-            # No augmentation by default: it would turn off stage 1's feature cache in every trial.
+            # No augmentation in the space (issue 30 may add it): with it every trial pays the
+            # augmented-view pass (K views through the base) where one feature pass serves it now.
             space=("learning_rate", "finetune_learning_rate", "unfreeze_at", "dropout", "l2"),
         ),
     )
