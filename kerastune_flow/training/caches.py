@@ -51,6 +51,11 @@ class Cached:
     def nbytes(self) -> int:
         return int(self.inputs.nbytes)
 
+    def describe(self, name: str, folder: str | os.PathLike | None) -> str:
+        """For the log: "train 1.8 MiB in memory" or "... on disk (FOLDER)"."""
+        place = "in memory" if self.where == "memory" else f"on disk ({folder})"
+        return f"{name} {self.nbytes / 2**20:.1f} MiB {place}"
+
 
 def compute(
     model: keras.Model,

@@ -113,8 +113,7 @@ def cached_feature_pipelines(
         cached = extract_features(
             features, pipes[f"{name}_ordered"], policy=policy, folder=cache_dir, name=f"{what}_{name}"
         )
-        place = "in memory" if cached.where == "memory" else f"on disk ({cache_dir})"
-        where.append(f"{name} {cached.nbytes / 2**20:.1f} MiB {place}")
+        where.append(cached.describe(name, cache_dir))
         out[name] = caches.pipeline(
             cached,
             batch_size=batch_size,

@@ -223,7 +223,7 @@ def cached_view_pipelines(
         epochs=context.epochs,
         autotune=settings.data_autotune,
     )
-    where = [_where("train", train.cached, folder)]
+    where = [train.cached.describe("train", folder)]
     if pipes["validation_ordered"] is not None:
         validation = caches.compute(
             model, pipes["validation_ordered"], policy=policy, folder=folder, name=f"{what}_validation"
@@ -235,12 +235,7 @@ def cached_view_pipelines(
             shuffle_buffer=data_lib.SHUFFLE_BUFFER,
             autotune=settings.data_autotune,
         )
-        where.append(_where("validation", validation, folder))
+        where.append(validation.describe("validation", folder))
     described = DESCRIBED.get(what, "the " + what.replace("_", " "))
     log.info("Cached %d augmented views of %s: %s", k, described, ", ".join(where))
     return out
-
-
-def _where(name: str, cached: caches.Cached, folder: Path) -> str:
-    place = "in memory" if cached.where == "memory" else f"on disk ({folder})"
-    return f"{name} {cached.nbytes / 2**20:.1f} MiB {place}"
