@@ -12,7 +12,8 @@ second of one whole `fit` call of several epochs after a warm-up `fit`:
                  16 steps per execution), from memory
 The settings run in an order rotated every round and reversed every other round, so that a machine
 that slows down (or another job starting) does not favour one setting; each row is the median over
-the rounds, its ratio to the package's default (inter-op 1, intra-op TensorFlow's), and the
+the rounds, its ratio to the package's default on this CPU (inter-op 1 without AVX-512, else
+TensorFlow's; intra-op TensorFlow's), and the
 spread (min..max). "0" is TensorFlow's own choice. Each child reports the load average (`uptime`)
 when it starts: the machine has 2 cores and other work on it shows up there.
 
@@ -45,15 +46,15 @@ import tensorflow as tf  # noqa: E402
 
 from kerastune_flow import data, models  # noqa: E402
 from kerastune_flow.runtime.device import device_settings  # noqa: E402
-from kerastune_flow.runtime.process import CPU_INTER_OP_THREADS  # noqa: E402
+from kerastune_flow.runtime.process import cpu_inter_op_threads  # noqa: E402
 
 OUT = REPO / "benchmarks" / "threads_results.json"
 BATCH = 64
 # (inter-op, intra-op); 0 is TensorFlow's default. The package's default comes first.
-DEFAULT = (CPU_INTER_OP_THREADS, 0)
+DEFAULT = (cpu_inter_op_threads() or 0, 0)  # the package's choice on this CPU (0: TensorFlow's)
 # Intra-op 2 is measured once (with inter-op 1): TensorFlow's default intra-op is one thread per core.
-GRID = [DEFAULT, (2, 0), (0, 0), (1, 1), (2, 1), (0, 1), (1, 2)]
-QUICK_GRID = [DEFAULT, (0, 0), (2, 1)]
+GRID = [DEFAULT, *(p for p in [(1, 0), (2, 0), (0, 0), (1, 1), (2, 1), (0, 1), (1, 2)] if p != DEFAULT)]
+QUICK_GRID = [DEFAULT, *(p for p in [(1, 0), (0, 0), (2, 1)] if p != DEFAULT)]
 # name: (builder, input shape, recipe's mixed_precision, XLA on the CPU, augmented, examples, epochs).
 # Examples are whole executions of 16 batches of 64; epochs make each timed fit last >= 3 s here.
 WORKLOADS = {
@@ -164,11 +165,24 @@ def summarise(rows: list[dict], settings: list, names: list[str]) -> dict:
         base = per[_label(DEFAULT)]
         for row in per.values():
             row["vs_default"] = round(row["median_images_per_second"] / base["median_images_per_second"], 3)
+            paired = paired_ratios(rows, name, tuple(row["setting"]))
+            # Paired: each round's ratio to the default's run of the same round (minutes apart, so the
+            # machine's drift cancels), their median, and in how many rounds the setting was faster.
+            row["paired_median"] = round(statistics.median(paired), 3) if paired else None
+            row["rounds_faster"] = sum(p > 1 for p in paired)
+            row["rounds_paired"] = len(paired)
             # Clearly better: its slowest run beats the default's fastest (the spreads do not overlap).
             row["clearly_better"] = row["min"] > base["max"]
             row["clearly_worse"] = row["max"] < base["min"]
         summary[name] = per
     return summary
+
+
+def paired_ratios(rows: list[dict], name: str, setting: tuple[int, int]) -> list[float]:
+    """Per round, the setting's images/s over the default's in the same round."""
+    speed = {(r["round"], tuple(r["setting"])): r["workloads"][name]["images_per_second"] for r in rows if "round" in r}
+    rounds = sorted({r for r, _ in speed})
+    return [speed[r, setting] / speed[r, DEFAULT] for r in rounds if (r, setting) in speed and (r, DEFAULT) in speed]
 
 
 def print_table(summary: dict, rows: list[dict], rounds: int) -> None:
@@ -185,13 +199,20 @@ def print_table(summary: dict, rows: list[dict], rounds: int) -> None:
             f"# {name}: {one['examples']} examples x {one['epochs']} epochs, batch {BATCH}, {one['dtype_policy']}, "
             f"{one['steps_per_execution']} steps per execution, XLA {'on' if one['jit_compile'] else 'off'}"
         )
-        print(f"{'setting':<28}{'images/s':>10}{'vs default':>12}{'min..max':>18}  verdict")
+        print(f"{'setting':<28}{'images/s':>10}{'vs default':>12}{'min..max':>18}{'paired':>9}{'faster':>8}  verdict")
         for label, row in per.items():
             verdict = "clearly better" if row["clearly_better"] else "clearly worse" if row["clearly_worse"] else ""
             spread = f"{row['min']:.0f}..{row['max']:.0f}"
+            paired = "-" if row["paired_median"] is None else f"{row['paired_median']:.2f}x"
+            faster = f"{row['rounds_faster']}/{row['rounds_paired']}"
             print(
-                f"{label:<28}{row['median_images_per_second']:>10.0f}{row['vs_default']:>11.2f}x{spread:>18}  {verdict}"
+                f"{label:<28}{row['median_images_per_second']:>10.0f}{row['vs_default']:>11.2f}x{spread:>18}"
+                f"{paired:>9}{faster:>8}  {verdict}"
             )
+    print(
+        "(paired: the median over rounds of the setting's speed over the default's in the same round; faster: "
+        "the rounds in which it was faster)"
+    )
 
 
 def _settings(text: str) -> list[tuple[int, int]]:
@@ -205,7 +226,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="3 settings x 2 rounds at an eighth of the size")
     parser.add_argument("--rounds", type=int, help="rounds (default 3; 2 with --quick)")
-    parser.add_argument("--settings", help="INTER:INTRA,... (0: TensorFlow's default); the default 1:0 is added")
+    parser.add_argument(
+        "--settings", help="INTER:INTRA,... (0: TensorFlow's default); the package's default on this CPU is added"
+    )
     parser.add_argument("--only", default=",".join(WORKLOADS), help=f"workloads, of: {', '.join(WORKLOADS)}")
     parser.add_argument("--no-write", action="store_true", help=f"do not write {OUT.name}")
     parser.add_argument("--child", help=argparse.SUPPRESS)  # INTER:INTRA, in a child process

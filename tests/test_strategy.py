@@ -389,6 +389,9 @@ import tensorflow as tf
 from kerastune_flow.runtime import process
 from kerastune_flow.runtime.process import prepare_process
 from kerastune_flow.runtime.strategy import get_strategy
+from kerastune_flow.runtime import device
+if len(sys.argv) > 3:  # a CPU whose /proc/cpuinfo is this file
+    device.CPUINFO = sys.argv[3]
 if sys.argv[1] == "started":
     tf.constant(1.0)  # TensorFlow's runtime starts here, before the strategy
 prepare_process(sys.argv[2])
@@ -398,25 +401,48 @@ print("inter-op", tf.config.threading.get_inter_op_parallelism_threads())
 """
 
 
+AVX2_CPU = "processor : 0\nflags : fpu sse2 avx avx2 fma\n"
+AVX512_CPU = "processor : 0\nflags : fpu sse2 avx avx2 fma avx512f avx512_vnni\n"
+
+
 @pytest.mark.parametrize(
-    "when, name, env, expected",
+    "when, name, env, cpu, expected",
     [
-        ("fresh", "auto", None, 1),  # CPU training: one inter-op thread ("cpu" too, see computes_on_cpu)
-        pytest.param("fresh", "auto", "3", 0, marks=pytest.mark.slow),  # the user's TF_NUM_INTEROP_THREADS stays
-        ("started", "auto", None, 0),  # too late: logged, not raised
+        ("fresh", "auto", None, AVX2_CPU, 1),  # CPU training: one inter-op thread ("cpu" too, see computes_on_cpu)
+        ("fresh", "auto", None, AVX512_CPU, 0),  # TensorFlow's default measured faster on AVX-512 CPUs
+        ("fresh", "auto", None, "", 1),  # a CPU that lists no flags: one thread, as before the measurement
+        pytest.param("fresh", "auto", "3", AVX2_CPU, 0, marks=pytest.mark.slow),  # the user's TF_NUM_INTEROP_THREADS
+        ("started", "auto", None, AVX2_CPU, 0),  # too late: logged, not raised
+        pytest.param("started", "auto", None, AVX512_CPU, 0, marks=pytest.mark.slow),  # nothing to set: no advice
     ],
 )
-def test_cpu_training_uses_one_inter_op_thread_when_it_still_can(when, name, env, expected):
+def test_cpu_training_sets_the_inter_op_threads_of_its_cpu_kind_when_it_still_can(
+    tmp_path, when, name, env, cpu, expected
+):
     environ = {k: v for k, v in os.environ.items() if k != "TF_NUM_INTEROP_THREADS"}
     if env:
         environ["TF_NUM_INTEROP_THREADS"] = env
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(cpu)
     proc = subprocess.run(
-        [sys.executable, "-c", _THREADS_SCRIPT, when, name], capture_output=True, text=True, env=environ, timeout=120
+        [sys.executable, "-c", _THREADS_SCRIPT, when, name, str(cpuinfo)],
+        capture_output=True,
+        text=True,
+        env=environ,
+        timeout=120,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert f"inter-op {expected}" in proc.stdout
-    # Logged once per process, not once per trial of a search.
-    assert proc.stderr.count("TF_NUM_INTEROP_THREADS=1 set before Python starts") == (when == "started")
+    # Logged once per process, not once per trial of a search; only where one thread is the choice.
+    advised = when == "started" and cpu == AVX2_CPU
+    assert proc.stderr.count("TF_NUM_INTEROP_THREADS=1 set before Python starts") == advised
+
+
+def test_the_inter_op_choice_reads_the_cpu_flags():
+    assert process.cpu_inter_op_threads(AVX2_CPU) == 1
+    assert process.cpu_inter_op_threads(AVX512_CPU) is None
+    assert process.cpu_inter_op_threads("") == 1  # macOS: no /proc/cpuinfo
+    assert process.cpu_inter_op_threads("Features : fp asimd\n") == 1  # an ARM CPU's line
 
 
 def test_which_strategy_names_compute_on_the_cpu_here():

@@ -5,7 +5,8 @@
         model = build_cifar10_cnn()
 
 Everything this package detects about the machine is here: the kind of device (`device_kind`), the
-CPU's bfloat16 arithmetic (`cpu_has_native_bf16`, the one reader of /proc/cpuinfo), and what they
+CPU's flags (`cpu_flags`, the one reader of /proc/cpuinfo: its bfloat16 arithmetic,
+`cpu_has_native_bf16`, and the CPU kind whose inter-op threads `process` chooses), and what they
 decide (`device_settings`). `--mixed-precision` goes from the config through `device_settings`,
 which resolves it to a Keras dtype policy, to `dtype_policy`, which puts that policy in effect for a
 run. (The module is "device" rather than "precision": precision is one of the five settings a
@@ -91,8 +92,8 @@ def read_cpuinfo() -> str:
         return ""
 
 
-def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
-    """Whether this CPU does bfloat16 arithmetic in hardware (see NATIVE_BF16_FLAGS).
+def cpu_flags(cpuinfo: str | None = None) -> frozenset[str]:
+    """The CPU's feature flags (the first "flags" or "Features" line of /proc/cpuinfo), or none.
 
     Args:
         cpuinfo: the text of /proc/cpuinfo; None reads it (`read_cpuinfo`).
@@ -100,8 +101,17 @@ def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
     text = read_cpuinfo() if cpuinfo is None else cpuinfo
     for line in text.splitlines():
         if line.startswith(("flags", "Features")):
-            return bool(set(line.split(":", 1)[-1].split()) & set(NATIVE_BF16_FLAGS))
-    return False
+            return frozenset(line.split(":", 1)[-1].split())
+    return frozenset()
+
+
+def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
+    """Whether this CPU does bfloat16 arithmetic in hardware (see NATIVE_BF16_FLAGS).
+
+    Args:
+        cpuinfo: the text of /proc/cpuinfo; None reads it (`read_cpuinfo`).
+    """
+    return bool(cpu_flags(cpuinfo) & set(NATIVE_BF16_FLAGS))
 
 
 # --------------------------------------------------------------------------- policy

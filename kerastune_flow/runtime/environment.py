@@ -64,7 +64,7 @@ VARIABLES = (
         TF_NUM_INTEROP_THREADS,
         "runtime/process.py, TensorFlow",
         "TensorFlow's inter-op threads; when set, the package leaves them alone",
-        "1 for CPU training, TensorFlow's default otherwise",
+        "1 for CPU training without AVX-512, TensorFlow's default otherwise",
     ),
     Variable(
         TF_CPP_MIN_LOG_LEVEL,

@@ -3,7 +3,8 @@
     runtime.prepare_process("auto")   # then strategy.get_strategy("auto"), then build and fit
 
 It installs the narrow fixes to Keras under tf.distribute (`compat.apply`), when the process
-will compute on the CPU sets TensorFlow to one inter-op thread, and turns TensorFlow's op
+will compute on the CPU sets TensorFlow's inter-op threads as measured for the CPU's kind (one
+thread without AVX-512), and turns TensorFlow's op
 determinism on or off as the run asks. `train_and_evaluate` calls it
 first; call it yourself before `get_strategy` when you build and fit a model with your own code.
 """
@@ -15,7 +16,7 @@ import logging
 
 import tensorflow as tf
 
-from kerastune_flow.runtime import compat, environment
+from kerastune_flow.runtime import compat, device, environment
 from kerastune_flow.runtime.strategy import tpu_hinted
 
 try:  # TensorFlow's own switch back: public is only enable_op_determinism (TensorFlow 2.21)
@@ -26,30 +27,48 @@ except ImportError:  # another TensorFlow layout: determinism, once on, stays on
 log = logging.getLogger(__name__)
 
 # Inter-op threads run independent graph ops side by side, each op itself using every core
-# (intra-op). On a CPU that oversubscribes the cores: with one inter-op thread the CIFAR-10 CNN
-# trains faster on 2 cores and its system time (threads waiting on each other) falls more than
-# tenfold (benchmarks/RESULTS.md); one per socket is also Intel's advice for oneDNN. GPUs and
-# TPUs keep TensorFlow's default.
+# (intra-op). Which count trains faster on a CPU was measured per CPU kind, in separate processes
+# (benchmarks/threads.py, benchmarks/RESULTS.md): on the AVX2-only CPU of 2026-11 one thread was
+# never slower for the CIFAR-10 CNN (2,118 against 1,858 images/s in one quick run) and spent far
+# less system time (threads waiting on each other); on the two AVX-512 CPUs since, TensorFlow's
+# default was faster: 1.10x for the CNN and 1.07x through the augmented pipeline (Intel Xeon, 10
+# alternating rounds each, 16 of 20 paired rounds in its favour), 1.11x on the AMD EPYC (one pair
+# of processes), the MLP within 1 %. So one thread where the CPU lacks AVX-512 (or says nothing of
+# its flags), TensorFlow's default where it has it. GPUs and TPUs keep TensorFlow's default.
 CPU_INTER_OP_THREADS = 1
+# The /proc/cpuinfo flag that marks the CPUs where TensorFlow's default inter-op threads measured faster.
+DEFAULT_THREADS_FLAG = "avx512f"
+
+
+def cpu_inter_op_threads(cpuinfo: str | None = None) -> int | None:
+    """The inter-op threads CPU training asks for on this CPU: `CPU_INTER_OP_THREADS`, or None
+    (TensorFlow's default) on a CPU listing `DEFAULT_THREADS_FLAG`.
+
+    Args:
+        cpuinfo: the text of /proc/cpuinfo; None reads it (`device.read_cpuinfo`).
+    """
+    return None if DEFAULT_THREADS_FLAG in device.cpu_flags(cpuinfo) else CPU_INTER_OP_THREADS
 
 
 def prefer_cpu_threads() -> bool:
-    """Sets TensorFlow's inter-op threads to `CPU_INTER_OP_THREADS` for CPU training, unless the
+    """Sets TensorFlow's inter-op threads to `cpu_inter_op_threads()` for CPU training, unless the
     user chose a number (TF_NUM_INTEROP_THREADS or `tf.config.threading`) or TensorFlow has
     already started, when it can no longer change (then it logs how to get it, once per process).
+    On a CPU where TensorFlow's default is the choice, nothing is set.
 
     Returns:
-        True when the setting is in effect.
+        True when the choice is in effect.
     """
+    wanted = cpu_inter_op_threads()
     if environment.read(environment.TF_NUM_INTEROP_THREADS):
         return False
     current = tf.config.threading.get_inter_op_parallelism_threads()
-    if current == CPU_INTER_OP_THREADS:
+    if current == (wanted or 0):
         return True
-    if current != 0:
+    if current != 0 or wanted is None:
         return False
     try:
-        tf.config.threading.set_inter_op_parallelism_threads(CPU_INTER_OP_THREADS)
+        tf.config.threading.set_inter_op_parallelism_threads(wanted)
     except RuntimeError:
         _log_threads_too_late()
         return False
@@ -80,7 +99,7 @@ def prepare_process(strategy_name: str = "auto", *, deterministic: bool = False)
     """Applies the process-wide settings for a strategy name, before the strategy exists.
 
     Installs the Keras fixes of `compat` (each a no-op once Keras is fixed) and, for CPU
-    training, one inter-op thread (see `prefer_cpu_threads`). TensorFlow's op determinism
+    training, the inter-op threads measured for the CPU's kind (see `prefer_cpu_threads`). TensorFlow's op determinism
     follows `deterministic` (see `set_op_determinism`). Safe to call more than once: each run of
     a search or a comparison calls it with its own settings.
     """
