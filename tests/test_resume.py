@@ -8,6 +8,7 @@ import subprocess
 import time
 
 import keras
+import numpy as np
 import pytest
 from conftest import CHILD_PYTHONPATH, CLI, backed_up_epoch
 
@@ -104,3 +105,49 @@ def test_only_an_interrupted_run_gives_its_seed_back(tmp_path):
     assert resume.recorded_seed(tmp_path) == 7
     (tmp_path / rundir.RESULTS_JSON).write_text("{}")
     assert resume.recorded_seed(tmp_path) is None  # finished
+
+
+def _trained_head():
+    inputs = keras.Input((6,))
+    model = keras.Model(inputs, keras.layers.Dense(3, activation="softmax")(keras.layers.Dense(4)(inputs)))
+    model.compile(keras.optimizers.Adam(1e-2), "sparse_categorical_crossentropy")
+    x, y = np.random.default_rng(0).normal(size=(32, 6)).astype("float32"), np.arange(32) % 3
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0)
+    return model
+
+
+def _state(model):
+    return [keras.ops.convert_to_numpy(v) for v in [*model.weights, *model.optimizer.variables]]
+
+
+def test_the_backups_state_file_gives_back_the_weights_and_the_optimizers_state(tmp_path):
+    model = _trained_head()
+    saved = _state(model)
+    resume.save_state(model, tmp_path / "w.weights.h5")
+    for variable in [*model.weights, *model.optimizer.variables]:  # the moments and the step count too
+        variable.assign(keras.ops.ones_like(variable) * 7)
+    weights = resume.load_state(model, tmp_path / "w.weights.h5")
+    for now, then in zip(_state(model), saved, strict=True):
+        np.testing.assert_array_equal(now, then)
+    assert int(keras.ops.convert_to_numpy(model.optimizer.iterations)) == 4  # 32 examples / batch 8
+    for array, then in zip(weights, model.get_weights(), strict=True):  # what early stopping keeps
+        np.testing.assert_array_equal(array, then)
+
+
+def test_a_backup_written_by_keras_save_weights_still_loads(tmp_path):
+    model = _trained_head()  # a run interrupted before this format, resumed after an upgrade
+    saved = _state(model)
+    model.save_weights(tmp_path / "w.weights.h5")
+    for variable in [*model.weights, *model.optimizer.variables]:
+        variable.assign(keras.ops.zeros_like(variable))
+    resume.load_state(model, tmp_path / "w.weights.h5")
+    for now, then in zip(_state(model), saved, strict=True):
+        np.testing.assert_array_equal(now, then)
+
+
+def test_another_models_state_is_refused(tmp_path):
+    resume.save_state(_trained_head(), tmp_path / "w.weights.h5")
+    inputs = keras.Input((6,))
+    other = keras.Model(inputs, keras.layers.Dense(3)(inputs))
+    with pytest.raises(ValueError, match="holds the model variables of another model: 4 against 2"):
+        resume.load_state(other, tmp_path / "w.weights.h5")

@@ -13,8 +13,9 @@ starts from a copy of the chief's backup (`worker_copy`); a finished run's backu
 At the end of each epoch `RunBackup` writes, into the fit's folder under backup/:
 
     weights-N.weights.h5   the model's weights and the optimizer's state (its step count, so a
-                           learning-rate schedule continues where it was) after N epochs; the
-                           last two are kept, and the best epoch's (early stopping's best weights)
+                           learning-rate schedule continues where it was) after N epochs
+                           (`save_state`: the variables as arrays in order); the last two are
+                           kept, and the best epoch's (early stopping's best weights)
     state.json             N, the weights file, and the state of every callback that has one
                            (the best value so far, early stopping's wait count and best epoch),
                            with the previous epoch's entry kept as a fallback
@@ -187,7 +188,7 @@ class RunBackup(keras.callbacks.Callback):
         self.folder.mkdir(parents=True, exist_ok=True)
         weights = weights_file(done)
         with rundir.atomic_file(self.folder / weights) as tmp:
-            self.model.save_weights(tmp)
+            save_state(self.model, tmp)
         previous = self._read_state()
         entry = {
             "epoch": done,
@@ -232,9 +233,8 @@ class RunBackup(keras.callbacks.Callback):
                     optimizer.build(model.trainable_variables)
                 self._earlier = {}  # the weights of other epochs the callbacks keep (best weights)
                 for file in set(_files(entry)[1:]):  # the callbacks' files (possibly this epoch's own)
-                    model.load_weights(self.folder / file)
-                    self._earlier[file] = model.get_weights()
-                model.load_weights(self.folder / entry["weights"])
+                    self._earlier[file] = load_state(model, self.folder / file)
+                load_state(model, self.folder / entry["weights"])
                 self._restored = entry
                 if entry is not state:
                     log.warning("The last backup in %s cannot be read back: resuming from the one before", self.folder)
@@ -265,6 +265,62 @@ class RunBackup(keras.callbacks.Callback):
             if epoch is not None:
                 self.model._initial_epoch = epoch
         self.apply_states()
+
+
+# The HDF5 attribute that marks a backup file written by `save_state` (older backups are Keras' own).
+STATE_FORMAT = "kerastune_flow_state"
+STATE_GROUPS = ("model", "optimizer")
+
+
+def _state_variables(model: keras.Model) -> dict[str, list]:
+    optimizer = getattr(model, "optimizer", None)
+    built = optimizer is not None and optimizer.built
+    return {"model": list(model.weights), "optimizer": list(optimizer.variables) if built else []}
+
+
+def save_state(model: keras.Model, path: str | os.PathLike) -> None:
+    """Writes the model's weights and its optimizer's state (its step count, its moments) to an
+    HDF5 file, each variable an array in the order Keras lists them: what `load_state` reads back.
+
+    Keras' `save_weights` writes the same values through its saving machinery, which walks every
+    layer: about 30 ms for a small head against 4 ms here, paid at every epoch's end (a cached
+    head's epoch is 0.13 s).
+    """
+    with h5py.File(path, "w") as f:
+        f.attrs[STATE_FORMAT] = 1
+        for name, variables in _state_variables(model).items():
+            group = f.create_group(name)
+            for i, variable in enumerate(variables):
+                group.create_dataset(str(i), data=keras.ops.convert_to_numpy(variable))
+
+
+def load_state(model: keras.Model, path: str | os.PathLike) -> list[np.ndarray]:
+    """Puts a `save_state` file's weights and optimizer state into `model` (a Keras weights file
+    of an older backup through `load_weights`); returns the weights (as `get_weights` would).
+
+    A file written before the optimizer had any state (no step taken) leaves the optimizer as it is.
+
+    Raises:
+        ValueError: the file holds another model's variables (their number or shapes differ).
+    """
+    with h5py.File(path, "r") as f:
+        if not f.attrs.get(STATE_FORMAT):
+            model.load_weights(path)
+            return model.get_weights()
+        arrays = {name: [f[name][str(i)][()] for i in range(len(f[name]))] for name in STATE_GROUPS}
+    variables = _state_variables(model)
+    if not arrays["optimizer"]:
+        variables["optimizer"] = []
+    for name in STATE_GROUPS:
+        shapes = [tuple(v.shape) for v in variables[name]]
+        if shapes != [a.shape for a in arrays[name]]:
+            raise ValueError(
+                f"{path} holds the {name} variables of another model: {len(arrays[name])} against {len(shapes)}"
+            )
+    for name in STATE_GROUPS:
+        for variable, array in zip(variables[name], arrays[name], strict=True):
+            variable.assign(array)
+    return arrays["model"]
 
 
 def weights_file(epochs: int) -> str:
