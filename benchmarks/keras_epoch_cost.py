@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kerastune_flow.runtime.process import prepare_process  # noqa: E402
 
-prepare_process("auto")  # as a run does: one inter-op thread on the CPU
+prepare_process("auto")  # as a run does: the inter-op threads of this CPU's kind
 
 import machine  # noqa: E402
 import numpy as np  # noqa: E402

@@ -7,7 +7,8 @@ the same process.
 
 Workloads (each its own script, runnable alone with more options; see its --help):
   train_step.py      scratch MLP and CIFAR-10 CNN: package vs plain fit vs the PyTorch loop; the CNN
-                     again with TensorFlow's default inter-op threads (a per-process setting)
+                     again with TensorFlow's default inter-op threads (a per-process setting; the
+                     package's own choice on a CPU with AVX-512)
   input_pipeline.py  folder pipeline throughput vs model consumption, time waiting for input
   feature_cache.py   frozen-base stage: cached features vs the full forward pass
   prefix_cache.py    stage 2 of a fine-tune: the frozen prefix cached vs the full forward pass

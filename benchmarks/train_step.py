@@ -26,9 +26,10 @@ the call outside the epochs (setting up; at the end, tearing down the data itera
 tf.data's autotuning on, discarding an epoch's iterator waits for the autotuning thread: seconds
 per epoch for the CNN here, inside the next epoch or at the end of `fit`.
 
-The process starts as a run does, with `prepare_process("auto")`, which on the CPU gives TensorFlow
-one inter-op thread; `--inter-op 0` keeps TensorFlow's default instead (the setting is per process, so
-compare two commands). Data are random pixels: throughput does not depend on their values.
+The process starts as a run does, with `prepare_process("auto")`, which on the CPU sets TensorFlow's
+inter-op threads for the CPU's kind (one thread without AVX-512, TensorFlow's default with it);
+`--inter-op N` sets N instead, 0 TensorFlow's default (the setting is per process, so compare two
+commands). Data are random pixels: throughput does not depend on their values.
 """
 
 from __future__ import annotations
