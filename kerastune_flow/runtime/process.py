@@ -59,9 +59,9 @@ def prefer_cpu_threads() -> bool:
     Returns:
         True when the choice is in effect.
     """
-    wanted = cpu_inter_op_threads()
     if environment.read(environment.TF_NUM_INTEROP_THREADS):
         return False
+    wanted = cpu_inter_op_threads()  # /proc/cpuinfo is read only when the choice is the package's
     current = tf.config.threading.get_inter_op_parallelism_threads()
     if current == (wanted or 0):
         return True
