@@ -2,6 +2,7 @@
 discriminative learning rates, BatchNorm kept in inference mode, and resuming between stages."""
 
 import logging
+import shutil
 
 import keras
 import numpy as np
@@ -167,8 +168,11 @@ def test_a_full_training_run_becomes_the_base_of_a_fine_tune(image_folder, tmp_p
     assert result.results["stage_boundaries"] == [1]
 
 
-def test_base_output_must_be_a_layer_of_the_base(image_folder, tmp_path):
-    source = _pretrained_cnn_run(image_folder, tmp_path)
+def test_base_output_must_be_a_layer_of_the_base(base_model, tmp_path):
+    source = tmp_path / "source"  # a run directory, as `train` leaves it: its model.keras is the base
+    source.mkdir()
+    shutil.copy(base_model, source / "model.keras")
+    assert models.cut_base(source, "dense").layers[-1].name == "dense"
     with pytest.raises(ConfigError, match="no layer named 'fc9'.*conv_1"):
         models.cut_base(source, "fc9")
     with pytest.raises(RunDirError, match="No saved model"):

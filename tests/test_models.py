@@ -124,10 +124,10 @@ def test_unfreeze_at_accepts_index_name_and_fraction(value, expected):
     "backbone, fraction, layer",
     [
         ("resnet50", 0.3, "conv3_block3_1_conv"),  # 0.3 x 175 = layer 52, inside conv3_block2
-        ("resnet50", 0.9, "conv5_block3_1_conv"),
+        pytest.param("resnet50", 0.9, "conv5_block3_1_conv", marks=pytest.mark.slow),  # each backbone once by default
         ("mobilenetv2", 0.3, "block_6_expand"),
         ("efficientnetb0", 0.3, "block4a_expand_conv"),
-        ("efficientnetb0", 0.9, "block7a_expand_conv"),
+        pytest.param("efficientnetb0", 0.9, "block7a_expand_conv", marks=pytest.mark.slow),
     ],
 )
 def test_a_fraction_never_cuts_a_block_in_half(backbone, fraction, layer):

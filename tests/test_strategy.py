@@ -409,8 +409,10 @@ AVX512_CPU = "processor : 0\nflags : fpu sse2 avx avx2 fma avx512f avx512_vnni\n
     "when, name, env, cpu, expected",
     [
         ("fresh", "auto", None, AVX2_CPU, 1),  # CPU training: one inter-op thread ("cpu" too, see computes_on_cpu)
-        ("fresh", "auto", None, AVX512_CPU, 0),  # TensorFlow's default measured faster on AVX-512 CPUs
-        ("fresh", "auto", None, "", 1),  # a CPU that lists no flags: one thread, as before the measurement
+        # TensorFlow's default measured faster on AVX-512 CPUs; a CPU that lists no flags: one thread, as
+        # before the measurement (the choice's branches run in-process below, the real process with -m slow)
+        pytest.param("fresh", "auto", None, AVX512_CPU, 0, marks=pytest.mark.slow),
+        pytest.param("fresh", "auto", None, "", 1, marks=pytest.mark.slow),
         pytest.param("fresh", "auto", "3", AVX2_CPU, 0, marks=pytest.mark.slow),  # the user's TF_NUM_INTEROP_THREADS
         ("started", "auto", None, AVX2_CPU, 0),  # too late: logged, not raised
         pytest.param("started", "auto", None, AVX512_CPU, 0, marks=pytest.mark.slow),  # nothing to set: no advice
@@ -436,6 +438,52 @@ def test_cpu_training_sets_the_inter_op_threads_of_its_cpu_kind_when_it_still_ca
     # Logged once per process, not once per trial of a search; only where one thread is the choice.
     advised = when == "started" and cpu == AVX2_CPU
     assert proc.stderr.count("TF_NUM_INTEROP_THREADS=1 set before Python starts") == advised
+
+
+class _FakeThreading:
+    """tf.config.threading's inter-op pair as a process has it: settable until TensorFlow starts."""
+
+    def __init__(self, current: int, started: bool):
+        self.current, self.started, self.set_to = current, started, []
+
+    def get_inter_op_parallelism_threads(self):
+        return self.current
+
+    def set_inter_op_parallelism_threads(self, n):
+        if self.started:
+            raise RuntimeError("Inter op parallelism cannot be modified after initialization.")
+        self.set_to.append(n)
+        self.current = n
+
+
+@pytest.mark.parametrize(
+    "cpu, env, current, started, in_effect, set_to, advised",
+    [
+        (AVX2_CPU, None, 0, False, True, [1], False),  # a fresh process: one thread
+        (AVX512_CPU, None, 0, False, True, [], False),  # TensorFlow's default is the choice: nothing set
+        ("", None, 0, False, True, [1], False),  # no flags (macOS): one thread
+        (AVX2_CPU, "3", 0, False, False, [], False),  # the user's TF_NUM_INTEROP_THREADS wins
+        (AVX2_CPU, None, 4, False, False, [], False),  # the user's tf.config.threading wins
+        (AVX2_CPU, None, 1, True, True, [], False),  # already one: nothing to do, nothing to advise
+        (AVX2_CPU, None, 0, True, False, [], True),  # TensorFlow started: logged how, not raised
+        (AVX512_CPU, None, 0, True, True, [], False),  # started, and the default is the choice: no advice
+    ],
+)
+def test_prefer_cpu_threads_follows_the_cpu_the_user_and_tensorflows_start(
+    tmp_path, monkeypatch, caplog, cpu, env, current, started, in_effect, set_to, advised
+):
+    fake = _FakeThreading(current, started)
+    monkeypatch.setattr(process.device, "read_cpuinfo", lambda: cpu)
+    monkeypatch.setattr(process.tf.config, "threading", fake)
+    monkeypatch.delenv("TF_NUM_INTEROP_THREADS", raising=False)
+    if env:
+        monkeypatch.setenv("TF_NUM_INTEROP_THREADS", env)
+    process._log_threads_too_late.cache_clear()
+    with caplog.at_level(logging.INFO, logger=process.log.name):
+        assert process.prefer_cpu_threads() is in_effect
+        process.prefer_cpu_threads()  # a search's next trial: the advice is not repeated
+    assert fake.set_to == set_to
+    assert caplog.text.count("TF_NUM_INTEROP_THREADS=1 set before Python starts") == advised
 
 
 def test_the_inter_op_choice_reads_the_cpu_flags():

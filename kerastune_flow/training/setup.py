@@ -84,7 +84,8 @@ def set_up(
     keras.utils.set_random_seed(config.train.seed)
     recipe = get_recipe(config.model.recipe)
     check_before_data(config)
-    base = load_base(config)
+    with strategy.scope():  # the base's variables are the model's: loaded outside, stage 2 could not train them
+        base = load_base(config)
     if base is not None:  # the user's base decides the images: its size and channels
         splits = data_lib.load_splits(
             config, image_size=tuple(base.input_shape[1:3]), channels=int(base.input_shape[-1])
