@@ -73,7 +73,9 @@ BUSY_PATTERNS = ("benchmarks/", "pytest")
 POLL_SECONDS = 10
 WAIT_REMINDER_SECONDS = 600
 IDLE_CORES, IDLE_WINDOW_SECONDS, IDLE_MAX_WAIT_SECONDS = 0.15, 20, 1800
-TRIAL_LINE = re.compile(r"Trial (\d+): .* -> (\w+) ([0-9.]+) in ([0-9.]+) s")
+# A trial's log line (search/tune_report.trial_line): its number, objective, score (with --folds, the
+# mean, then each fold's in parentheses) and wall seconds.
+TRIAL_LINE = re.compile(r"Trial (\d+): .* -> (\w+) ([0-9.]+)(?: \(mean of [^)]*\))?, .*?; ([0-9.]+) s")
 
 
 # --------------------------------------------------------------------------- the machine
@@ -234,6 +236,7 @@ def package_command(work: Path, run_dir: Path, args: argparse.Namespace) -> list
     command += ["--base-output", BASE_OUTPUT, "--head-epochs", str(HEAD_EPOCHS), "--epochs", str(EPOCHS)]
     command += ["--patience", str(PATIENCE), "--seed", str(SEED), "--trials", str(args.trials)]
     command += ["--space", ",".join(SPACE), "--no-tensorboard", "--quiet", "--run-dir", str(run_dir)]
+    command += ["--folds", str(args.folds)]  # 1: one hold-out, as the table's measured row
     if args.max_minutes:
         command += ["--max-minutes", str(args.max_minutes)]
     return command
@@ -619,6 +622,7 @@ def main(argv=None) -> int:
     parser.add_argument("--work", default="/tmp/kerastune_flow_accuracy", help="scratch folder for data and runs")
     parser.add_argument("--trials", type=int, default=TRIALS, help=f"trials of each search (default {TRIALS})")
     parser.add_argument("--max-minutes", type=float, help="also stop starting trials after this many minutes")
+    parser.add_argument("--folds", type=int, default=1, help="the package's search: folds a trial (default 1)")
     parser.add_argument(
         "--only", choices=("package", "keras_tuner", "diagnostics"), help="one part (the others' results are kept)"
     )

@@ -259,7 +259,10 @@ def _flags(parser_name):
     return {a.dest: a for a in sub._actions if a.help != argparse.SUPPRESS}  # not a flag's former name
 
 
-@pytest.mark.parametrize("command, skip", [("train", ()), ("compare", run.COMPARE_OWN)])
+@pytest.mark.parametrize(
+    "command, skip",
+    [("train", ()), ("compare", (*run.COMPARE_OWN, "folds", "fold")), ("tune", ("fold",))],  # folds: tune's
+)
 def test_every_setting_has_one_flag_with_the_configs_help_and_choices(command, skip):
     flags = _flags(command)
     assert "verbose" not in flags  # a setting without a flag (--quiet sets it)

@@ -50,6 +50,7 @@ RANKS = {
     "data.images": 4,
     "data.folders": 5,
     "data.tables": 5,  # a CSV/TSV file of image paths and labels, indexed for folders' split and loading
+    "data.folds": 4,  # cross-validation folds of any DataSplits (sources' class)
     "data.loading": 6,
     "data": 7,
     "models.heads": 3,

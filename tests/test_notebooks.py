@@ -26,7 +26,7 @@ PARAMETERS = {
         EPOCHS=1,
         SHOW_TENSORBOARD=False,
     ),  # the sweep itself is tested in test_compare.py
-    "06_tuning.ipynb": dict(DATA=DIGITS, EPOCHS=1, TRIALS=2, MAX_EXAMPLES=64, SHOW_TENSORBOARD=False),
+    "06_tuning.ipynb": dict(DATA=DIGITS, EPOCHS=1, TRIALS=2, FOLDS=2, MAX_EXAMPLES=200, SHOW_TENSORBOARD=False),
     "colab_tpu.ipynb": dict(INSTALL=False, DATA=DIGITS, HEAD_EPOCHS=1, BATCH_SIZE=8, WEIGHTS=None, **TINY),
 }
 

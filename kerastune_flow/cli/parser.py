@@ -172,7 +172,7 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
         default=(1.0,),
         help="comma list of shares of the training data, e.g. 0.1,0.3,1.0 (a data-size sweep)",
     )
-    add_config_flags(comp, skip=COMPARE_OWN)
+    add_config_flags(comp, skip=(*COMPARE_OWN, "folds", "fold"))  # cross-validation is tune's
     _add_run_flags(comp.add_argument_group("the comparison"), "output folder (default runs/compare-DATE-TIME)")
 
 
@@ -199,4 +199,4 @@ def _add_tune(sub: argparse._SubParsersAction) -> None:
     )
     g.add_argument("--objective", choices=OBJECTIVES, default="val_accuracy", help="(default val_accuracy)")
     _add_run_flags(g, "the search's folder (default runs/tune-RECIPE-DATE-TIME)")
-    add_config_flags(tune_cmd)
+    add_config_flags(tune_cmd, skip=("fold",))  # a search runs every fold of --folds

@@ -20,5 +20,6 @@ PRESETS: dict[str, dict[str, Any]] = {
         # A smoke run's few steps never pay back XLA's compile time (tests/test_tune.py and
         # test_cli.py: 177 s with XLA on for the MLP, 124 s without, issue 19)
         jit_compile="false",
+        folds=1,  # one hold-out: a search's trial is one run, not K (tune's default cross-validates small data)
     ),
 }

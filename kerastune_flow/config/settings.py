@@ -127,6 +127,14 @@ class DataConfig:
     skip_bad_images: bool = setting(
         False, "leave out image files that cannot be decoded, with a warning naming each", shown="refuse the folder"
     )
+    folds: int | None = setting(
+        None,
+        "cross-validation: the training and validation splits merged and cut into K stratified folds, one held "
+        "out for validation (--fold); tune scores each trial by the mean over its K runs",
+        shown="tune: 5 under 10,000 training and validation images, else 1; train: 1 (one hold-out)",
+        metavar="K",
+    )
+    fold: int = setting(0, "with --folds K, the fold held out for validation: 0 to K-1", metavar="k")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -152,6 +152,8 @@ def validate(config: Config) -> Config:
         ),
         (d.max_examples is None or d.max_examples >= 1, "max_examples must be at least 1", d.max_examples),
         (0 < d.train_fraction <= 1, "train_fraction must be in (0, 1]", d.train_fraction),
+        (d.folds is None or d.folds >= 1, "folds must be at least 1 (1: one hold-out)", d.folds),
+        (0 <= d.fold < (d.folds or 1), f"fold must be 0 to {(d.folds or 1) - 1} with folds {d.folds or 1}", d.fold),
         (is_rate(m.learning_rate), "learning_rate must be positive, or auto", m.learning_rate),
         (
             is_rate(m.finetune_learning_rate),

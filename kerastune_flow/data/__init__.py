@@ -5,6 +5,7 @@
     tables.py    a CSV/TSV file of image paths and labels (and splits), indexed as a folder is
     images.py    decoding (WebP too), the parallel scan, litter, reading files for prediction
     loading.py   load_data (any source) and load_splits (the data a Config names)
+    folds.py     cross-validation: train and validation merged, cut into K stratified folds, one held out
     augment.py   random augmentation as a function of a seed (stateless), batch by batch
     pipeline.py  the tf.data tail: cache, shuffle, batch, augment, encode labels, prefetch; the
                  memory a cache may fill (`memory_budget`: a quarter of what is available)
@@ -19,6 +20,7 @@ brings are used as they are (`DataSplits.split_sources` says which is which). Li
 
 from kerastune_flow.data.augment import make_augmenter
 from kerastune_flow.data.folders import index_image_folder, load_image_folder, load_index
+from kerastune_flow.data.folds import DEFAULT_FOLDS, FOLDS_BELOW, default_folds, fold_splits
 from kerastune_flow.data.images import (
     IMAGE_EXTENSIONS,
     ImageScan,
@@ -45,6 +47,10 @@ from kerastune_flow.data.sources import TFDS_ARCHIVES, TFDS_NAMES, DataSplits, I
 from kerastune_flow.data.tables import index_table
 
 __all__ = [
+    "DEFAULT_FOLDS",
+    "FOLDS_BELOW",
+    "default_folds",
+    "fold_splits",
     "IMAGE_EXTENSIONS",
     "LABEL_RANGE_MARKER",
     "SHUFFLE_BUFFER",

@@ -13,6 +13,7 @@ from typing import Any
 
 from kerastune_flow.config import Config
 from kerastune_flow.data.folders import folder_splits, index_image_folder, load_index
+from kerastune_flow.data.folds import fold_splits
 from kerastune_flow.data.samples import resolve_sample
 from kerastune_flow.data.sources import DataSplits, is_tfds_name, load_tfds, tfds_has_test
 from kerastune_flow.data.tables import index_table, is_table
@@ -125,7 +126,7 @@ def has_test_split(source: str, *, data_dir: str | None = None) -> bool:
 def load_splits(
     config: Config, *, image_size: tuple[int, int] | None = None, channels: int | None = None, **changes: Any
 ) -> DataSplits:
-    """Loads the data a Config names, split as its run splits it (fractions and seed).
+    """Loads the data a Config names, split as its run splits it (fractions, seed and folds).
 
     Args:
         config: the run's settings.
@@ -138,7 +139,7 @@ def load_splits(
         DataError: see `load_data`.
     """
     d = dataclasses.replace(config.data, **changes)
-    return load_data(
+    splits = load_data(
         d.data,
         image_size=image_size or d.image_size,
         channels=channels,
@@ -152,3 +153,6 @@ def load_splits(
         skip_bad_images=d.skip_bad_images,
         csv_columns=d.csv_columns,
     )
+    if (d.folds or 1) > 1:  # cross-validation: train and validation merged, fold `d.fold` held out
+        splits = fold_splits(splits, folds=d.folds, fold=d.fold, seed=config.train.seed)
+    return splits

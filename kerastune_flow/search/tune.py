@@ -39,8 +39,9 @@ from kerastune_flow.runtime import environment, process
 from kerastune_flow.search import tune_hparams as hparams_lib
 from kerastune_flow.search import tune_report as report_lib
 from kerastune_flow.search import tuner as tuner_lib
+from kerastune_flow.search.tune_report import OBJECTIVES, objective_value
 from kerastune_flow.search.tune_space import Knob, SearchSpace, current_knob_names, resolve_space, unfreeze_choices
-from kerastune_flow.search.tuner import OBJECTIVES, TUNERS, objective_value
+from kerastune_flow.search.tuner import TUNERS
 from kerastune_flow.training import tracking
 from kerastune_flow.training.train import best_epoch, check_before_data, check_callbacks, train_and_evaluate
 
@@ -49,6 +50,7 @@ log = logging.getLogger(__name__)
 SEARCH_JSON = "search.json"  # what the search was started with: the same command resumes it
 BEST_CONFIG = "best_config.json"
 DEFAULTS_DIR = "defaults"
+BEST_DIR = "best"  # with --folds: the best settings trained on the whole training split
 DEFAULT_TRIALS = 10
 
 
@@ -101,11 +103,13 @@ def tune(
     tracking.require(given)
     # Before reading the data starts TensorFlow: then the process still sets its threads itself.
     process.prepare_process(given.train.strategy, deterministic=given.train.deterministic)
-    data_lib.load_splits(given)
+    folds = _folds(given, data_lib.load_splits(given).sizes, overrides)
     with rundir.run_lock(run_dir, take=not worker):  # released at the end, on errors and Ctrl-C too
         asked = search_settings(recipe, tuner=tuner, objective=objective, preset=preset, space=space, **overrides)
-        started = _search_record(run_dir, asked, budget=dict(trials_asked=trials, max_minutes=max_minutes))
-        config = make_config(recipe, preset, **_fixed_settings(recipe, preset, objective, started["seed"], overrides))
+        budget = dict(trials_asked=trials, max_minutes=max_minutes)
+        started = _search_record(run_dir, {**asked, "folds": folds}, budget=budget)
+        fixed = _fixed_settings(recipe, preset, objective, started["seed"], {**overrides, "folds": folds})
+        config = make_config(recipe, preset, **fixed)
         knobs = resolve_space(spec, space, fixed=tuple(overrides))
         blocks = unfreeze_choices(config) if any(k.name == "unfreeze_at" for k in knobs) else []
         oracle = tuner_lib.make_oracle(
@@ -113,9 +117,9 @@ def tune(
         )
         oracle.on_trial_ended = lambda: _trial_ended(run_dir, oracle, started, knobs)
         search = _run_tuner(oracle, SearchSpace(knobs, config, blocks), run_dir, objective, callbacks)
-        budget = f"{trials} trials" + (f", {max_minutes:g} min" if max_minutes else "")
         names = ", ".join(k.name for k in knobs)
-        log.info("Searching %s with %s over %s (%s), objective %s", recipe, tuner, names, budget, objective)
+        shown = f"{trials} trials" + (f", {max_minutes:g} min" if max_minutes else "")
+        log.info("Searching %s with %s over %s (%s), objective %s", recipe, tuner, names, shown, objective)
         # --track mlflow: the search's parent run, each trial a nested run (a worker's nest in the chief's).
         with tracking.parent_run(config, run_dir, experiment=recipe, params=started, join=worker) as parent:
             try:
@@ -168,14 +172,37 @@ def _check_search_flags(tuner: str, objective: str, trials: int, max_minutes: fl
         raise ConfigError(f"--trials and --max-minutes must be positive. Received: trials={trials}, {max_minutes=}")
 
 
-def _fixed_settings(recipe: str, preset: str, objective: str, seed: int, overrides: dict[str, Any]) -> dict[str, Any]:
-    """The settings every trial shares: the flags given, the search's seed, and a validation
-    split when the objective is a validation metric.
+def _folds(given: Config, sizes: dict[str, int], overrides: dict[str, Any]) -> int:
+    """The folds each trial cross-validates over: --folds, or by the data's size
+    (`data.default_folds`); the log says which and why.
 
     Raises:
-        ConfigError: a validation objective with --validation-fraction 0 given.
+        ConfigError: --fold given (a search runs every fold).
+    """
+    if "fold" in overrides:
+        raise ConfigError(f"tune runs every fold of --folds; leave --fold out. Received: fold={overrides['fold']}")
+    images = sizes["train"] + sizes["validation"]
+    folds = given.data.folds or data_lib.default_folds(sizes)
+    why = f"folds={given.data.folds} given" if given.data.folds else f"{images:,} training and validation images"
+    if not given.data.folds:
+        why += f", {'under' if folds > 1 else 'at least'} {data_lib.FOLDS_BELOW:,}"
+    if folds > 1:
+        log.info("Each trial cross-validates over %d stratified folds (%s): its score is their mean", folds, why)
+    else:
+        log.info("Each trial holds out one validation split (%s; --folds K cross-validates)", why)
+    return folds
+
+
+def _fixed_settings(recipe: str, preset: str, objective: str, seed: int, overrides: dict[str, Any]) -> dict[str, Any]:
+    """The settings every trial shares: the flags given, the search's seed and folds, and a
+    validation split when the objective is a validation metric (a fold is one with --folds).
+
+    Raises:
+        ConfigError: a validation objective with --validation-fraction 0 given, without folds.
     """
     fixed = {**overrides, "seed": seed}
+    if (fixed.get("folds") or 1) > 1:
+        return fixed
     if objective.startswith("val_") and make_config(recipe, preset, **fixed).data.validation_fraction == 0:
         if "validation_fraction" in overrides:
             raise ConfigError(
@@ -247,16 +274,19 @@ def finish(
         raise ConfigError(
             f"No trial of the search in {run_dir} finished; see the trials' logs in {run_dir / report_lib.TRIALS_DIR}."
         )
+    folds = started.get("folds") or 1
     best_dir = report_lib.trial_run_dir(run_dir, best[0].trial_id)
-    best_meta = rundir.read_json(best_dir / rundir.CONFIG_JSON)
-    rundir.atomic_write_json(
-        run_dir / BEST_CONFIG, {"config": best_meta["config"], "trial": best[0].trial_id, "objective": best[0].score}
-    )
-    defaults_dir = _defaults_trial(run_dir, oracle) or run_dir / DEFAULTS_DIR
-    if not (defaults_dir / rundir.RESULTS_JSON).exists():
-        log.info("The recipe's defaults, for comparison on the test split, in %s", defaults_dir)
-        train_and_evaluate(config, defaults_dir, callbacks=callbacks)
-        keras.backend.clear_session()
+    best_config = rundir.read_json(report_lib.fold_run_dirs(best_dir, folds)[0] / rundir.CONFIG_JSON)["config"]
+    if folds > 1:  # replayed, the best settings train one run on the whole training split
+        best_config["data"].update(folds=None, fold=0)
+    record = {"config": best_config, "trial": best[0].trial_id, "objective": best[0].score}
+    rundir.atomic_write_json(run_dir / BEST_CONFIG, record)
+    defaults_dir = (_defaults_trial(run_dir, oracle) if folds == 1 else None) or run_dir / DEFAULTS_DIR
+    whole = config.replace(folds=None, fold=0)
+    if folds > 1:  # each fold's model saw part of the data: the best settings train once more on all of it
+        best_dir = run_dir / BEST_DIR
+        _train_once(Config.from_dict(best_config), best_dir, "The best trial's settings", callbacks)
+    _train_once(whole, defaults_dir, "The recipe's defaults", callbacks)
     max_examples = config.data.max_examples
     test = {
         "best": inference.evaluate_saved(best_dir, max_examples=max_examples),
@@ -290,6 +320,14 @@ def finish(
         html_path,
     )
     return summary
+
+
+def _train_once(config: Config, run_dir: Path, what: str, callbacks) -> None:
+    """A run for the test split's comparison, unless it has finished before (a resumed search's)."""
+    if not (run_dir / rundir.RESULTS_JSON).exists():
+        log.info("%s, for comparison on the test split, in %s", what, run_dir)
+        train_and_evaluate(config, run_dir, callbacks=callbacks)
+        keras.backend.clear_session()
 
 
 def _defaults_trial(run_dir: Path, oracle) -> Path | None:

@@ -12,16 +12,58 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from kerastune_flow import reports, rundir
+from kerastune_flow.errors import ConfigError
 from kerastune_flow.reports import plots
 
 TUNE_JSON = "tune.json"
+OBJECTIVES = ("val_accuracy", "val_loss", "accuracy", "loss")
 TRIALS_DIR = "trials"
 
 
 def trial_run_dir(run_dir: str | os.PathLike, trial_id: str) -> Path:
-    """DIR/trials/NNN: the run directory of one trial."""
+    """DIR/trials/NNN: the run directory of one trial (with --folds K, of its K runs)."""
     return Path(run_dir) / TRIALS_DIR / f"{int(trial_id):03d}"
+
+
+def fold_run_dirs(trial_dir: Path, folds: int) -> list[Path]:
+    """The run directories of a trial: the trial's own, or with `folds` > 1 one per fold
+    (DIR/trials/NNN/fold-k, k from 0), each a whole run that resumes on its own."""
+    return [trial_dir] if folds <= 1 else [trial_dir / f"fold-{k}" for k in range(folds)]
+
+
+def objective_value(history: list[dict[str, Any]], objective: str) -> float:
+    """The objective's best value over a run's epochs, as KerasTuner scores a Keras fit."""
+    values = [r[objective] for r in history if r.get(objective) is not None]
+    if not values:
+        raise ConfigError(f"The runs log no {objective!r}; choose --objective from {', '.join(OBJECTIVES)}.")
+    return float(min(values) if "loss" in objective else max(values))
+
+
+def fold_records(trial_dir: Path, folds: int, objective: str) -> list[dict[str, Any]]:
+    """Each finished fold run of a trial: its objective, best epoch, epochs and training seconds."""
+    records = []
+    for k, fold_dir in enumerate(fold_run_dirs(trial_dir, folds)):
+        if not (fold_dir / rundir.RESULTS_JSON).exists():
+            continue
+        results = rundir.read_json(fold_dir / rundir.RESULTS_JSON)
+        records.append(
+            {
+                "fold": k,
+                "objective": objective_value(rundir.read_history(fold_dir), objective),
+                "best_epoch": results.get("best_epoch"),
+                "epochs_run": results.get("epochs_run"),
+                "seconds": results.get("train_seconds"),
+            }
+        )
+    return records
+
+
+def spread(values: Sequence[float]) -> float | None:
+    """The sample standard deviation of the folds' objectives (None under two)."""
+    return float(np.std(values, ddof=1)) if len(values) > 1 else None
 
 
 def shown_values(trial, knobs: Sequence[Any]) -> dict[str, Any]:
@@ -30,27 +72,30 @@ def shown_values(trial, knobs: Sequence[Any]) -> dict[str, Any]:
     return {knob.name: values[knob.name] for knob in knobs if knob.name in values}
 
 
-def trial_records(run_dir: Path, oracle, knobs: Sequence[Any]) -> list[dict[str, Any]]:
-    """One record per trial the oracle started, in the order it started them."""
+def trial_records(
+    run_dir: Path, oracle, knobs: Sequence[Any], *, folds: int = 1, objective: str = ""
+) -> list[dict[str, Any]]:
+    """One record per trial the oracle started, in the order it started them; with `folds` > 1,
+    each fold's record (`fold_records`) and the folds' spread."""
     records = []
     order = list(getattr(oracle, "start_order", [])) or sorted(oracle.trials)
     for trial_id in order:
         trial = oracle.trials[trial_id]
         trial_dir = trial_run_dir(run_dir, trial_id)
-        results_path = trial_dir / rundir.RESULTS_JSON
-        results = rundir.read_json(results_path) if results_path.exists() else {}
-        records.append(
-            {
-                "trial": trial_id,
-                "status": str(trial.status),
-                "hyperparameters": shown_values(trial, knobs),
-                "objective": trial.score,
-                "best_epoch": results.get("best_epoch"),
-                "epochs_run": results.get("epochs_run"),
-                "seconds": results.get("train_seconds"),
-                "run_dir": str(trial_dir),
-            }
-        )
+        record = {"trial": trial_id, "status": str(trial.status), "hyperparameters": shown_values(trial, knobs)}
+        record["objective"] = trial.score
+        if folds > 1:  # the mean over the folds is the objective; each fold's own, and their spread
+            runs = fold_records(trial_dir, folds, objective)
+            seconds = [r["seconds"] for r in runs if r["seconds"] is not None]
+            record.update(best_epoch=None, epochs_run=sum(r["epochs_run"] or 0 for r in runs) or None)
+            record.update(seconds=round(sum(seconds), 3) if seconds else None, folds=runs)
+            record["spread"] = spread([r["objective"] for r in runs])
+        else:
+            results_path = trial_dir / rundir.RESULTS_JSON
+            results = rundir.read_json(results_path) if results_path.exists() else {}
+            record.update(best_epoch=results.get("best_epoch"), epochs_run=results.get("epochs_run"))
+            record["seconds"] = results.get("train_seconds")
+        records.append({**record, "run_dir": str(trial_dir)})
     return records
 
 
@@ -58,6 +103,7 @@ def write_tune_json(run_dir: Path, oracle, started: dict[str, Any], knobs: Seque
     """Writes DIR/tune.json as the oracle knows the search now; returns it."""
     run_dir = Path(run_dir)
     direction = oracle.objective.direction
+    folds = started.get("folds") or 1
     summary = {
         **started,
         "direction": direction,
@@ -65,7 +111,7 @@ def write_tune_json(run_dir: Path, oracle, started: dict[str, Any], knobs: Seque
         "scales": {knob.name: knob.scale for knob in knobs},
         "seconds": round(oracle.spent_seconds(), 1),
         "updated": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "trials": trial_records(run_dir, oracle, knobs),
+        "trials": trial_records(run_dir, oracle, knobs, folds=folds, objective=started["objective"]),
     }
     rundir.atomic_write_json(run_dir / TUNE_JSON, summary)
     return summary
@@ -100,6 +146,7 @@ def trial_line(
     seconds: float,
     train_seconds: float | None = None,
     minutes_left: float | None = None,
+    folds: Sequence[float] | None = None,
 ) -> str:
     """The log line of one finished trial: its settings, its objective, how it stands against the
     best earlier trial, and its time.
@@ -113,6 +160,7 @@ def trial_line(
         seconds: the trial's wall time (reading the data, building the model, training).
         train_seconds: the part of it spent in fit (tune.json's "seconds", the report's "training s").
         minutes_left: the search's time budget left, or None without one.
+        folds: with --folds K, each fold's objective (`value` is their mean).
 
     Returns:
         One line, e.g. "Trial 2: dropout=0.3 -> val_accuracy 0.9832, new best (was 0.9274, trial 0);
@@ -129,17 +177,24 @@ def trial_line(
             standing = f"best so far {best[1]:.4f} (trial {best[0]})"
     timing = f"{seconds:.1f} s" + (f", training {train_seconds:.1f} s" if train_seconds is not None else "")
     left = f"; {minutes_left:.1f} min left" if minutes_left is not None else ""
-    return f"Trial {trial_id}: {shown} -> {objective} {value:.4f}, {standing}; {timing}{left}"
+    score = f"{objective} {value:.4f}"
+    if folds and len(folds) > 1:
+        score += f" (mean of {len(folds)} folds: {', '.join(f'{v:.4f}' for v in folds)}; sd {spread(folds):.4f})"
+    return f"Trial {trial_id}: {shown} -> {score}, {standing}; {timing}{left}"
 
 
 def _table(summary: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     names = summary["space"]
-    header = ["trial", *names, summary["objective"], "best epoch", "epochs", "training s", "status"]
+    folds = summary.get("folds") or 1
+    shown = f"{summary['objective']} (mean of {folds} folds)" if folds > 1 else summary["objective"]
+    header = ["trial", *names, shown, *(["spread (sd)"] if folds > 1 else []), "best epoch", "epochs", "training s"]
+    header.append("status")
     rows = [
         [
             t["trial"],
             *["-" if n not in t["hyperparameters"] else display_value(t["hyperparameters"][n]) for n in names],
             reports.cell(t["objective"], "{:.4g}"),
+            *([reports.cell(t.get("spread"), "{:.3g}")] if folds > 1 else []),
             reports.cell(t["best_epoch"]),
             reports.cell(t["epochs_run"]),
             reports.cell(t["seconds"], "{:.1f}"),

@@ -26,9 +26,10 @@ from keras_tuner.src.distribute import utils as kt_distribute
 
 from kerastune_flow import rundir
 from kerastune_flow.config import Config
-from kerastune_flow.errors import ConfigError, KerastuneFlowError
+from kerastune_flow.errors import KerastuneFlowError
 from kerastune_flow.runtime import environment
 from kerastune_flow.search import tune_report as report_lib
+from kerastune_flow.search.tune_report import objective_value
 from kerastune_flow.training import tracking
 from kerastune_flow.training.train import train_and_evaluate
 
@@ -38,7 +39,6 @@ if TYPE_CHECKING:  # tune_space ranks beside this module: the annotation only
 log = logging.getLogger(__name__)
 
 TUNERS = ("bayesian", "random", "hyperband")
-OBJECTIVES = ("val_accuracy", "val_loss", "accuracy", "loss")
 PROJECT = "keras_tuner"  # KerasTuner's own files: DIR/keras_tuner/oracle.json, trial_N/trial.json
 SERVER_POLL_SECONDS = 0.5
 
@@ -167,36 +167,38 @@ class RunTuner(kt.Tuner):
 
     def run_trial(self, trial, *args, **kwargs):
         run_dir = report_lib.trial_run_dir(self.run_dir, trial.trial_id)
+        config = self.trial_config(trial)
+        folds = config.data.folds or 1
         started = time.perf_counter()
-        try:
-            if (run_dir / rundir.RESULTS_JSON).exists():  # finished before a kill, not yet recorded by the oracle
-                log.info("Trial %s had finished before the interruption: its results are kept", trial.trial_id)
-            else:
-                train_and_evaluate(self.trial_config(trial), run_dir, evaluate_test=False, callbacks=self.run_callbacks)
-            value = objective_value(rundir.read_history(run_dir), self.objective)
-        except KerastuneFlowError as error:
-            raise TrialUserError(error) from None
-        finally:
-            keras.backend.clear_session()
-        _log_trial(self, trial, value, time.perf_counter() - started, run_dir)
+        scores = []
+        for k, fold_dir in enumerate(report_lib.fold_run_dirs(run_dir, folds)):
+            try:
+                if (fold_dir / rundir.RESULTS_JSON).exists():  # finished before a kill, not yet recorded
+                    log.info("Trial %s had finished %s before the interruption: kept", trial.trial_id, fold_dir.name)
+                else:
+                    fold_config = config.replace(fold=k) if folds > 1 else config
+                    train_and_evaluate(fold_config, fold_dir, evaluate_test=False, callbacks=self.run_callbacks)
+                scores.append(objective_value(rundir.read_history(fold_dir), self.objective))
+            except KerastuneFlowError as error:
+                raise TrialUserError(error) from None
+            finally:
+                keras.backend.clear_session()
+        value = float(sum(scores) / len(scores))  # with --folds K, the mean of the K folds' objectives
+        _log_trial(self, trial, value, time.perf_counter() - started, run_dir, scores if folds > 1 else None)
         tracking.log_trial(run_dir, trial.hyperparameters.values, self.objective, value)  # with --track mlflow
         return {self.objective: value}
 
 
-def objective_value(history: list[dict[str, Any]], objective: str) -> float:
-    """The objective's best value over a run's epochs, as KerasTuner scores a Keras fit."""
-    values = [r[objective] for r in history if r.get(objective) is not None]
-    if not values:
-        raise ConfigError(f"The runs log no {objective!r}; choose --objective from {', '.join(OBJECTIVES)}.")
-    return float(min(values) if "loss" in objective else max(values))
-
-
-def _log_trial(tuner: RunTuner, trial, value: float, seconds: float, run_dir: Path) -> None:
+def _log_trial(tuner: RunTuner, trial, value: float, seconds: float, run_dir: Path, scores: list[float] | None) -> None:
     earlier = [t for t in tuner.oracle.get_best_trials(1) if t.score is not None and t.trial_id != trial.trial_id]
     oracle = getattr(tuner.oracle, "_oracle", tuner.oracle)  # a worker's OracleClient wraps its local oracle
     budget = getattr(oracle, "budget_seconds", None)
-    results_path = run_dir / rundir.RESULTS_JSON
-    results = rundir.read_json(results_path) if results_path.exists() else {}
+    dirs = report_lib.fold_run_dirs(run_dir, len(scores) if scores else 1)
+    train_seconds = [
+        rundir.read_json(d / rundir.RESULTS_JSON).get("train_seconds")
+        for d in dirs
+        if (d / rundir.RESULTS_JSON).exists()
+    ]
     line = report_lib.trial_line(
         trial.trial_id,
         {k: v for k, v in trial.hyperparameters.values.items() if not k.startswith("tuner/")},
@@ -204,8 +206,9 @@ def _log_trial(tuner: RunTuner, trial, value: float, seconds: float, run_dir: Pa
         value,
         best=(earlier[0].trial_id, earlier[0].score) if earlier else None,
         seconds=seconds,
-        train_seconds=results.get("train_seconds"),
+        train_seconds=sum(t for t in train_seconds if t is not None) if any(train_seconds) else None,
         minutes_left=max(0.0, budget - oracle.spent_seconds()) / 60 if budget else None,
+        folds=scores,
     )
     log.info("%s", line)
 

@@ -1,0 +1,154 @@
+"""Cross-validation (issue 30): `--folds K` cuts the training and validation splits into K stratified
+folds, one held out; `tune` scores each trial by the mean over its K runs, resumes per fold, and
+trains the best settings once more on the whole training split for the test split."""
+
+import logging
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from conftest import package_log_lines, smoke
+
+from kerastune_flow import data as data_lib
+from kerastune_flow import run, rundir
+from kerastune_flow.config import Config
+from kerastune_flow.data.folds import fold_of_each
+from kerastune_flow.data.samples import sample_folder
+from kerastune_flow.errors import ConfigError
+from kerastune_flow.recipes import make_config
+from kerastune_flow.search import tune as tune_lib
+from kerastune_flow.search import tune_report, tuner
+
+DIGITS = str(sample_folder("digits"))
+
+
+def test_each_class_is_dealt_evenly_round_the_folds_the_same_way_every_time():
+    labels = np.repeat([0, 1, 2], [10, 7, 5])
+    assigned = fold_of_each(labels, 3, seed=4)
+    for label in range(3):
+        counts = np.bincount(assigned[labels == label], minlength=3)
+        assert counts.max() - counts.min() <= 1  # stratified: each fold's share of each class
+    sizes = np.bincount(assigned, minlength=3)
+    assert sizes.max() - sizes.min() <= 1 and sizes.sum() == labels.size
+    np.testing.assert_array_equal(fold_of_each(labels, 3, seed=4), assigned)  # every trial, every resume
+    assert not np.array_equal(fold_of_each(labels, 3, seed=5), assigned)
+
+
+def test_a_class_smaller_than_the_folds_is_refused_with_the_fix():
+    with pytest.raises(ConfigError, match="class 1 has 2 training and validation image.*--folds 2 or fewer"):
+        fold_of_each(np.array([0, 0, 0, 1, 1]), 3, seed=0)
+
+
+def _splits(train: int, validation: int, test: int) -> data_lib.DataSplits:
+    def part(start, n):
+        ids = np.arange(start, start + n, dtype="float32").reshape(n, 1, 1, 1)
+        return tf.data.Dataset.from_tensor_slices((ids, (np.arange(n) % 2).astype("int32")))
+
+    return data_lib.DataSplits(
+        train=part(0, train),
+        validation=part(train, validation),
+        test=part(1000, test),
+        class_names=["a", "b"],
+        image_shape=(1, 1, 1),
+        sizes={"train": train, "validation": validation, "test": test},
+        source="numbers",
+        test_source="numbers",
+    )
+
+
+def _ids(dataset: tf.data.Dataset) -> list[int]:
+    return [int(x.reshape(())) for x, _ in dataset.as_numpy_iterator()]
+
+
+def test_the_held_out_folds_partition_train_and_validation_and_leave_test_alone():
+    held_out = []
+    for fold in range(4):
+        splits = data_lib.fold_splits(_splits(30, 10, 6), folds=4, fold=fold, seed=1)
+        train, validation = _ids(splits.train), _ids(splits.validation)
+        assert sorted(train + validation) == list(range(40)) and not set(train) & set(validation)
+        assert splits.sizes == {"train": len(train), "validation": len(validation), "test": 6}
+        assert _ids(splits.test) == list(range(1000, 1006))
+        assert "stratified fold" in splits.split_sources["validation"]
+        held_out += validation
+    assert sorted(held_out) == list(range(40))  # each example validates exactly once
+    with pytest.raises(ConfigError, match="--fold must be 0 to 3"):
+        data_lib.fold_splits(_splits(30, 10, 6), folds=4, fold=4, seed=1)
+
+
+def test_a_run_with_folds_trains_on_all_but_its_fold(image_folder):
+    whole = data_lib.load_splits(smoke("scratch_mlp", image_folder))
+    config = smoke("scratch_mlp", image_folder, folds=3, fold=2)
+    splits = data_lib.load_splits(config)
+    assert splits.sizes["train"] + splits.sizes["validation"] == whole.sizes["train"] + whole.sizes["validation"]
+    assert splits.sizes["validation"] == (whole.sizes["train"] + whole.sizes["validation"]) // 3
+    with pytest.raises(ConfigError, match="fold must be 0 to 2 with folds 3"):
+        smoke("scratch_mlp", image_folder, folds=3, fold=3)
+
+
+@pytest.mark.parametrize(
+    "sizes, given, folds, said",
+    [
+        ({"train": 1800, "validation": 200}, None, 5, "cross-validates over 5 stratified folds (2,000 training"),
+        ({"train": 54000, "validation": 6000}, None, 1, "holds out one validation split (60,000 training"),
+        ({"train": 1800, "validation": 200}, 1, 1, "holds out one validation split (folds=1 given"),
+        ({"train": 54000, "validation": 6000}, 3, 3, "over 3 stratified folds (folds=3 given"),
+    ],
+)
+def test_tune_cross_validates_small_data_by_default_and_says_why(caplog, sizes, given, folds, said):
+    config = make_config("scratch_mlp", "reference", folds=given)
+    with caplog.at_level(logging.INFO, logger=tune_lib.log.name):
+        assert tune_lib._folds(config, sizes, {}) == folds
+    assert said in caplog.text
+    with pytest.raises(ConfigError, match="leave --fold out"):
+        tune_lib._folds(config, sizes, {"fold": 1})
+
+
+def test_a_cross_validated_search_scores_the_mean_resumes_per_fold_and_retrains_the_best(tmp_path, monkeypatch):
+    run_dir = tmp_path / "search"
+    settings = dict(data=DIGITS, preset="smoke", epochs=1, max_examples=48, folds=2, verbose=0)
+    trained = []
+    original = tuner.train_and_evaluate
+
+    def killed_in_the_second_fold(config, fold_dir, **kwargs):
+        if fold_dir.parent.name == "000" and fold_dir.name == "fold-1" and not trained.count(str(fold_dir)):
+            trained.append(str(fold_dir))
+            raise KeyboardInterrupt  # a kill in trial 0's second fold
+        trained.append(str(fold_dir))
+        return original(config, fold_dir, **kwargs)
+
+    monkeypatch.setattr(tuner, "train_and_evaluate", killed_in_the_second_fold)
+    with pytest.raises(KeyboardInterrupt):
+        tune_lib.tune("scratch_mlp", run_dir, trials=1, tuner="random", **settings)
+    with package_log_lines() as lines:
+        summary = tune_lib.tune("scratch_mlp", run_dir, trials=1, tuner="random", **settings)
+    trial0 = tune_report.trial_run_dir(run_dir, "0")
+    assert trained.count(str(trial0 / "fold-0")) == 1  # finished before the kill: not trained again
+    assert any("had finished fold-0 before the interruption" in line for line in lines)
+
+    for t in summary["trials"]:
+        folds = t["folds"]
+        assert [f["fold"] for f in folds] == [0, 1]
+        for f in folds:
+            history = rundir.read_history(tune_report.trial_run_dir(run_dir, t["trial"]) / f"fold-{f['fold']}")
+            assert f["objective"] == max(r["val_accuracy"] for r in history)
+        assert t["objective"] == pytest.approx(np.mean([f["objective"] for f in folds]))
+        assert t["spread"] == pytest.approx(np.std([f["objective"] for f in folds], ddof=1))
+    assert any("(mean of 2 folds:" in line for line in lines)
+    # The best settings, trained once more on the whole training split, and the defaults: on test.
+    best = rundir.read_json(run_dir / tune_lib.BEST_CONFIG)
+    assert best["config"]["data"]["folds"] is None and best["config"]["data"]["fold"] == 0
+    assert summary["best"]["run_dir"] == str(run_dir / tune_lib.BEST_DIR)
+    assert summary["defaults"]["run_dir"] == str(run_dir / tune_lib.DEFAULTS_DIR)
+    best_dir = run_dir / tune_lib.BEST_DIR
+    for name in (tune_lib.BEST_DIR, tune_lib.DEFAULTS_DIR):
+        meta = rundir.read_json(run_dir / name / rundir.CONFIG_JSON)
+        assert Config.from_dict(meta["config"]).data.folds is None
+        assert rundir.read_json(run_dir / name / rundir.RESULTS_JSON)["test"]["accuracy"] is not None
+    assert summary["test"]["best"]["examples"] == summary["test"]["defaults"]["examples"] > 0
+    # best_config.json replays the run the test split judged, bit for bit
+    replay = ["train", "scratch_mlp", "--config", str(run_dir / tune_lib.BEST_CONFIG), "--quiet"]
+    assert run.main([*replay, "--run-dir", str(tmp_path / "replay")]) == 0
+    sha = [rundir.read_json(d / rundir.RESULTS_JSON)["weights_sha256"] for d in (tmp_path / "replay", best_dir)]
+    assert sha[0] == sha[1]
+    report = (run_dir / "report.md").read_text()
+    assert "mean of 2 folds" in report and "spread (sd)" in report
