@@ -281,12 +281,14 @@ def finish(
         best_config["data"].update(folds=None, fold=0)
     record = {"config": best_config, "trial": best[0].trial_id, "objective": best[0].score}
     rundir.atomic_write_json(run_dir / BEST_CONFIG, record)
-    defaults_dir = (_defaults_trial(run_dir, oracle) if folds == 1 else None) or run_dir / DEFAULTS_DIR
-    whole = config.replace(folds=None, fold=0)
+    defaults_trial = _defaults_trial(run_dir, oracle)
+    defaults_dir = (defaults_trial if folds == 1 else None) or run_dir / DEFAULTS_DIR
     if folds > 1:  # each fold's model saw part of the data: the best settings train once more on all of it
-        best_dir = run_dir / BEST_DIR
-        _train_once(Config.from_dict(best_config), best_dir, "The best trial's settings", callbacks)
-    _train_once(whole, defaults_dir, "The recipe's defaults", callbacks)
+        best_is_defaults = defaults_trial == best_dir
+        best_dir = defaults_dir if best_is_defaults else run_dir / BEST_DIR
+        if not best_is_defaults:
+            _train_once(Config.from_dict(best_config), best_dir, "The best trial's settings", callbacks)
+    _train_once(config.replace(folds=None, fold=0), defaults_dir, "The recipe's defaults", callbacks)
     max_examples = config.data.max_examples
     test = {
         "best": inference.evaluate_saved(best_dir, max_examples=max_examples),
