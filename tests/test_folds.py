@@ -103,6 +103,19 @@ def test_tune_cross_validates_small_data_by_default_and_says_why(caplog, sizes, 
         tune_lib._folds(config, sizes, {"fold": 1})
 
 
+def test_a_search_resumes_with_the_folds_it_started_with(tmp_path, caplog):
+    config = make_config("scratch_mlp", "reference")
+    small = {"train": 1800, "validation": 200}
+    record = tmp_path / "search.json"
+    rundir.atomic_write_json(record, {"recipe": "scratch_mlp", "seed": 3})  # a search from before folds
+    with caplog.at_level(logging.INFO, logger=tune_lib.log.name):
+        assert tune_lib._folds(config, small, {}, record) == 1  # it held out one split: it still does
+        rundir.atomic_write_json(record, {"recipe": "scratch_mlp", "seed": 3, "folds": 4})
+        assert tune_lib._folds(config, small, {}, record) == 4
+    assert f"as the search in {tmp_path} started" in caplog.text
+    assert tune_lib._folds(make_config("scratch_mlp", "reference", folds=2), small, {}, record) == 2
+
+
 def test_a_cross_validated_search_scores_the_mean_resumes_per_fold_and_retrains_the_best(tmp_path, monkeypatch):
     run_dir = tmp_path / "search"
     # seed 5: the random trial's rate (1.8e-3) beats the defaults' here, so DIR/best is trained (either way holds)
@@ -155,3 +168,13 @@ def test_a_cross_validated_search_scores_the_mean_resumes_per_fold_and_retrains_
     assert sha[0] == sha[1]
     report = (run_dir / "report.md").read_text()
     assert "mean of 2 folds" in report and "spread (sd)" in report
+
+
+def test_a_search_from_before_folds_resumes_as_the_one_hold_out_it_was(tmp_path):
+    old = {"recipe": "scratch_mlp", "tuner": "random", "seed": 3, "trials_asked": 2}  # search.json without folds
+    rundir.atomic_write_json(tmp_path / tune_lib.SEARCH_JSON, old)
+    asked = {k: v for k, v in old.items() if k != "trials_asked"}
+    record = tune_lib._search_record(tmp_path, {**asked, "folds": 1}, budget={"trials_asked": 2})
+    assert record["folds"] == 1
+    with pytest.raises(ConfigError, match="other settings \\(folds: 1\\)"):
+        tune_lib._search_record(tmp_path, {**asked, "folds": 5}, budget={"trials_asked": 2})

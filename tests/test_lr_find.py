@@ -173,6 +173,7 @@ def _digits(**overrides):
     return make_config("scratch_mlp", "smoke", data=DIGITS, image_size=(8, 8), verbose=0, **overrides)
 
 
+@pytest.mark.slow  # 7 s; the default suite trains under MirroredStrategy in test_train.py
 def test_the_suggestion_is_the_same_on_two_replicas_as_on_one_device(tmp_path):
     steps = 100
     one = find_lr(_digits(strategy="cpu", batch_size=8), tmp_path / "one", max_steps=steps)  # 16 per execution

@@ -499,6 +499,15 @@ def test_which_strategy_names_compute_on_the_cpu_here():
     assert not process.computes_on_cpu("tpu") and not process.computes_on_cpu("gpu")
 
 
+def test_get_strategy_alone_sets_no_threads(monkeypatch):
+    fake = _FakeThreading(0, started=False)
+    monkeypatch.setattr(process.tf.config, "threading", fake)
+    monkeypatch.setattr(strategy_lib.tf.config, "threading", fake)
+    get_strategy("cpu")
+    assert fake.set_to == []  # only prepare_process sets them (the real process: the slow test below)
+
+
+@pytest.mark.slow  # 9 s: a fresh process
 def test_get_strategy_alone_changes_no_process_setting():
     proc = subprocess.run(
         [sys.executable, "-c", _THREADS_SCRIPT.replace("prepare_process(sys.argv[2])\n", ""), "fresh", "cpu"],

@@ -103,7 +103,7 @@ def tune(
     tracking.require(given)
     # Before reading the data starts TensorFlow: then the process still sets its threads itself.
     process.prepare_process(given.train.strategy, deterministic=given.train.deterministic)
-    folds = _folds(given, data_lib.load_splits(given).sizes, overrides)
+    folds = _folds(given, data_lib.load_splits(given).sizes, overrides, run_dir / SEARCH_JSON)
     with rundir.run_lock(run_dir, take=not worker):  # released at the end, on errors and Ctrl-C too
         asked = search_settings(recipe, tuner=tuner, objective=objective, preset=preset, space=space, **overrides)
         budget = dict(trials_asked=trials, max_minutes=max_minutes)
@@ -172,9 +172,10 @@ def _check_search_flags(tuner: str, objective: str, trials: int, max_minutes: fl
         raise ConfigError(f"--trials and --max-minutes must be positive. Received: trials={trials}, {max_minutes=}")
 
 
-def _folds(given: Config, sizes: dict[str, int], overrides: dict[str, Any]) -> int:
-    """The folds each trial cross-validates over: --folds, or by the data's size
-    (`data.default_folds`); the log says which and why.
+def _folds(given: Config, sizes: dict[str, int], overrides: dict[str, Any], record: Path | None = None) -> int:
+    """The folds each trial cross-validates over: --folds; a resumed search's own (`record`, its
+    search.json: one hold-out for a search from before folds); or by the data's size
+    (`data.default_folds`). The log says which and why.
 
     Raises:
         ConfigError: --fold given (a search runs every fold).
@@ -182,10 +183,14 @@ def _folds(given: Config, sizes: dict[str, int], overrides: dict[str, Any]) -> i
     if "fold" in overrides:
         raise ConfigError(f"tune runs every fold of --folds; leave --fold out. Received: fold={overrides['fold']}")
     images = sizes["train"] + sizes["validation"]
-    folds = given.data.folds or data_lib.default_folds(sizes)
-    why = f"folds={given.data.folds} given" if given.data.folds else f"{images:,} training and validation images"
-    if not given.data.folds:
-        why += f", {'under' if folds > 1 else 'at least'} {data_lib.FOLDS_BELOW:,}"
+    if given.data.folds:
+        folds, why = given.data.folds, f"folds={given.data.folds} given"
+    elif record is not None and record.is_file():
+        folds, why = rundir.read_json(record).get("folds") or 1, f"as the search in {record.parent} started"
+    else:
+        folds = data_lib.default_folds(sizes)
+        why = f"{images:,} training and validation images, {'under' if folds > 1 else 'at least'} "
+        why += f"{data_lib.FOLDS_BELOW:,}"
     if folds > 1:
         log.info("Each trial cross-validates over %d stratified folds (%s): its score is their mean", folds, why)
     else:
@@ -230,6 +235,7 @@ def _search_record(run_dir: Path, asked: dict[str, Any], *, budget: dict[str, An
     started = rundir.to_jsonable(asked)
     if path.exists():
         previous = {k: v for k, v in rundir.read_json(path).items() if k not in budget}
+        previous.setdefault("folds", 1)  # a search from before --folds held out one validation split
         differs = {k for k in set(previous) | set(started) if previous.get(k) != started.get(k)}
         differs -= set(TRACKING_FIELDS)  # where the search is recorded may change, not what it is
         if started.get("seed") is None:  # none given: the search's own, picked when it started
