@@ -33,7 +33,7 @@ from kerastune_flow.rundir import unfinished
 from kerastune_flow.runtime import logs, progress
 from kerastune_flow.search.compare import compare
 from kerastune_flow.search.tune import search_settings, tune
-from kerastune_flow.search.tune_report import display_values
+from kerastune_flow.search.tune_report import display_values, seeds_sentence
 from kerastune_flow.training.lr_find import find_lr
 from kerastune_flow.training.train import train_and_evaluate
 
@@ -123,6 +123,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
             space=args.space,
             objective=args.objective,
             preset=args.preset,
+            final_seeds=args.final_seeds,
             **overrides,
         )
     if "worker" in summary:
@@ -132,6 +133,8 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     shown = display_values(best["hyperparameters"])  # 0.3, not 0.30000000000000004: tune.json keeps the exact value
     print(f"Best trial {best['trial']}: {summary['objective']} {best['objective']:.4f}, {shown}")
     print(f"Test accuracy {test['best']['accuracy']:.4f} (defaults {test['defaults']['accuracy']:.4f})")
+    if "test_seeds" in summary:
+        print(seeds_sentence(summary["test_seeds"]))
     print(f"best config: {best['config']}\nreport: {os.path.join(run_dir, 'report.html')}")
     return 0
 

@@ -119,7 +119,7 @@ def test_a_search_resumes_with_the_folds_it_started_with(tmp_path, caplog):
 def test_a_cross_validated_search_scores_the_mean_resumes_per_fold_and_retrains_the_best(tmp_path, monkeypatch):
     run_dir = tmp_path / "search"
     # seed 5: the random trial's rate (1.8e-3) beats the defaults' here, so DIR/best is trained (either way holds)
-    settings = dict(data=DIGITS, preset="smoke", epochs=1, max_examples=48, folds=2, seed=5, verbose=0)
+    settings = dict(data=DIGITS, preset="smoke", epochs=1, max_examples=48, folds=2, seed=5, verbose=0, final_seeds=2)
     trained = []
     original = tuner.train_and_evaluate
 
@@ -166,7 +166,18 @@ def test_a_cross_validated_search_scores_the_mean_resumes_per_fold_and_retrains_
     assert run.main([*replay, "--run-dir", str(tmp_path / "replay")]) == 0
     sha = [rundir.read_json(d / rundir.RESULTS_JSON)["weights_sha256"] for d in (tmp_path / "replay", best_dir)]
     assert sha[0] == sha[1]
+    # Each seed's best and defaults on test, paired by seed (the second seed's runs trained after the search).
+    seeds = summary["test_seeds"]
+    assert seeds["seeds"] == [5, 6] and seeds["run_dirs"]["defaults"][1] == str(run_dir / "seeds" / "defaults-6")
+    assert seeds["best"][0] == summary["test"]["best"] and seeds["defaults"][0] == summary["test"]["defaults"]
+    for which in ("best", "defaults"):
+        for path, metrics in zip(seeds["run_dirs"][which], seeds[which], strict=True):
+            assert rundir.read_json(f"{path}/config.json")["config"]["train"]["seed"] in (5, 6)
+            assert metrics["examples"] == summary["test"]["best"]["examples"]
+    paired = [b["accuracy"] - d["accuracy"] for b, d in zip(seeds["best"], seeds["defaults"], strict=True)]
+    assert seeds["accuracy"]["differences"] == pytest.approx(paired)
     report = (run_dir / "report.md").read_text()
+    assert tune_report.seeds_sentence(seeds) in report
     assert "mean of 2 folds" in report and "spread (sd)" in report
 
 
@@ -178,3 +189,17 @@ def test_a_search_from_before_folds_resumes_as_the_one_hold_out_it_was(tmp_path)
     assert record["folds"] == 1
     with pytest.raises(ConfigError, match="other settings \\(folds: 1\\)"):
         tune_lib._search_record(tmp_path, {**asked, "folds": 5}, budget={"trials_asked": 2})
+
+
+def test_the_difference_over_seeds_is_called_noise_unless_beyond_two_standard_errors():
+    within = tune_report.difference([0.70, 0.66, 0.69], [0.68, 0.67, 0.66])  # +2, -1, +3 points
+    assert within["mean"] == pytest.approx(0.0133, abs=1e-4) and within["within_noise"] is True
+    assert "within noise (under 2 standard errors), not a shown gain" in tune_report.seeds_sentence(
+        {"seeds": [0, 1, 2], "accuracy": within}
+    )
+    beyond = tune_report.difference([0.72, 0.73, 0.72], [0.68, 0.69, 0.685])
+    assert beyond["within_noise"] is False
+    assert "better beyond the noise" in tune_report.seeds_sentence({"seeds": [0, 1, 2], "accuracy": beyond})
+    one = tune_report.difference([0.7], [0.6])
+    assert one["sd"] is None and one["within_noise"] is None
+    assert "one seed: no spread" in tune_report.seeds_sentence({"seeds": [0], "accuracy": one})

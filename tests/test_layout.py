@@ -81,6 +81,7 @@ RANKS = {
     "search.tune_space": 10,
     "search.tune_report": 4,
     "search.tune_hparams": 5,  # the trials in TensorBoard's HParams view, written as each ends
+    "search.tune_final": 10,  # after a search: the best and the defaults over seeds on the test split
     "search.tuner": 10,  # KerasTuner's side of tune: the oracle, the Tuner, the chief's server
     "search.tune": 11,
     "cli.parser": 12,  # the parser of every command, one function each

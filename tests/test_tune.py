@@ -23,11 +23,12 @@ from kerastune_flow.recipes import get_recipe, make_config
 from kerastune_flow.reports import plots
 from kerastune_flow.runtime import process
 from kerastune_flow.search import tune as tune_lib
-from kerastune_flow.search import tune_hparams, tune_report, tune_space, tuner
+from kerastune_flow.search import tune_final, tune_hparams, tune_report, tune_space, tuner
 
 DIGITS = str(sample_folder("digits"))  # the sample shipped in the package
 SCREENSHOTS = REPO / "runs" / "screenshots"  # git-ignored, kept for a person
-TINY = dict(data=DIGITS, preset="smoke", epochs=2, verbose=0)
+# One final seed: the best and the defaults on test as the search's own runs (test_folds.py trains more seeds).
+TINY = dict(data=DIGITS, preset="smoke", epochs=2, verbose=0, final_seeds=1)
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +126,7 @@ def test_the_report_shows_the_trials_sorted_and_the_plots(search):
 
 def test_a_finished_search_run_again_trains_nothing(search, monkeypatch):
     run_dir, summary, _ = search
-    for module in (tune_lib, tuner):  # the trials' runs, and the defaults' run after the search
+    for module in (tune_final, tuner):  # the trials' runs, and the runs after the search
         monkeypatch.setattr(module, "train_and_evaluate", lambda *a, **k: pytest.fail("trained again"))
     again = tune_lib.tune("scratch_mlp", run_dir, trials=3, **TINY)
     assert again["trials"] == summary["trials"] and again["best"] == summary["best"]
@@ -243,6 +244,7 @@ def test_both_stages_of_a_fine_tune_are_one_trial(image_folder, base_model, tmp_
         head_epochs=1,
         epochs=1,
         verbose=0,
+        final_seeds=1,
     )
     choices = tune_space.unfreeze_choices(
         make_config("vgg16_finetune", "smoke", base=str(base_model), base_output="dense")

@@ -20,7 +20,19 @@ DIGITS = str(sample_folder("digits"))  # the sample shipped in the package
 
 
 def _command(run_dir, *flags):
-    search = [*CLI, "tune", "scratch_mlp", "--data", DIGITS, "--preset", "smoke", "--tuner", "random"]
+    search = [
+        *CLI,
+        "tune",
+        "scratch_mlp",
+        "--data",
+        DIGITS,
+        "--preset",
+        "smoke",
+        "--tuner",
+        "random",
+        "--final-seeds",
+        "1",
+    ]
     return [*search, "--run-dir", str(run_dir), "--quiet", *flags]
 
 
@@ -63,7 +75,15 @@ def test_a_search_killed_in_a_trial_resumes_without_running_a_finished_trial_aga
     # The same trials as a search never interrupted: KerasTuner's random state was kept (a random
     # search draws them from its seed alone, so one epoch each is enough to compare).
     whole = tune_lib.tune(
-        "scratch_mlp", tmp_path / "whole", tuner="random", trials=3, data=DIGITS, preset="smoke", epochs=1, seed=3
+        "scratch_mlp",
+        tmp_path / "whole",
+        tuner="random",
+        trials=3,
+        data=DIGITS,
+        preset="smoke",
+        epochs=1,
+        seed=3,
+        final_seeds=1,
     )
     assert [t["hyperparameters"] for t in whole["trials"]] == [t["hyperparameters"] for t in summary["trials"]]
 

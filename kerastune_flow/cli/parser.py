@@ -18,6 +18,7 @@ from kerastune_flow.config.settings import TRACKING_FIELDS
 from kerastune_flow.recipes import RECIPES
 from kerastune_flow.search.compare import APPROACHES
 from kerastune_flow.search.tune import DEFAULT_TRIALS, OBJECTIVES, TUNERS
+from kerastune_flow.search.tune_final import FINAL_SEEDS
 from kerastune_flow.search.tune_space import KNOBS
 from kerastune_flow.training.lr_find import STAGES
 
@@ -198,5 +199,12 @@ def _add_tune(sub: argparse._SubParsersAction) -> None:
         help=f"comma list of knobs to search, of {', '.join(KNOBS)} (default: the recipe's, see `list`)",
     )
     g.add_argument("--objective", choices=OBJECTIVES, default="val_accuracy", help="(default val_accuracy)")
+    g.add_argument(
+        "--final-seeds",
+        type=int,
+        default=FINAL_SEEDS,
+        help=f"after the search, the best and the defaults each train on the whole training split with N seeds "
+        f"for the test split, and the report says whether their difference is beyond noise (default {FINAL_SEEDS})",
+    )
     _add_run_flags(g, "the search's folder (default runs/tune-RECIPE-DATE-TIME)")
     add_config_flags(tune_cmd, skip=("fold",))  # a search runs every fold of --folds

@@ -32,10 +32,10 @@ from kerastune_flow import data as data_lib
 from kerastune_flow import rundir
 from kerastune_flow.config import Config, new_seed
 from kerastune_flow.config.settings import TRACKING_FIELDS
-from kerastune_flow.deploy import inference
 from kerastune_flow.errors import ConfigError
 from kerastune_flow.recipes import get_recipe, make_config
 from kerastune_flow.runtime import environment, process
+from kerastune_flow.search import tune_final as final
 from kerastune_flow.search import tune_hparams as hparams_lib
 from kerastune_flow.search import tune_report as report_lib
 from kerastune_flow.search import tuner as tuner_lib
@@ -43,7 +43,7 @@ from kerastune_flow.search.tune_report import OBJECTIVES, objective_value
 from kerastune_flow.search.tune_space import Knob, SearchSpace, current_knob_names, resolve_space, unfreeze_choices
 from kerastune_flow.search.tuner import TUNERS
 from kerastune_flow.training import tracking
-from kerastune_flow.training.train import best_epoch, check_before_data, check_callbacks, train_and_evaluate
+from kerastune_flow.training.train import best_epoch, check_before_data, check_callbacks
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +65,7 @@ def tune(
     objective: str = "val_accuracy",
     preset: str = "reference",
     callbacks: Sequence[keras.callbacks.Callback] | None = None,
+    final_seeds: int = final.FINAL_SEEDS,
     **overrides: Any,
 ) -> dict[str, Any]:
     """Searches the recipe's knobs and writes tune.json, best_config.json and the report.
@@ -80,17 +81,17 @@ def tune(
         preset: a config preset, as for train.
         callbacks: your own Keras callbacks, for every trial's fits and the defaults' run (see
             `train_and_evaluate`).
+        final_seeds: seeds of the best's and the defaults' whole-split runs judged on test (`tune_final`).
         **overrides: config fields fixed for every trial (a knob given here is not searched).
 
     Returns:
         The summary written to tune.json, with "best" and "test" filled in.
 
     Raises:
-        ConfigError: for a bad tuner, objective, space or setting; DataError and the rest of the
-            package's user errors as `train` raises them.
+        ConfigError: a bad tuner, objective, space or setting; DataError and the rest as `train` raises them.
     """
     spec = get_recipe(recipe)
-    _check_search_flags(tuner, objective, trials, max_minutes)
+    _check_search_flags(tuner, objective, trials, max_minutes, final_seeds)
     callbacks = check_callbacks(callbacks)  # refused before anything is written, as train refuses them
     space = current_knob_names(space)
     run_dir = Path(run_dir)
@@ -106,7 +107,7 @@ def tune(
     folds = _folds(given, data_lib.load_splits(given).sizes, overrides, run_dir / SEARCH_JSON)
     with rundir.run_lock(run_dir, take=not worker):  # released at the end, on errors and Ctrl-C too
         asked = search_settings(recipe, tuner=tuner, objective=objective, preset=preset, space=space, **overrides)
-        budget = dict(trials_asked=trials, max_minutes=max_minutes)
+        budget = dict(trials_asked=trials, max_minutes=max_minutes, final_seeds=final_seeds)  # may change on resume
         started = _search_record(run_dir, {**asked, "folds": folds}, budget=budget)
         fixed = _fixed_settings(recipe, preset, objective, started["seed"], {**overrides, "folds": folds})
         config = make_config(recipe, preset, **fixed)
@@ -117,9 +118,7 @@ def tune(
         )
         oracle.on_trial_ended = lambda: _trial_ended(run_dir, oracle, started, knobs)
         search = _run_tuner(oracle, SearchSpace(knobs, config, blocks), run_dir, objective, callbacks)
-        names = ", ".join(k.name for k in knobs)
-        shown = f"{trials} trials" + (f", {max_minutes:g} min" if max_minutes else "")
-        log.info("Searching %s with %s over %s (%s), objective %s", recipe, tuner, names, shown, objective)
+        _log_start(recipe, tuner, knobs, trials, max_minutes, objective)
         # --track mlflow: the search's parent run, each trial a nested run (a worker's nest in the chief's).
         with tracking.parent_run(config, run_dir, experiment=recipe, params=started, join=worker) as parent:
             try:
@@ -134,6 +133,12 @@ def tune(
             summary = finish(run_dir, oracle, started, knobs, config, callbacks=callbacks)
             _track_summary(parent, run_dir, summary)
             return summary
+
+
+def _log_start(recipe: str, tuner: str, knobs: Sequence[Knob], trials: int, minutes: float | None, objective: str):
+    names = ", ".join(k.name for k in knobs)
+    budget = f"{trials} trials" + (f", {minutes:g} min" if minutes else "")
+    log.info("Searching %s with %s over %s (%s), objective %s", recipe, tuner, names, budget, objective)
 
 
 def _run_tuner(
@@ -162,14 +167,16 @@ def _track_summary(parent: tracking.Tracker, run_dir: Path, summary: dict[str, A
     parent.log_files(run_dir / name for name in names)
 
 
-def _check_search_flags(tuner: str, objective: str, trials: int, max_minutes: float | None) -> None:
-    """Refuses an unknown tuner or objective, and a budget that is not positive."""
+def _check_search_flags(tuner: str, objective: str, trials: int, max_minutes: float | None, seeds: int = 1) -> None:
+    """Refuses an unknown tuner or objective, and a budget or a seed count that is not positive."""
     if tuner not in TUNERS:
         raise ConfigError(f"--tuner must be one of {', '.join(TUNERS)}. Received: tuner={tuner}")
     if objective not in OBJECTIVES:
         raise ConfigError(f"--objective must be one of {', '.join(OBJECTIVES)}. Received: objective={objective}")
     if trials < 1 or (max_minutes is not None and max_minutes <= 0):
         raise ConfigError(f"--trials and --max-minutes must be positive. Received: trials={trials}, {max_minutes=}")
+    if seeds < 1:
+        raise ConfigError(f"--final-seeds must be at least 1. Received: final_seeds={seeds}")
 
 
 def _folds(given: Config, sizes: dict[str, int], overrides: dict[str, Any], record: Path | None = None) -> int:
@@ -289,17 +296,23 @@ def finish(
     rundir.atomic_write_json(run_dir / BEST_CONFIG, record)
     defaults_trial = _defaults_trial(run_dir, oracle)
     defaults_dir = (defaults_trial if folds == 1 else None) or run_dir / DEFAULTS_DIR
+    best_is_defaults = defaults_trial == best_dir
+    whole = Config.from_dict(best_config)
     if folds > 1:  # each fold's model saw part of the data: the best settings train once more on all of it
-        best_is_defaults = defaults_trial == best_dir
         best_dir = defaults_dir if best_is_defaults else run_dir / BEST_DIR
         if not best_is_defaults:
-            _train_once(Config.from_dict(best_config), best_dir, "The best trial's settings", callbacks)
-    _train_once(config.replace(folds=None, fold=0), defaults_dir, "The recipe's defaults", callbacks)
-    max_examples = config.data.max_examples
-    test = {
-        "best": inference.evaluate_saved(best_dir, max_examples=max_examples),
-        "defaults": inference.evaluate_saved(defaults_dir, max_examples=max_examples),
-    }
+            final.train_once(whole, best_dir, "The best trial's settings", callbacks)
+    defaults_config = config.replace(folds=None, fold=0)
+    final.train_once(defaults_config, defaults_dir, "The recipe's defaults", callbacks)
+    runs = final.seed_runs(
+        run_dir,
+        (whole, best_dir),
+        (defaults_config, defaults_dir),
+        seeds=started.get("final_seeds") or 1,
+        callbacks=callbacks or (),
+    )
+    seeds = final.evaluate_seeds(runs, max_examples=config.data.max_examples)
+    test = {"best": seeds["best"][0], "defaults": seeds["defaults"][0]}  # the search's own seed
     defaults_history = rundir.read_history(defaults_dir)
     summary.update(
         best={
@@ -315,6 +328,7 @@ def finish(
             "best_epoch": best_epoch(defaults_history, config.train.monitor),
         },
         test=test,
+        test_seeds=seeds,
     )
     rundir.atomic_write_json(run_dir / report_lib.TUNE_JSON, summary)
     _, html_path = report_lib.write_reports(run_dir, summary)
@@ -327,15 +341,8 @@ def finish(
         test["defaults"].get("accuracy", float("nan")),
         html_path,
     )
+    log.info("%s", report_lib.seeds_sentence(seeds))
     return summary
-
-
-def _train_once(config: Config, run_dir: Path, what: str, callbacks) -> None:
-    """A run for the test split's comparison, unless it has finished before (a resumed search's)."""
-    if not (run_dir / rundir.RESULTS_JSON).exists():
-        log.info("%s, for comparison on the test split, in %s", what, run_dir)
-        train_and_evaluate(config, run_dir, callbacks=callbacks)
-        keras.backend.clear_session()
 
 
 def _defaults_trial(run_dir: Path, oracle) -> Path | None:

@@ -6,6 +6,7 @@ line each finished trial logs (`trial_line`)."""
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Sequence
@@ -20,6 +21,9 @@ from kerastune_flow.reports import plots
 
 TUNE_JSON = "tune.json"
 OBJECTIVES = ("val_accuracy", "val_loss", "accuracy", "loss")
+# After a search, a mean difference (tuned minus defaults, over the final seeds) under this many
+# standard errors is reported as within noise (about a 95 % interval).
+NOISE_STANDARD_ERRORS = 2.0
 TRIALS_DIR = "trials"
 
 
@@ -215,6 +219,7 @@ def summary_lines(summary: dict[str, Any], run_dir: Path) -> list[str]:
         f"Test accuracy: {100 * test['best']['accuracy']:.2f} % tuned against "
         f"{100 * test['defaults']['accuracy']:.2f} % with the recipe's defaults, on the same "
         f"{test['best']['examples']} test images (looked at once, after the search).",
+        *([seeds_sentence(summary["test_seeds"])] if "test_seeds" in summary else []),
         f"Budget: {finished} trial(s) finished of {summary['trials_asked']} asked"
         + (f", {summary['max_minutes']:g} minutes allowed" if summary.get("max_minutes") else "")
         + f"; {summary['seconds'] / 60:.1f} minutes searched; seed {summary['seed']}; tuner {summary['tuner']}.",
@@ -240,3 +245,43 @@ def write_reports(run_dir: str | os.PathLike, summary: dict[str, Any]) -> tuple[
         page_title=f"kerastune_flow: {title}",
     )
     return page.write(run_dir)
+
+
+def difference(best: Sequence[float], defaults: Sequence[float]) -> dict[str, Any]:
+    """The best's test accuracy minus the defaults', seed by seed: the mean, its spread (sample sd),
+    its standard error, and whether it is within noise (under `NOISE_STANDARD_ERRORS` standard
+    errors; with one seed there is no spread to judge by: None)."""
+    diffs = np.asarray(best, dtype=float) - np.asarray(defaults, dtype=float)
+    mean = float(diffs.mean())
+    sd = float(diffs.std(ddof=1)) if diffs.size > 1 else None
+    se = sd / math.sqrt(diffs.size) if sd is not None else None
+    within = None if se is None else bool(abs(mean) <= NOISE_STANDARD_ERRORS * se)
+    return {
+        "best_mean": float(np.mean(best)),
+        "defaults_mean": float(np.mean(defaults)),
+        "differences": [float(d) for d in diffs],
+        "mean": mean,
+        "sd": sd,
+        "standard_error": se,
+        "within_noise": within,
+    }
+
+
+def seeds_sentence(comparison: dict[str, Any]) -> str:
+    """The comparison over seeds in one sentence, the verdict plainly."""
+    acc = comparison.get("accuracy")
+    seeds = len(comparison["seeds"])
+    if acc is None:
+        return f"The best and the defaults were each trained with {seeds} seed(s); they log no accuracy to compare."
+    points = 100 * acc["mean"]
+    said = (
+        f"Over {seeds} seed(s) on the whole training split, test accuracy {100 * acc['best_mean']:.2f} % tuned "
+        f"against {100 * acc['defaults_mean']:.2f} % with the defaults: {points:+.2f} points"
+    )
+    if acc["standard_error"] is None:
+        return said + " (one seed: no spread to judge it by; --final-seeds 3 gives one)."
+    said += f" (sd {100 * acc['sd']:.2f}, standard error {100 * acc['standard_error']:.2f} over the seeds)"
+    if acc["within_noise"]:
+        return said + f": within noise (under {NOISE_STANDARD_ERRORS:g} standard errors), not a shown gain."
+    verdict = "better" if points > 0 else "worse"
+    return said + f": the tuned settings are {verdict} beyond the noise ({NOISE_STANDARD_ERRORS:g} standard errors)."
