@@ -3,7 +3,7 @@
 reference articles' own code reached (`accuracy.REFERENCE_CODE`; its mean over the same three seeds
 was lower: 97.22 % and 66.57 % on 2026-12-02). The six runs only: the reference code's own runs,
 which `accuracy.py --only defaults` pairs with them for the speed ratio, are a benchmark (they took
-more than half of this test's 41-47 minutes in CI). About 10 minutes alone on 2 CPU cores, so it
+more than half of this test's 41-47 minutes in CI; without them 17:20 in CI on 2026-12-07). So it
 runs with `make slow`, not in the default suite."""
 
 import json
