@@ -278,8 +278,9 @@ def finish(
     *,
     callbacks: Sequence[keras.callbacks.Callback] | None = None,
 ) -> dict[str, Any]:
-    """After the search: the best trial's config, the best and the defaults on the test split
-    (once each), tune.json and the reports; `callbacks` go to the defaults' run when it trains."""
+    """After the search: the best trial's config; the best and the defaults trained on the whole
+    training split with the search's final seeds (`tune_final`) and each run evaluated once on the
+    test split; tune.json and the reports. `callbacks` go to every run trained here."""
     summary = report_lib.write_tune_json(run_dir, oracle, started, knobs)
     hparams_lib.write_trials(run_dir, oracle, knobs)  # a trial a kill left out of TensorBoard
     best = oracle.get_best_trials(1)
