@@ -66,7 +66,8 @@ def fold_records(trial_dir: Path, folds: int, objective: str) -> list[dict[str, 
 
 
 def spread(values: Sequence[float]) -> float | None:
-    """The sample standard deviation of the folds' objectives (None under two)."""
+    """The sample standard deviation of `values` (the folds' objectives, the seeds' differences);
+    None under two."""
     return float(np.std(values, ddof=1)) if len(values) > 1 else None
 
 
@@ -253,7 +254,7 @@ def difference(best: Sequence[float], defaults: Sequence[float]) -> dict[str, An
     errors; with one seed there is no spread to judge by: None)."""
     diffs = np.asarray(best, dtype=float) - np.asarray(defaults, dtype=float)
     mean = float(diffs.mean())
-    sd = float(diffs.std(ddof=1)) if diffs.size > 1 else None
+    sd = spread(diffs)
     se = sd / math.sqrt(diffs.size) if sd is not None else None
     within = None if se is None else bool(abs(mean) <= NOISE_STANDARD_ERRORS * se)
     return {
