@@ -12,6 +12,7 @@ Workloads (each its own script, runnable alone with more options; see its --help
   input_pipeline.py  folder pipeline throughput vs model consumption, time waiting for input
   feature_cache.py   frozen-base stage: cached features vs the full forward pass
   prefix_cache.py    stage 2 of a fine-tune: the frozen prefix cached vs the full forward pass
+  fold_cache.py      cross-validation: K folds computing the frozen base's features once vs each its own
   short_epochs.py    the CNN per image at 3,000 and 20,000 examples an epoch (the fixed cost of an epoch)
   keras_epoch_cost.py  the same steps as short epochs, one iterator, or one long epoch: Keras' share
   scaling.py         CNN throughput at batch 32..256, step breakdown, MirroredStrategy cost
@@ -38,6 +39,7 @@ WORKLOADS = [
     ("input pipeline, JPEG folder", ["input_pipeline.py"]),
     ("frozen-base stage, cached features", ["feature_cache.py"]),
     ("fine-tune stage 2, cached frozen prefix", ["prefix_cache.py"]),
+    ("cross-validation folds, the frozen base's features once", ["fold_cache.py"]),
     ("CNN short epochs, fixed cost per epoch", ["short_epochs.py"]),
     ("CNN epochs without the package's pipeline: Keras' own cost per epoch", ["keras_epoch_cost.py"]),
     ("CNN scaling and the distribution code path", ["scaling.py"]),

@@ -22,6 +22,7 @@ best replayed from its best_config.json, over three seeds, alone and with random
     python benchmarks/tune.py                                # both searches: 30 to 40 minutes on 2 CPU cores
     python benchmarks/tune.py --only package --trials 10
     python benchmarks/tune.py --only diagnostics             # after a package search: about 10 minutes
+    python benchmarks/tune.py --only folds --max-minutes 15 --trials 100 --final-seeds 3   # issue 30: 35 minutes
 
 Results go to benchmarks/tune_results.json (a run with --only keeps the other side's). Needs
 ../shared/datasets (the CIFAR-10 JPEG archive); not part of the tests.
@@ -52,11 +53,13 @@ from matplotlib.figure import Figure  # noqa: E402
 
 from kerastune_flow.data import load_data  # noqa: E402
 from kerastune_flow.recipes import make_config  # noqa: E402
+from kerastune_flow.search import tune_report  # noqa: E402
 from kerastune_flow.search.tune_space import unfreeze_choices  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "benchmarks" / "tune_results.json"
 PLOT = REPO / "docs" / "tune_catdog_race.png"
+FOLDS_PLOT = REPO / "docs" / "tune_catdog_folds.png"
 SEED = 0
 TRIALS = 30  # the package: about 12 to 16 minutes here (15 to 35 s a trial); plain KerasTuner: longer
 HEAD_EPOCHS, EPOCHS, PATIENCE = 40, 20, 5  # the README's cat-vs-dog row
@@ -231,27 +234,29 @@ def prepare(work: Path) -> dict:
 # --------------------------------------------------------------------------- the package
 
 
-def package_command(work: Path, run_dir: Path, args: argparse.Namespace) -> list[str]:
+def package_command(work: Path, run_dir: Path, args: argparse.Namespace, folds: int | None = None) -> list[str]:
     command = ["tune", "vgg16_finetune", "--data", str(work / "catdog2000"), "--base", str(work / "runs/cifar8_cnn")]
     command += ["--base-output", BASE_OUTPUT, "--head-epochs", str(HEAD_EPOCHS), "--epochs", str(EPOCHS)]
     command += ["--patience", str(PATIENCE), "--seed", str(SEED), "--trials", str(args.trials)]
     command += ["--space", ",".join(SPACE), "--no-tensorboard", "--quiet", "--run-dir", str(run_dir)]
-    command += ["--folds", str(args.folds)]  # 1: one hold-out, as the table's measured row
+    command += ["--folds", str(args.folds if folds is None else folds)]  # 1: one hold-out, as the table's row
+    command += ["--final-seeds", str(args.final_seeds)]
     if args.max_minutes:
         command += ["--max-minutes", str(args.max_minutes)]
     return command
 
 
-def run_package(work: Path, args: argparse.Namespace) -> dict:
-    """The package's search through its CLI; each trial's end is stamped as its log line arrives."""
-    run_dir = work / "runs" / "tune_package"
+def run_package(work: Path, args: argparse.Namespace, name: str = "tune_package", folds: int | None = None) -> dict:
+    """The package's search through its CLI (in `work/runs/NAME`, `folds` a trial or `args.folds`);
+    each trial's end is stamped as its log line arrives."""
+    run_dir = work / "runs" / name
     shutil.rmtree(run_dir, ignore_errors=True)  # a fresh search, not a resumed one
-    command = package_command(work, run_dir, args)
+    command = package_command(work, run_dir, args, folds)
     shown = "python -m kerastune_flow.run " + " ".join(shlex.quote(a) for a in command)
-    waited = wait_until_idle("the package's search")
+    waited = wait_until_idle(f"the package's search ({name})")
     print(f"\n$ {shown.replace(str(work), '$WORK')}", flush=True)
     ended, cpu, seconds, best = {}, {}, {}, 0.0
-    with Watch() as watch, open(work / "runs" / "tune_package.log", "w") as log:
+    with Watch() as watch, open(work / "runs" / f"{name}.log", "w") as log:
         start = time.time()
         proc = subprocess.Popen(
             [sys.executable, "-m", "kerastune_flow.run", *command],
@@ -275,7 +280,7 @@ def run_package(work: Path, args: argparse.Namespace) -> dict:
         proc.wait()
         wall = time.time() - start
     if proc.returncode != 0:
-        raise SystemExit(f"failed ({proc.returncode}): {shown}; see {work / 'runs' / 'tune_package.log'}")
+        raise SystemExit(f"failed ({proc.returncode}): {shown}; see {work / 'runs' / f'{name}.log'}")
     print(stdout.strip(), flush=True)
     summary = json.loads((run_dir / "tune.json").read_text())
     oracle_seed = json.loads((run_dir / "keras_tuner" / "oracle.json").read_text())["seed"]
@@ -287,6 +292,7 @@ def run_package(work: Path, args: argparse.Namespace) -> dict:
             "seconds": seconds.get(t["trial"]),  # the whole trial, as its log line says
             "train_seconds": t["seconds"],  # the two fits alone (results.json)
             "epochs_run": t["epochs_run"],
+            "folds": [f["objective"] for f in t.get("folds") or []],  # each fold's score (with --folds)
             "ended_at": ended.get(t["trial"]),
             "cpu_at_end": cpu.get(t["trial"]),  # the search process's CPU seconds when the trial ended
             "status": t["status"],
@@ -321,6 +327,23 @@ def run_package(work: Path, args: argparse.Namespace) -> dict:
             "run_dir": summary["defaults"]["run_dir"].replace(str(work), "$WORK"),
             "is_first_trial": summary["defaults"]["run_dir"] == summary["trials"][0]["run_dir"],
         },
+        "folds": summary.get("folds", 1),
+        "test_seeds": _seeds(summary),
+    }
+
+
+def _seeds(summary: dict) -> dict | None:
+    """The best's and the defaults' test accuracy with each final seed, their paired difference and
+    the package's sentence on it (`tune --final-seeds`)."""
+    seeds = summary.get("test_seeds")
+    if not seeds:
+        return None
+    return {
+        "seeds": seeds["seeds"],
+        "best": [m["accuracy"] for m in seeds["best"]],
+        "defaults": [m["accuracy"] for m in seeds["defaults"]],
+        "difference": seeds["accuracy"],
+        "sentence": tune_report.seeds_sentence(seeds),
     }
 
 
@@ -331,6 +354,68 @@ def _with_best_so_far(trials: list[dict]) -> list[dict]:
             best = trial["val_accuracy"] if best is None else max(best, trial["val_accuracy"])
         trial["best_so_far"] = best
     return trials
+
+
+# --------------------------------------------------------------------------- folds against one hold-out
+
+
+def folds_race(work: Path, args: argparse.Namespace) -> dict:
+    """Issue 30's measurement: the package's search with one hold-out and with `args.folds` folds a
+    trial (5 unless given), one after the other at the same `--max-minutes`, each ending with the
+    best and the defaults trained on the whole training split over `--final-seeds` seeds and
+    evaluated once on the test split. Then what the folds' best gained: over the defaults (paired by
+    seed) and over the hold-out search's best (the seeds' means)."""
+    folds = args.folds if args.folds > 1 else 5
+    sides = {
+        "hold_out": run_package(work, args, "tune_hold_out", folds=1),
+        "folds": run_package(work, args, f"tune_folds{folds}", folds=folds),
+    }
+    means = {name: float(np.mean(side["test_seeds"]["best"])) for name, side in sides.items()}
+    gain = sides["folds"]["test_seeds"]["difference"]
+    return {
+        "settings": {"folds": folds, "max_minutes": args.max_minutes, "trials_cap": args.trials},
+        **sides,
+        "verdict": {
+            "folds_best_minus_defaults_points": round(100 * gain["mean"], 2),
+            "folds_best_minus_defaults_within_noise": gain["within_noise"],
+            "folds_best_minus_hold_out_best_points": round(100 * (means["folds"] - means["hold_out"]), 2),
+            "best_test_mean": means,
+            "aim_met": bool(100 * gain["mean"] >= 2 and means["folds"] > means["hold_out"]),
+        },
+    }
+
+
+def plot_folds(race: dict, path: Path) -> None:
+    """Left: the best validation score so far against the wall clock, both searches. Right: test
+    accuracy of each search's best and of the defaults, one dot a seed, a bar at their mean."""
+    figure = Figure(figsize=(10, 4), dpi=110)
+    clock, tests = figure.add_subplot(1, 2, 1), figure.add_subplot(1, 2, 2)
+    labels = {"hold_out": "one hold-out (200 images)", "folds": f"{race['settings']['folds']} folds (mean)"}
+    for name, label in labels.items():
+        trials = sorted((t for t in race[name]["trials"] if t["ended_at"] is not None), key=lambda t: t["ended_at"])
+        clock.step(
+            [t["ended_at"] / 60 for t in trials],
+            [t["best_so_far"] for t in trials],
+            where="post",
+            marker="o",
+            markersize=3,
+            label=f"{label}: {len(trials)} trials",
+        )
+    clock.set_xlabel("minutes since the search started")
+    clock.set_ylabel("best validation accuracy so far")
+    clock.grid(alpha=0.3)
+    clock.legend(loc="lower right", fontsize=8)
+    columns = [("hold_out", "defaults"), ("hold_out", "best"), ("folds", "defaults"), ("folds", "best")]
+    for x, (name, which) in enumerate(columns):
+        values = [100 * v for v in race[name]["test_seeds"][which]]
+        tests.scatter([x] * len(values), values, color="C0" if which == "best" else "grey", zorder=3)
+        tests.hlines(np.mean(values), x - 0.3, x + 0.3, color="black")
+    tests.set_xticks(range(len(columns)), [f"{'hold-out' if n == 'hold_out' else 'folds'}\n{w}" for n, w in columns])
+    tests.set_ylabel(f"test accuracy, % ({len(race['folds']['test_seeds']['seeds'])} seeds, whole training split)")
+    tests.grid(alpha=0.3, axis="y")
+    figure.suptitle(f"Cat vs dog fine-tune search, {race['settings']['max_minutes']:g} minutes each, 2 CPU cores")
+    figure.tight_layout()
+    figure.savefig(path)
 
 
 # --------------------------------------------------------------------------- plain KerasTuner
@@ -624,8 +709,12 @@ def main(argv=None) -> int:
     parser.add_argument("--max-minutes", type=float, help="also stop starting trials after this many minutes")
     parser.add_argument("--folds", type=int, default=1, help="the package's search: folds a trial (default 1)")
     parser.add_argument(
-        "--only", choices=("package", "keras_tuner", "diagnostics"), help="one part (the others' results are kept)"
+        "--only",
+        choices=("package", "keras_tuner", "diagnostics", "folds"),
+        help="one part (the others' results are kept); folds: one hold-out against --folds (5) at --max-minutes",
     )
+    parser.add_argument("--final-seeds", type=int, default=1, help="the package's: seeds of the best and defaults")
+    parser.add_argument("--folds-plot", default=str(FOLDS_PLOT), help="with --only folds: its plot, as a PNG")
     parser.add_argument("--out", default=str(OUT))
     parser.add_argument("--plot", default=str(PLOT), help="the race of the two searches, as a PNG")
     parser.add_argument("--keras-tuner-search", metavar="DIR", help=argparse.SUPPRESS)  # the child process
@@ -661,6 +750,16 @@ def main(argv=None) -> int:
         },
         setup=prepare(work),
     )
+    if args.only == "folds":
+        if not args.max_minutes:
+            parser.error("--only folds races the two searches at one budget: give --max-minutes")
+        results["folds_race"] = folds_race(work, args)
+        out.write_text(json.dumps(results, indent=2) + "\n")
+        plot_folds(results["folds_race"], Path(args.folds_plot))
+        print(json.dumps(results["folds_race"]["verdict"], indent=2))
+        for name in ("hold_out", "folds"):
+            print(f"{name}: {results['folds_race'][name]['test_seeds']['sentence']}")
+        return 0
     if args.only in (None, "package"):
         results["package"] = run_package(work, args)
         results["comparison"] = compare(results)

@@ -42,7 +42,7 @@ tf.config.set_logical_device_configuration(
 
 from kerastune_flow import models, rundir  # noqa: E402  (after the devices are split)
 from kerastune_flow.recipes import make_config  # noqa: E402
-from kerastune_flow.training import callbacks  # noqa: E402
+from kerastune_flow.training import caches, callbacks  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATASETS = REPO.parent / "shared" / "datasets"
@@ -192,8 +192,10 @@ def split_image_folder(tmp_path: Path) -> Path:
 
 @pytest.fixture(autouse=True)
 def _seed_and_cwd(tmp_path, monkeypatch):
-    """Every test starts from the same seeds and writes nothing outside its tmp_path."""
+    """Every test starts from the same seeds, with no frozen part's output kept from an earlier
+    test (`caches.shared`), and writes nothing outside its tmp_path."""
     keras.utils.set_random_seed(0)
+    caches.forget()
     monkeypatch.chdir(tmp_path)
     yield
     # Names and graph state start over; free_memory=False skips the gc.collect() that costs 0.2 s a

@@ -109,3 +109,47 @@ def test_gathering_by_shuffled_index_gives_the_buffer_shuffles_batches():
     for _ in range(2):  # without a clock: a new order at every pass, the same on both
         first, second = ([y for _, y in d.as_numpy_iterator()] for d in reshuffled)
         np.testing.assert_array_equal(np.concatenate(first), np.concatenate(second))
+
+
+# --------------------------------------------------------------------------- a cache's parts, kept for later runs
+
+
+@pytest.mark.parametrize("policy", ["memory", "disk"])
+def test_a_part_taken_from_a_cache_reads_its_rows_in_order(tmp_path, policy):
+    features = keras.Sequential([keras.Input((2, 2, 1)), keras.layers.Flatten()])
+    x = np.arange(10 * 4, dtype="float32").reshape(10, 2, 2, 1)
+    whole = caches.compute(
+        features, tf.data.Dataset.from_tensor_slices((x, np.arange(10))).batch(4), policy=policy, folder=tmp_path
+    )
+    mask = np.isin(np.arange(10), [1, 4, 8])
+    for part, rows in ((whole.take(mask), [1, 4, 8]), (whole.take(~mask).take(np.array([0, 6])), [0, 9])):
+        assert list(part.labels) == rows and part.nbytes == len(rows) * 16
+        batches = caches.pipeline(part, batch_size=2, training=False, shuffle_buffer=10)
+        read = np.concatenate([inputs for inputs, _ in batches.as_numpy_iterator()])
+        np.testing.assert_array_equal(read, x[rows].reshape(len(rows), 4))
+
+
+def test_what_a_frozen_part_computes_is_its_fingerprint_whatever_its_layers_are_named():
+    def part(scale: float) -> keras.Model:
+        keras.utils.set_random_seed(1)
+        return keras.Sequential([keras.Input((4, 4, 3)), keras.layers.Rescaling(scale), keras.layers.Conv2D(2, 3)])
+
+    first, again, rescaled = part(1 / 255), part(1 / 255), part(1 / 127.5)
+    assert first.layers[-1].name != again.layers[-1].name  # Keras numbers each model's layers anew
+    assert caches.fingerprint(first) == caches.fingerprint(again)
+    assert caches.fingerprint(first) != caches.fingerprint(rescaled)  # the same weights, another preprocessing
+    again.layers[-1].kernel.assign(again.layers[-1].kernel + 1e-3)
+    assert caches.fingerprint(first) != caches.fingerprint(again)
+
+
+def test_only_caches_in_memory_are_kept_and_the_oldest_go_beyond_the_budget():
+    def made(where, nbytes):
+        return lambda: caches.Cached(np.zeros(nbytes, np.uint8), np.zeros(nbytes), where)
+
+    assert caches.shared("disk", made("disk", 10), budget=100)[1] is False
+    assert caches.shared("disk", made("disk", 10), budget=100)[1] is False  # never kept
+    first, kept = caches.shared("a", made("memory", 60), budget=100)
+    assert not kept and caches.shared("a", made("memory", 60), budget=100) == (first, True)
+    caches.shared("b", made("memory", 60), budget=100)  # 120 bytes: "a", the least recently used, goes
+    assert caches.shared("b", made("memory", 60), budget=100)[1] is True
+    assert caches.shared("a", made("memory", 60), budget=100)[1] is False

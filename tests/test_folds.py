@@ -18,6 +18,7 @@ from kerastune_flow.errors import ConfigError
 from kerastune_flow.recipes import make_config
 from kerastune_flow.search import tune as tune_lib
 from kerastune_flow.search import tune_report, tuner
+from kerastune_flow.training import caches, train
 
 DIGITS = str(sample_folder("digits"))
 
@@ -101,6 +102,40 @@ def test_tune_cross_validates_small_data_by_default_and_says_why(caplog, sizes, 
     assert said in caplog.text
     with pytest.raises(ConfigError, match="leave --fold out"):
         tune_lib._folds(config, sizes, {"fold": 1})
+
+
+@pytest.mark.parametrize(
+    "recipe, augment, against_full_pass",
+    [
+        ("vgg16_features", (), False),  # the frozen base's features
+        pytest.param("vgg16_finetune", (), True, marks=pytest.mark.slow),  # and stage 2's prefix; rows right
+        pytest.param("vgg16_finetune", ("flip",), False, marks=pytest.mark.slow),  # K augmented views, taken too
+    ],
+)
+def test_the_folds_compute_the_frozen_parts_once_and_train_as_each_fold_alone(
+    folder, base_model, tmp_path, monkeypatch, caplog, recipe, augment, against_full_pass
+):
+    passes = []
+    original_compute = caches.compute
+    monkeypatch.setattr(caches, "compute", lambda *a, **k: passes.append(k.get("name")) or original_compute(*a, **k))
+    config = smoke(recipe, folder, base=str(base_model), base_output="dense", folds=2, head_epochs=1, epochs=1)
+    config = config.replace(augment=augment, tensorboard=False)
+    with caplog.at_level(logging.INFO, logger="kerastune_flow"):
+        train.train_and_evaluate(config.replace(fold=0), tmp_path / "fold-0")
+        first = list(passes)
+        shared = train.train_and_evaluate(config.replace(fold=1), tmp_path / "fold-1")
+    # one pass over the merged images for the base (and for stage 2's prefix), views and plain with --augment
+    assert len(first) == (1 + (recipe == "vgg16_finetune")) * (2 if augment else 1)
+    assert all("merged" in name for name in first)
+    assert passes == first  # the second fold computed nothing
+    assert "this fold's rows taken" in caplog.text and "earlier run in this process over every fold's" in caplog.text
+    caches.forget()  # the same fold in a process of its own: the same model, bit for bit
+    alone = train.train_and_evaluate(config.replace(fold=1), tmp_path / "alone")
+    assert alone.results["weights_sha256"] == shared.results["weights_sha256"]
+    if against_full_pass:  # the rows taken are the fold's: as the full forward pass on the fold's images trains
+        full = train.train_and_evaluate(config.replace(fold=1, feature_cache="off"), tmp_path / "full")
+        for ours, theirs in zip(shared.model.get_weights(), full.model.get_weights(), strict=True):
+            np.testing.assert_allclose(ours, theirs, atol=1e-5)
 
 
 def test_a_search_resumes_with_the_folds_it_started_with(tmp_path, caplog):

@@ -82,6 +82,7 @@ def fold_splits(splits: DataSplits, *, folds: int, fold: int, seed: int) -> Data
 
     where = f"stratified fold {fold} of {folds} (seed {seed}) of {_words(splits)}"
     splits.train, splits.validation = part(False), part(True)
+    splits.merged, splits.held_out = merged, held_out  # a frozen part's output is cached once for all folds
     splits.sizes = {**splits.sizes, "train": int((~held_out).sum()), "validation": int(held_out.sum())}
     splits.split_sources = {
         **splits.split_sources,

@@ -11,6 +11,7 @@ import unicodedata
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
@@ -54,6 +55,10 @@ class DataSplits:
         uint8: every pixel is a whole number in 0..255 (decoded from 8-bit files or a tfds image
             feature, rounded after resizing), so a cache may hold the images as uint8: a quarter
             of their float32 size, with nothing lost.
+        merged: with cross-validation folds (`folds.fold_splits`), the training and validation
+            examples merged, in the order the folds were cut from; else None.
+        held_out: with folds, a bool per example of `merged`: True where it is in the validation
+            fold (`train` is the others, `validation` these, each in `merged`'s order); else None.
     """
 
     train: tf.data.Dataset
@@ -66,6 +71,8 @@ class DataSplits:
     test_source: str
     split_sources: dict[str, str] = dataclasses.field(default_factory=dict)
     uint8: bool = False
+    merged: tf.data.Dataset | None = None
+    held_out: np.ndarray | None = None
 
     @property
     def num_classes(self) -> int:

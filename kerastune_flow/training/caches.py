@@ -9,17 +9,28 @@ memory available); beyond that, or with `feature_cache="disk"`,
 it goes to a file in the run directory that is memory-mapped. A cache is never trusted across
 attempts: each attempt computes its own (written under a temporary name, then renamed), so a
 crash leaves nothing a resumed run could read half-written.
+
+Within one process, a cache held in memory is kept for the runs after it (`shared`), keyed by what
+the frozen part computes (its weights and its output on a fixed probe) and by what it reads (the
+data's settings, seed and batch): a search's trials, and the K folds of a cross-validated trial
+(`data.fold_splits`: computed once over the merged examples, each fold's rows taken by `Cached.take`),
+compute the frozen base's features once. What is kept is what the run would compute, the same
+values: only the time is saved.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import hashlib
+import json
 import logging
 import os
 import shutil
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import keras
 import numpy as np
@@ -38,18 +49,31 @@ class Cached:
     """One split's cached outputs and labels, in the order of its unshuffled pipeline.
 
     Attributes:
-        inputs: (n, ...) float array, a `np.memmap` when on disk.
+        inputs: (m, ...) float array, a `np.memmap` when on disk.
         labels: (n, ...) labels as the head's loss expects them (already encoded).
         where: "memory" or "disk".
+        index: None (row i of `inputs` is example i, m = n), or (n,) int64: the row of `inputs`
+            holding example i (a fold's part of a cache computed over more examples: `take`).
     """
 
     inputs: np.ndarray
     labels: np.ndarray
     where: str
+    index: np.ndarray | None = None
 
     @property
     def nbytes(self) -> int:
-        return int(self.inputs.nbytes)
+        """The bytes of this cache's examples (a part taken from a larger one: its rows' share)."""
+        if self.index is None:
+            return int(self.inputs.nbytes)
+        return int(self.inputs.nbytes // max(1, len(self.inputs)) * len(self.index))
+
+    def take(self, rows: np.ndarray) -> Cached:
+        """The examples at `rows` (int or bool over this cache's examples), in their order, reading
+        this cache's arrays (nothing copied but the labels)."""
+        rows = np.flatnonzero(rows) if rows.dtype == bool else np.asarray(rows, np.int64)
+        index = rows if self.index is None else self.index[rows]
+        return Cached(self.inputs, self.labels[rows], self.where, index=index)
 
     def describe(self, name: str, folder: str | os.PathLike | None) -> str:
         """For the log: "train 1.8 MiB in memory" or "... on disk (FOLDER)"."""
@@ -170,14 +194,17 @@ def pipeline(
 def reader(cached: Cached) -> Callable[[tf.Tensor], tf.Tensor]:
     """A function from int64 row numbers [b] to those rows of the cache, for a tf.data map: in
     memory a gather from the array, on disk a read of the memory-mapped rows."""
+    taken = None if cached.index is None else tf.constant(cached.index)
     if cached.where == "memory":
         inputs = tf.constant(cached.inputs)
-        return lambda index: tf.gather(inputs, index)
-    array = cached.inputs
+        if taken is None:
+            return lambda index: tf.gather(inputs, index)
+        return lambda index: tf.gather(inputs, tf.gather(taken, index))
+    array, rows_of = cached.inputs, cached.index
     row_shape = array.shape[1:]
 
     def read(index):
-        return np.ascontiguousarray(array[index])
+        return np.ascontiguousarray(array[index if rows_of is None else rows_of[index]])
 
     def rows(index):
         out = tf.numpy_function(read, [index], tf.as_dtype(array.dtype), stateful=False)
@@ -185,3 +212,76 @@ def reader(cached: Cached) -> Callable[[tf.Tensor], tf.Tensor]:
         return out
 
     return rows
+
+
+# --------------------------------------------------------------------------- kept for later runs
+
+_KEPT: collections.OrderedDict[str, Any] = collections.OrderedDict()  # key -> Cached or view_cache.Views
+
+
+def fingerprint(model: keras.Model) -> str:
+    """What a frozen part computes, as a hex digest: its weights and its output on a fixed probe
+    batch (two parts with the same weights but other layers, e.g. another preprocessing, differ in
+    the output). Layer names, which Keras numbers anew for each model built, play no part."""
+    digest = hashlib.sha256()
+    for weight in model.weights:
+        value = np.ascontiguousarray(keras.ops.convert_to_numpy(weight))
+        digest.update(f"{value.dtype}{value.shape}".encode())
+        digest.update(value.tobytes())
+    shape = tuple(2 if size is None else size for size in model.input_shape)
+    probe = np.random.default_rng(0).uniform(0, 255, size=shape).astype(np.float32)
+    out = model(probe, training=False)  # eager: no predict function traced for the probe's shape
+    digest.update(np.ascontiguousarray(keras.ops.convert_to_numpy(out)).tobytes())
+    return digest.hexdigest()
+
+
+def key(model: keras.Model, ds: tf.data.Dataset, **reads: Any) -> str:
+    """The key under which `shared` keeps what `model` outputs for `ds`: the model's `fingerprint`,
+    the data set's element spec (image and label shapes, dtypes) and `reads`, the settings that decide
+    which examples `ds` yields in which batches (JSON-serializable)."""
+    spec = json.dumps(reads, sort_keys=True, default=str)
+    return hashlib.sha256(f"{fingerprint(model)}|{ds.element_spec}|{spec}".encode()).hexdigest()
+
+
+def shared(key: str, make: Callable[[], Any], *, budget: int | None = None) -> tuple[Any, bool]:
+    """What `make()` returns (a `Cached`, or anything with its `where` and `nbytes`), kept in this
+    process under `key` while it is in memory and the kept ones fit in `budget` (default
+    `memory_budget()`; the least recently used go first), so the next run asking for the same key
+    reads it instead of computing it. A cache on disk is never kept (it lives in its run's directory).
+
+    Returns:
+        (the cache, whether it was kept from an earlier run).
+    """
+    if key in _KEPT:
+        _KEPT.move_to_end(key)
+        return _KEPT[key], True
+    made = make()
+    budget = memory_budget() if budget is None else budget
+    if made.where == "memory" and made.nbytes <= budget:
+        _KEPT[key] = made
+        while sum(kept.nbytes for kept in _KEPT.values()) > budget:
+            _KEPT.popitem(last=False)
+    return made, False
+
+
+def kept_or_made(
+    make: Callable[[], Any], model: keras.Model, ds: tf.data.Dataset, reads: dict[str, Any] | None, **more: Any
+) -> tuple[Any, bool]:
+    """`shared` under the `key` of `model`, `ds`, `reads` and `more`; with `reads` None, `make()`
+    (nothing kept). Returns (the cache, whether it was kept from an earlier run)."""
+    if reads is None:
+        return make(), False
+    return shared(key(model, ds, **more, **reads), make)
+
+
+def whence(folds: bool, kept: bool) -> str:
+    """For a cache's log line: where its values came from, when not from the run's own pass over
+    its splits (`shared`; with folds, one pass over the merged examples)."""
+    if kept:
+        return " (computed by an earlier run in this process" + (" over every fold's images)" if folds else ")")
+    return " (computed once over every fold's images, this fold's rows taken)" if folds else ""
+
+
+def forget() -> None:
+    """Drops every cache kept for later runs in this process (the memory is freed once no run uses it)."""
+    _KEPT.clear()

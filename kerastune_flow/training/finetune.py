@@ -2,12 +2,11 @@
 
 The frozen stage trains the head on the base's features, computed once (`split_at_base`,
 `cached_feature_pipelines`; with random augmentation, of K augmented views of each image:
-`view_cache`); stage 2 likewise trains the
-unfrozen layers and the head on the output of the frozen layers below them (`split_at_prefix`,
-`prefix_stage`), computed once per step. The staged fine-tune is two
-(or, with `progressive`, more) `fit()` calls with a `compile()` between them: `trainable` only
-takes effect at compile time. A finished stage is recorded in the stage ledger, so a resumed run
-starts at the next one.
+`view_cache`; with folds, once for all of them); stage 2 likewise trains the unfrozen layers and
+the head on the output of the frozen layers below them (`split_at_prefix`, `prefix_stage`), computed
+once per step. The staged fine-tune is two (or, with `progressive`, more) `fit()` calls with a
+`compile()` between them: `trainable` only takes effect at compile time. A finished stage is
+recorded in the stage ledger, so a resumed run starts at the next one.
 """
 
 from __future__ import annotations
@@ -15,8 +14,10 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
+from typing import Any
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from kerastune_flow import data as data_lib
@@ -65,8 +66,7 @@ def extract_features(
     folder: str | Path | None = None,
     name: str = "features",
 ) -> caches.Cached:
-    """One pass of the frozen part over a batched, unshuffled (images, labels) data set, kept in
-    memory or on disk (see `caches.compute`)."""
+    """One pass of the frozen part over batched, unshuffled (images, labels): `caches.compute`."""
     return caches.compute(features, ds, policy=policy, folder=folder, name=name)
 
 
@@ -83,6 +83,8 @@ def cached_feature_pipelines(
     policy: str = "memory",
     folder: str | Path | None = None,
     what: str = "features",
+    held_out: np.ndarray | None = None,
+    reads: dict[str, Any] | None = None,
 ) -> dict[str, tf.data.Dataset | None]:
     """Computes what `features` outputs once for train and validation and serves it from memory
     or from a memory-mapped file.
@@ -93,7 +95,8 @@ def cached_feature_pipelines(
 
     Args:
         features: the model from pixels to what is cached (see `split_at_base`, `split_at_prefix`).
-        pipes: "train_ordered" and "validation_ordered": batched, unshuffled, unaugmented.
+        pipes: "train_ordered" and "validation_ordered": batched, unshuffled, unaugmented; with
+            `held_out`, "merged_ordered" instead (the merged examples of cross-validation).
         batch_size: the global batch size.
         seed: the shuffle seed.
         drop_remainder: static batch shapes (TPUs).
@@ -103,17 +106,26 @@ def cached_feature_pipelines(
         policy: "memory", "disk" or "auto" (see `caches.compute`).
         folder: the run directory, where a cache on disk goes (under `caches.CACHE_DIR`).
         what: what is cached, for the log and the file names.
+        held_out: with folds, the merged examples in the validation fold: "merged_ordered"'s
+            output is computed (once for all folds, with `reads`) and each split takes its rows.
+        reads: what decides the examples and batches (`FitContext.cache_reads`): a cache in memory
+            is kept for this process's later runs (`caches.shared`); None: not kept.
     """
+    cache_dir = Path(folder) / caches.CACHE_DIR if folder is not None else None
+
+    def cache(name: str) -> tuple[caches.Cached, bool]:
+        ordered = pipes[f"{name}_ordered"]
+        make = lambda: extract_features(features, ordered, policy=policy, folder=cache_dir, name=f"{what}_{name}")  # noqa: E731
+        return caches.kept_or_made(make, features, ordered, reads, split=name)
+
+    folds = held_out is not None and pipes.get("merged_ordered") is not None
+    names = ["merged"] if folds else [name for name in ("train", "validation") if pipes[f"{name}_ordered"] is not None]
+    made = {name: cache(name) for name in names}
+    parts = {name: cached for name, (cached, _) in made.items()}
+    if folds:  # each split its rows of the merged examples' output
+        parts = {"train": parts["merged"].take(~held_out), "validation": parts["merged"].take(held_out)}
     out: dict[str, tf.data.Dataset | None] = {"validation": None}
-    where = []
-    for name in ("train", "validation"):
-        if pipes[f"{name}_ordered"] is None:
-            continue
-        cache_dir = Path(folder) / caches.CACHE_DIR if folder is not None else None
-        cached = extract_features(
-            features, pipes[f"{name}_ordered"], policy=policy, folder=cache_dir, name=f"{what}_{name}"
-        )
-        where.append(cached.describe(name, cache_dir))
+    for name, cached in parts.items():
         out[name] = caches.pipeline(
             cached,
             batch_size=batch_size,
@@ -125,7 +137,9 @@ def cached_feature_pipelines(
             epochs=epochs,
             autotune=autotune,
         )
-    log.info("Cached the %s: %s", what.replace("_", " "), ", ".join(where))
+    where = ", ".join(cached.describe(name, cache_dir) for name, cached in parts.items())
+    kept = any(was_kept for _, was_kept in made.values())
+    log.info("Cached the %s: %s%s", what.replace("_", " "), where, caches.whence(folds, kept))
     return out
 
 
@@ -166,7 +180,7 @@ def _cached_pipelines(
 ) -> dict[str, tf.data.Dataset | None]:
     caches.remove(context.run_dir)  # an earlier attempt's, or the previous step's, is never read
     if context.config.data.augment:  # K augmented views of each training image (`_can_cache`)
-        return view_cache.cached_view_pipelines(features, pipes, context, what=what)
+        return view_cache.cached_view_pipelines(features, pipes, context, what=what, reads=context.cache_reads())
     return cached_feature_pipelines(
         features,
         pipes,
@@ -179,6 +193,8 @@ def _cached_pipelines(
         policy=context.config.model.feature_cache,
         folder=context.run_dir,
         what=what,
+        held_out=context.held_out,
+        reads=context.cache_reads(),
     )
 
 

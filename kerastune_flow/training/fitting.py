@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from kerastune_flow import models, rundir
@@ -47,6 +48,8 @@ class FitContext:
         callbacks: more Keras callbacks for every fit of the run (the user's own, and the
             tracker's), called after the package's own (`stage_callbacks`); never in a range
             test's fits. Not part of the config: nothing saves them.
+        held_out: with cross-validation folds, which of the merged examples the validation fold
+            holds (`data.DataSplits.held_out`), for caches computed once for all folds; else None.
     """
 
     config: Config
@@ -58,10 +61,22 @@ class FitContext:
     epochs: int
     guard: InterruptGuard | None = None
     callbacks: tuple[keras.callbacks.Callback, ...] = ()
+    held_out: np.ndarray | None = None
 
     @property
     def global_batch_size(self) -> int:
         return global_batch_size(self.config.data.batch_size, self.strategy)
+
+    def cache_reads(self) -> dict[str, Any] | None:
+        """What decides which examples the run's ordered pipelines yield, in which batches
+        (`caches.key`): the data settings but the fold held out (every fold reads the same merged
+        examples), the seed (it cuts the validation split and the folds, and seeds augmented views)
+        and the global batch. None with `feature_cache="disk"`: such a run keeps its caches in its
+        own directory and reads none kept in memory (`caches.shared`)."""
+        if self.config.model.feature_cache == "disk":
+            return None
+        data = {k: v for k, v in dataclasses.asdict(self.config.data).items() if k != "fold"}
+        return {"data": data, "seed": self.config.train.seed, "batch": self.global_batch_size}
 
 
 def steps_per_epoch(num_train: int, batch_size: int, settings: DeviceSettings) -> int:

@@ -109,6 +109,7 @@ def set_up(
         epochs=t.head_epochs + t.epochs if recipe.staged else t.epochs,
         guard=guard,
         callbacks=tuple(callbacks),
+        held_out=splits.held_out,
     )
     pipes = make_pipelines(splits, context, recipe.head_spec(splits.num_classes))
     # Again, just before the weights are drawn: reading the data may have drawn from the global
@@ -160,7 +161,8 @@ def make_pipelines(
     splits: data_lib.DataSplits, context: FitContext, head: models.HeadSpec
 ) -> dict[str, tf.data.Dataset | None]:
     """Batched train / validation / test pipelines at the global batch size, and "_ordered"
-    variants (no shuffle, no augmentation) for one-pass feature extraction.
+    variants (no shuffle, no augmentation) for one-pass feature extraction (and "merged_ordered" with
+    folds: the merged training and validation examples).
 
     Raises:
         DataError: when the training split is smaller than one global batch.
@@ -201,6 +203,11 @@ def make_pipelines(
         options = tf.data.Options()
         options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
         out = {name: ds.with_options(options) for name, ds in out.items()}
+    # With folds, the merged examples in order: a frozen part's output is computed once for all the
+    # folds and each fold's rows gathered (`finetune.cached_feature_pipelines`); not for one of several
+    # workers, whose pipelines are shards.
+    if splits.merged is not None and not is_multi_worker(context.strategy):
+        out["merged_ordered"] = data_lib.prepare(splits.merged, cache=False, **common)
     if splits.sizes["validation"] == 0:  # --validation-fraction 0: train on all of train, as some references do
         out["validation"] = out["validation_ordered"] = None
     return out

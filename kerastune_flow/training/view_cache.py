@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import keras
 import numpy as np
@@ -53,6 +55,19 @@ class Views:
     @property
     def views(self) -> int:
         return int(self.rows.shape[1])
+
+    @property
+    def where(self) -> str:
+        return self.cached.where
+
+    @property
+    def nbytes(self) -> int:
+        return self.cached.nbytes
+
+    def take(self, examples: np.ndarray) -> Views:
+        """The views of the examples at `examples` (bool or int), in their order (nothing copied
+        but the row map and labels)."""
+        return Views(cached=self.cached, rows=self.rows[examples], labels=self.labels[examples])
 
 
 def view_seed(seed: int, view: int) -> int:
@@ -181,37 +196,33 @@ def pipeline(
 
 
 def cached_view_pipelines(
-    model: keras.Model, pipes: dict[str, tf.data.Dataset | None], context: FitContext, *, what: str
+    model: keras.Model,
+    pipes: dict[str, tf.data.Dataset | None],
+    context: FitContext,
+    *,
+    what: str,
+    reads: dict[str, Any] | None = None,
 ) -> dict[str, tf.data.Dataset | None]:
     """What `model` outputs for K augmented views of each training image and for the unaugmented
     validation images, computed once and served as training and validation pipelines.
 
     Args:
         model: the frozen part (see `finetune.split_at_base`, `finetune.split_at_prefix`).
-        pipes: the run's pipelines: "train_ordered" and "validation_ordered" are read.
+        pipes: the run's pipelines: "train_ordered" and "validation_ordered" are read; with folds
+            (`context.held_out`), "merged_ordered": the views and the unaugmented outputs of the
+            merged examples, each fold taking its rows.
         context: the run's fit context: its config (augmentation, `augment_views`, seed, the
             `feature_cache` policy), batch size, clock and run directory.
         what: what is cached, for the log and the file names.
+        reads: the settings that decide the examples and batches (`FitContext.cache_reads`): the views
+            and outputs in memory are kept for later runs of this process (`caches.shared`).
 
     Returns:
         {"train": ..., "validation": ... or None}.
     """
-    config, settings = context.config, context.settings
-    k, seed, policy = config.model.augment_views, config.train.seed, config.model.feature_cache
-    augmenter = data_lib.make_augmenter(config.data.augment, model.input_shape[1:])
-    folder = Path(context.run_dir) / caches.CACHE_DIR
-    batch = context.global_batch_size
-    train = compute_views(
-        model,
-        pipes["train_ordered"],
-        augmenter,
-        views=k,
-        seed=seed,
-        batch_size=batch,
-        policy=policy,
-        folder=folder,
-        name=f"{what}_train_views",
-    )
+    settings, k, seed = context.settings, context.config.model.augment_views, context.config.train.seed
+    folder, batch = Path(context.run_dir) / caches.CACHE_DIR, context.global_batch_size
+    train, validation, whence = _computed(model, pipes, context, what=what, reads=reads)
     out: dict[str, tf.data.Dataset | None] = {"validation": None}
     out["train"] = pipeline(
         train,
@@ -224,10 +235,7 @@ def cached_view_pipelines(
         autotune=settings.data_autotune,
     )
     where = [train.cached.describe("train", folder)]
-    if pipes["validation_ordered"] is not None:
-        validation = caches.compute(
-            model, pipes["validation_ordered"], policy=policy, folder=folder, name=f"{what}_validation"
-        )
+    if validation is not None:
         out["validation"] = caches.pipeline(
             validation,
             batch_size=batch,
@@ -237,5 +245,59 @@ def cached_view_pipelines(
         )
         where.append(validation.describe("validation", folder))
     described = DESCRIBED.get(what, "the " + what.replace("_", " "))
-    log.info("Cached %d augmented views of %s: %s", k, described, ", ".join(where))
+    log.info("Cached %d augmented views of %s: %s%s", k, described, ", ".join(where), whence)
     return out
+
+
+def _computed(
+    model: keras.Model,
+    pipes: dict[str, tf.data.Dataset | None],
+    context: FitContext,
+    *,
+    what: str,
+    reads: dict[str, Any] | None,
+) -> tuple[Views, caches.Cached | None, str]:
+    """The training views and the validation outputs `cached_view_pipelines` serves, computed or
+    kept from an earlier run (`caches.kept_or_made`); with folds, the merged examples' and each
+    split's rows. Returns (train, validation or None, where they came from for the log)."""
+    config = context.config
+    k, seed, policy = config.model.augment_views, config.train.seed, config.model.feature_cache
+    augmenter = data_lib.make_augmenter(config.data.augment, model.input_shape[1:])
+    folder, batch = Path(context.run_dir) / caches.CACHE_DIR, context.global_batch_size
+    folds = context.held_out is not None and pipes.get("merged_ordered") is not None
+    kept_any = False
+
+    def cache(name: str, make: Callable[[], Any], **more: Any) -> Any:
+        nonlocal kept_any
+        made, kept = caches.kept_or_made(make, model, pipes[f"{name}_ordered"], reads, split=name, **more)
+        kept_any = kept_any or kept
+        return made
+
+    def views_of(name: str) -> Views:
+        ordered = pipes[f"{name}_ordered"]
+        return cache(
+            name,
+            lambda: compute_views(
+                model,
+                ordered,
+                augmenter,
+                views=k,
+                seed=seed,
+                batch_size=batch,
+                policy=policy,
+                folder=folder,
+                name=f"{what}_{name}_views",
+            ),
+            views=k,
+        )
+
+    def plain(name: str) -> caches.Cached:
+        ordered = pipes[f"{name}_ordered"]
+        return cache(name, lambda: caches.compute(model, ordered, policy=policy, folder=folder, name=f"{what}_{name}"))
+
+    if folds:
+        train, validation = views_of("merged").take(~context.held_out), plain("merged").take(context.held_out)
+    else:
+        train = views_of("train")
+        validation = plain("validation") if pipes["validation_ordered"] is not None else None
+    return train, validation, caches.whence(folds, kept_any)
