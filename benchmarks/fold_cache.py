@@ -88,6 +88,7 @@ def main(argv=None) -> int:
         weights="none",
         image_size=(args.image_size, args.image_size),
         folds=args.folds,
+        seed=0,  # every fold's run cuts the same folds and draws the same weights
         epochs=args.epochs,
         tensorboard=False,
         verbose=0,

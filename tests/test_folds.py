@@ -18,7 +18,7 @@ from kerastune_flow.errors import ConfigError
 from kerastune_flow.recipes import make_config
 from kerastune_flow.search import tune as tune_lib
 from kerastune_flow.search import tune_report, tuner
-from kerastune_flow.training import caches, train
+from kerastune_flow.training import caches, setup, train
 
 DIGITS = str(sample_folder("digits"))
 
@@ -84,6 +84,15 @@ def test_a_run_with_folds_trains_on_all_but_its_fold(image_folder):
     assert splits.sizes["validation"] == (whole.sizes["train"] + whole.sizes["validation"]) // 3
     with pytest.raises(ConfigError, match="fold must be 0 to 2 with folds 3"):
         smoke("scratch_mlp", image_folder, folds=3, fold=3)
+
+
+def test_a_fold_run_without_a_seed_says_every_fold_needs_the_one_it_drew(image_folder, tmp_path, caplog):
+    strategy = tf.distribute.get_strategy()
+    with caplog.at_level(logging.INFO, logger=setup.log.name):
+        config = smoke("scratch_mlp", image_folder, folds=3, fold=1).replace(seed=None)
+        seeded = setup.with_seed(config, tmp_path / "run", strategy)
+    seed = seeded.train.seed
+    assert f"pass --seed {seed} to repeat it and to every other fold's run: it cuts the folds" in caplog.text
 
 
 @pytest.mark.parametrize(

@@ -249,5 +249,7 @@ def with_seed(config: Config, run_dir: str | Path, strategy: tf.distribute.Strat
     recorded = resume.recorded_seed(run_dir) if is_chief(strategy) else None
     seed = broadcast_from_first_replica(strategy, new_seed() if recorded is None else recorded)
     if recorded is None:
-        log.info("No --seed given: this run's seed is %d (pass --seed %d to repeat it)", seed, seed)
+        # The seed cuts the folds too: the other folds' runs must be given it, or they cut others.
+        folds = " and to every other fold's run: it cuts the folds" if (config.data.folds or 1) > 1 else ""
+        log.info("No --seed given: this run's seed is %d (pass --seed %d to repeat it%s)", seed, seed, folds)
     return config.replace(seed=seed)
