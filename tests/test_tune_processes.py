@@ -95,10 +95,11 @@ def _free_port():
 
 
 @pytest.mark.slow  # three TensorFlow processes, about a minute; CI runs it with `make slow`
-def test_a_chief_and_two_workers_run_every_trial_exactly_once(tmp_path):
+@pytest.mark.parametrize("folds", [1, 2])  # 2: a worker runs every fold of its trial
+def test_a_chief_and_two_workers_run_every_trial_exactly_once(tmp_path, folds):
     run_dir = tmp_path / "search"
     port = str(_free_port())
-    flags = ("--trials", "4", "--epochs", "1", "--seed", "5")
+    flags = ("--trials", "4", "--epochs", "1", "--seed", "5", "--folds", str(folds))
     procs = {}
     for tuner_id in ("chief", "tuner0", "tuner1"):
         env = _env(KERASTUNER_TUNER_ID=tuner_id, KERASTUNER_ORACLE_IP="127.0.0.1", KERASTUNER_ORACLE_PORT=port)
@@ -125,7 +126,10 @@ def test_a_chief_and_two_workers_run_every_trial_exactly_once(tmp_path):
     summary = json.loads((run_dir / "tune.json").read_text())
     assert [t["status"] for t in summary["trials"]] == ["COMPLETED"] * 4
     assert summary["test"]["best"]["examples"] > 0  # the chief wrote the summary once all had ended
-    assert all((run_dir / "trials" / f"{i:03d}" / rundir.RESULTS_JSON).exists() for i in range(4))
+    parts = [""] if folds == 1 else [f"fold-{k}" for k in range(folds)]
+    trials = [run_dir / "trials" / f"{i:03d}" for i in range(4)]
+    assert all((trial / part / rundir.RESULTS_JSON).exists() for trial in trials for part in parts)
+    assert all(len(t.get("folds") or [None]) == folds for t in summary["trials"])  # each fold's score, with folds
     # TensorBoard's HParams view: every trial once, written by the chief (its pid in each event file's name).
     shown = sorted((run_dir / "tensorboard").glob("trial_*/events.out.tfevents*"))
     assert [p.parent.name for p in shown] == [f"trial_{i:03d}" for i in range(4)]
