@@ -235,12 +235,12 @@ def fingerprint(model: keras.Model) -> str:
     return digest.hexdigest()
 
 
-def key(model: keras.Model, ds: tf.data.Dataset, **reads: Any) -> str:
-    """The key under which `shared` keeps what `model` outputs for `ds`: the model's `fingerprint`,
-    the data set's element spec (image and label shapes, dtypes) and `reads`, the settings that decide
-    which examples `ds` yields in which batches (JSON-serializable)."""
+def key(printed: str, ds: tf.data.Dataset, **reads: Any) -> str:
+    """The key under which `shared` keeps what a frozen part outputs for `ds`: the part's `fingerprint`
+    (`printed`), the data set's element spec (image and label shapes, dtypes) and `reads`, the settings
+    that decide which examples `ds` yields in which batches (JSON-serializable)."""
     spec = json.dumps(reads, sort_keys=True, default=str)
-    return hashlib.sha256(f"{fingerprint(model)}|{ds.element_spec}|{spec}".encode()).hexdigest()
+    return hashlib.sha256(f"{printed}|{ds.element_spec}|{spec}".encode()).hexdigest()
 
 
 def shared(key: str, make: Callable[[], Any], *, budget: int | None = None) -> tuple[Any, bool]:
@@ -264,14 +264,29 @@ def shared(key: str, make: Callable[[], Any], *, budget: int | None = None) -> t
     return made, False
 
 
-def kept_or_made(
-    make: Callable[[], Any], model: keras.Model, ds: tf.data.Dataset, reads: dict[str, Any] | None, **more: Any
-) -> tuple[Any, bool]:
-    """`shared` under the `key` of `model`, `ds`, `reads` and `more`; with `reads` None, `make()`
-    (nothing kept). Returns (the cache, whether it was kept from an earlier run)."""
-    if reads is None:
-        return make(), False
-    return shared(key(model, ds, **more, **reads), make)
+class Keeper:
+    """The caches one frozen part computes in a run, each kept for later runs (`shared`) under the
+    `key` of the part's `fingerprint`, taken once (and only when something is to be kept), the
+    ordered pipeline it reads and `reads` (None: nothing kept, each cache made).
+
+    Attributes:
+        kept: whether any cache came from an earlier run (for the log: `whence`).
+    """
+
+    def __init__(self, model: keras.Model, reads: dict[str, Any] | None):
+        self.model, self.reads, self.kept = model, reads, False
+        self._printed: str | None = None
+
+    def get(self, make: Callable[[], Any], ds: tf.data.Dataset, **more: Any) -> Any:
+        """What `make()` returns for the ordered pipeline `ds`, or the same kept from an earlier run
+        (`more`: what else decides it, e.g. the views' count)."""
+        if self.reads is None:
+            return make()
+        if self._printed is None:
+            self._printed = fingerprint(self.model)
+        made, kept = shared(key(self._printed, ds, **more, **self.reads), make)
+        self.kept = self.kept or kept
+        return made
 
 
 def whence(folds: bool, kept: bool) -> str:

@@ -112,16 +112,16 @@ def cached_feature_pipelines(
             is kept for this process's later runs (`caches.shared`); None: not kept.
     """
     cache_dir = Path(folder) / caches.CACHE_DIR if folder is not None else None
+    keeper = caches.Keeper(features, reads)
 
-    def cache(name: str) -> tuple[caches.Cached, bool]:
+    def cache(name: str) -> caches.Cached:
         ordered = pipes[f"{name}_ordered"]
         make = lambda: extract_features(features, ordered, policy=policy, folder=cache_dir, name=f"{what}_{name}")  # noqa: E731
-        return caches.kept_or_made(make, features, ordered, reads, split=name)
+        return keeper.get(make, ordered, split=name)
 
     folds = held_out is not None and pipes.get("merged_ordered") is not None
     names = ["merged"] if folds else [name for name in ("train", "validation") if pipes[f"{name}_ordered"] is not None]
-    made = {name: cache(name) for name in names}
-    parts = {name: cached for name, (cached, _) in made.items()}
+    parts = {name: cache(name) for name in names}
     if folds:  # each split its rows of the merged examples' output
         parts = {"train": parts["merged"].take(~held_out), "validation": parts["merged"].take(held_out)}
     out: dict[str, tf.data.Dataset | None] = {"validation": None}
@@ -138,8 +138,7 @@ def cached_feature_pipelines(
             autotune=autotune,
         )
     where = ", ".join(cached.describe(name, cache_dir) for name, cached in parts.items())
-    kept = any(was_kept for _, was_kept in made.values())
-    log.info("Cached the %s: %s%s", what.replace("_", " "), where, caches.whence(folds, kept))
+    log.info("Cached the %s: %s%s", what.replace("_", " "), where, caches.whence(folds, keeper.kept))
     return out
 
 

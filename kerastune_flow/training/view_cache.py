@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -258,25 +257,18 @@ def _computed(
     reads: dict[str, Any] | None,
 ) -> tuple[Views, caches.Cached | None, str]:
     """The training views and the validation outputs `cached_view_pipelines` serves, computed or
-    kept from an earlier run (`caches.kept_or_made`); with folds, the merged examples' and each
+    kept from an earlier run (`caches.Keeper`); with folds, the merged examples' and each
     split's rows. Returns (train, validation or None, where they came from for the log)."""
     config = context.config
     k, seed, policy = config.model.augment_views, config.train.seed, config.model.feature_cache
     augmenter = data_lib.make_augmenter(config.data.augment, model.input_shape[1:])
     folder, batch = Path(context.run_dir) / caches.CACHE_DIR, context.global_batch_size
     folds = context.held_out is not None and pipes.get("merged_ordered") is not None
-    kept_any = False
-
-    def cache(name: str, make: Callable[[], Any], **more: Any) -> Any:
-        nonlocal kept_any
-        made, kept = caches.kept_or_made(make, model, pipes[f"{name}_ordered"], reads, split=name, **more)
-        kept_any = kept_any or kept
-        return made
+    keeper = caches.Keeper(model, reads)
 
     def views_of(name: str) -> Views:
         ordered = pipes[f"{name}_ordered"]
-        return cache(
-            name,
+        return keeper.get(
             lambda: compute_views(
                 model,
                 ordered,
@@ -288,16 +280,19 @@ def _computed(
                 folder=folder,
                 name=f"{what}_{name}_views",
             ),
+            ordered,
+            split=name,
             views=k,
         )
 
     def plain(name: str) -> caches.Cached:
         ordered = pipes[f"{name}_ordered"]
-        return cache(name, lambda: caches.compute(model, ordered, policy=policy, folder=folder, name=f"{what}_{name}"))
+        make = lambda: caches.compute(model, ordered, policy=policy, folder=folder, name=f"{what}_{name}")  # noqa: E731
+        return keeper.get(make, ordered, split=name)
 
     if folds:
         train, validation = views_of("merged").take(~context.held_out), plain("merged").take(context.held_out)
     else:
         train = views_of("train")
         validation = plain("validation") if pipes["validation_ordered"] is not None else None
-    return train, validation, caches.whence(folds, kept_any)
+    return train, validation, caches.whence(folds, keeper.kept)
